@@ -1,0 +1,48 @@
+"""The ``fastpref`` command line.
+
+    fastpref info             which backends run here, and why the others do not
+    fastpref bench [--quick]  parity against the float64 reference and a timing table
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(argv) -> int:
+    parser = argparse.ArgumentParser(prog="fastpref info", description="Show which backends can run on each device.")
+    parser.parse_args(argv)
+    import torch
+
+    import fastpref
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"fastpref {fastpref.__version__}, torch {torch.__version__}")
+    for device in devices:
+        print(f"{device}: auto -> {fastpref.dispatch.auto_backend(torch.device(device))}")
+        for name, reason in fastpref.availability(device).items():
+            print(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def _bench(argv) -> int:
+    from . import bench
+
+    return bench.main(argv)
+
+
+COMMANDS = {"info": _info, "bench": _bench}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = argparse.ArgumentParser(prog="fastpref", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("command", choices=sorted(COMMANDS))
+        parser.parse_args(argv[:1])  # prints usage and exits for a missing or unknown command
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

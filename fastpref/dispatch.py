@@ -1,0 +1,111 @@
+"""Backend selection (spec §8): one place that decides which implementation serves a call and,
+when the requested one cannot, raises ``RuntimeError`` saying why.
+
+``"auto"`` (or ``$FASTPREF_BACKEND``): on CUDA the Triton kernels; on CPU the native kernel when
+it is built, else the eager reference. Every fallback of ``"auto"`` is a backend held to the
+same parity bounds, so falling back never changes results beyond them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Optional
+
+import torch
+
+from .validation import LossConfig, LossInputs, resolve_backend_name
+
+
+def triton_unavailable(device: torch.device) -> Optional[str]:
+    """Why the Triton backend cannot run on ``device``, or ``None`` if it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    from .triton_backend import interpreter_enabled
+
+    if device.type == "cpu" and interpreter_enabled():
+        return None
+    return f"the Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run them on CPU, slowly)"
+
+
+def cpp_unavailable(device: torch.device) -> Optional[str]:
+    """Why the native C++ backend cannot run on ``device``, or ``None`` if it can."""
+    reason = _cpp_load_error()
+    if reason is not None:
+        return reason
+    if device.type != "cpu":
+        return f"the native kernels run on CPU tensors only (got {device.type})"
+    return None
+
+
+_CPP_STATUS: list = []  # [reason or None], filled by the first _cpp_load_error call
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads the result, never traces the import
+def _cpp_load_error() -> Optional[str]:
+    """Why ``fastpref._C`` (and the ``"cpp"`` backend on it) cannot be loaded, or ``None``;
+    looked up once per process."""
+    if not _CPP_STATUS:
+        reason = None
+        if importlib.util.find_spec("fastpref._C") is None:
+            reason = (
+                "the native extension fastpref._C is not built (reinstall with a C++ compiler: "
+                "pip install --no-build-isolation -e .; FASTPREF_NO_EXT=1 skips it)"
+            )
+        else:
+            try:
+                importlib.import_module("fastpref.cpp_backend")
+            except Exception as exc:  # an ImportError, or a registration error raised while loading
+                reason = f"the native extension fastpref._C is built but fails to load: {type(exc).__name__}: {exc}"
+        _CPP_STATUS.append(reason)
+    return _CPP_STATUS[0]
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot serve tensors on ``device``; ``None`` when it can."""
+    if name == "triton":
+        return triton_unavailable(device)
+    if name == "cpp":
+        return cpp_unavailable(device)
+    return None  # "torch" runs everywhere
+
+
+def availability(device) -> dict:
+    """``{backend: None or reason}`` for every concrete backend on ``device``."""
+    device = torch.device(device)
+    return {name: unavailable_reason(name, device) for name in ("triton", "cpp", "torch")}
+
+
+def auto_backend(device: torch.device) -> str:
+    """The backend ``"auto"`` picks on ``device``."""
+    preferred = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+    return next(name for name in preferred if unavailable_reason(name, device) is None)
+
+
+def select(backend: str, inputs: LossInputs) -> str:
+    """The concrete backend serving a call; ``RuntimeError`` if the requested one cannot."""
+    name = resolve_backend_name(backend)
+    if name == "auto":
+        return auto_backend(inputs.device)
+    reason = unavailable_reason(name, inputs.device)
+    if reason is not None:
+        raise RuntimeError(f"fastpref backend {name!r} cannot serve this call: {reason}")
+    return name
+
+
+def run(inputs: LossInputs, config: LossConfig, return_stats: bool, backend: str):
+    """Run the loss on the selected backend: ``(loss, stats or None)``."""
+    name = select(backend, inputs)
+    if name == "triton":
+        from . import triton_backend
+
+        return triton_backend.run(inputs, config, return_stats)
+    if name == "cpp":
+        from . import cpp_backend
+
+        return cpp_backend.run(inputs, config, return_stats)
+    from . import reference
+
+    return reference.forward(inputs, config, return_stats)

@@ -1,0 +1,178 @@
+"""The public signatures of spec §8, written once and instantiated twice: in ``fastpref`` (any
+backend, through ``fastpref.dispatch``) and in ``fastpref.reference`` (always eager PyTorch).
+
+A ``run(inputs, config, return_stats, backend)`` callable does the work; this module only checks
+the arguments (``fastpref.validation``) and shapes the result (``finish_stats``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import BACKENDS, CONFIG_KEYS, check_choice, make_config, make_inputs
+
+ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight and margin), spec §2-§6.
+
+    Args:
+        model_pred: ``[2B, *S]`` policy prediction (float16/bfloat16/float32/float64). Rows
+            ``0..B-1`` are the preferred samples, rows ``B..2B-1`` the rejected ones; pair ``j``
+            is rows ``j`` and ``j + B``. The only input that receives a gradient.
+        ref_pred: ``[2B, *S]`` frozen reference prediction.
+        target: ``[2B, *S]``, or ``[B, *S]`` shared by both halves (same noise for w and l):
+            the noise for epsilon-prediction, v for v-prediction.
+        ema_preds: K ``[2B, *S]`` predictions of the policy's EMA footprints, as a list/tuple or
+            one stacked ``[K, 2B, *S]`` tensor; ``()`` for K = 0.
+        beta: DPO temperature, > 0. Scale convention: ``z = beta * l_theta`` with l the
+            difference of per-sample *mean* squared errors; Salesforce's Diffusion-DPO writes
+            ``-0.5 * beta_dpo * (...)``, so its ``beta_dpo = 5000`` equals ``beta = 2500`` here.
+            The paper uses 1000 for SD1.5 and 2500 for SDXL.
+        rho: scale of l inside the metric u, > 0 (paper: 15).
+        k1: weight strength, >= 0 (paper: 10 for SD1.5, 1 for SDXL).
+        k2: margin slope; ``None`` means ``-1 / beta``.
+        c2: margin offset; ``None`` means the detached batch mean of ``l_theta``.
+        preset: ``"official"`` (the authors' code: per-model L2-normalized l, std capped at 1)
+            or ``"paper"`` (Eqs. 11-13 as printed: raw l, variance).
+        weighting: W = ``"linear"`` 1/(1+k1 u), ``"square"`` 1/(1+k1 u^2), ``"sqrt"``
+            1/(1+k1 sqrt u), ``"sigmoid"`` 1/(1+exp(k1 u)) or ``"none"`` 1.
+        margin: Gamma = ``"quadratic"`` k2 u^2 + c2, ``"linear"`` k2 u + c2 or ``"none"`` 0.
+        loss_type: ``"sigmoid"`` (DPO), ``"ipo"``, ``"hinge"``, ``"robust"`` (rDPO),
+            ``"cdpo"`` (label smoothing) or ``"dedpo"`` (debiased soft labels, spec §5b).
+        eps: label-noise rate of ``"robust"`` / smoothing of ``"cdpo"``, in ``[0, 0.5)``.
+        ipo_tau: tau of ``"ipo"``, > 0; ``None`` means ``beta``.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-pair ``[B]``).
+        return_stats: also return a dict of detached diagnostics (see below).
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``; ``$FASTPREF_BACKEND``
+            overrides ``"auto"``. A backend that cannot serve the call raises ``RuntimeError``
+            with the reason.
+        synthetic_label, human_label, human_mask, propensity: ``loss_type="dedpo"`` only; each a
+            float or a ``[B]`` tensor (spec §5b).
+
+    Returns:
+        The loss, float32 (float64 when any input is float64): a scalar, or ``[B]`` with
+        ``reduction="none"``. With ``return_stats=True``, ``(loss, stats)`` where ``stats``
+        holds detached tensors in the same dtype: ``logits`` (z), ``l_theta``, ``u``,
+        ``confidence`` (c), ``stability`` (s), ``weight`` (W), ``margin`` (Gamma), each ``[B]``;
+        ``err_policy`` and ``err_ref``, ``[2B]``; and the float ``implicit_acc`` (a 0-dim tensor
+        while ``torch.compile`` traces, since a float would force a device sync there).
+
+    Raises:
+        ValueError / TypeError naming the argument for malformed calls (spec §7).
+    """
+
+
+def finish_stats(stats):
+    """Turn ``implicit_acc`` into the float of spec §8 (kept a tensor while compiling)."""
+    if stats is not None and not torch.compiler.is_compiling():
+        stats["implicit_acc"] = float(stats["implicit_acc"])
+    return stats
+
+
+def make_adaptive_dpo_loss(run, *, default_backend: str, module_name: str):
+    """Build ``adaptive_dpo_loss`` over ``run(inputs, config, return_stats, backend)``."""
+
+    def adaptive_dpo_loss(
+        model_pred,
+        ref_pred,
+        target,
+        *,
+        ema_preds=(),
+        beta=1000.0,
+        rho=15.0,
+        k1=10.0,
+        k2=None,
+        c2=None,
+        preset="official",
+        weighting="linear",
+        margin="quadratic",
+        loss_type="sigmoid",
+        eps=0.1,
+        ipo_tau=None,
+        reduction="mean",
+        return_stats=False,
+        backend=default_backend,
+        synthetic_label=None,
+        human_label=None,
+        human_mask=None,
+        propensity=None,
+    ):
+        if not isinstance(return_stats, bool):
+            raise TypeError(f"return_stats must be a bool; got {type(return_stats).__name__}")
+        config = make_config(
+            beta=beta, rho=rho, k1=k1, k2=k2, c2=c2, preset=preset, weighting=weighting,
+            margin=margin, loss_type=loss_type, eps=eps, ipo_tau=ipo_tau, reduction=reduction,
+        )  # fmt: skip
+        labels = dict(synthetic_label=synthetic_label, human_label=human_label, human_mask=human_mask, propensity=propensity)
+        inputs = make_inputs(model_pred, ref_pred, target, ema_preds, config, labels)
+        loss, stats = run(inputs, config, return_stats, backend)
+        return (loss, finish_stats(stats)) if return_stats else loss
+
+    adaptive_dpo_loss.__doc__ = ADAPTIVE_DOC
+    adaptive_dpo_loss.__module__ = module_name
+    return adaptive_dpo_loss
+
+
+def make_diffusion_dpo_loss(adaptive_dpo_loss, *, default_backend: str, module_name: str):
+    """Build ``diffusion_dpo_loss``: the special case K = 0, no weight, no margin (spec §5)."""
+
+    def diffusion_dpo_loss(
+        model_pred,
+        ref_pred,
+        target,
+        *,
+        beta=1000.0,
+        loss_type="sigmoid",
+        eps=0.1,
+        ipo_tau=None,
+        reduction="mean",
+        return_stats=False,
+        backend=default_backend,
+    ):
+        """Diffusion-DPO loss (Wallace et al., 2024): ``adaptive_dpo_loss`` with no EMA models,
+        ``weighting="none"`` and ``margin="none"``. Shapes, dtypes, ``beta``'s scale convention
+        (Salesforce ``beta_dpo = 5000`` is ``beta = 2500`` here), the loss types other than
+        ``"dedpo"``, ``reduction``, ``return_stats`` and ``backend`` are as in
+        ``adaptive_dpo_loss``."""
+        return adaptive_dpo_loss(
+            model_pred, ref_pred, target, beta=beta, weighting="none", margin="none",
+            loss_type=loss_type, eps=eps, ipo_tau=ipo_tau, reduction=reduction,
+            return_stats=return_stats, backend=backend,
+        )  # fmt: skip
+
+    diffusion_dpo_loss.__module__ = module_name
+    return diffusion_dpo_loss
+
+
+def make_loss_module(adaptive_dpo_loss, *, default_backend: str, module_name: str):
+    """Build the ``torch.nn.Module`` form of ``adaptive_dpo_loss``."""
+
+    class AdaptiveDPOLoss(torch.nn.Module):
+        """``torch.nn.Module`` holding the keywords of ``adaptive_dpo_loss`` (checked once, here).
+
+        ``forward(model_pred, ref_pred, target, ema_preds=(), **overrides)`` calls
+        ``adaptive_dpo_loss``; keyword ``overrides`` (e.g. the per-batch DeDPO labels) replace
+        the stored keywords for that call.
+        """
+
+        def __init__(self, **keywords):
+            super().__init__()
+            keywords.setdefault("backend", default_backend)
+            # Fail at construction on a bad keyword, not at the first batch.
+            unknown = set(keywords) - set(adaptive_dpo_loss.__kwdefaults__)
+            if unknown:
+                raise TypeError(f"AdaptiveDPOLoss got unknown keyword(s): {sorted(unknown)}")
+            if "ema_preds" in keywords:
+                raise TypeError("ema_preds is a forward() argument of AdaptiveDPOLoss, not a keyword")
+            defaults = adaptive_dpo_loss.__kwdefaults__
+            make_config(**{k: keywords.get(k, defaults[k]) for k in CONFIG_KEYS})
+            check_choice("backend", keywords["backend"], BACKENDS)
+            # The DeDPO labels are per-batch data: they are checked against the batch at forward.
+            self.keywords = keywords
+
+        def forward(self, model_pred, ref_pred, target, ema_preds=(), **overrides):
+            return adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=ema_preds, **{**self.keywords, **overrides})
+
+        def extra_repr(self):
+            return ", ".join(f"{k}={v!r}" for k, v in sorted(self.keywords.items()) if not isinstance(v, torch.Tensor))
+
+    AdaptiveDPOLoss.__module__ = module_name
+    return AdaptiveDPOLoss

@@ -1,0 +1,99 @@
+"""Glue shared by the fused backends (Triton, native C++): the integer codes of the string
+options, the packing of a validated config into op arguments, and the autograd.Function that
+ties a backend's forward op to its hand-written backward op.
+
+A fused backend provides two ``torch.library`` custom ops with these schemas:
+
+    forward(model_pred, ref_pred, target, ema_preds: Tensor[], soft_label: Tensor?,
+            settings: float[], modes: int[]) -> (loss, coef, pair_stats, sample_err, accuracy)
+    backward(grad_loss, coef, model_pred, target) -> grad_model_pred
+
+``settings`` = (beta, rho, k1, k2, c2, eps, tau), with c2 = NaN when it is the batch mean of
+l_theta; ``modes`` = (preset, weighting, margin, loss_type, reduction) codes. Outputs, in the
+accumulation dtype: loss ``[]`` (or ``[B]`` for reduction "none"), coef ``a_j = dLoss/dl_theta[j]``
+``[B]``, pair_stats ``[7, B]`` in the order of ``STAT_NAMES``, sample_err ``[2, 2B]`` (policy,
+reference), accuracy ``[]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .validation import LossConfig, LossInputs
+
+PRESET_CODES = {"official": 0, "paper": 1}
+WEIGHTING_CODES = {"linear": 0, "square": 1, "sqrt": 2, "sigmoid": 3, "none": 4}
+MARGIN_CODES = {"quadratic": 0, "linear": 1, "none": 2}
+LOSS_CODES = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3, "cdpo": 4, "dedpo": 5}
+REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
+STAT_NAMES = ("logits", "l_theta", "u", "confidence", "stability", "weight", "margin")
+
+
+def encode(config: LossConfig):
+    """``(settings, modes)`` op arguments of a validated config."""
+    settings = [config.beta, config.rho, config.k1, config.k2, math.nan if config.c2 is None else config.c2, config.eps, config.tau]
+    modes = [
+        PRESET_CODES[config.preset],
+        WEIGHTING_CODES[config.weighting],
+        MARGIN_CODES[config.margin],
+        LOSS_CODES[config.loss_type],
+        REDUCTION_CODES[config.reduction],
+    ]
+    return settings, modes
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any tensor is float64, else float32 (spec §1)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def fake_forward(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes):
+    """Output shapes and dtypes of a forward op, for ``register_fake``."""
+    acc = acc_dtype(model_pred, ref_pred, target, *ema_preds)
+    batch = model_pred.shape[0] // 2
+    loss_shape = (batch,) if modes[4] == REDUCTION_CODES["none"] else ()
+    new = lambda shape: model_pred.new_empty(shape, dtype=acc)  # noqa: E731
+    return new(loss_shape), new((batch,)), new((len(STAT_NAMES), batch)), new((2, 2 * batch)), new(())
+
+
+def fake_backward(grad_loss, coef, model_pred, target):
+    """Output of a backward op, for ``register_fake``: a contiguous tensor like ``model_pred``."""
+    return torch.empty_like(model_pred, memory_format=torch.contiguous_format)
+
+
+class FusedAdaptiveDPO(torch.autograd.Function):
+    """Forward: a backend's forward op; backward: its backward op with the saved ``a_j``
+    (spec §6). Saves only ``a_j`` and the inputs; only ``model_pred`` gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, ops, model_pred, ref_pred, target, soft_label, settings, modes, *ema_preds):
+        forward_op, backward_op = ops
+        loss, coef, pair_stats, sample_err, accuracy = forward_op(
+            model_pred, ref_pred, target, list(ema_preds), soft_label, settings, modes
+        )
+        ctx.backward_op = backward_op
+        ctx.save_for_backward(coef, model_pred, target)
+        ctx.mark_non_differentiable(pair_stats, sample_err, accuracy)
+        return loss, pair_stats, sample_err, accuracy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _pair_stats, _sample_err, _accuracy):
+        coef, model_pred, target = ctx.saved_tensors
+        grad = ctx.backward_op(grad_loss, coef, model_pred, target) if ctx.needs_input_grad[1] else None
+        return (None, grad) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+def run(ops, inputs: LossInputs, config: LossConfig, return_stats: bool):
+    """The loss (and stats) of validated inputs on a fused backend's ``(forward, backward)`` ops."""
+    settings, modes = encode(config)
+    loss, pair_stats, sample_err, accuracy = FusedAdaptiveDPO.apply(
+        ops, inputs.model_pred, inputs.ref_pred, inputs.target, inputs.soft_label, settings, modes, *inputs.ema_preds
+    )
+    if not return_stats:
+        return loss, None
+    stats = dict(zip(STAT_NAMES, pair_stats.unbind(0)))
+    stats["err_policy"], stats["err_ref"] = sample_err.unbind(0)
+    stats["implicit_acc"] = accuracy
+    return loss, stats

@@ -1,0 +1,331 @@
+"""Triton kernels of the fused loss: one pass for the errors, one program for the per-pair head,
+one pass for the gradient. Launch code lives in ``fastpref.triton_backend``.
+
+Notation (spec §2): pair j is rows j (winner, w) and j+B (loser, l) of ``[2B, D]`` inputs;
+``e_m[i] = (1/D) sum_d (pred_m[i,d] - t[i,d])^2`` for model m in (policy, ref, ema_1..ema_K);
+``l_m[j] = (e_ref[j] - e_m[j]) - (e_ref[j+B] - e_m[j+B])``; ``z = beta * l_theta``;
+``y = z - Gamma``.
+
+Gradient (spec §6). u, W, Gamma and c2 are stop-gradient, so the loss depends on ``model_pred``
+only through ``l_theta``. Write ``a_j = dLoss/dl_theta[j]`` (computed by the head, including the
+reduction's 1/B). Since ``l_theta[j] = e_ref[j] - e_theta[j] - e_ref[j+B] + e_theta[j+B]`` and
+``de_theta[i]/dpred[i,d] = (2/D) (pred[i,d] - t[i,d])``:
+
+    dLoss/dpred[j,   d] = -a_j * (2/D) * (pred[j,   d] - t[j,   d])
+    dLoss/dpred[j+B, d] = +a_j * (2/D) * (pred[j+B, d] - t[j+B, d])
+
+and with ``reduction="none"`` the incoming per-pair gradient g_j multiplies a_j.
+Per-pair ``a_j`` of each head, from ``dy/dl_theta = beta`` and ``softplus' = sigmoid``,
+``sigmoid(-y) = 1 - sigmoid(y)``:
+
+    sigmoid  L = W softplus(-y)                          a = -W beta sigmoid(-y)
+    ipo      L = W r^2, r = l - Gamma/beta - 1/(2 tau)   a = 2 W r
+    hinge    L = W relu(1 - y)                           a = -W beta [1 - y > 0]
+    robust   L = W ((1-e) softplus(-y) - e softplus(y)) / (1-2e)
+                                                         a = -W beta ((1-e) sigmoid(-y) + e sigmoid(y)) / (1-2e)
+    cdpo     L = W ((1-e) softplus(-y) + e softplus(y))  a = W beta (e sigmoid(y) - (1-e) sigmoid(-y))
+    dedpo    L = W (softplus(-y) + (1 - y~) y)           a = W beta (sigmoid(y) - y~)
+
+All reductions run in a fixed order with no atomics, so results are bitwise reproducible.
+"""
+
+import triton
+import triton.language as tl
+
+# The string options reach the kernels as the integer codes of fastpref.fused (constexprs), the
+# scalar settings as a ``params`` tensor in the order of fused.encode.
+MAX_SLOTS = 6  # predictions summed per pass of the error kernel: policy, ref and 4 EMA models
+
+
+@triton.jit
+def _squared_error(pred_ptr, row, stride_row, stride_col, cols, mask, target):
+    pred = tl.load(pred_ptr + row * stride_row + cols * stride_col, mask=mask, other=0.0)
+    diff = pred.to(target.dtype) - target
+    return diff * diff
+
+
+@triton.jit
+def pair_errors_kernel(
+    partial_ptr,  # [n_models, 2B, n_chunks] partial sums of squared errors, ACC
+    slot_base,  # first model index this launch writes
+    target_ptr, stride_t_row, stride_t_col,
+    p0, s0r, s0c, p1, s1r, s1c, p2, s2r, s2c, p3, s3r, s3c, p4, s4r, s4c, p5, s5r, s5c,
+    batch, features, chunk_size, n_chunks,
+    NUM_SLOTS: tl.constexpr, SHARED_TARGET: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Program (pair j, chunk c): sum over the chunk's columns of (pred - t)^2 for rows j and
+    j+B of every slot. The target chunk is loaded once per row (once per pair if shared)."""
+    pair = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    row_w = pair
+    row_l = pair + batch
+    t_row_l = pair if SHARED_TARGET else row_l
+    acc_w0 = tl.zeros([BLOCK], ACC)
+    acc_l0 = tl.zeros([BLOCK], ACC)
+    acc_w1 = tl.zeros([BLOCK], ACC)
+    acc_l1 = tl.zeros([BLOCK], ACC)
+    acc_w2 = tl.zeros([BLOCK], ACC)
+    acc_l2 = tl.zeros([BLOCK], ACC)
+    acc_w3 = tl.zeros([BLOCK], ACC)
+    acc_l3 = tl.zeros([BLOCK], ACC)
+    acc_w4 = tl.zeros([BLOCK], ACC)
+    acc_l4 = tl.zeros([BLOCK], ACC)
+    acc_w5 = tl.zeros([BLOCK], ACC)
+    acc_l5 = tl.zeros([BLOCK], ACC)
+    begin = chunk * chunk_size
+    for start in range(0, chunk_size, BLOCK):
+        cols = begin + start + tl.arange(0, BLOCK)
+        mask = cols < features
+        t_w = tl.load(target_ptr + row_w * stride_t_row + cols * stride_t_col, mask=mask, other=0.0).to(ACC)
+        if SHARED_TARGET:
+            t_l = t_w
+        else:
+            t_l = tl.load(target_ptr + t_row_l * stride_t_row + cols * stride_t_col, mask=mask, other=0.0).to(ACC)
+        acc_w0 += _squared_error(p0, row_w, s0r, s0c, cols, mask, t_w)
+        acc_l0 += _squared_error(p0, row_l, s0r, s0c, cols, mask, t_l)
+        if NUM_SLOTS > 1:
+            acc_w1 += _squared_error(p1, row_w, s1r, s1c, cols, mask, t_w)
+            acc_l1 += _squared_error(p1, row_l, s1r, s1c, cols, mask, t_l)
+        if NUM_SLOTS > 2:
+            acc_w2 += _squared_error(p2, row_w, s2r, s2c, cols, mask, t_w)
+            acc_l2 += _squared_error(p2, row_l, s2r, s2c, cols, mask, t_l)
+        if NUM_SLOTS > 3:
+            acc_w3 += _squared_error(p3, row_w, s3r, s3c, cols, mask, t_w)
+            acc_l3 += _squared_error(p3, row_l, s3r, s3c, cols, mask, t_l)
+        if NUM_SLOTS > 4:
+            acc_w4 += _squared_error(p4, row_w, s4r, s4c, cols, mask, t_w)
+            acc_l4 += _squared_error(p4, row_l, s4r, s4c, cols, mask, t_l)
+        if NUM_SLOTS > 5:
+            acc_w5 += _squared_error(p5, row_w, s5r, s5c, cols, mask, t_w)
+            acc_l5 += _squared_error(p5, row_l, s5r, s5c, cols, mask, t_l)
+    # partial[m, row, chunk]: model stride 2B * n_chunks, row stride n_chunks.
+    model_stride = 2 * batch * n_chunks
+    out_w = partial_ptr + slot_base * model_stride + row_w * n_chunks + chunk
+    out_l = partial_ptr + slot_base * model_stride + row_l * n_chunks + chunk
+    tl.store(out_w, tl.sum(acc_w0, axis=0))
+    tl.store(out_l, tl.sum(acc_l0, axis=0))
+    if NUM_SLOTS > 1:
+        tl.store(out_w + model_stride, tl.sum(acc_w1, axis=0))
+        tl.store(out_l + model_stride, tl.sum(acc_l1, axis=0))
+    if NUM_SLOTS > 2:
+        tl.store(out_w + 2 * model_stride, tl.sum(acc_w2, axis=0))
+        tl.store(out_l + 2 * model_stride, tl.sum(acc_l2, axis=0))
+    if NUM_SLOTS > 3:
+        tl.store(out_w + 3 * model_stride, tl.sum(acc_w3, axis=0))
+        tl.store(out_l + 3 * model_stride, tl.sum(acc_l3, axis=0))
+    if NUM_SLOTS > 4:
+        tl.store(out_w + 4 * model_stride, tl.sum(acc_w4, axis=0))
+        tl.store(out_l + 4 * model_stride, tl.sum(acc_l4, axis=0))
+    if NUM_SLOTS > 5:
+        tl.store(out_w + 5 * model_stride, tl.sum(acc_w5, axis=0))
+        tl.store(out_l + 5 * model_stride, tl.sum(acc_l5, axis=0))
+
+
+@triton.jit
+def _sigmoid(x):
+    # Stable for any finite x: exp of a non-positive number never overflows.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) accurate for small x (Goldberg's trick); libdevice's log1p is not available to
+    # the CPU interpreter.
+    u = 1.0 + x
+    denom = tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, x, tl.log(u) * x / denom)
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|); a NaN x stays NaN through the log1p term.
+    return tl.where(x > 0, x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def pair_head_kernel(
+    partial_ptr, n_chunks, batch, features,
+    params_ptr,  # beta, rho, k1, k2, c2, eps, tau in ACC (see PARAM_NAMES)
+    soft_label_ptr,  # [B] DeDPO label y~ (read only when LOSS == 5)
+    loss_ptr,  # [] or [B] (REDUCTION == 2)
+    coef_ptr,  # [B] a_j = dLoss/dl_theta[j] for an incoming gradient of 1
+    pair_stats_ptr,  # [7, B]: z, l_theta, u, c, s, W, Gamma
+    sample_err_ptr,  # [2, 2B]: e_policy, e_ref
+    accuracy_ptr,  # []: implicit accuracy
+    NUM_MODELS: tl.constexpr, MODELS_PAD: tl.constexpr, BATCH_PAD: tl.constexpr,
+    PRESET: tl.constexpr, WEIGHTING: tl.constexpr, MARGIN: tl.constexpr, LOSS: tl.constexpr,
+    REDUCTION: tl.constexpr, HAS_C2: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One program: per-sample errors -> l -> metric u -> W, Gamma -> loss and a_j (spec §2-§5).
+    Tile [MODELS_PAD, BATCH_PAD]: model row 0 is the policy, 1 the reference, 2.. the EMAs."""
+    beta = tl.load(params_ptr + 0)
+    rho = tl.load(params_ptr + 1)
+    k1 = tl.load(params_ptr + 2)
+    k2 = tl.load(params_ptr + 3)
+    c2_given = tl.load(params_ptr + 4)
+    eps = tl.load(params_ptr + 5)
+    tau = tl.load(params_ptr + 6)
+
+    model = tl.arange(0, MODELS_PAD)[:, None]
+    pair_1d = tl.arange(0, BATCH_PAD)
+    pair = pair_1d[None, :]
+    in_batch = pair_1d < batch
+    tile_mask = (model < NUM_MODELS) & (pair < batch)
+
+    # Per-sample errors: chunk partial sums added in a fixed order (bitwise reproducible).
+    sum_w = tl.zeros([MODELS_PAD, BATCH_PAD], ACC)
+    sum_l = tl.zeros([MODELS_PAD, BATCH_PAD], ACC)
+    offs_w = model * (2 * batch * n_chunks) + pair * n_chunks
+    offs_l = offs_w + batch * n_chunks
+    for c in range(n_chunks):
+        sum_w += tl.load(partial_ptr + offs_w + c, mask=tile_mask, other=0.0)
+        sum_l += tl.load(partial_ptr + offs_l + c, mask=tile_mask, other=0.0)
+    err_w = sum_w / features
+    err_l = sum_l / features
+
+    # l_m = (e_ref - e_m)_w - (e_ref - e_m)_l for every model row (the ref row gives 0).
+    ref_w = tl.sum(tl.where(model == 1, err_w, 0.0), axis=0)
+    ref_l = tl.sum(tl.where(model == 1, err_l, 0.0), axis=0)
+    logit = (ref_w[None, :] - err_w) - (ref_l[None, :] - err_l)
+    l_theta = tl.sum(tl.where(model == 0, logit, 0.0), axis=0)
+
+    # Metric u over the M = K + 1 rows (policy and EMAs), spec §3.
+    metric_rows = (model != 1) & tile_mask
+    n_rows: tl.constexpr = NUM_MODELS - 1
+    logit = tl.where(metric_rows, logit, 0.0)
+    if PRESET == 0:
+        norm = tl.sqrt(tl.sum(logit * logit, axis=1))
+        norm = tl.where(norm < 1e-12, 1e-12, norm)  # max(norm, 1e-12) that keeps NaN
+        scaled = rho * logit / norm[:, None]
+    else:
+        scaled = rho * logit
+    confidence = 1.0 - tl.sum(tl.where(metric_rows, _sigmoid(scaled), 0.0), axis=0) / n_rows
+    if n_rows > 1:
+        spread_of = scaled if PRESET == 0 else logit
+        mean = tl.sum(spread_of, axis=0) / n_rows
+        dev = tl.where(metric_rows, spread_of - mean[None, :], 0.0)
+        var = tl.sum(dev * dev, axis=0) / (n_rows - 1)
+        if PRESET == 0:
+            std = tl.sqrt(var)
+            stability = tl.where(std > 1.0, 1.0, std)  # min(std, 1) that keeps NaN
+        else:
+            stability = var
+    else:
+        stability = tl.full([BATCH_PAD], 1.0, ACC)
+    u = confidence * stability
+
+    if WEIGHTING == 0:
+        weight = 1.0 / (1.0 + k1 * u)
+    elif WEIGHTING == 1:
+        weight = 1.0 / (1.0 + k1 * u * u)
+    elif WEIGHTING == 2:
+        weight = 1.0 / (1.0 + k1 * tl.sqrt(u))
+    elif WEIGHTING == 3:
+        weight = 1.0 / (1.0 + tl.exp(k1 * u))
+    else:
+        weight = tl.full([BATCH_PAD], 1.0, ACC)
+
+    if HAS_C2:
+        c2 = c2_given
+    else:
+        c2 = tl.sum(tl.where(in_batch, l_theta, 0.0), axis=0) / batch
+    if MARGIN == 0:
+        margin = k2 * u * u + c2
+    elif MARGIN == 1:
+        margin = k2 * u + c2
+    else:
+        margin = tl.zeros([BATCH_PAD], ACC)
+
+    z = beta * l_theta
+    y = z - margin
+    if LOSS == 0:  # sigmoid (DPO)
+        per_pair = weight * _softplus(-y)
+        coef = -weight * beta * _sigmoid(-y)
+    elif LOSS == 1:  # ipo
+        resid = l_theta - margin / beta - 1.0 / (2.0 * tau)
+        per_pair = weight * resid * resid
+        coef = 2.0 * weight * resid
+    elif LOSS == 2:  # hinge; relu written so that NaN propagates
+        gap = 1.0 - y
+        per_pair = weight * tl.where(gap < 0.0, 0.0, gap)
+        coef = -weight * beta * tl.where(gap > 0.0, 1.0, 0.0)
+    elif LOSS == 3:  # robust
+        per_pair = weight * ((1.0 - eps) * _softplus(-y) - eps * _softplus(y)) / (1.0 - 2.0 * eps)
+        coef = -weight * beta * ((1.0 - eps) * _sigmoid(-y) + eps * _sigmoid(y)) / (1.0 - 2.0 * eps)
+    elif LOSS == 4:  # cdpo
+        per_pair = weight * ((1.0 - eps) * _softplus(-y) + eps * _softplus(y))
+        coef = weight * beta * (eps * _sigmoid(y) - (1.0 - eps) * _sigmoid(-y))
+    else:  # dedpo
+        soft = tl.load(soft_label_ptr + pair_1d, mask=in_batch, other=0.0)
+        per_pair = weight * (_softplus(-y) + (1.0 - soft) * y)
+        coef = weight * beta * (_sigmoid(y) - soft)
+
+    if REDUCTION == 0:
+        tl.store(loss_ptr, tl.sum(tl.where(in_batch, per_pair, 0.0), axis=0) / batch)
+        coef = coef / batch
+    elif REDUCTION == 1:
+        tl.store(loss_ptr, tl.sum(tl.where(in_batch, per_pair, 0.0), axis=0))
+    else:
+        tl.store(loss_ptr + pair_1d, per_pair, mask=in_batch)
+    tl.store(coef_ptr + pair_1d, coef, mask=in_batch)
+
+    tl.store(pair_stats_ptr + 0 * batch + pair_1d, z, mask=in_batch)
+    tl.store(pair_stats_ptr + 1 * batch + pair_1d, l_theta, mask=in_batch)
+    tl.store(pair_stats_ptr + 2 * batch + pair_1d, u, mask=in_batch)
+    tl.store(pair_stats_ptr + 3 * batch + pair_1d, confidence, mask=in_batch)
+    tl.store(pair_stats_ptr + 4 * batch + pair_1d, stability, mask=in_batch)
+    tl.store(pair_stats_ptr + 5 * batch + pair_1d, weight, mask=in_batch)
+    tl.store(pair_stats_ptr + 6 * batch + pair_1d, margin, mask=in_batch)
+    policy_w = tl.sum(tl.where(model == 0, err_w, 0.0), axis=0)
+    policy_l = tl.sum(tl.where(model == 0, err_l, 0.0), axis=0)
+    tl.store(sample_err_ptr + pair_1d, policy_w, mask=in_batch)
+    tl.store(sample_err_ptr + batch + pair_1d, policy_l, mask=in_batch)
+    tl.store(sample_err_ptr + 2 * batch + pair_1d, ref_w, mask=in_batch)
+    tl.store(sample_err_ptr + 3 * batch + pair_1d, ref_l, mask=in_batch)
+    wins = tl.sum(tl.where(in_batch & (z > 0), 1.0, 0.0), axis=0)
+    ties = tl.sum(tl.where(in_batch & (z == 0), 1.0, 0.0), axis=0)
+    tl.store(accuracy_ptr, (wins + 0.5 * ties) / batch)
+
+
+@triton.jit
+def _to_output(x, out_dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
+    # Triton's CPU interpreter truncates float32 -> bfloat16 where GPUs round to nearest even.
+    # Under the interpreter (EXACT_BF16) we round explicitly: adding 0x7FFF plus the lowest kept
+    # bit to the float32 bits and dropping the low 16 bits is round-to-nearest-even; NaN is kept.
+    if EXACT_BF16 and out_dtype == tl.bfloat16:
+        x32 = x.to(tl.float32)
+        bits = x32.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        rounded = tl.where(x32 != x32, x32, bits.to(tl.float32, bitcast=True))
+        return rounded.to(tl.bfloat16)
+    return x.to(out_dtype)
+
+
+@triton.jit
+def pair_grad_kernel(
+    grad_ptr,  # [2B, D] contiguous, model_pred's dtype
+    pred_ptr, stride_p_row, stride_p_col,
+    target_ptr, stride_t_row, stride_t_col,
+    coef_ptr,  # [B] a_j
+    grad_loss_ptr, stride_g,  # incoming gradient: [] or [B] (stride_g = its stride)
+    batch, features, chunk_size,
+    SHARED_TARGET: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, EXACT_BF16: tl.constexpr,
+):  # fmt: skip
+    """Program (row i, chunk c): grad[i, d] = -+ a_j g_j (2/D) (pred[i, d] - t[i, d]), minus for
+    winners (i < B), plus for losers (derivation in the module docstring)."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    is_loser = row >= batch
+    pair = tl.where(is_loser, row - batch, row)
+    t_row = pair if SHARED_TARGET else row
+    scale = tl.load(coef_ptr + pair).to(ACC) * tl.load(grad_loss_ptr + pair * stride_g).to(ACC)
+    scale = tl.where(is_loser, scale, -scale) * 2.0 / features
+    begin = chunk * chunk_size
+    for start in range(0, chunk_size, BLOCK):
+        cols = begin + start + tl.arange(0, BLOCK)
+        mask = cols < features
+        pred = tl.load(pred_ptr + row * stride_p_row + cols * stride_p_col, mask=mask, other=0.0).to(ACC)
+        target = tl.load(target_ptr + t_row * stride_t_row + cols * stride_t_col, mask=mask, other=0.0).to(ACC)
+        grad = scale * (pred - target)
+        tl.store(grad_ptr + row * features + cols, _to_output(grad, grad_ptr.dtype.element_ty, EXACT_BF16), mask=mask)

@@ -1,0 +1,261 @@
+"""Argument checks shared by every backend (spec §7), run once before any kernel launch.
+
+``validate_call`` turns the public keywords into a frozen :class:`LossConfig` and a
+:class:`LossInputs` holding the tensors in the layout the backends expect. Every malformed call
+raises ``ValueError`` or ``TypeError`` whose message starts with the argument's name.
+The checks read shapes, dtypes and devices only; the DeDPO label checks (spec §5b) are the one
+exception, as their contract is about values.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+PRESETS = ("official", "paper")
+WEIGHTINGS = ("linear", "square", "sqrt", "sigmoid", "none")
+MARGINS = ("quadratic", "linear", "none")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo", "dedpo")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "cpp", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKEND_ENV = "FASTPREF_BACKEND"
+DEDPO_ARGS = ("synthetic_label", "human_label", "human_mask", "propensity")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Validated scalar settings of one loss call (spec §3-§5). ``k2`` and ``tau`` are resolved;
+    ``c2`` stays ``None`` when it is the batch mean of ``l_theta``."""
+
+    beta: float
+    rho: float
+    k1: float
+    k2: float
+    c2: Optional[float]
+    preset: str
+    weighting: str
+    margin: str
+    loss_type: str
+    eps: float
+    tau: float
+    reduction: str
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Validated tensors of one call.
+
+    ``model_pred``/``ref_pred``: ``[2B, *S]``; ``target``: ``[B, *S]`` (shared by both halves) or
+    ``[2B, *S]``; ``ema_preds``: a tuple of K tensors ``[2B, *S]`` (views of a stacked input, never
+    copies); ``soft_label``: the DeDPO label ``y~`` ``[B]`` in ``acc_dtype``, else ``None``.
+    """
+
+    model_pred: torch.Tensor
+    ref_pred: torch.Tensor
+    target: torch.Tensor
+    ema_preds: tuple
+    soft_label: Optional[torch.Tensor]
+    batch: int  # B, the number of pairs
+    features: int  # D = prod(S)
+    acc_dtype: torch.dtype  # float64 if any input is float64, else float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.model_pred.device
+
+    @property
+    def shared_target(self) -> bool:
+        return self.target.shape[0] == self.batch
+
+    def tensors(self):
+        """Every prediction and the target, for dtype/device questions."""
+        return (self.model_pred, self.ref_pred, self.target) + self.ema_preds
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {list(choices)}; got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
+    return value
+
+
+def _check_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    return float(value)
+
+
+def _check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {value.dtype}")
+    return value
+
+
+def resolve_backend_name(backend) -> str:
+    """The backend a call asked for: ``backend``, or ``$FASTPREF_BACKEND`` when it is ``"auto"``."""
+    backend = check_choice("backend", backend, BACKENDS)
+    if backend == "auto" and os.environ.get(BACKEND_ENV):
+        backend = check_choice(BACKEND_ENV, os.environ[BACKEND_ENV], BACKENDS)
+    return backend
+
+
+CONFIG_KEYS = ("beta", "rho", "k1", "k2", "c2", "preset", "weighting", "margin", "loss_type", "eps", "ipo_tau", "reduction")
+
+
+def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, eps, ipo_tau, reduction) -> LossConfig:
+    """Check the scalar keywords of spec §8 (their defaults live in the public signature,
+    ``fastpref.frontend``) and resolve ``k2 = -1/beta`` and ``tau = beta`` (spec §4)."""
+    beta = _check_real("beta", beta)
+    if not beta > 0 or math.isinf(beta):
+        raise ValueError(f"beta must be a finite number > 0; got {beta}")
+    rho = _check_real("rho", rho)
+    if not rho > 0 or math.isinf(rho):
+        raise ValueError(f"rho must be a finite number > 0; got {rho}")
+    k1 = _check_real("k1", k1)
+    if not k1 >= 0 or math.isinf(k1):
+        raise ValueError(f"k1 must be a finite number >= 0; got {k1}")
+    k2 = -1.0 / beta if k2 is None else _check_real("k2", k2)
+    if not math.isfinite(k2):
+        raise ValueError(f"k2 must be finite; got {k2}")
+    if c2 is not None:
+        c2 = _check_real("c2", c2)
+        if not math.isfinite(c2):
+            raise ValueError(f"c2 must be finite (or None for the batch mean of l_theta); got {c2}")
+    eps = _check_real("eps", eps)
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"eps must lie in [0, 0.5); got {eps}")
+    tau = beta if ipo_tau is None else _check_real("ipo_tau", ipo_tau)
+    if not tau > 0 or math.isinf(tau):
+        raise ValueError(f"ipo_tau (tau) must be a finite number > 0; got {tau}")
+    return LossConfig(
+        beta=beta,
+        rho=rho,
+        k1=k1,
+        k2=k2,
+        c2=c2,
+        preset=check_choice("preset", preset, PRESETS),
+        weighting=check_choice("weighting", weighting, WEIGHTINGS),
+        margin=check_choice("margin", margin, MARGINS),
+        loss_type=check_choice("loss_type", loss_type, LOSS_TYPES),
+        eps=eps,
+        tau=tau,
+        reduction=check_choice("reduction", reduction, REDUCTIONS),
+    )
+
+
+def _split_ema_preds(ema_preds, model_pred: torch.Tensor) -> tuple:
+    """Normalize ``ema_preds`` to a tuple of ``[2B, *S]`` tensors (views, no copy)."""
+    if ema_preds is None:
+        return ()
+    if isinstance(ema_preds, torch.Tensor):
+        _check_tensor("ema_preds", ema_preds)
+        if ema_preds.dim() != model_pred.dim() + 1 or tuple(ema_preds.shape[1:]) != tuple(model_pred.shape):
+            raise ValueError(
+                "ema_preds as one tensor must be stacked [K, 2B, *S] = [K, "
+                f"{', '.join(map(str, model_pred.shape))}]; got {list(ema_preds.shape)} "
+                "(pass a list for separate tensors)"
+            )
+        return tuple(ema_preds.unbind(0))
+    if not isinstance(ema_preds, (list, tuple)):
+        raise TypeError(f"ema_preds must be a list/tuple of tensors or one [K, 2B, *S] tensor; got {type(ema_preds).__name__}")
+    out = []
+    for k, pred in enumerate(ema_preds):
+        _check_tensor(f"ema_preds[{k}]", pred)
+        if pred.shape != model_pred.shape:
+            raise ValueError(f"ema_preds[{k}] must have model_pred's shape {list(model_pred.shape)}; got {list(pred.shape)}")
+        out.append(pred)
+    return tuple(out)
+
+
+def _pair_tensor(name: str, value, batch: int, device, dtype) -> torch.Tensor:
+    """A DeDPO input given as a float (or bool) or a ``[B]`` tensor, as a ``[B]`` tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+            raise ValueError(f"{name} must be a float or a [B] = [{batch}] tensor; got shape {list(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but model_pred is on {device}")
+        return value.to(dtype).expand(batch)
+    if isinstance(value, numbers.Real):
+        return torch.full((batch,), float(value), dtype=dtype, device=device)
+    raise TypeError(f"{name} must be a float or a [B] tensor; got {type(value).__name__}")
+
+
+def _dedpo_soft_label(labels: dict, batch: int, device, dtype) -> torch.Tensor:
+    """``y~ = yhat + (R / pi) * (y - yhat)`` of spec §5b, after its value checks."""
+    missing = [name for name in DEDPO_ARGS if labels[name] is None]
+    if missing:
+        raise ValueError(f"{missing[0]} is required with loss_type='dedpo' (missing: {', '.join(missing)})")
+    yhat = _pair_tensor("synthetic_label", labels["synthetic_label"], batch, device, dtype)
+    human = _pair_tensor("human_label", labels["human_label"], batch, device, dtype)
+    mask = _pair_tensor("human_mask", labels["human_mask"], batch, device, dtype)
+    pi = _pair_tensor("propensity", labels["propensity"], batch, device, dtype)
+    # NaN labels pass these checks on purpose: non-finite inputs must reach the loss (spec §7).
+    if bool(((yhat < 0) | (yhat > 1)).any()):
+        raise ValueError("synthetic_label must lie in [0, 1]")
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("human_mask must be boolean (True where pair j has a human label)")
+    if bool(((pi <= 0) | (pi > 1)).any()):
+        raise ValueError("propensity must lie in (0, 1]")
+    labelled = mask == 1
+    if bool((labelled & (human != 0) & (human != 1)).any()):
+        raise ValueError("human_label must be 0 or 1 on every pair where human_mask is True")
+    correction = torch.where(labelled, (human - yhat) / pi, torch.zeros_like(yhat))
+    return yhat + correction
+
+
+def make_inputs(model_pred, ref_pred, target, ema_preds, config: LossConfig, labels: dict) -> LossInputs:
+    """Check the tensors of a call against each other (spec §1, §7) and against ``config``."""
+    model_pred = _check_tensor("model_pred", model_pred)
+    ref_pred = _check_tensor("ref_pred", ref_pred)
+    target = _check_tensor("target", target)
+    if model_pred.dim() < 2:
+        raise ValueError(f"model_pred must have at least 2 dims [2B, *S]; got shape {list(model_pred.shape)}")
+    rows = model_pred.shape[0]
+    if rows == 0 or rows % 2:
+        raise ValueError(f"model_pred's batch 2B must be even and > 0 (winners then losers); got {rows}")
+    batch = rows // 2
+    if ref_pred.shape != model_pred.shape:
+        raise ValueError(f"ref_pred must have model_pred's shape {list(model_pred.shape)}; got {list(ref_pred.shape)}")
+    if target.dim() != model_pred.dim() or target.shape[1:] != model_pred.shape[1:] or target.shape[0] not in (batch, rows):
+        raise ValueError(
+            f"target must be [2B, *S] or [B, *S] with B = {batch}, S = {list(model_pred.shape[1:])}; "
+            f"got {list(target.shape)}"
+        )
+    emas = _split_ema_preds(ema_preds, model_pred)
+    named = [("ref_pred", ref_pred), ("target", target)] + [(f"ema_preds[{k}]", e) for k, e in enumerate(emas)]
+    for name, tensor in named:
+        if tensor.device != model_pred.device:
+            raise ValueError(f"{name} is on {tensor.device} but model_pred is on {model_pred.device}")
+    features = math.prod(model_pred.shape[1:])
+    if features == 0:
+        raise ValueError(f"model_pred must have D = prod(S) > 0; got shape {list(model_pred.shape)}")
+    all_tensors = (model_pred, ref_pred, target) + emas
+    acc_dtype = torch.float64 if any(t.dtype == torch.float64 for t in all_tensors) else torch.float32
+
+    given = [name for name in DEDPO_ARGS if labels.get(name) is not None]
+    if config.loss_type == "dedpo":
+        soft_label = _dedpo_soft_label(labels, batch, model_pred.device, acc_dtype)
+    elif given:
+        raise ValueError(f"{given[0]} is only used with loss_type='dedpo'; got loss_type={config.loss_type!r}")
+    else:
+        soft_label = None
+    return LossInputs(
+        model_pred=model_pred,
+        ref_pred=ref_pred,
+        target=target,
+        ema_preds=emas,
+        soft_label=soft_label,
+        batch=batch,
+        features=features,
+        acc_dtype=acc_dtype,
+    )
+

@@ -1,0 +1,42 @@
+"""Build script for fastpref's optional native extension ``fastpref._C``.
+
+All metadata lives in ``pyproject.toml``. This file only adds the extension built from
+``csrc/``: C++ sources always, ``.cu`` sources only when the installed torch has CUDA.
+With no sources in ``csrc/`` (or ``FASTPREF_NO_EXT=1``) fastpref installs as pure Python and
+every call runs on the Triton or eager PyTorch backends; ``fastpref info`` says which.
+
+Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already in
+the environment instead of downloading another one into an isolated build environment.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def native_extensions():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    if os.environ.get("FASTPREF_NO_EXT") == "1" or not cpp_sources:
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
+    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    if torch.version.cuda is not None and cuda_sources:
+        extension = cpp_extension.CUDAExtension(
+            "fastpref._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        extension = cpp_extension.CppExtension(
+            "fastpref._C", cpp_sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"]
+        )
+    return [extension], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = native_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,422 @@
+"""Malformed calls (spec §7, §5b) and backend selection errors (spec §8).
+
+Every malformed call must raise ``ValueError`` or ``TypeError`` whose message names the argument,
+before any backend is chosen or kernel launched; a backend that cannot serve a call raises
+``RuntimeError`` saying why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastpref
+from fastpref import reference
+
+B, S = 2, (3, 4)
+BAD = (ValueError, TypeError)
+DEDPO_NAMES = ("synthetic_label", "human_label", "human_mask", "propensity")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """No backend override unless a test sets one."""
+    monkeypatch.delenv("FASTPREF_BACKEND", raising=False)
+
+
+def t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def good(K=2):
+    """A well-formed call's positional inputs and ema_preds."""
+    torch.manual_seed(0)
+    return (t(2 * B, *S), t(2 * B, *S), t(B, *S)), [t(2 * B, *S) for _ in range(K)]
+
+
+def module_call(module_cls):
+    """The module form: keywords at construction, per-batch DeDPO labels as forward() overrides."""
+
+    def call(model_pred, ref_pred, target, ema_preds=(), **keywords):
+        labels = {k: keywords.pop(k) for k in DEDPO_NAMES if k in keywords}
+        return module_cls(**keywords)(model_pred, ref_pred, target, ema_preds, **labels)
+
+    return call
+
+
+ENTRY_POINTS = [
+    pytest.param(fastpref.adaptive_dpo_loss, id="fastpref"),
+    pytest.param(reference.adaptive_dpo_loss, id="reference"),
+    pytest.param(module_call(fastpref.AdaptiveDPOLoss), id="module"),
+    pytest.param(module_call(reference.AdaptiveDPOLoss), id="reference_module"),
+]
+
+
+def dedpo_labels():
+    return dict(
+        synthetic_label=torch.tensor([0.2, 0.9]),
+        human_label=torch.tensor([1.0, math.nan]),
+        human_mask=torch.tensor([True, False]),
+        propensity=torch.tensor([0.5, 0.25]),
+    )
+
+
+# --- tensor inputs (spec §1, §7) ---------------------------------------------------------------
+
+M = lambda: t(2 * B, *S)  # noqa: E731  a model-shaped tensor
+
+
+TENSOR_CASES = {
+    # name: (model_pred, ref_pred, target, ema_preds) builder, argument named in the message
+    "odd_batch": (lambda: (t(3, *S), t(3, *S), t(3, *S), ()), "model_pred"),
+    "odd_batch_shared_target": (lambda: (t(5, *S), t(5, *S), t(2, *S), ()), "model_pred"),
+    "zero_batch": (lambda: (t(0, *S), t(0, *S), t(0, *S), ()), "model_pred"),
+    "one_dim": (lambda: (t(4), t(4), t(4), ()), "model_pred"),
+    "zero_dim": (lambda: (t(), t(), t(), ()), "model_pred"),
+    "ref_pred_feature_shape": (lambda: (M(), t(2 * B, 3, 5), t(B, *S), ()), "ref_pred"),
+    "ref_pred_batch": (lambda: (M(), t(B, *S), t(B, *S), ()), "ref_pred"),
+    "ref_pred_extra_dim": (lambda: (M(), t(2 * B, *S, 1), t(B, *S), ()), "ref_pred"),
+    "target_feature_shape": (lambda: (M(), M(), t(B, 4, 3), ()), "target"),
+    "target_batch_3": (lambda: (M(), M(), t(3, *S), ()), "target"),
+    "target_batch_4B": (lambda: (M(), M(), t(4 * B, *S), ()), "target"),
+    "target_flattened": (lambda: (M(), M(), t(2 * B, 12), ()), "target"),
+    "ema_list_shape": (lambda: (M(), M(), t(B, *S), [t(2 * B, 3, 5)]), "ema_preds"),
+    "ema_list_second_shape": (lambda: (M(), M(), t(B, *S), [M(), t(B, *S)]), "ema_preds"),
+    "ema_stacked_shape": (lambda: (M(), M(), t(B, *S), t(2, 2 * B, 3, 5)), "ema_preds"),
+    "ema_stacked_batch": (lambda: (M(), M(), t(B, *S), t(2, B, *S)), "ema_preds"),
+    "ema_unstacked_single": (lambda: (M(), M(), t(B, *S), M()), "ema_preds"),
+    "device_ref_pred": (lambda: (M(), t(2 * B, *S, device="meta"), t(B, *S), ()), "ref_pred"),
+    "device_target": (lambda: (M(), M(), t(B, *S, device="meta"), ()), "target"),
+    "device_model_pred": (lambda: (t(2 * B, *S, device="meta"), M(), t(B, *S), ()), "model_pred|ref_pred|target"),
+    "device_ema_list": (lambda: (M(), M(), t(B, *S), [M(), t(2 * B, *S, device="meta")]), "ema_preds"),
+    "device_ema_stacked": (lambda: (M(), M(), t(B, *S), t(2, 2 * B, *S, device="meta")), "ema_preds"),
+    "numpy_model_pred": (lambda: (np.zeros((2 * B, *S), np.float32), M(), t(B, *S), ()), "model_pred"),
+    "list_ref_pred": (lambda: (M(), M().tolist(), t(B, *S), ()), "ref_pred"),
+    "float_target": (lambda: (M(), M(), 0.5, ()), "target"),
+    "numpy_ema": (lambda: (M(), M(), t(B, *S), [np.zeros((2 * B, *S), np.float32)]), "ema_preds"),
+    "int_ema_preds": (lambda: (M(), M(), t(B, *S), 3), "ema_preds"),
+    "int64_model_pred": (lambda: (M().long(), M(), t(B, *S), ()), "model_pred"),
+    "int32_ref_pred": (lambda: (M(), M().int(), t(B, *S), ()), "ref_pred"),
+    "int64_target": (lambda: (M(), M(), t(B, *S).long(), ()), "target"),
+    "int_ema_list": (lambda: (M(), M(), t(B, *S), [M().to(torch.int16)]), "ema_preds"),
+    "int_ema_stacked": (lambda: (M(), M(), t(B, *S), t(2, 2 * B, *S).long()), "ema_preds"),
+}
+
+
+@pytest.mark.parametrize("case", list(TENSOR_CASES))
+@pytest.mark.parametrize("fn", ENTRY_POINTS)
+def test_malformed_tensors(fn, case):
+    build, name = TENSOR_CASES[case]
+    model_pred, ref_pred, target, ema_preds = build()
+    with pytest.raises(BAD, match=name):
+        fn(model_pred, ref_pred, target, ema_preds=ema_preds)
+
+
+@pytest.mark.parametrize("fn", [fastpref.diffusion_dpo_loss, reference.diffusion_dpo_loss], ids=["fastpref", "reference"])
+@pytest.mark.parametrize("case", ["odd_batch", "zero_batch", "one_dim", "ref_pred_batch", "target_batch_3", "device_target", "int64_model_pred"])
+def test_malformed_tensors_diffusion_dpo(fn, case):
+    build, name = TENSOR_CASES[case]
+    model_pred, ref_pred, target, _ = build()
+    with pytest.raises(BAD, match=name):
+        fn(model_pred, ref_pred, target)
+
+
+def test_well_formed_calls_pass():
+    """The builders above differ from a valid call only in the one malformed part."""
+    (model_pred, ref_pred, target), emas = good()
+    for ema_preds in (emas, torch.stack(emas), (), torch.empty(0, 2 * B, *S)):
+        for tgt in (target, t(2 * B, *S)):
+            loss = fastpref.adaptive_dpo_loss(model_pred, ref_pred, tgt, ema_preds=ema_preds)
+            assert loss.shape == () and torch.isfinite(loss)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert torch.isfinite(reference.adaptive_dpo_loss(model_pred.to(dtype), ref_pred, target, ema_preds=emas))
+
+
+# --- scalar keywords (spec §4, §5, §7) ---------------------------------------------------------
+
+SCALAR_CASES = {
+    "beta_zero": (dict(beta=0.0), "beta"),
+    "beta_negative": (dict(beta=-1000.0), "beta"),
+    "beta_nan": (dict(beta=math.nan), "beta"),
+    "rho_zero": (dict(rho=0.0), "rho"),
+    "rho_negative": (dict(rho=-15.0), "rho"),
+    "k1_negative": (dict(k1=-1.0), "k1"),
+    "k1_tiny_negative": (dict(k1=-1e-12), "k1"),
+    "eps_half": (dict(eps=0.5), "eps"),
+    "eps_negative": (dict(eps=-0.1), "eps"),
+    "eps_half_robust": (dict(eps=0.5, loss_type="robust"), "eps"),
+    "eps_negative_cdpo": (dict(eps=-0.1, loss_type="cdpo"), "eps"),
+    "eps_above_one_robust": (dict(eps=1.5, loss_type="robust"), "eps"),
+    "ipo_tau_zero": (dict(ipo_tau=0.0, loss_type="ipo"), "ipo_tau"),
+    "ipo_tau_negative": (dict(ipo_tau=-2.0, loss_type="ipo"), "ipo_tau"),
+    "ipo_tau_negative_default_head": (dict(ipo_tau=-2.0), "ipo_tau"),
+    "preset": (dict(preset="paper2"), "preset"),
+    "preset_case": (dict(preset="Official"), "preset"),
+    "preset_type": (dict(preset=1), "preset"),
+    "weighting": (dict(weighting="cubic"), "weighting"),
+    "margin": (dict(margin="cubic"), "margin"),
+    "loss_type": (dict(loss_type="kto"), "loss_type"),
+    "loss_type_none": (dict(loss_type=None), "loss_type"),
+    "reduction": (dict(reduction="avg"), "reduction"),
+    "reduction_none_object": (dict(reduction=None), "reduction"),
+}
+
+
+@pytest.mark.parametrize("case", list(SCALAR_CASES))
+@pytest.mark.parametrize("fn", ENTRY_POINTS)
+def test_malformed_keywords(fn, case):
+    keywords, name = SCALAR_CASES[case]
+    (model_pred, ref_pred, target), emas = good()
+    with pytest.raises(BAD, match=name):
+        fn(model_pred, ref_pred, target, ema_preds=emas, **keywords)
+
+
+@pytest.mark.parametrize("case", list(SCALAR_CASES))
+@pytest.mark.parametrize("module_cls", [fastpref.AdaptiveDPOLoss, reference.AdaptiveDPOLoss], ids=["fastpref", "reference"])
+def test_module_construction_checks_keywords(module_cls, case):
+    keywords, name = SCALAR_CASES[case]
+    with pytest.raises(BAD, match=name):
+        module_cls(**keywords)
+
+
+@pytest.mark.parametrize(
+    "keywords,name",
+    [
+        (dict(beta=0.0), "beta"),
+        (dict(beta=math.nan), "beta"),
+        (dict(eps=0.5, loss_type="robust"), "eps"),
+        (dict(ipo_tau=0.0, loss_type="ipo"), "ipo_tau"),
+        (dict(loss_type="kto"), "loss_type"),
+        (dict(reduction="avg"), "reduction"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+@pytest.mark.parametrize("fn", [fastpref.diffusion_dpo_loss, reference.diffusion_dpo_loss], ids=["fastpref", "reference"])
+def test_malformed_keywords_diffusion_dpo(fn, keywords, name):
+    (model_pred, ref_pred, target), _ = good()
+    with pytest.raises(BAD, match=name):
+        fn(model_pred, ref_pred, target, **keywords)
+
+
+@pytest.mark.parametrize("fn", ENTRY_POINTS)
+@pytest.mark.parametrize("backend", ["bogus", "cuda", "triton_backend", ""])
+def test_unknown_backend(fn, backend):
+    (model_pred, ref_pred, target), emas = good()
+    with pytest.raises(BAD, match="backend"):
+        fn(model_pred, ref_pred, target, ema_preds=emas, backend=backend)
+
+
+@pytest.mark.parametrize("value", ["bogus", "cuda", "torch,triton"])
+def test_bad_backend_env(monkeypatch, value):
+    monkeypatch.setenv("FASTPREF_BACKEND", value)
+    (model_pred, ref_pred, target), emas = good()
+    with pytest.raises(BAD, match="FASTPREF_BACKEND"):
+        fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas)
+    with pytest.raises(BAD, match="FASTPREF_BACKEND"):
+        fastpref.AdaptiveDPOLoss()(model_pred, ref_pred, target, emas)
+
+
+# --- DeDPO inputs (spec §5b) -------------------------------------------------------------------
+
+DEDPO_CASES = {
+    "synthetic_above_one": (dict(synthetic_label=1.5), "synthetic_label"),
+    "synthetic_negative": (dict(synthetic_label=-0.1), "synthetic_label"),
+    "synthetic_tensor_one_bad": (dict(synthetic_label=torch.tensor([0.5, 1.01])), "synthetic_label"),
+    "propensity_zero": (dict(propensity=0.0), "propensity"),
+    "propensity_above_one": (dict(propensity=1.5), "propensity"),
+    "propensity_negative": (dict(propensity=-0.5), "propensity"),
+    "propensity_tensor_one_zero": (dict(propensity=torch.tensor([0.5, 0.0])), "propensity"),
+    "masked_human_label_half": (dict(human_label=torch.tensor([0.5, math.nan])), "human_label"),
+    "masked_human_label_nan": (dict(human_label=torch.tensor([math.nan, 1.0])), "human_label"),
+    "masked_human_label_two": (dict(human_label=torch.tensor([1.0, 2.0]), human_mask=torch.tensor([True, True])), "human_label"),
+}
+
+
+@pytest.mark.parametrize("case", list(DEDPO_CASES))
+@pytest.mark.parametrize("fn", ENTRY_POINTS)
+def test_dedpo_bad_values(fn, case):
+    overrides, name = DEDPO_CASES[case]
+    (model_pred, ref_pred, target), emas = good()
+    labels = {**dedpo_labels(), **overrides}
+    with pytest.raises(ValueError, match=name):
+        fn(model_pred, ref_pred, target, ema_preds=emas, loss_type="dedpo", **labels)
+
+
+@pytest.mark.parametrize("missing", DEDPO_NAMES)
+@pytest.mark.parametrize("fn", ENTRY_POINTS)
+def test_dedpo_missing_input(fn, missing):
+    (model_pred, ref_pred, target), emas = good()
+    labels = {k: v for k, v in dedpo_labels().items() if k != missing}
+    with pytest.raises(ValueError, match=missing):
+        fn(model_pred, ref_pred, target, ema_preds=emas, loss_type="dedpo", **labels)
+
+
+@pytest.mark.parametrize("module_cls", [fastpref.AdaptiveDPOLoss, reference.AdaptiveDPOLoss], ids=["fastpref", "reference"])
+def test_dedpo_module_without_labels(module_cls):
+    (model_pred, ref_pred, target), emas = good()
+    with pytest.raises(ValueError, match="synthetic_label|human_label|human_mask|propensity"):
+        module_cls(loss_type="dedpo")(model_pred, ref_pred, target, emas)
+
+
+@pytest.mark.parametrize("name", DEDPO_NAMES)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust", "cdpo"])
+@pytest.mark.parametrize("fn", ENTRY_POINTS)
+def test_dedpo_args_with_other_loss_type(fn, loss_type, name):
+    (model_pred, ref_pred, target), emas = good()
+    with pytest.raises(ValueError, match=name):
+        fn(model_pred, ref_pred, target, ema_preds=emas, loss_type=loss_type, **{name: dedpo_labels()[name]})
+
+
+def test_dedpo_valid_call_passes():
+    """NaN human labels on unmasked pairs, floats or tensors, propensity 1: all accepted."""
+    (model_pred, ref_pred, target), emas = good()
+    for labels in (dedpo_labels(), dict(dedpo_labels(), synthetic_label=0.0, propensity=1.0), dict(dedpo_labels(), synthetic_label=1.0)):
+        loss = fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas, loss_type="dedpo", **labels)
+        assert torch.isfinite(loss)
+
+
+# --- backends that cannot serve a call (spec §8) ------------------------------------------------
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+def reason_given(message: str) -> bool:
+    return any(word in message.lower() for word in ("built", "install", "device", "dtype", "support", "cuda"))
+
+
+@pytest.fixture
+def cpp_not_built(monkeypatch):
+    """The dispatch as it is on a machine where the native extension was not built."""
+    monkeypatch.setattr(fastpref.dispatch, "_CPP_STATUS", ["the native extension fastpref._C is not built"])
+
+
+@pytest.mark.parametrize("fn", [fastpref.adaptive_dpo_loss, fastpref.diffusion_dpo_loss, module_call(fastpref.AdaptiveDPOLoss)], ids=["adaptive", "diffusion", "module"])
+def test_cpp_backend_not_built(cpp_not_built, fn):
+    (model_pred, ref_pred, target), _ = good()
+    with pytest.raises(RuntimeError, match="cpp") as info:
+        fn(model_pred, ref_pred, target, backend="cpp")
+    assert reason_given(str(info.value)), str(info.value)
+
+
+@needs_triton
+@pytest.mark.parametrize("fn", [fastpref.adaptive_dpo_loss, fastpref.diffusion_dpo_loss, module_call(fastpref.AdaptiveDPOLoss)], ids=["adaptive", "diffusion", "module"])
+def test_triton_on_cpu_without_interpreter(monkeypatch, fn):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (model_pred, ref_pred, target), _ = good()
+    with pytest.raises(RuntimeError, match="CUDA") as info:
+        fn(model_pred, ref_pred, target, backend="triton")
+    assert "TRITON_INTERPRET" in str(info.value)
+
+
+class Spy:
+    def __init__(self, result=None):
+        self.calls = 0
+        self.result = result
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.result is None:
+            raise AssertionError("backend launched")
+        return self.result(*args, **kwargs)
+
+
+@needs_triton
+def test_triton_interpreter_flag_is_read_at_call_time(monkeypatch):
+    """The dispatch reads TRITON_INTERPRET per call: set, the call reaches the Triton backend."""
+    from fastpref import triton_backend
+
+    (model_pred, ref_pred, target), _ = good()
+    spy = Spy(result=lambda inputs, config, return_stats: (torch.zeros(()), None))
+    monkeypatch.setattr(triton_backend, "run", spy)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, backend="triton")
+    assert spy.calls == 1
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, backend="triton")
+    assert spy.calls == 1
+
+
+@needs_triton
+def test_env_torch_makes_auto_use_torch(monkeypatch):
+    import fastpref.dispatch as dispatch
+    from fastpref import triton_backend
+
+    (model_pred, ref_pred, target), emas = good()
+    # Pretend "auto" picks the Triton kernels on this device (as on CUDA); the override must bypass that.
+    spy = Spy()
+    monkeypatch.setattr(dispatch, "auto_backend", lambda device: "triton")
+    monkeypatch.setattr(triton_backend, "run", spy)
+    with pytest.raises(AssertionError, match="backend launched"):
+        fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas)
+    assert spy.calls == 1
+    monkeypatch.setenv("FASTPREF_BACKEND", "torch")
+    loss, stats = fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas, return_stats=True)
+    expected, expected_stats = reference.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas, return_stats=True)
+    assert torch.equal(loss, expected)
+    assert all(torch.equal(stats[k], expected_stats[k]) for k in expected_stats if isinstance(expected_stats[k], torch.Tensor))
+    assert torch.equal(fastpref.AdaptiveDPOLoss()(model_pred, ref_pred, target, emas), expected)
+    assert spy.calls == 1
+
+
+def test_env_overrides_auto_only(monkeypatch, cpp_not_built):
+    (model_pred, ref_pred, target), _ = good()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("FASTPREF_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="cpp"):
+        fastpref.adaptive_dpo_loss(model_pred, ref_pred, target)  # "auto" -> cpp, not built
+    with pytest.raises(RuntimeError, match="cpp"):
+        fastpref.diffusion_dpo_loss(model_pred, ref_pred, target)
+    # An explicit backend is not overridden.
+    expected = reference.adaptive_dpo_loss(model_pred, ref_pred, target)
+    assert torch.equal(fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, backend="torch"), expected)
+    if importlib.util.find_spec("triton") is not None:
+        monkeypatch.setenv("FASTPREF_BACKEND", "torch")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, backend="triton")
+
+
+# --- validation comes before backend selection and any kernel launch (spec §7) -----------------
+
+EARLY_CASES = {
+    "beta": lambda call, m, r, tg, e: call(m, r, tg, ema_preds=e, beta=-1.0),
+    "eps": lambda call, m, r, tg, e: call(m, r, tg, ema_preds=e, eps=0.5, loss_type="robust"),
+    "ref_pred": lambda call, m, r, tg, e: call(m, r[:B], tg, ema_preds=e),
+    "target": lambda call, m, r, tg, e: call(m, r, tg[:1], ema_preds=e),
+    "ema_preds": lambda call, m, r, tg, e: call(m, r, tg, ema_preds=[e[0][:, :2]]),
+    "model_pred": lambda call, m, r, tg, e: call(m[:3], r[:3], tg[:3], ema_preds=()),
+    "propensity": lambda call, m, r, tg, e: call(m, r, tg, ema_preds=e, loss_type="dedpo", **dict(dedpo_labels(), propensity=0.0)),
+    "synthetic_label": lambda call, m, r, tg, e: call(m, r, tg, ema_preds=e, synthetic_label=0.5),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("case", list(EARLY_CASES))
+def test_validation_before_backend_selection(monkeypatch, case, backend):
+    """Without the interpreter Triton cannot run on CPU and cpp is not built: a malformed call must
+    still report the malformed argument (ValueError/TypeError), not the backend (RuntimeError)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (m, r, tg), e = good()
+    call = lambda *a, **kw: fastpref.adaptive_dpo_loss(*a, backend=backend, **kw)  # noqa: E731
+    with pytest.raises(BAD, match=case):
+        EARLY_CASES[case](call, m, r, tg, e)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(EARLY_CASES))
+def test_validation_before_kernel_launch(monkeypatch, case):
+    """With the Triton backend selectable, a malformed call never reaches it."""
+    from fastpref import triton_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    spy = Spy()
+    monkeypatch.setattr(triton_backend, "run", spy)
+    (m, r, tg), e = good()
+    call = lambda *a, **kw: fastpref.adaptive_dpo_loss(*a, backend="triton", **kw)  # noqa: E731
+    with pytest.raises(BAD, match=case):
+        EARLY_CASES[case](call, m, r, tg, e)
+    assert spy.calls == 0
