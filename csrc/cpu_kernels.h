@@ -1,0 +1,78 @@
+// Plain-C++ side of fastpref's CPU kernels: the description of a strided [N, D] input that the
+// passes read, the arguments of the two parallel passes, and the table of compiled instruction-set
+// variants. No ATen here: cpu_kernels_impl.h is compiled once per instruction set from these.
+#pragma once
+
+#include <cstdint>
+
+namespace fastpref::cpu {
+
+enum class DType : int32_t { F16 = 0, BF16 = 1, F32 = 2, F64 = 3 };
+
+// Inner dims (S of [N, *S]) left after coalescing; more than this many (after merging contiguous
+// runs and dropping size-1 dims) makes the host code pass a contiguous copy instead.
+constexpr int kMaxDims = 16;
+
+// Columns handled per inner step: the target block is converted once into an accumulator-typed
+// buffer of this many elements (L1-resident) and then reused by every prediction.
+constexpr int64_t kBlock = 1024;
+
+// Columns per parallel task. A multiple of kBlock; the per-sample sums are computed per
+// (row, chunk) and the chunk partial sums are added in chunk order afterwards, so the result does
+// not depend on how tasks are spread over threads.
+constexpr int64_t kChunk = 4 * kBlock;
+
+// Row r, column d (d in [0, D), the row-major flattening of S) of an [N, *S] tensor lives at
+// element offset r * row_stride + offset(d), where offset(d) = d * col_stride when ndim <= 1 and
+// the usual dot product of d's multi-index (over sizes) with strides otherwise.
+struct Strided {
+  const void* data = nullptr;  // element [0, 0, ...] (storage offset applied)
+  DType dtype = DType::F32;
+  int64_t row_stride = 0;
+  int64_t col_stride = 1;
+  int ndim = 0;
+  int64_t sizes[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};
+};
+
+// Error pass, one task per (pair, chunk): task t covers pair t / n_chunks, chunk t % n_chunks,
+// and writes partial[(m * 2B + row) * n_chunks + chunk] (accumulator dtype) for both rows of
+// the pair and every model m (0 = policy, 1 = reference, 2.. = EMA models).
+struct ForwardArgs {
+  const Strided* preds = nullptr;
+  int64_t n_models = 0;
+  Strided target;
+  bool shared_target = false;  // target is [B, *S]: row j serves rows j and j + B
+  int64_t batch = 0;
+  int64_t features = 0;
+  int64_t n_chunks = 0;
+  void* partial = nullptr;
+};
+
+// Gradient pass, one task per (row, chunk) of the [2B, D] output:
+// grad[i, d] = -+ coef[j] * g[j] * (2 / D) * (pred[i, d] - target[i, d]), minus for i < B.
+struct BackwardArgs {
+  Strided pred;
+  Strided target;
+  bool shared_target = false;
+  int64_t batch = 0;
+  int64_t features = 0;
+  int64_t n_chunks = 0;
+  const void* coef = nullptr;       // [B], accumulator dtype
+  const void* grad_loss = nullptr;  // [] or [B], accumulator dtype
+  int64_t grad_stride = 0;          // element stride of grad_loss (0 for a scalar)
+  void* grad = nullptr;             // contiguous [2B, D] in pred.dtype
+};
+
+using ForwardFn = void (*)(const ForwardArgs&, int64_t, int64_t);
+using BackwardFn = void (*)(const BackwardArgs&, int64_t, int64_t);
+
+struct KernelTable {
+  const char* name;
+  ForwardFn forward_f32;
+  ForwardFn forward_f64;
+  BackwardFn backward_f32;
+  BackwardFn backward_f64;
+};
+
+}  // namespace fastpref::cpu

@@ -1,0 +1,390 @@
+"""The native CPU backend ``"cpp"`` (``csrc/``, ``fastpref._C``): what the generic parity tests
+do not cover.
+
+- bitwise reproducibility: across thread counts, repeated calls and the instruction-set variants
+  of the kernels (baseline, AVX2, AVX-512), and between a strided layout and the same values
+  stored contiguously (a column lands in the same accumulator lane whatever the layout);
+- the multi-chunk path (D larger than one parallel chunk) against the float64 reference;
+- correctly rounded float16/bfloat16 gradients, also from a float64 accumulator;
+- gradcheck, ``torch.library.opcheck`` of both ops, ``torch.compile(fullgraph=True)``;
+- the dispatch: ``"auto"`` picks ``"cpp"`` on CPU, and says why it cannot run elsewhere.
+
+Skipped as a whole when the extension is not built (``fastpref.availability`` says why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+
+import pytest
+import torch
+
+import fastpref
+from conftest import assert_close64, call_loss, make_case, outputs
+from fastpref import dispatch, fused
+
+CPP_REASON = fastpref.availability("cpu")["cpp"]
+pytestmark = pytest.mark.skipif(CPP_REASON is not None, reason=f"cpp backend unavailable: {CPP_REASON}")
+
+if CPP_REASON is None:
+    from fastpref import _C, cpp_backend  # noqa: F401
+
+REF = fastpref.reference.adaptive_dpo_loss
+CHUNK = 4096  # columns per parallel task in csrc/cpu_kernels.h (kChunk)
+# D = 3 * 61 * 53 = 9699: three chunks, the last one with a partial block.
+MULTI_CHUNK_SHAPE = (3, 61, 53)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    old = _C.cpu_isa()
+    _C._set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _C._set_cpu_isa(old)
+
+
+def run_cpp(case, config, *, tensors=None, upstream=None):
+    """Loss, gradient and stats of the cpp backend as a dict of tensors (original dtypes)."""
+    if upstream is None and config.get("reduction") == "none":
+        upstream = torch.linspace(-1.0, 1.5, case.batch, dtype=torch.float64)
+    loss, grad, stats, _ = call_loss(fastpref.adaptive_dpo_loss, case, config, backend="cpp", tensors=tensors, upstream=upstream)
+    out = {"loss": loss, "grad": grad}
+    for key, value in stats.items():
+        out[key] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_bitwise(first, second, context=""):
+    """Same dtype, shape and bit pattern (NaN included) for every entry."""
+    assert first.keys() == second.keys()
+    for key in first:
+        a, b = first[key], second[key]
+        assert a.dtype == b.dtype and a.shape == b.shape, (key, context)
+        assert torch.equal(_bits(a), _bits(b)), f"{key} differs bitwise {context}: max diff {(a.double() - b.double()).abs().max().item():.3e}"
+
+
+DTYPE_MIXES = {
+    "f32": "f32",
+    "bf16": "bf16",
+    "f16": "f16",
+    "f64": "f64",
+    "bf16-model-f32-rest": {"model": "bf16", "ref": "f32", "target": "f32", "ema": ["f16", "bf16"]},
+    "f16-model-f64-target": {"model": "f16", "ref": "bf16", "target": "f64", "ema": ["f32", "f16"]},
+}
+CONFIGS = {
+    "adaptive-official": dict(beta=5.0),
+    "paper-sqrt-ipo-none": dict(beta=5.0, preset="paper", weighting="sqrt", margin="linear", loss_type="ipo", reduction="none"),
+    "dedpo-sum": dict(beta=5.0, loss_type="dedpo", reduction="sum"),
+}
+
+
+def _case(dtype, *, shape=MULTI_CHUNK_SHAPE, layout="contiguous", shared_target=False, k=2, batch=3, labels=True, seed=5):
+    return make_case(batch=batch, shape=shape, k=k, dtype=dtype, layout=layout, shared_target=shared_target, ema_form="list", labels=labels, seed=seed)
+
+
+@pytest.mark.parametrize("config_name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype_name", sorted(DTYPE_MIXES))
+def test_bitwise_across_thread_counts_and_calls(dtype_name, config_name):
+    case = _case(DTYPE_MIXES[dtype_name], shared_target=dtype_name == "bf16")
+    config = CONFIGS[config_name]
+    tensors = case.build()
+    with num_threads(1):
+        single = run_cpp(case, config, tensors=tensors)
+    with num_threads(2):
+        double = run_cpp(case, config, tensors=tensors)
+        again = run_cpp(case, config, tensors=tensors)
+    assert_bitwise(single, double, "between 1 and 2 threads")
+    assert_bitwise(double, again, "between two identical calls")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "col_strided", "channels_last", "permuted", "batch_strided"])
+@pytest.mark.parametrize("dtype_name", ["f32", "bf16", "f16", "f16-model-f64-target"])
+def test_bitwise_across_instruction_sets(dtype_name, layout):
+    """Every variant compiled into fastpref._C that this CPU runs gives the baseline's bits."""
+    isas = _C.cpu_isas()
+    assert "base" in isas and _C.cpu_isa() in isas
+    case = _case(DTYPE_MIXES[dtype_name], shape=(3, 17, 203), layout=layout)  # D = 10353: 3 chunks
+    tensors = case.build()
+    results = {}
+    for isa in isas:
+        with cpu_isa(isa), num_threads(2):
+            results[isa] = run_cpp(case, CONFIGS["adaptive-official"], tensors=tensors)
+    for isa in isas:
+        assert_bitwise(results["base"], results[isa], f"between base and {isa}")
+
+
+def test_set_cpu_isa_rejects_unknown():
+    with pytest.raises(ValueError, match="not built or not supported"):
+        _C._set_cpu_isa("sse1")
+
+
+@pytest.mark.parametrize("layout", ["col_strided", "channels_last", "permuted", "batch_strided", "expanded_target"])
+def test_strided_layouts_match_contiguous_bitwise(layout):
+    """Strided inputs (column stride != 1, channels-last, reversed dims, stride-0 target) are read
+    in place and give exactly the bits of the same values stored contiguously."""
+    case = _case("f32", shape=(4, 33, 35), layout=layout)  # D = 4620: two chunks
+    model, ref, target, ema = case.build()
+    if layout == "col_strided":
+        assert model.stride(-1) == 2
+    contiguous = (model.detach().contiguous().requires_grad_(True), ref.contiguous(), target.contiguous(), [e.contiguous() for e in ema])
+    for config in CONFIGS.values():
+        strided_result = run_cpp(case, config, tensors=(model, ref, target, ema))
+        assert_bitwise(strided_result, run_cpp(case, config, tensors=contiguous), layout)
+
+
+def test_many_irreducible_inner_dims():
+    """More inner dims than the kernels walk in place (17 that no two merge: reversed storage
+    order) take the contiguous-copy path, with the same bits."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (4,) + (2,) * 17
+    perm = [0] + list(range(17, 0, -1))
+    values = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    reversed_storage = [v.permute(perm).contiguous().permute(perm) for v in values]
+    assert reversed_storage[0].stride()[1:] == tuple(2**i for i in range(17))
+    results = []
+    for model, ref, target in (reversed_storage, values):
+        model = model.detach().requires_grad_(True)
+        loss = fastpref.adaptive_dpo_loss(model, ref, target, beta=5.0, backend="cpp")
+        loss.backward()
+        results.append({"loss": loss.detach(), "grad": model.grad})
+    assert_bitwise(results[0], results[1])
+
+
+@pytest.mark.parametrize("shared_target", [False, True])
+@pytest.mark.parametrize("config_name", sorted(CONFIGS))
+def test_multi_chunk_float64_parity(config_name, shared_target):
+    """D spanning several parallel chunks (and K = 3, B = 5) against the float64 reference."""
+    case = _case("f64", shared_target=shared_target, k=3, batch=5)
+    config = CONFIGS[config_name]
+    upstream = torch.linspace(-1.0, 1.5, case.batch, dtype=torch.float64) if config.get("reduction") == "none" else None
+    loss, grad, stats, _ = call_loss(fastpref.adaptive_dpo_loss, case, config, backend="cpp", upstream=upstream)
+    loss64, grad64, stats64, _ = call_loss(REF, case, config, upcast=True, upstream=upstream)
+    with num_threads(2):
+        assert_close64(outputs(loss, grad, stats), outputs(loss64, grad64, stats64), context=f"[cpp {config_name}]")
+
+
+def _correct_rounding_case(acc_dtype, model_dtype):
+    """Backward op inputs whose gradient is exactly v = 1 + 2^-(m+1) + 2^-30 (loser row) and
+    -v (winner row), m = the 16-bit format's mantissa bits: rounding v to float32 first lands
+    on the tie and then rounds to even (1.0), direct rounding gives 1 + 2^-m."""
+    mantissa = 7 if model_dtype == torch.bfloat16 else 10
+    v = 1.0 + 2.0 ** -(mantissa + 1) + 2.0**-30
+    model = torch.full((2, 1), 2.0, dtype=model_dtype)
+    target = torch.full((2, 1), 2.0 - v, dtype=torch.float64)  # exact in float64
+    coef = torch.full((1,), 0.5, dtype=acc_dtype)  # scale = 0.5 * 1 * 2 / D(=1) = 1
+    return torch.ones((), dtype=acc_dtype), coef, model, target, 1.0 + 2.0**-mantissa
+
+
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_low_precision_gradient_rounding(model_dtype):
+    backward = torch.ops.fastpref.cpp_backward.default
+    # From float64 accumulation: correctly rounded (no double rounding through float32).
+    grad_loss, coef, model, target, expected = _correct_rounding_case(torch.float64, model_dtype)
+    grad = backward(grad_loss, coef, model, target)
+    assert grad.dtype == model_dtype
+    assert grad[0, 0].item() == -expected and grad[1, 0].item() == expected
+    # From float32 accumulation: the float32 result rounded to nearest even, i.e. what torch's
+    # float32 -> 16-bit conversion gives.
+    gen = torch.Generator().manual_seed(9)
+    model = torch.randn(6, 5, 300, generator=gen).to(model_dtype)
+    target = torch.randn(3, 5, 300, generator=gen).to(model_dtype)
+    coef = torch.randn(3, generator=gen)
+    upstream = torch.randn(3, generator=gen)
+    low = backward(upstream, coef, model, target)
+    high = backward(upstream, coef, model.float(), target.float())
+    assert torch.equal(low, high.to(model_dtype))
+
+
+# gradcheck differentiates through everything, while u, W, Gamma and c2 are stop-gradient
+# (spec §6): hold W = 1/2 and Gamma = c2 constant (sigmoid weighting with k1 = 0, linear margin
+# with k2 = 0 and a given c2), as tests/test_numerics.py does.
+CONSTANT_WG = dict(weighting="sigmoid", k1=0.0, margin="linear", k2=0.0, c2=0.05)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(beta=3.0, **CONSTANT_WG),
+        dict(beta=3.0, loss_type="robust", eps=0.2, reduction="none", **CONSTANT_WG),
+        dict(beta=3.0, loss_type="ipo", ipo_tau=0.7, reduction="sum", **CONSTANT_WG),
+        dict(beta=3.0, weighting="none", margin="none", loss_type="cdpo"),
+    ],
+    ids=["sigmoid", "robust-none", "ipo-sum", "cdpo-plain"],
+)
+def test_gradcheck_float64_multi_chunk(config):
+    """float64 gradcheck (fast mode: random projections) with D over several parallel chunks
+    and a model_pred of column stride 2."""
+    case = make_case(batch=2, shape=(3, 61, 53), k=2, dtype=torch.float64, layout="col_strided", seed=11)
+    model, ref, target, ema = case.build()
+    assert model.stride(-1) == 2
+
+    def loss_of(m):
+        return fastpref.adaptive_dpo_loss(m, ref, target, ema_preds=ema, backend="cpp", **config)
+
+    assert torch.autograd.gradcheck(loss_of, (model,), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+def op_settings(*, beta=5.0, loss_type="sigmoid", reduction="mean"):
+    """``(settings, modes)`` op arguments (fastpref.fused's encoding) of the default
+    Adaptive-DPO config with the given beta, loss type and reduction."""
+    settings = [beta, 15.0, 10.0, -1.0 / beta, math.nan, 0.1, beta]
+    modes = [
+        fused.PRESET_CODES["official"],
+        fused.WEIGHTING_CODES["linear"],
+        fused.MARGIN_CODES["quadratic"],
+        fused.LOSS_CODES[loss_type],
+        fused.REDUCTION_CODES[reduction],
+    ]
+    return settings, modes
+
+
+def _op_inputs(dtype=torch.float32, *, k=2, loss_type="sigmoid", reduction="mean", shared=True):
+    gen = torch.Generator().manual_seed(2)
+    rows, shape = 4, (3, 5, 7)
+    model = torch.randn(rows, *shape, generator=gen).to(dtype)
+    ref = torch.randn(rows, *shape, generator=gen).to(dtype)
+    target = torch.randn(rows // (2 if shared else 1), *shape, generator=gen).to(dtype)
+    emas = [torch.randn(rows, *shape, generator=gen).to(torch.bfloat16) for _ in range(k)]
+    settings, modes = op_settings(loss_type=loss_type, reduction=reduction)
+    acc = fused.acc_dtype(model, ref, target, *emas)
+    soft = torch.rand(rows // 2, generator=gen).to(acc) if loss_type == "dedpo" else None
+    return model, ref, target, emas, soft, settings, modes
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(dtype=torch.float64, k=0, reduction="none", shared=False), dict(dtype=torch.float16, loss_type="dedpo", reduction="sum")],
+    ids=["f32", "f64-none", "f16-dedpo"],
+)
+def test_opcheck(kwargs):
+    args = _op_inputs(**kwargs)
+    torch.library.opcheck(torch.ops.fastpref.cpp_forward.default, args)
+    loss, coef, *_ = torch.ops.fastpref.cpp_forward.default(*args)
+    grad_loss = torch.ones_like(loss)
+    model, target = args[0], args[2]
+    torch.library.opcheck(torch.ops.fastpref.cpp_backward.default, (grad_loss, coef, model, target))
+    expanded = torch.ones((), dtype=loss.dtype).expand(coef.shape)  # a stride-0 [B] upstream
+    torch.library.opcheck(torch.ops.fastpref.cpp_backward.default, (expanded, coef, model, target))
+
+
+def test_fake_outputs_match_real():
+    args = _op_inputs(dtype=torch.bfloat16, reduction="none")
+    real = torch.ops.fastpref.cpp_forward.default(*args)
+    fake = fused.fake_forward(*args)
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.dtype == f.dtype
+    grad = torch.ops.fastpref.cpp_backward.default(torch.ones_like(real[0]), real[1], args[0], args[2])
+    fake_grad = fused.fake_backward(torch.ones_like(real[0]), real[1], args[0], args[2])
+    assert grad.shape == fake_grad.shape and grad.dtype == fake_grad.dtype and grad.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_compile_fullgraph_matches_eager(dtype):
+    """A compiled forward (fullgraph: the ops are traced through their fakes) with the backward
+    run outside the compiled region gives the eager cpp results."""
+    torch._dynamo.reset()
+    case = make_case(batch=3, shape=(4, 9, 11), k=2, dtype=dtype, shared_target=True, seed=4)
+
+    def forward(model, ref, target, ema):
+        loss, stats = fastpref.adaptive_dpo_loss(model, ref, target, ema_preds=ema, beta=5.0, backend="cpp", return_stats=True)
+        return loss, stats["u"], stats["implicit_acc"]
+
+    compiled = torch.compile(forward, fullgraph=True)
+    results = []
+    for fn in (compiled, forward, compiled):
+        model, ref, target, ema = case.build()
+        loss, u, acc = fn(model, ref, target, ema)
+        loss.backward()
+        results.append((loss.detach(), u, torch.tensor(float(acc)), model.grad))
+    for compiled_result in (results[0], results[2]):
+        for got, want in zip(compiled_result, results[1]):
+            assert torch.equal(got, want)
+
+
+def test_auto_picks_cpp_on_cpu(monkeypatch):
+    monkeypatch.delenv("FASTPREF_BACKEND", raising=False)
+    assert dispatch.auto_backend(torch.device("cpu")) == "cpp"
+    calls = []
+    real_run = cpp_backend.run
+    monkeypatch.setattr(cpp_backend, "run", lambda *a: calls.append(1) or real_run(*a))
+    case = make_case(batch=2, shape=(3, 4), k=1, dtype=torch.float32)
+    model, ref, target, ema = case.build()
+    fastpref.adaptive_dpo_loss(model, ref, target, ema_preds=ema)
+    assert calls == [1]
+
+
+def test_reason_off_cpu():
+    reason = fastpref.availability("meta")["cpp"]
+    assert reason is not None and "CPU" in reason
+    case = make_case(batch=2, shape=(3, 4), k=0, dtype=torch.float32, device="meta")
+    model, ref, target, _ = case.build(requires_grad=False)
+    with pytest.raises(RuntimeError, match="cpp.*CPU"):
+        fastpref.adaptive_dpo_loss(model, ref, target, backend="cpp")
+
+
+def test_reason_when_not_built(monkeypatch):
+    monkeypatch.setattr(dispatch, "_CPP_STATUS", [])
+    monkeypatch.setattr(dispatch.importlib.util, "find_spec", lambda name, *args: None)
+    reason = dispatch.cpp_unavailable(torch.device("cpu"))
+    assert "not built" in reason and "pip install" in reason
+    assert dispatch.auto_backend(torch.device("cpu")) == "torch"
+
+
+def test_reason_when_the_build_fails_to_load(monkeypatch):
+    def broken(name, *args):
+        raise ImportError("fastpref/_C.so: undefined symbol: _ZN3c105Error (example)")
+
+    monkeypatch.setattr(dispatch, "_CPP_STATUS", [])
+    monkeypatch.setattr(dispatch.importlib, "import_module", broken)
+    reason = dispatch.cpp_unavailable(torch.device("cpu"))
+    assert "fails to load" in reason and "undefined symbol" in reason
+    monkeypatch.undo()
+    assert dispatch.cpp_unavailable(torch.device("cpu")) is None
+
+
+def test_op_rejects_malformed_calls():
+    model, ref, target, emas, soft, settings, modes = _op_inputs()
+    forward = torch.ops.fastpref.cpp_forward.default
+    with pytest.raises(RuntimeError, match="settings"):
+        forward(model, ref, target, emas, soft, settings[:6], modes)
+    with pytest.raises(RuntimeError, match="modes"):
+        forward(model, ref, target, emas, soft, settings, [0, 0, 0, 9, 0])
+    with pytest.raises(RuntimeError, match="soft_label"):
+        forward(model, ref, target, emas, None, settings, list(modes[:3]) + [5, 0])
+    with pytest.raises(RuntimeError, match="target"):
+        forward(model, ref, target[:, :2], emas, soft, settings, modes)
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        forward(model.to(torch.int32), ref, target, emas, soft, settings, modes)
+
+
+def test_tasks_cover_every_column():
+    """Columns at chunk and block boundaries all count: a single nonzero difference anywhere
+    shows up in e (one column at a time, D = 2 chunks + 1)."""
+    features = 2 * CHUNK + 1
+    model = torch.zeros(2, features, dtype=torch.float64)
+    target = torch.zeros(1, features, dtype=torch.float64)
+    ref = torch.zeros(2, features, dtype=torch.float64)
+    settings, modes = op_settings()
+    for column in itertools.chain(range(0, features, 511), [CHUNK - 1, CHUNK, features - 1]):
+        model.zero_()
+        model[1, column] = 3.0
+        _, _, _, sample_err, _ = torch.ops.fastpref.cpp_forward.default(model, ref, target, [], None, settings, modes)
+        assert sample_err[0].tolist() == [0.0, 9.0 / features], column
