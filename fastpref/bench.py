@@ -166,21 +166,22 @@ def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -
     timer = Timer(device)
     mp, rp, t, e = make_inputs(case, device)
     impls = loss_callables(case, device, backends)
+    # Gradients through torch.autograd.grad, as inside a UNet's backward: nothing accumulates
+    # into a .grad buffer.
     passes = {
         "fwd": (lambda f: (lambda _: f(mp, rp, t, e)), None),
-        "bwd": (lambda f: (lambda loss: loss.backward()), lambda f: (lambda: f(mp, rp, t, e))),
-        "fwd+bwd": (lambda f: (lambda _: f(mp, rp, t, e).backward()), None),
+        "bwd": (lambda f: (lambda loss: torch.autograd.grad(loss, mp)), lambda f: (lambda: f(mp, rp, t, e))),
+        "fwd+bwd": (lambda f: (lambda _: torch.autograd.grad(f(mp, rp, t, e), mp)), None),
     }
     for fn in impls.values():  # warm up (compile, JIT, caches)
         for _ in range(3):
-            fn(mp, rp, t, e).backward()
+            torch.autograd.grad(fn(mp, rp, t, e), mp)
     samples = {(name, p): [] for name in impls for p in passes}
     for _ in range(rounds):  # interleaved: every implementation sees the same machine state
         for name, fn in impls.items():
             for p, (make_fn, make_setup) in passes.items():
                 setup = make_setup(fn) if make_setup else None
                 samples[(name, p)].append(timer(make_fn(fn), setup, reps))
-            mp.grad = None
     traffic = traffic_bytes(case)
     bandwidth = {p: copy_bandwidth(traffic[p], device, timer, reps) for p in passes}
     rows = []

@@ -17,9 +17,12 @@ import torch
 from .validation import LossConfig, LossInputs, resolve_backend_name
 
 
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once: it sits on every call's path
+
+
 def triton_unavailable(device: torch.device) -> Optional[str]:
     """Why the Triton backend cannot run on ``device``, or ``None`` if it can."""
-    if importlib.util.find_spec("triton") is None:
+    if not TRITON_INSTALLED:
         return "triton is not installed (pip install triton)"
     if device.type == "cuda":
         return None

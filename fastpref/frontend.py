@@ -60,6 +60,28 @@ ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight 
     """
 
 
+_CONFIG_CACHE: dict = {}
+
+
+def cached_config(**keywords):
+    """``make_config`` memoized on the keywords' types and values: the checks are pure and sit on
+    every call's path. Unhashable values, and calls while ``torch.compile`` traces, skip the
+    cache (``make_config`` then raises the proper error for a bad value)."""
+    if torch.compiler.is_compiling():
+        return make_config(**keywords)
+    try:
+        key = tuple((type(value), value) for value in keywords.values())
+        return _CONFIG_CACHE[key]
+    except TypeError:
+        return make_config(**keywords)
+    except KeyError:
+        config = make_config(**keywords)
+        if len(_CONFIG_CACHE) >= 256:
+            _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[key] = config
+        return config
+
+
 def finish_stats(stats):
     """Turn ``implicit_acc`` into the float of spec §8 (kept a tensor while compiling)."""
     if stats is not None and not torch.compiler.is_compiling():
@@ -97,7 +119,7 @@ def make_adaptive_dpo_loss(run, *, default_backend: str, module_name: str):
     ):
         if not isinstance(return_stats, bool):
             raise TypeError(f"return_stats must be a bool; got {type(return_stats).__name__}")
-        config = make_config(
+        config = cached_config(
             beta=beta, rho=rho, k1=k1, k2=k2, c2=c2, preset=preset, weighting=weighting,
             margin=margin, loss_type=loss_type, eps=eps, ipo_tau=ipo_tau, reduction=reduction,
         )  # fmt: skip

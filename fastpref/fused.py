@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .validation import LossConfig, LossInputs
+from .validation import LossConfig, LossInputs, acc_dtype
 
 PRESET_CODES = {"official": 0, "paper": 1}
 WEIGHTING_CODES = {"linear": 0, "square": 1, "sqrt": 2, "sigmoid": 3, "none": 4}
@@ -42,11 +42,6 @@ def encode(config: LossConfig):
         REDUCTION_CODES[config.reduction],
     ]
     return settings, modes
-
-
-def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any tensor is float64, else float32 (spec §1)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def fake_forward(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes):
@@ -74,6 +69,7 @@ class FusedAdaptiveDPO(torch.autograd.Function):
             model_pred, ref_pred, target, list(ema_preds), soft_label, settings, modes
         )
         ctx.backward_op = backward_op
+        ctx.set_materialize_grads(False)  # the stats outputs never get a gradient: no zero tensors
         ctx.save_for_backward(coef, model_pred, target)
         ctx.mark_non_differentiable(pair_stats, sample_err, accuracy)
         return loss, pair_stats, sample_err, accuracy
@@ -81,7 +77,8 @@ class FusedAdaptiveDPO(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _pair_stats, _sample_err, _accuracy):
         coef, model_pred, target = ctx.saved_tensors
-        grad = ctx.backward_op(grad_loss, coef, model_pred, target) if ctx.needs_input_grad[1] else None
+        needed = ctx.needs_input_grad[1] and grad_loss is not None
+        grad = ctx.backward_op(grad_loss, coef, model_pred, target) if needed else None
         return (None, grad) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 

@@ -78,6 +78,11 @@ class LossInputs:
         return (self.model_pred, self.ref_pred, self.target) + self.ema_preds
 
 
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of spec §1: float64 when any tensor is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, one of {list(choices)}; got {type(value).__name__}")
@@ -238,12 +243,11 @@ def make_inputs(model_pred, ref_pred, target, ema_preds, config: LossConfig, lab
     features = math.prod(model_pred.shape[1:])
     if features == 0:
         raise ValueError(f"model_pred must have D = prod(S) > 0; got shape {list(model_pred.shape)}")
-    all_tensors = (model_pred, ref_pred, target) + emas
-    acc_dtype = torch.float64 if any(t.dtype == torch.float64 for t in all_tensors) else torch.float32
+    acc = acc_dtype(model_pred, ref_pred, target, *emas)
 
     given = [name for name in DEDPO_ARGS if labels.get(name) is not None]
     if config.loss_type == "dedpo":
-        soft_label = _dedpo_soft_label(labels, batch, model_pred.device, acc_dtype)
+        soft_label = _dedpo_soft_label(labels, batch, model_pred.device, acc)
     elif given:
         raise ValueError(f"{given[0]} is only used with loss_type='dedpo'; got loss_type={config.loss_type!r}")
     else:
@@ -256,6 +260,6 @@ def make_inputs(model_pred, ref_pred, target, ema_preds, config: LossConfig, lab
         soft_label=soft_label,
         batch=batch,
         features=features,
-        acc_dtype=acc_dtype,
+        acc_dtype=acc,
     )
 
