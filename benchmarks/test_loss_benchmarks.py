@@ -1,7 +1,7 @@
 """pytest-benchmark suite of the loss: ``.venv/bin/python -m pytest benchmarks/ --benchmark-only``.
 
 Forward, backward and forward+backward of the eager reference, ``torch.compile`` of the
-reference and every fast backend available on the device, on the shapes of
+reference, every fast backend available on the device and its bare ops, on the shapes of
 ``fastpref.bench`` (``--quick`` cases by default; ``FASTPREF_BENCH_FULL=1`` for all). Speed is
 reported here, never asserted. ``benchmarks/bench_loss.py`` prints the same comparison as one
 interleaved table with bandwidth figures.
@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import fastpref
-from fastpref.bench import full_cases, loss_callables, make_inputs, quick_cases
+from fastpref.bench import full_cases, gradient, loss_callables, make_inputs, quick_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = full_cases() if os.environ.get("FASTPREF_BENCH_FULL") == "1" else quick_cases()
 FAST = [name for name, reason in fastpref.availability(DEVICE).items() if reason is None and name != "torch"]
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
     FAST = [name for name in FAST if name != "triton"]  # interpreted kernels: far too slow to time
-IMPLS = ["eager", "compile"] + [f"fastpref-{name}" for name in FAST]
+IMPLS = ["eager", "compile"] + [f"fastpref-{name}" for name in FAST] + [f"{name} ops" for name in FAST]
 
 
 def _sync():
@@ -34,7 +34,7 @@ def _sync():
 def test_loss(benchmark, case, impl, which):
     model_pred, ref_pred, target, emas = make_inputs(case, DEVICE)
     fn = loss_callables(case, DEVICE, FAST)[impl]
-    torch.autograd.grad(fn(model_pred, ref_pred, target, emas), model_pred)  # warm-up / compile
+    gradient(fn(model_pred, ref_pred, target, emas), model_pred)  # warm-up / compile
     benchmark.group = f"{case.label} {which}"
 
     if which == "fwd":
@@ -50,14 +50,14 @@ def test_loss(benchmark, case, impl, which):
             return (fn(model_pred, ref_pred, target, emas),), {}
 
         def run(loss):
-            torch.autograd.grad(loss, model_pred)
+            gradient(loss, model_pred)
             _sync()
 
         benchmark.pedantic(run, setup=setup, rounds=50, warmup_rounds=3)
     else:
 
         def run():
-            torch.autograd.grad(fn(model_pred, ref_pred, target, emas), model_pred)
+            gradient(fn(model_pred, ref_pred, target, emas), model_pred)
             _sync()
 
         benchmark(run)

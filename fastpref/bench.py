@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from .validation import CONFIG_KEYS
+
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
@@ -146,18 +148,56 @@ def copy_bandwidth(num_bytes: int, device, timer: Timer, reps: int) -> float:
 
 def loss_callables(case: Case, device, backends: List[str]):
     """name -> loss function of (model_pred, ref_pred, target, emas), for every implementation
-    timed: eager reference, torch.compile of the reference, and each fast backend."""
+    timed: eager reference, torch.compile of the reference, each fast backend, and each fast
+    backend's bare ops ("<backend> ops": the forward and backward ops called directly, without
+    argument checks and the autograd engine, i.e. the kernels' own time)."""
+    import importlib
+
     import torch
 
     import fastpref
+    from fastpref import fused
+    from fastpref.frontend import cached_config
 
     def eager(mp, rp, t, e):
         return fastpref.reference.adaptive_dpo_loss(mp, rp, t, ema_preds=e)
 
+    torch._dynamo.reset()  # a fresh compile per case: one code object serves every shape/dtype
     impls = {"eager": eager, "compile": torch.compile(eager, fullgraph=True)}
     for backend in backends:
         impls[f"fastpref-{backend}"] = lambda mp, rp, t, e, b=backend: fastpref.adaptive_dpo_loss(mp, rp, t, ema_preds=e, backend=b)
+    defaults = fastpref.adaptive_dpo_loss.__kwdefaults__
+    settings, modes = fused.encode(cached_config(**{k: defaults[k] for k in CONFIG_KEYS}))
+    for backend in backends:
+        forward_op, backward_op = importlib.import_module(f"fastpref.{backend}_backend").OPS
+        impls[f"{backend} ops"] = _BareOps(forward_op, backward_op, settings, modes)
     return impls
+
+
+class _BareOps:
+    """A backend's forward and backward ops called directly: ``__call__`` runs the forward and
+    returns a loss-like handle whose gradient ``bare_grad`` computes with the backward op."""
+
+    def __init__(self, forward_op, backward_op, settings, modes):
+        self.forward_op, self.backward_op, self.settings, self.modes = forward_op, backward_op, settings, modes
+
+    def __call__(self, mp, rp, t, e):
+        loss, coef, *_ = self.forward_op(mp.detach(), rp, t, e, None, self.settings, self.modes)
+        return _BareLoss(self, loss, coef, mp, t)
+
+
+class _BareLoss:
+    def __init__(self, ops, loss, coef, mp, t):
+        self.ops, self.loss, self.coef, self.mp, self.t = ops, loss, coef, mp, t
+
+
+def gradient(loss, model_pred):
+    """d loss / d model_pred: autograd for real losses, the backward op for bare-op handles."""
+    import torch
+
+    if isinstance(loss, _BareLoss):
+        return loss.ops.backward_op(torch.ones_like(loss.loss), loss.coef, loss.mp.detach(), loss.t)
+    return torch.autograd.grad(loss, model_pred)
 
 
 def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -> List[dict]:
@@ -170,12 +210,12 @@ def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -
     # into a .grad buffer.
     passes = {
         "fwd": (lambda f: (lambda _: f(mp, rp, t, e)), None),
-        "bwd": (lambda f: (lambda loss: torch.autograd.grad(loss, mp)), lambda f: (lambda: f(mp, rp, t, e))),
-        "fwd+bwd": (lambda f: (lambda _: torch.autograd.grad(f(mp, rp, t, e), mp)), None),
+        "bwd": (lambda f: (lambda loss: gradient(loss, mp)), lambda f: (lambda: f(mp, rp, t, e))),
+        "fwd+bwd": (lambda f: (lambda _: gradient(f(mp, rp, t, e), mp)), None),
     }
     for fn in impls.values():  # warm up (compile, JIT, caches)
         for _ in range(3):
-            torch.autograd.grad(fn(mp, rp, t, e), mp)
+            gradient(fn(mp, rp, t, e), mp)
     samples = {(name, p): [] for name in impls for p in passes}
     for _ in range(rounds):  # interleaved: every implementation sees the same machine state
         for name, fn in impls.items():
@@ -326,7 +366,7 @@ def main(argv=None) -> int:
         "device": name,
         "torch": torch.__version__,
         "fastpref": fastpref.__version__,
-        "command": "fastpref bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["fastpref bench", *argv] if argv is not None else ["python", *sys.argv]),
         "backends": available,
         "parity": parity,
         "timing": timing,

@@ -148,7 +148,10 @@ def triton_backward(grad_loss: torch.Tensor, coef: torch.Tensor, model_pred: tor
 triton_backward.register_fake(fused.fake_backward)
 
 
+OPS = (torch.ops.fastpref.triton_forward.default, torch.ops.fastpref.triton_backward.default)
+
+
 def run(inputs: LossInputs, config: LossConfig, return_stats: bool):
     """The loss (and stats) of validated inputs on the Triton kernels."""
-    return fused.run((torch.ops.fastpref.triton_forward, torch.ops.fastpref.triton_backward), inputs, config, return_stats)
+    return fused.run(OPS, inputs, config, return_stats)
 
