@@ -2,6 +2,10 @@
 
     fastpref info             which backends run here, and why the others do not
     fastpref bench [--quick]  parity against the float64 reference and a timing table
+    fastpref make-tiny-model DIR --arch sd15|sdxl [--seed N]
+                              a tiny random-weight diffusers pipeline, loadable offline
+    fastpref make-toy-data DIR --pairs N [--resolution R --seed S --ties T --corrupt C]
+                              generated preference pairs in the Pick-a-Pic v2 parquet schema
 """
 
 from __future__ import annotations
@@ -32,7 +36,19 @@ def _bench(argv) -> int:
     return bench.main(argv)
 
 
-COMMANDS = {"info": _info, "bench": _bench}
+def _make_tiny_model(argv) -> int:
+    from . import tiny_model
+
+    return tiny_model.main(argv)
+
+
+def _make_toy_data(argv) -> int:
+    from . import toy_data
+
+    return toy_data.main(argv)
+
+
+COMMANDS = {"info": _info, "bench": _bench, "make-tiny-model": _make_tiny_model, "make-toy-data": _make_toy_data}
 
 
 def main(argv=None) -> int:

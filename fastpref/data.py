@@ -1,0 +1,915 @@
+"""Preference pairs for the trainer: Pick-a-Pic v2 parquet in, ``[B, 2, ...]`` pair batches out.
+
+Pieces (each usable on its own):
+
+- :class:`PreferenceDataset` reads a parquet file, or every ``*.parquet`` under a folder (sorted
+  by path), with the Pick-a-Pic v2 columns ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image
+  bytes, or the ``{"bytes": ...}`` struct of a Hugging Face ``Image`` feature) and ``label_0``
+  in {1, 0, 0.5}. Other columns are ignored.
+
+  * **Winner first.** Item ``i`` is ``pixel_values [2, 3, R, R]`` in [-1, 1], index 0 the
+    preferred image: ``jpg_0`` first when ``label_0 == 1``, ``jpg_1`` first when ``label_0 == 0``.
+  * **Ties** (``label_0 == 0.5``) are dropped unless ``keep_ties=True``; a kept tie keeps the
+    stored order and has ``human_label == 0.5``.
+  * **Skipped rows.** A row whose caption is not a string, whose label is not 1, 0 or 0.5, or
+    whose image cell is empty is *malformed*; one with an image PIL cannot decode is
+    *undecodable*. Both are skipped and counted (``num_malformed``, ``num_undecodable``, the rows
+    in ``skipped``), and logged once on the ``fastpref.data`` logger; nothing raises. Images are
+    decoded once while the dataset is built (``check_images=True``) so that every row that
+    survives is known to decode; with ``check_images=False`` only the cheap checks run there (use
+    it with :class:`LatentCache`, which records the undecodable rows when it encodes them).
+  * **Label flips.** ``flip_rate`` in [0, 1] swaps the two images of exactly
+    ``round(flip_rate * n)`` of the ``n`` non-tie pairs, chosen by ``flip_seed`` (NumPy
+    ``default_rng([flip_seed, ...])``). ``flipped`` is recorded per item (and ``flipped_rows``
+    lists the source rows, logged) so that the trainer can report the metric on flipped vs kept
+    pairs; ``human_label`` is the probability that the *returned first* image is the human's
+    choice (1, 0 for a flipped pair, 0.5 for a tie).
+  * **Preprocessing** is deterministic: shorter side resized to ``R`` (PIL bilinear), centre crop
+    to ``R x R``, ``x / 127.5 - 1``. Each item also carries ``original_sizes [2, 2]`` (h, w before
+    resizing) and ``crop_top_lefts [2, 2]`` (top, left of the crop) for SDXL's ``add_time_ids``.
+
+- :class:`PairSampler`: a seeded permutation per epoch (``default_rng([seed, epoch])``) that
+  starts at any global position ``start = samples already consumed`` and so resumes bit for bit;
+  ``infinite=True`` streams epoch after epoch.
+
+- :func:`collate_pairs`: batches of ``pixel_values [B, 2, 3, R, R]`` (pair layout: dim 1 is
+  winner, loser) -- or ``latents [B, 2, C, h, w]`` from the cache -- plus ``captions`` (list),
+  ``flipped`` (bool), ``tie`` (bool), ``human_label`` (float), ``index`` and ``row`` (int64).
+  :func:`pairs_to_batch` turns ``[B, 2, ...]`` into the ``[2B, ...]`` winners-then-losers layout
+  that the UNet and ``fastpref.adaptive_dpo_loss`` take (diffusers' DPO script instead stacks
+  the pair on channels, ``[B, 6, R, R]``; ``pairs_to_batch`` gives the same ``[2B, 3, R, R]``
+  that its ``cat(chunk(2, dim=1))`` does).
+  :func:`shared_noise_and_timesteps` draws one noise tensor and one timestep per pair and repeats
+  them for both images.
+
+- :class:`LatentCache`: VAE latents and text embeddings encoded once into
+  ``cache_dir/<key>/``, keyed by the dataset files, the model and the resolution, reused by every
+  later run and resume (see the class). ``cache.view(dataset)`` is the dataset that yields cached
+  latents in place of pixels, with the same winner-first order, flips and ties.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("fastpref.data")
+
+CAPTION, IMAGE_0, IMAGE_1, LABEL = "caption", "jpg_0", "jpg_1", "label_0"
+VALID_LABELS = (0.0, 0.5, 1.0)
+# Mixed into the flip RNG's seed so that flip_seed == sampler seed still gives unrelated streams.
+_FLIP_STREAM = 0xF11B
+CACHE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------------
+# files and images
+# --------------------------------------------------------------------------------------------
+
+
+def parquet_files(source, pattern: str = "*.parquet") -> List[Path]:
+    """``source`` itself if it is a file, else every file under it matching ``pattern``
+    (recursively), sorted by path."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"dataset_name: no such file or folder: {source}")
+    files = sorted(p for p in source.rglob(pattern) if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"dataset_name: no {pattern} files under {source}")
+    return files
+
+
+def image_bytes(value) -> Optional[bytes]:
+    """The encoded bytes in a parquet image cell (raw bytes or a ``{"bytes": ...}`` struct);
+    ``None`` when the cell holds no bytes."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 0:
+        return bytes(value)
+    return None
+
+
+def decode_image(data: bytes):
+    """A fully decoded RGB PIL image; raises whatever PIL raises on bad bytes."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def preprocess(image, resolution: int) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
+    """Resize the shorter side to ``resolution`` (bilinear), centre crop, scale to [-1, 1].
+
+    Returns ``(pixels [3, R, R] float32, (orig_h, orig_w), (crop_top, crop_left))``.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    if (new_w, new_h) != (resolution, resolution):
+        image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return pixels, (height, width), (top, left)
+
+
+# --------------------------------------------------------------------------------------------
+# the dataset
+# --------------------------------------------------------------------------------------------
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Pick-a-Pic v2 preference pairs from a parquet file or folder (see the module docstring).
+
+    ``dataset[i]`` is a dict: ``pixel_values [2, 3, R, R]`` (winner first), ``caption``,
+    ``flipped``, ``tie``, ``human_label``, ``index`` (= i), ``row`` (the source row: the
+    position over all files in sorted order), ``original_sizes [2, 2]``, ``crop_top_lefts [2, 2]``.
+
+    Attributes: ``files``, ``resolution``, ``num_rows`` (rows read), ``num_malformed``,
+    ``num_undecodable``, ``skipped`` ({"malformed": rows, "undecodable": rows}), ``valid_rows``
+    (every row that passed, ties included), ``num_ties`` (ties among them), ``num_ties_dropped``,
+    ``num_flipped``, ``flipped_rows``; ``len(dataset)`` is the number of pairs served.
+    """
+
+    def __init__(
+        self,
+        source,
+        resolution: int = 512,
+        *,
+        keep_ties: bool = False,
+        flip_rate: float = 0.0,
+        flip_seed: int = 0,
+        check_images: bool = True,
+        max_pairs: Optional[int] = None,
+        pattern: str = "*.parquet",
+        caption_column: str = CAPTION,
+        image_columns: Tuple[str, str] = (IMAGE_0, IMAGE_1),
+        label_column: str = LABEL,
+    ):
+        import pyarrow.parquet as pq
+
+        if not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+        if not (isinstance(flip_rate, (int, float)) and 0.0 <= flip_rate <= 1.0):
+            raise ValueError(f"flip_rate must be in [0, 1], got {flip_rate!r}")
+        if max_pairs is not None and max_pairs < 0:
+            raise ValueError(f"max_pairs must be >= 0, got {max_pairs}")
+        self.source = Path(source)
+        self.files = parquet_files(source, pattern)
+        self.resolution = resolution
+        self.keep_ties = bool(keep_ties)
+        self.flip_rate = float(flip_rate)
+        self.flip_seed = int(flip_seed)
+        self.check_images = bool(check_images)
+        self.max_pairs = max_pairs
+        self.columns = {"caption": caption_column, "image_0": image_columns[0], "image_1": image_columns[1], "label": label_column}
+
+        needed = [caption_column, image_columns[0], image_columns[1], label_column]
+        self._tables = []
+        for file in self.files:
+            names = pq.read_schema(file).names
+            missing = [c for c in needed if c not in names]
+            if missing:
+                raise ValueError(f"dataset_name: {file} has no column(s) {missing} (has {names})")
+            self._tables.append(pq.read_table(file, columns=needed))
+        self._offsets = np.cumsum([0] + [t.num_rows for t in self._tables]).tolist()
+        self.num_rows = self._offsets[-1]
+
+        captions: List = []
+        labels: List = []
+        for table in self._tables:
+            captions += table.column(caption_column).to_pylist()
+            labels += table.column(label_column).to_pylist()
+        self._captions = captions
+
+        skipped: Dict[str, List[int]] = {"malformed": [], "undecodable": []}
+        valid, tie = [], []
+        for row in range(self.num_rows):
+            label = _label_value(labels[row])
+            if not isinstance(captions[row], str) or label is None:
+                skipped["malformed"].append(row)
+                continue
+            cells = [image_bytes(self._cell(row, 0)), image_bytes(self._cell(row, 1))]
+            if cells[0] is None or cells[1] is None:
+                skipped["malformed"].append(row)
+                continue
+            if self.check_images:
+                try:
+                    for data in cells:
+                        decode_image(data)
+                except Exception:  # noqa: BLE001 - any decoder failure means "skip this row"
+                    skipped["undecodable"].append(row)
+                    continue
+            valid.append(row)
+            tie.append(label == 0.5)
+        self.skipped = skipped
+        self.valid_rows = np.asarray(valid, dtype=np.int64)
+        self._label = np.asarray([_label_value(labels[r]) for r in valid], dtype=np.float64)
+        self._select()
+
+    # -- construction helpers ------------------------------------------------------------------
+
+    def _cell(self, row: int, which: int):
+        file = bisect.bisect_right(self._offsets, row) - 1
+        column = self.columns["image_0" if which == 0 else "image_1"]
+        return self._tables[file].column(column)[row - self._offsets[file]].as_py()
+
+    def _select(self) -> None:
+        """Drop ties (unless kept), truncate to max_pairs, pick the flipped pairs; then log."""
+        is_tie = self._label == 0.5
+        keep = np.ones(len(self.valid_rows), dtype=bool) if self.keep_ties else ~is_tie
+        rows = self.valid_rows[keep]
+        label = self._label[keep]
+        if self.max_pairs is not None:
+            rows, label = rows[: self.max_pairs], label[: self.max_pairs]
+        self._rows = rows
+        self._tie = label == 0.5
+        self._swap = label == 0.0  # jpg_1 is the winner: serve it first
+        decided = np.flatnonzero(~self._tie)
+        n_flip = int(math.floor(self.flip_rate * len(decided) + 0.5))
+        flipped = np.zeros(len(rows), dtype=bool)
+        if n_flip:
+            rng = np.random.default_rng([self.flip_seed, _FLIP_STREAM])
+            flipped[decided[rng.permutation(len(decided))[:n_flip]]] = True
+        self._flipped = flipped
+        self.num_ties = int(is_tie.sum())
+        self.num_ties_dropped = 0 if self.keep_ties else self.num_ties
+        self.num_flipped = n_flip
+        self.flipped_rows = rows[flipped].tolist()
+        self._log()
+
+    def _log(self) -> None:
+        level = logging.WARNING if (self.num_malformed or self.num_undecodable) else logging.INFO
+        logger.log(
+            level,
+            "%s: %d rows read, %d pairs served; skipped %d malformed, %d undecodable; %d ties %s; %d flipped (flip_rate=%g, flip_seed=%d)",
+            self.source, self.num_rows, len(self), self.num_malformed, self.num_undecodable, self.num_ties,
+            "kept" if self.keep_ties else "dropped", self.num_flipped, self.flip_rate, self.flip_seed,
+        )
+        if self.num_malformed or self.num_undecodable:
+            logger.warning("skipped rows: malformed %s, undecodable %s", _head(self.skipped["malformed"]), _head(self.skipped["undecodable"]))
+        if self.num_flipped:
+            logger.info("flipped rows: %s", _head(self.flipped_rows))
+
+    def without_rows(self, rows: Sequence[int], reason: str = "undecodable") -> "PreferenceDataset":
+        """A copy with the given source rows skipped (counted under ``reason``); ties, truncation
+        and flips are recomputed over the rows left, exactly as a fresh build would."""
+        drop = set(int(r) for r in rows) & set(self.valid_rows.tolist())
+        if not drop:
+            return self
+        other = copy.copy(self)
+        other.skipped = {k: list(v) for k, v in self.skipped.items()}
+        other.skipped.setdefault(reason, [])
+        other.skipped[reason] = sorted(other.skipped[reason] + sorted(drop))
+        keep = np.asarray([r not in drop for r in self.valid_rows.tolist()], dtype=bool)
+        other.valid_rows = self.valid_rows[keep]
+        other._label = self._label[keep]
+        other._select()
+        return other
+
+    # -- counts --------------------------------------------------------------------------------
+
+    @property
+    def num_malformed(self) -> int:
+        return len(self.skipped["malformed"])
+
+    @property
+    def num_undecodable(self) -> int:
+        return len(self.skipped["undecodable"])
+
+    @property
+    def flipped(self) -> torch.Tensor:
+        """``[len(self)]`` bool: which served pairs are flipped."""
+        return torch.from_numpy(self._flipped.copy())
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The source row of every served pair, in item order."""
+        return self._rows.copy()
+
+    def summary(self) -> Dict[str, int]:
+        return {
+            "rows": self.num_rows,
+            "pairs": len(self),
+            "malformed": self.num_malformed,
+            "undecodable": self.num_undecodable,
+            "ties": self.num_ties,
+            "ties_dropped": self.num_ties_dropped,
+            "flipped": self.num_flipped,
+        }
+
+    # -- items ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def caption(self, row: int) -> str:
+        return self._captions[row]
+
+    def item_info(self, index: int) -> dict:
+        """Everything of item ``index`` but the pixels (no image is decoded), plus ``swap``:
+        whether the stored ``jpg_1`` is served first (winner is jpg_1, xor flipped)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        index = index % len(self)
+        tie, flipped = bool(self._tie[index]), bool(self._flipped[index])
+        return {
+            "index": index,
+            "row": int(self._rows[index]),
+            "caption": self._captions[int(self._rows[index])],
+            "flipped": flipped,
+            "tie": tie,
+            "human_label": 0.5 if tie else (0.0 if flipped else 1.0),
+            # stored jpg_1 goes first when it is the winner, or when a pair is flipped
+            "swap": bool(self._swap[index]) != flipped,
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.item_info(index)
+        row = item["row"]
+        pixels, sizes, crops = [], [], []
+        for which in (1, 0) if item.pop("swap") else (0, 1):
+            data = image_bytes(self._cell(row, which))
+            try:
+                image = decode_image(data)
+            except Exception as error:  # only reachable with check_images=False
+                raise RuntimeError(
+                    f"row {row}: image {which} does not decode ({error}); build the dataset with check_images=True "
+                    "to skip such rows up front"
+                ) from error
+            tensor, size, crop = preprocess(image, self.resolution)
+            pixels.append(tensor)
+            sizes.append(size)
+            crops.append(crop)
+        item["pixel_values"] = torch.stack(pixels)
+        item["original_sizes"] = torch.tensor(sizes, dtype=torch.int64)
+        item["crop_top_lefts"] = torch.tensor(crops, dtype=torch.int64)
+        return item
+
+
+def _label_value(value) -> Optional[float]:
+    """1.0, 0.0 or 0.5 for a valid ``label_0`` cell, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value in VALID_LABELS else None
+
+
+def _head(rows: Sequence[int], n: int = 20) -> str:
+    rows = list(rows)
+    return str(rows[:n])[:-1] + (f", ... ({len(rows)} in all)]" if len(rows) > n else "]")
+
+
+# --------------------------------------------------------------------------------------------
+# order
+# --------------------------------------------------------------------------------------------
+
+
+class PairSampler(torch.utils.data.Sampler):
+    """Seeded, resumable order over ``num_pairs`` items.
+
+    Epoch ``e`` visits ``permutation(e)`` (NumPy ``default_rng([seed, e]).permutation``, or
+    ``arange`` with ``shuffle=False``). Global position ``p`` (samples consumed since the very
+    start) is item ``permutation(p // n)[p % n]``. ``start`` is the position to begin at: to
+    resume, pass the number of samples the run had consumed (``step * batch_size`` ...), and
+    the stream continues exactly where it stopped, across epoch boundaries too.
+
+    ``infinite=False``: one pass, from ``start`` to the end of ``start``'s epoch; then
+    :meth:`set_epoch` moves to the start of another epoch. ``infinite=True``: never ends.
+    """
+
+    def __init__(self, num_pairs: int, seed: int = 0, *, start: int = 0, shuffle: bool = True, infinite: bool = False):
+        if num_pairs < 1:
+            raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.num_pairs = int(num_pairs)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.infinite = bool(infinite)
+        self.start = int(start)
+        self._cache: Dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_pairs)
+            else:
+                perm = np.arange(self.num_pairs)
+            self._cache = {epoch: perm}  # keep one epoch: the stream moves forward
+        return self._cache[epoch]
+
+    def index_at(self, position: int) -> int:
+        epoch, offset = divmod(int(position), self.num_pairs)
+        return int(self.permutation(epoch)[offset])
+
+    @property
+    def epoch(self) -> int:
+        return self.start // self.num_pairs
+
+    def set_epoch(self, epoch: int) -> None:
+        self.start = int(epoch) * self.num_pairs
+
+    def resume(self, position: int) -> None:
+        """Begin the next iteration at global position ``position``."""
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        self.start = int(position)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "start": self.start, "num_pairs": self.num_pairs, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_pairs"] != self.num_pairs:
+            raise ValueError(f"sampler state is for {state['num_pairs']} pairs, this dataset has {self.num_pairs}")
+        self.seed, self.start, self.shuffle = int(state["seed"]), int(state["start"]), bool(state["shuffle"])
+        self._cache = {}
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start
+        end = None if self.infinite else (position // self.num_pairs + 1) * self.num_pairs
+        while end is None or position < end:
+            yield self.index_at(position)
+            position += 1
+
+    def __len__(self) -> int:
+        if self.infinite:
+            raise TypeError("an infinite PairSampler has no length")
+        return self.num_pairs - self.start % self.num_pairs
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------------
+
+_BATCH_NAMES = {"caption": "captions"}
+
+
+def collate_pairs(items: Sequence[dict]) -> dict:
+    """Stack items into a batch: tensors -> ``[B, ...]`` (``pixel_values [B, 2, 3, R, R]``,
+    ``latents [B, 2, C, h, w]``, ...), ``flipped``/``tie`` -> bool ``[B]``, ``human_label`` ->
+    float32 ``[B]``, ``index``/``row`` -> int64 ``[B]``, ``caption`` -> the list ``captions``."""
+    if not items:
+        raise ValueError("collate_pairs needs at least one item")
+    batch = {}
+    for key, first in items[0].items():
+        values = [item[key] for item in items]
+        name = _BATCH_NAMES.get(key, key)
+        if isinstance(first, torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(first, bool):
+            batch[name] = torch.tensor(values, dtype=torch.bool)
+        elif isinstance(first, int):
+            batch[name] = torch.tensor(values, dtype=torch.int64)
+        elif isinstance(first, float):
+            batch[name] = torch.tensor(values, dtype=torch.float32)
+        else:
+            batch[name] = list(values)
+    return batch
+
+
+def pairs_to_batch(pairs: torch.Tensor) -> torch.Tensor:
+    """``[B, 2, *S]`` (dim 1: winner, loser) -> ``[2B, *S]``: all winners, then all losers."""
+    if pairs.dim() < 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be [B, 2, ...], got {tuple(pairs.shape)}")
+    return pairs.transpose(0, 1).reshape(-1, *pairs.shape[2:])
+
+
+def shared_noise_and_timesteps(
+    latents: torch.Tensor, num_train_timesteps: int, generator: Optional[torch.Generator] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One noise draw and one timestep per pair, repeated for both images.
+
+    ``latents`` is ``[2B, *S]`` winners then losers (:func:`pairs_to_batch`); returns
+    ``noise [2B, *S]`` with ``noise[:B] == noise[B:]`` and int64 ``timesteps [2B]`` likewise.
+    """
+    if latents.shape[0] % 2:
+        raise ValueError(f"latents must be [2B, ...], got an odd first dimension {latents.shape[0]}")
+    half = latents.shape[0] // 2
+    device = generator.device if generator is not None else latents.device
+    noise = torch.randn((half, *latents.shape[1:]), generator=generator, device=device, dtype=torch.float32)
+    timesteps = torch.randint(0, num_train_timesteps, (half,), generator=generator, device=device)
+    noise = noise.to(device=latents.device, dtype=latents.dtype).repeat(2, *([1] * (latents.dim() - 1)))
+    return noise, timesteps.to(latents.device).repeat(2)
+
+
+# --------------------------------------------------------------------------------------------
+# encoding (shared by the cache and the trainer's uncached path, so both give the same numbers)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_images(vae, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Latents of ``[N, 3, R, R]`` pixels in [-1, 1]: ``(latent_dist.mean - shift) * scaling_factor``.
+
+    The *mean* of the VAE posterior, not a sample: deterministic, so a cached latent does not
+    depend on a generator or on the batch it was encoded in. (The SD VAE's posterior std is
+    small next to the mean; the diffusers DPO script samples instead.)
+    """
+    parameter = next(vae.parameters())
+    mean = vae.encode(pixel_values.to(device=parameter.device, dtype=parameter.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        mean = mean - shift
+    return mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_prompts(captions: Sequence[str], tokenizers: Sequence, text_encoders: Sequence) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Text conditioning as the pipelines build it.
+
+    One encoder (SD 1.5): ``(last_hidden_state [N, L, D], None)``. Two (SDXL): the penultimate
+    hidden states of both, concatenated on the last dim, and the projected pooled embedding
+    (``text_embeds``) of the second: ``([N, L, D1 + D2], [N, P])``.
+    """
+    if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+        raise ValueError("need one (sd15) or two (sdxl) tokenizers with as many text encoders")
+    captions = list(captions)
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(next(encoder.parameters()).device)
+        if len(text_encoders) == 1:
+            hidden.append(encoder(ids).last_hidden_state)
+        else:
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = getattr(out, "text_embeds", None)
+            if pooled is None:
+                pooled = out.pooler_output
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def load_encoders(model_path, arch: Optional[str] = None, dtype: torch.dtype = torch.float32, device="cpu"):
+    """``(vae, tokenizers, text_encoders)`` of a diffusers pipeline folder, in eval mode."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .tiny_model import detect_arch
+
+    arch = arch or detect_arch(model_path)
+    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype).to(device).eval()
+    tokenizers = [CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer")]
+    text_encoders = [CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()]
+    if arch == "sdxl":
+        tokenizers.append(CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer_2"))
+        text_encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", torch_dtype=dtype).to(device).eval()
+        )
+    return vae, tokenizers, text_encoders
+
+
+# --------------------------------------------------------------------------------------------
+# the latent cache
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_fingerprint(path: Path, window: int = 1 << 20) -> dict:
+    """Size, mtime and a hash of the first and last ``window`` bytes (cheap for huge files)."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(window))
+        if stat.st_size > window:
+            handle.seek(max(window, stat.st_size - window))
+            digest.update(handle.read(window))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head_tail_sha256": digest.hexdigest()}
+
+
+def dataset_fingerprint(dataset: PreferenceDataset) -> dict:
+    """What the cached rows depend on: the files (relative name, size, mtime, head/tail hash)
+    and the columns read. Not ties, flips or max_pairs: those apply on top of the cache."""
+    root = dataset.source if dataset.source.is_dir() else dataset.source.parent
+    files = []
+    for file in dataset.files:
+        try:
+            name = str(file.relative_to(root))
+        except ValueError:
+            name = file.name
+        files.append(dict(name=name, **_file_fingerprint(file)))
+    return {"files": files, "columns": dataset.columns}
+
+
+_MODEL_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def model_fingerprint(model_path, modules: Sequence = ()) -> dict:
+    """What the encodings depend on. For a local pipeline folder: its resolved path and, for the
+    VAE, text encoder and tokenizer folders, a content hash of every small config/vocabulary file
+    and size + mtime of every weight file. Otherwise: the name and the passed modules' configs."""
+    path = Path(model_path)
+    if path.is_dir():
+        parts = {}
+        for part in _MODEL_PARTS:
+            folder = path / part
+            if not folder.is_dir():
+                continue
+            entries = {}
+            for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+                stat = file.stat()
+                if file.suffix in (".json", ".txt") and stat.st_size < (16 << 20):
+                    entries[str(file.relative_to(folder))] = _sha256_file(file)
+                else:
+                    entries[str(file.relative_to(folder))] = [stat.st_size, stat.st_mtime_ns]
+            parts[part] = entries
+        return {"path": str(path.resolve()), "parts": parts}
+    configs = []
+    for module in modules:
+        config = getattr(module, "config", None)
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+        configs.append(json.loads(json.dumps(config, sort_keys=True, default=str)))
+    if not configs:
+        raise ValueError(f"model_path {model_path} is not a local folder: pass vae and text_encoders to key the cache")
+    return {"path": str(model_path), "configs": configs}
+
+
+def cache_key(dataset: PreferenceDataset, model_path, *, dtype: torch.dtype = torch.float32, modules: Sequence = ()) -> Tuple[str, dict]:
+    """``(key, components)``: the key is the first 24 hex digits of the SHA-256 of the JSON of
+    ``components`` (format version, dataset and model fingerprints, resolution, latent choice,
+    encoding dtype)."""
+    components = {
+        "format": CACHE_FORMAT,
+        "dataset": dataset_fingerprint(dataset),
+        "model": model_fingerprint(model_path, modules),
+        "resolution": dataset.resolution,
+        "preprocess": "resize-shorter-bilinear+center-crop",
+        "latents": "posterior-mean",
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    blob = json.dumps(components, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:24], components
+
+
+def _save_atomic(tensors: Dict[str, torch.Tensor], file: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, file)
+
+
+def _write_json_atomic(obj, file: Path) -> None:
+    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, file)
+
+
+class LatentCache:
+    """VAE latents and text embeddings of a :class:`PreferenceDataset`, encoded once.
+
+    ``LatentCache.build(dataset, cache_dir, model_path)`` looks for ``cache_dir/<key>/meta.json``
+    and loads it (``hit=True``); otherwise it encodes and writes it (``hit=False``). The key is
+    :func:`cache_key`: a hash of the dataset files (size, mtime and a head/tail content hash of
+    each), the model (its path, config/tokenizer file hashes, weight sizes and mtimes), the
+    resolution and the encoding dtype -- so a changed file, model or resolution gets a new
+    folder, and anything else (another run, a resume, other ``keep_ties``/``flip_rate``/
+    ``max_pairs``) reuses it.
+
+    Contents, per source row that passes the dataset's cheap checks (ties included; a row that
+    does not decode is listed in ``undecodable_rows`` instead), in stored order
+    (``jpg_0``, ``jpg_1``; :meth:`view` puts the winner first): ``latents [N, 2, 4, R/8, R/8]``
+    = :func:`encode_images` (posterior mean x scaling factor), ``original_sizes``,
+    ``crop_top_lefts [N, 2, 2]``; per unique caption: ``prompt_embeds [U, 77, D]`` and for SDXL
+    ``pooled_prompt_embeds [U, P]`` (:func:`encode_prompts`), ``caption_index [N]``; and the
+    encoding of the empty caption (``empty_prompt_embeds``...) for caption dropout. All float32
+    by default, safetensors files: ``text.safetensors``, ``latents-00000.safetensors`` ... (one
+    per ``shard_size`` rows; an interrupted build resumes at the first missing shard) and
+    ``meta.json`` (written last; its presence marks the cache complete). Files are written
+    atomically, so a reader never sees half a file.
+
+    The VAE and text encoders are loaded from ``model_path`` only on a miss, unless passed in.
+    With several processes (accelerate), build on the main process first, then on the others
+    (they hit).
+    """
+
+    def __init__(self, path: Path, meta: dict, hit: bool):
+        from safetensors.torch import load_file
+
+        self.path = Path(path)
+        self.meta = meta
+        self.key = meta["key"]
+        self.hit = hit
+        text = load_file(str(self.path / "text.safetensors"))
+        self.prompt_embeds = text["prompt_embeds"]
+        self.pooled_prompt_embeds = text.get("pooled_prompt_embeds")
+        self.empty_prompt_embeds = text["empty_prompt_embeds"][0]
+        self.empty_pooled_prompt_embeds = text["empty_pooled_prompt_embeds"][0] if "empty_pooled_prompt_embeds" in text else None
+        text_rows = text["rows"]
+        caption_index = text["caption_index"]
+        shards = [load_file(str(self.path / name)) for name in meta["shards"]]
+        self.rows = torch.cat([s["rows"] for s in shards])
+        self.latents = torch.cat([s["latents"] for s in shards])
+        self.original_sizes = torch.cat([s["original_sizes"] for s in shards])
+        self.crop_top_lefts = torch.cat([s["crop_top_lefts"] for s in shards])
+        self.undecodable_rows = torch.cat([s["undecodable_rows"] for s in shards]).tolist()
+        self.caption_index = caption_index[torch.searchsorted(text_rows, self.rows)]
+        self.arch = meta["arch"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def build(
+        cls,
+        dataset: PreferenceDataset,
+        cache_dir,
+        model_path,
+        *,
+        vae=None,
+        tokenizers: Optional[Sequence] = None,
+        text_encoders: Optional[Sequence] = None,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+        batch_size: int = 8,
+        shard_size: int = 1024,
+    ) -> "LatentCache":
+        from .tiny_model import detect_arch
+
+        given = [m for m in [vae, *(text_encoders or [])] if m is not None]
+        if given:
+            dtype = next(given[0].parameters()).dtype
+        key, components = cache_key(dataset, model_path, dtype=dtype, modules=given)
+        folder = Path(cache_dir) / key
+        meta_file = folder / "meta.json"
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            logger.info("latent cache hit: %s (%d rows)", folder, meta["num_cached"])
+            return cls(folder, meta, hit=True)
+
+        if Path(model_path).is_dir():
+            arch = detect_arch(model_path)
+        else:
+            arch = "sdxl" if text_encoders is not None and len(text_encoders) == 2 else "sd15"
+        if vae is None or text_encoders is None or tokenizers is None:
+            loaded_vae, loaded_tok, loaded_te = load_encoders(model_path, arch, dtype=dtype, device=device)
+            vae = vae if vae is not None else loaded_vae
+            tokenizers = tokenizers if tokenizers is not None else loaded_tok
+            text_encoders = text_encoders if text_encoders is not None else loaded_te
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(components, folder / "key.json")
+        # Every row that passed the cheap checks, whether or not the dataset decoded it up front
+        # (check_images), so that the cache's contents do not depend on that switch: the rows
+        # that do not decode are recorded here as undecodable.
+        rows = np.union1d(dataset.valid_rows, np.asarray(dataset.skipped["undecodable"], dtype=np.int64)).astype(np.int64)
+        logger.info("latent cache miss: encoding %d rows into %s", len(rows), folder)
+        # text: one embedding per unique caption, in order of first appearance
+        text_file = folder / "text.safetensors"
+        if not text_file.exists():
+            unique: Dict[str, int] = {}
+            index = [unique.setdefault(dataset.caption(int(r)), len(unique)) for r in rows]
+            captions = list(unique)
+            embeds, pooled = [], []
+            for start in range(0, len(captions), batch_size):
+                e, p = encode_prompts(captions[start : start + batch_size], tokenizers, text_encoders)
+                embeds.append(e.float().cpu())
+                if p is not None:
+                    pooled.append(p.float().cpu())
+            empty, empty_pooled = encode_prompts([""], tokenizers, text_encoders)
+            tensors = {
+                "rows": torch.as_tensor(rows, dtype=torch.int64),
+                "caption_index": torch.tensor(index, dtype=torch.int64),
+                "prompt_embeds": torch.cat(embeds) if embeds else empty.float().cpu()[:0],
+                "empty_prompt_embeds": empty.float().cpu(),
+            }
+            if empty_pooled is not None:
+                tensors["pooled_prompt_embeds"] = torch.cat(pooled) if pooled else empty_pooled.float().cpu()[:0]
+                tensors["empty_pooled_prompt_embeds"] = empty_pooled.float().cpu()
+            _save_atomic(tensors, text_file)
+
+        # images: one shard per shard_size rows
+        shards = []
+        for number, start in enumerate(range(0, max(len(rows), 1), shard_size)):
+            name = f"latents-{number:05d}.safetensors"
+            shards.append(name)
+            if (folder / name).exists():
+                continue
+            _save_atomic(cls._encode_rows(dataset, rows[start : start + shard_size], vae, batch_size), folder / name)
+
+        meta = {
+            "key": key,
+            "arch": arch,
+            "resolution": dataset.resolution,
+            "num_rows": int(len(rows)),
+            "shards": shards,
+            "scaling_factor": float(vae.config.scaling_factor),
+            "latents": "posterior mean x scaling_factor",
+        }
+        cache = cls(folder, dict(meta, num_cached=0), hit=False)
+        meta["num_cached"] = len(cache)
+        meta["undecodable_rows"] = cache.undecodable_rows
+        _write_json_atomic(meta, meta_file)
+        cache.meta = meta
+        return cache
+
+    @staticmethod
+    def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: int) -> Dict[str, torch.Tensor]:
+        kept, failed, latents, sizes, crops = [], [], [], [], []
+        batch: List[torch.Tensor] = []
+
+        def flush():
+            if batch:
+                encoded = encode_images(vae, torch.cat(batch)).float().cpu()
+                latents.append(encoded.reshape(-1, 2, *encoded.shape[1:]))
+                batch.clear()
+
+        for row in rows.tolist():
+            try:
+                pair = [preprocess(decode_image(image_bytes(dataset._cell(row, w))), dataset.resolution) for w in (0, 1)]
+            except Exception:  # noqa: BLE001 - undecodable rows are recorded, not fatal
+                failed.append(row)
+                continue
+            kept.append(row)
+            batch.append(torch.stack([p[0] for p in pair]))
+            sizes.append([p[1] for p in pair])
+            crops.append([p[2] for p in pair])
+            if len(batch) == batch_size:
+                flush()
+        flush()
+        if failed:
+            logger.warning("latent cache: %d undecodable rows skipped: %s", len(failed), _head(failed))
+        if latents:
+            stacked = torch.cat(latents)
+        else:
+            probe = encode_images(vae, torch.zeros(1, 3, dataset.resolution, dataset.resolution)).float().cpu()
+            stacked = probe.new_zeros((0, 2, *probe.shape[1:]))
+        return {
+            "rows": torch.tensor(kept, dtype=torch.int64),
+            "latents": stacked,
+            "original_sizes": torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2, 2),
+            "crop_top_lefts": torch.tensor(crops, dtype=torch.int64).reshape(-1, 2, 2),
+            "undecodable_rows": torch.tensor(failed, dtype=torch.int64),
+        }
+
+    def view(self, dataset: PreferenceDataset) -> "CachedPreferenceDataset":
+        """The dataset serving cached latents in place of pixels (see :class:`CachedPreferenceDataset`)."""
+        return CachedPreferenceDataset(dataset, self)
+
+
+class CachedPreferenceDataset(torch.utils.data.Dataset):
+    """``dataset`` with :class:`LatentCache` tensors in place of decoded pixels.
+
+    Same length, order, winner-first rule, ties and flips as ``dataset`` (rows the cache found
+    undecodable are dropped first, as :meth:`PreferenceDataset.without_rows` does, when the
+    dataset was built with ``check_images=False``). Item: ``latents [2, C, h, w]`` (winner
+    first), ``prompt_embeds [L, D]``, for SDXL ``pooled_prompt_embeds [P]``, ``original_sizes``,
+    ``crop_top_lefts [2, 2]``, and the fields of :meth:`PreferenceDataset.item_info` (``caption``,
+    ``flipped``, ``tie``, ``human_label``, ``index``, ``row``).
+    """
+
+    def __init__(self, dataset: PreferenceDataset, cache: LatentCache):
+        if cache.meta.get("resolution", dataset.resolution) != dataset.resolution:
+            raise ValueError(f"cache is for resolution {cache.meta['resolution']}, dataset for {dataset.resolution}")
+        if cache.undecodable_rows:
+            dataset = dataset.without_rows(cache.undecodable_rows, "undecodable")
+        self.dataset = dataset
+        self.cache = cache
+        rows = torch.as_tensor(dataset.rows, dtype=torch.int64)
+        position = torch.searchsorted(cache.rows, rows).clamp(max=max(len(cache.rows) - 1, 0))
+        if len(rows) and (len(cache.rows) == 0 or not torch.equal(cache.rows[position], rows)):
+            missing = rows[cache.rows[position] != rows] if len(cache.rows) else rows
+            raise KeyError(f"rows {_head(missing.tolist())} are not in the latent cache {cache.path}")
+        self._position = position
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset.item_info(index)
+        position = int(self._position[item["index"]])
+        order = [1, 0] if item.pop("swap") else [0, 1]
+        cache = self.cache
+        item["latents"] = cache.latents[position][order]
+        item["original_sizes"] = cache.original_sizes[position][order]
+        item["crop_top_lefts"] = cache.crop_top_lefts[position][order]
+        text = int(cache.caption_index[position])
+        item["prompt_embeds"] = cache.prompt_embeds[text]
+        if cache.pooled_prompt_embeds is not None:
+            item["pooled_prompt_embeds"] = cache.pooled_prompt_embeds[text]
+        return item

@@ -1,0 +1,326 @@
+"""A tiny random-weight Stable Diffusion 1.5 / SDXL pipeline, written from configs, for tests and offline use.
+
+``make_tiny_model(path, arch="sd15"|"sdxl", seed=0)`` writes a diffusers-format folder::
+
+    model_index.json
+    unet/            UNet2DConditionModel   (config.json + diffusion_pytorch_model.safetensors)
+    vae/             AutoencoderKL          (4 blocks: the real 8x spatial downsampling, 4 latent channels)
+    text_encoder/    CLIPTextModel
+    tokenizer/       CLIPTokenizer          (built from a vocab.json + merges.txt written here)
+    scheduler/       PNDMScheduler (sd15) / EulerDiscreteScheduler (sdxl), the SD noise schedule
+    text_encoder_2/  CLIPTextModelWithProjection   (sdxl only)
+    tokenizer_2/     CLIPTokenizer                 (sdxl only)
+    fastpref_tiny.json  what wrote it (arch, seed)
+
+Nothing is downloaded: every component is built from a config written here and initialised from
+``seed``, so the folder loads offline with ``StableDiffusionPipeline.from_pretrained(path)`` /
+``StableDiffusionXLPipeline.from_pretrained(path)`` or by component
+(``UNet2DConditionModel.from_pretrained(path, subfolder="unet")``). The shapes follow the real
+models where the trainer can depend on them (latent channels 4, VAE factor 8, text length 77,
+SDXL's two text encoders whose hidden states are concatenated, its pooled embedding and the six
+``add_time_ids``); the widths are tiny (32/64 channels, 32-wide text encoders) so that a UNet
+forward takes milliseconds on a CPU.
+
+The tokenizer is byte-level BPE like CLIP's: the 256 byte symbols (and their word-final ``</w>``
+forms), merges for the words of :mod:`fastpref.toy_data` captions, and CLIP's two special tokens
+last (``<|startoftext|>``, ``<|endoftext|>``), so any text tokenizes (unknown words fall back to
+bytes).
+
+``detect_arch(path)`` reads ``model_index.json`` (or looks for ``text_encoder_2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+ARCHS = ("sd15", "sdxl")
+MAX_LENGTH = 77
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words that get whole-word tokens (anything else still tokenizes, byte by byte).
+VOCAB_WORDS = (
+    "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "painting", "drawing",
+    "background", "small", "large", "big", "tiny", "bright", "dark",
+    "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink", "cyan",
+    "circle", "square", "triangle", "diamond", "cross", "ring", "stripe", "dot",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer files
+# --------------------------------------------------------------------------------------------
+
+
+def byte_symbols() -> List[str]:
+    """The printable stand-in of every byte 0..255, in byte order (GPT-2/CLIP byte-level BPE).
+
+    Bytes that are printable Latin-1 characters (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand
+    for themselves; every other byte is shifted to the code points from 256 upwards, in order.
+    """
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    symbols, shifted = [], 0
+    for byte in range(256):
+        if byte in keep:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(256 + shifted))
+            shifted += 1
+    return symbols
+
+
+def build_vocab(words: Sequence[str] = VOCAB_WORDS) -> Tuple[Dict[str, int], List[str]]:
+    """A CLIP-style byte-level BPE vocabulary and merge list covering ``words`` as single tokens.
+
+    Each word's merges join its symbols left to right (``r e`` -> ``re``, ``re d</w>`` ->
+    ``red</w>``); every merge result is a vocabulary entry, so whatever order BPE applies them in,
+    it only produces known tokens.
+    """
+    symbols = byte_symbols()
+    vocab: Dict[str, int] = {}
+    for token in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(token, len(vocab))
+    table = {b: symbols[b] for b in range(256)}
+    merges: List[str] = []
+    for word in words:
+        parts = [table[b] for b in word.lower().encode("utf-8")]
+        if len(parts) < 2:
+            continue
+        parts[-1] += "</w>"
+        current = parts[0]
+        for nxt in parts[1:]:
+            merge = f"{current} {nxt}"
+            current = current + nxt
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(current, len(vocab))
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    return vocab, merges
+
+
+def write_tokenizer(folder: Path) -> Tuple[Dict[str, int], List[str]]:
+    """Write ``vocab.json`` and ``merges.txt`` into ``folder``; returns them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab, merges
+
+
+def load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(
+        str(folder), model_max_length=MAX_LENGTH, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# component configs
+# --------------------------------------------------------------------------------------------
+
+
+def text_encoder_config(vocab_size: int, *, act: str):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,  # SDXL reads the penultimate hidden state: keep it distinct from the last
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=32,
+        hidden_act=act,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def unet_kwargs(arch: str) -> dict:
+    common = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=32,
+    )
+    if arch == "sd15":
+        return dict(
+            common,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+        )
+    # SDXL: no attention at the highest resolution, linear projections, text_time conditioning
+    # on the pooled text_encoder_2 embedding (32) plus 6 add_time_ids of 8 each.
+    return dict(
+        common,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # text_encoder (32) + text_encoder_2 (32) hidden states, concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+
+
+def vae_kwargs(arch: str) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=0.18215 if arch == "sd15" else 0.13025,
+    )
+
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline folder
+# --------------------------------------------------------------------------------------------
+
+
+def make_tiny_model(path, arch: str = "sd15", seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny random-weight ``arch`` pipeline ("sd15" or "sdxl") into ``path``; returns it.
+
+    Weights are initialised under ``torch.manual_seed(seed)`` (the global RNG state is restored
+    afterwards), so a given seed writes the same weights. ``path`` may exist if it holds no
+    ``model_index.json``; with ``overwrite=True`` an existing model there is replaced.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} already holds a model (model_index.json); pass overwrite=True")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    # The tokenizer is built from files written first, then saved again by the pipeline.
+    staging = path / ".tokenizer_src"
+    vocab, _ = write_tokenizer(staging)
+    tokenizer = load_tokenizer(staging)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_kwargs(arch))
+        vae = AutoencoderKL(**vae_kwargs(arch))
+        text_encoder = CLIPTextModel(text_encoder_config(len(vocab), act="quick_gelu"))  # CLIP ViT-L's activation
+        if arch == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(len(vocab), act="gelu"))  # OpenCLIP bigG's
+    for module in (unet, vae, text_encoder) + ((text_encoder_2,) if arch == "sdxl" else ()):
+        module.eval()
+
+    if arch == "sd15":
+        scheduler = PNDMScheduler(**SCHEDULER_CONFIG, skip_prk_steps=True, set_alpha_to_one=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG, interpolation_type="linear", timestep_spacing="leading")
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=load_tokenizer(staging),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    # Recent transformers save only tokenizer.json; keep the written vocab.json + merges.txt beside
+    # it too, which is what older (and slow) CLIPTokenizer implementations read.
+    for name in ("tokenizer",) + (("tokenizer_2",) if arch == "sdxl" else ()):
+        for file in ("vocab.json", "merges.txt"):
+            if not (path / name / file).exists():
+                shutil.copyfile(staging / file, path / name / file)
+    shutil.rmtree(staging)
+    (path / "fastpref_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, "vocab_size": len(vocab)}, indent=2) + "\n")
+    return path
+
+
+def detect_arch(path) -> str:
+    """"sdxl" or "sd15" for a diffusers pipeline folder, from its ``model_index.json``.
+
+    SDXL is recognised by a ``text_encoder_2`` entry (or, without a model index, a
+    ``text_encoder_2`` folder) or an ``...XL...`` pipeline class; anything else is "sd15".
+    """
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if index_file.exists():
+        index = json.loads(index_file.read_text())
+        entry = index.get("text_encoder_2")
+        if (isinstance(entry, list) and entry and entry[0] is not None) or "XL" in str(index.get("_class_name", "")):
+            return "sdxl"
+        return "sd15"
+    if (path / "text_encoder_2").is_dir():
+        return "sdxl"
+    if (path / "unet").is_dir() or (path / "text_encoder").is_dir():
+        return "sd15"
+    raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json, unet/ or text_encoder/)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastpref make-tiny-model",
+        description="Write a tiny random-weight diffusers pipeline (loads offline with from_pretrained).",
+    )
+    parser.add_argument("dir", help="output folder")
+    parser.add_argument("--arch", choices=ARCHS, default="sd15")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in DIR")
+    args = parser.parse_args(argv)
+    try:
+        out = make_tiny_model(args.dir, arch=args.arch, seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as error:
+        parser.error(str(error))
+    print(f"wrote tiny {args.arch} pipeline (seed {args.seed}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
