@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import fused
 from . import triton_kernels as K
-from .validation import LossConfig, LossInputs
+from .validation import LossConfig, LossInputs, acc_dtype
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -85,7 +85,7 @@ def triton_forward(
     modes: List[int],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     preds = [model_pred, ref_pred] + list(ema_preds)
-    acc = fused.acc_dtype(target, *preds)
+    acc = acc_dtype(target, *preds)
     device = model_pred.device
     batch = model_pred.shape[0] // 2
     features = math.prod(model_pred.shape[1:])
