@@ -7,9 +7,10 @@ two markdown tables and writes JSON to ``benchmarks/results/<device>.json``:
    ``|backend - ref64| <= 2 * |eager - ref64| + atol`` of the test suite;
 2. timing: forward, backward and forward+backward of the eager reference, ``torch.compile`` of
    the reference and each fast backend, interleaved round-robin in one process (median of
-   rounds), with speedups over eager and compile, and achieved bandwidth of the minimal traffic
+   rounds), with speedups over eager and compile, achieved bandwidth of the minimal traffic
    (read every input once, write the gradient once) against a copy of the same number of bytes
-   measured in the same run.
+   measured in the same run, and (fwd+bwd rows) the peak memory allocated above the inputs, in
+   MiB and as a multiple of the gradient's size.
 
 Without CUDA, the Triton kernels run under Triton's CPU interpreter for the parity check only
 (they are far too slow there to time); this module sets ``TRITON_INTERPRET=1`` for that.
@@ -18,6 +19,7 @@ Without CUDA, the Triton kernels run under Triton's CPU interpreter for the pari
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -134,6 +136,45 @@ class Timer:
         return total / reps
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2: the CPU profiler's native logger writes a line to it at every
+    start and stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_extra_bytes(step: Callable[[], None], device) -> int:
+    """Peak memory allocated by ``step`` above what was allocated before it: the CUDA caching
+    allocator's statistics on GPU, the running sum of the profiler's allocation events on CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in deltas:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
 def copy_bandwidth(num_bytes: int, device, timer: Timer, reps: int) -> float:
     """GB/s of ``dst.copy_(src)`` moving ``num_bytes`` in all (half read, half written)."""
     import torch
@@ -224,6 +265,9 @@ def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -
                 samples[(name, p)].append(timer(make_fn(fn), setup, reps))
     traffic = traffic_bytes(case)
     bandwidth = {p: copy_bandwidth(traffic[p], device, timer, reps) for p in passes}
+    # fwd+bwd peak memory above the inputs; the gradient itself (kept until the step ends) counts.
+    peak = {name: peak_extra_bytes(lambda f=fn: gradient(f(mp, rp, t, e), mp), device) for name, fn in impls.items()}
+    grad_bytes = mp.numel() * mp.element_size()
     rows = []
     for (name, p), values in samples.items():
         seconds = statistics.median(values)
@@ -240,6 +284,8 @@ def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -
                 "GBps": gbps,
                 "copy_GBps": bandwidth[p],
                 "pct_of_copy": 100 * gbps / bandwidth[p],
+                "peak_extra_MiB": peak[name] / 2**20 if p == "fwd+bwd" else None,
+                "peak_x_grad": peak[name] / grad_bytes if p == "fwd+bwd" else None,
             }
         )
     return rows
@@ -312,7 +358,7 @@ def device_name(device) -> str:
 def markdown(rows: List[dict], columns: List[str], formats: Dict[str, str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        cells = [formats.get(c, "{}").format(row[c]) for c in columns]
+        cells = ["-" if row[c] is None else formats.get(c, "{}").format(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -356,8 +402,8 @@ def main(argv=None) -> int:
         print(f"\n## Timing, Adaptive-DPO (preset official, linear W, quadratic margin), median of {rounds} interleaved rounds\n")
         for case in cases:
             timing += time_case(case, device, timed_backends, rounds, reps)
-        columns = ["case", "impl", "pass", "ms", "vs_eager", "vs_compile", "GBps", "copy_GBps", "pct_of_copy"]
-        fmt = {"ms": "{:.3f}", "vs_eager": "{:.2f}x", "vs_compile": "{:.2f}x", "GBps": "{:.1f}", "copy_GBps": "{:.1f}", "pct_of_copy": "{:.0f}%"}
+        columns = ["case", "impl", "pass", "ms", "vs_eager", "vs_compile", "GBps", "copy_GBps", "pct_of_copy", "peak_extra_MiB", "peak_x_grad"]
+        fmt = {"ms": "{:.3f}", "vs_eager": "{:.2f}x", "vs_compile": "{:.2f}x", "GBps": "{:.1f}", "copy_GBps": "{:.1f}", "pct_of_copy": "{:.0f}%", "peak_extra_MiB": "{:.1f}", "peak_x_grad": "{:.2f}x"}
         print(markdown(timing, columns, fmt))
 
     output = Path(args.output) if args.output else Path("benchmarks/results") / f"{'quick-' if args.quick else ''}{_slug(name)}.json"

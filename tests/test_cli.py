@@ -72,3 +72,20 @@ def test_public_names_are_documented(name):
         doc = getattr(namespace, name).__doc__
         assert doc, f"{namespace.__name__}.{name} has no docstring"
         assert "[2B" in doc or "adaptive_dpo_loss" in doc
+
+
+def test_peak_extra_bytes_counts_allocations_alive_at_the_peak():
+    import torch
+
+    from fastpref.bench import peak_extra_bytes
+
+    size = 1 << 20
+    kept = []
+
+    def step():
+        scratch = torch.empty(2 * size, dtype=torch.uint8)  # freed before the next allocation
+        del scratch
+        kept.append(torch.empty(size, dtype=torch.uint8))
+
+    peak = peak_extra_bytes(step, "cpu")
+    assert 2 * size <= peak < 2 * size + (1 << 16)
