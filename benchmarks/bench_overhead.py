@@ -12,8 +12,8 @@ import torch
 
 import fastpref
 from fastpref import dispatch, fused
-from fastpref.frontend import cached_config
-from fastpref.validation import CONFIG_KEYS, make_config, make_inputs
+from fastpref.frontend import cached_config, scalar_keywords
+from fastpref.validation import make_config, make_inputs
 
 
 def per_call_us(fn, calls=3000, warmup=300):
@@ -35,8 +35,7 @@ def main():
     model_pred = torch.randn(2 * batch, *shape, requires_grad=True)
     ref_pred, target = torch.randn(2 * batch, *shape), torch.randn(batch, *shape)
     emas = [torch.randn(2 * batch, *shape) for _ in range(2)]
-    defaults = fastpref.adaptive_dpo_loss.__kwdefaults__
-    keywords = {k: defaults[k] for k in CONFIG_KEYS}
+    keywords = scalar_keywords(fastpref.adaptive_dpo_loss)
     config = make_config(**keywords)
     labels = dict(synthetic_label=None, human_label=None, human_mask=None, propensity=None)
     inputs = make_inputs(model_pred, ref_pred, target, emas, config, labels)

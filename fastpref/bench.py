@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .validation import CONFIG_KEYS
-
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
@@ -198,7 +196,8 @@ def loss_callables(case: Case, device, backends: List[str]):
 
     import fastpref
     from fastpref import fused
-    from fastpref.frontend import cached_config
+    from fastpref.frontend import scalar_keywords
+    from fastpref.validation import make_config
 
     def eager(mp, rp, t, e):
         return fastpref.reference.adaptive_dpo_loss(mp, rp, t, ema_preds=e)
@@ -207,8 +206,7 @@ def loss_callables(case: Case, device, backends: List[str]):
     impls = {"eager": eager, "compile": torch.compile(eager, fullgraph=True)}
     for backend in backends:
         impls[f"fastpref-{backend}"] = lambda mp, rp, t, e, b=backend: fastpref.adaptive_dpo_loss(mp, rp, t, ema_preds=e, backend=b)
-    defaults = fastpref.adaptive_dpo_loss.__kwdefaults__
-    settings, modes = fused.encode(cached_config(**{k: defaults[k] for k in CONFIG_KEYS}))
+    settings, modes = fused.encode(make_config(**scalar_keywords(fastpref.adaptive_dpo_loss)))
     for backend in backends:
         forward_op, backward_op = importlib.import_module(f"fastpref.{backend}_backend").OPS
         impls[f"{backend} ops"] = _BareOps(forward_op, backward_op, settings, modes)
@@ -217,7 +215,7 @@ def loss_callables(case: Case, device, backends: List[str]):
 
 class _BareOps:
     """A backend's forward and backward ops called directly: ``__call__`` runs the forward and
-    returns a loss-like handle whose gradient ``bare_grad`` computes with the backward op."""
+    returns a loss-like handle whose gradient ``gradient`` computes with the backward op."""
 
     def __init__(self, forward_op, backward_op, settings, modes):
         self.forward_op, self.backward_op, self.settings, self.modes = forward_op, backward_op, settings, modes

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -30,25 +31,22 @@ def _info(argv) -> int:
     return 0
 
 
-def _bench(argv) -> int:
-    from . import bench
+def _module_main(module: str):
+    """A command that imports ``fastpref.<module>`` only when run (the trainer's extras are heavy)
+    and calls its ``main(argv)``."""
 
-    return bench.main(argv)
+    def command(argv) -> int:
+        return importlib.import_module(f"fastpref.{module}").main(argv)
 
-
-def _make_tiny_model(argv) -> int:
-    from . import tiny_model
-
-    return tiny_model.main(argv)
+    return command
 
 
-def _make_toy_data(argv) -> int:
-    from . import toy_data
-
-    return toy_data.main(argv)
-
-
-COMMANDS = {"info": _info, "bench": _bench, "make-tiny-model": _make_tiny_model, "make-toy-data": _make_toy_data}
+COMMANDS = {
+    "info": _info,
+    "bench": _module_main("bench"),
+    "make-tiny-model": _module_main("tiny_model"),
+    "make-toy-data": _module_main("toy_data"),
+}
 
 
 def main(argv=None) -> int:

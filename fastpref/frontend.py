@@ -82,6 +82,13 @@ def cached_config(**keywords):
         return config
 
 
+def scalar_keywords(loss_fn, **given) -> dict:
+    """The scalar keywords of ``make_config`` (``CONFIG_KEYS``) for ``loss_fn``: those in ``given``,
+    the rest from ``loss_fn``'s signature, the one place their defaults are written."""
+    defaults = loss_fn.__kwdefaults__
+    return {key: given.get(key, defaults[key]) for key in CONFIG_KEYS}
+
+
 def finish_stats(stats):
     """Turn ``implicit_acc`` into the float of spec §8 (kept a tensor while compiling)."""
     if stats is not None and not torch.compiler.is_compiling():
@@ -184,8 +191,7 @@ def make_loss_module(adaptive_dpo_loss, *, default_backend: str, module_name: st
                 raise TypeError(f"AdaptiveDPOLoss got unknown keyword(s): {sorted(unknown)}")
             if "ema_preds" in keywords:
                 raise TypeError("ema_preds is a forward() argument of AdaptiveDPOLoss, not a keyword")
-            defaults = adaptive_dpo_loss.__kwdefaults__
-            make_config(**{k: keywords.get(k, defaults[k]) for k in CONFIG_KEYS})
+            make_config(**scalar_keywords(adaptive_dpo_loss, **keywords))
             check_choice("backend", keywords["backend"], BACKENDS)
             # The DeDPO labels are per-batch data: they are checked against the batch at forward.
             self.keywords = keywords

@@ -418,7 +418,7 @@ def flash_check(name: str, got: torch.Tensor, eager: torch.Tensor, ref64: torch.
 def loss_config(**keywords):
     """A validated ``LossConfig`` from some of ``adaptive_dpo_loss``'s scalar keywords, the rest
     taken from the public signature's defaults."""
-    from fastpref.validation import CONFIG_KEYS, make_config
+    from fastpref.frontend import scalar_keywords
+    from fastpref.validation import make_config
 
-    defaults = fastpref.adaptive_dpo_loss.__kwdefaults__
-    return make_config(**{key: keywords.get(key, defaults[key]) for key in CONFIG_KEYS})
+    return make_config(**scalar_keywords(fastpref.adaptive_dpo_loss, **keywords))
