@@ -6,7 +6,7 @@ autograd plumbing and the autograd engine running the backward. Uses the native 
 (``cpp``) when it is built, else stops with the reason.
 
 The public call runs twice: through ``fastpref::cpp_loss`` (the C++ autograd kernel, the eager
-default) and through ``fastpref.fused.FusedAdaptiveDPO`` (the Python autograd.Function that
+default) and through ``fastpref.loss.autograd.FusedAdaptiveDPO`` (the Python autograd.Function that
 ``torch.compile`` traces, forced here with ``cpp_backend._python_autograd``). Stages are timed in
 interleaved rounds (every stage once per round), so that load from other processes spreads over
 all stages alike; the median and the fastest round are reported (on a busy machine the fastest
@@ -19,9 +19,10 @@ import time
 import torch
 
 import fastpref
-from fastpref import dispatch, fused
-from fastpref.frontend import cached_config, scalar_keywords
-from fastpref.validation import make_config, make_inputs
+from fastpref.loss import autograd as fused
+from fastpref.loss import dispatch
+from fastpref.loss.api import cached_config, scalar_keywords
+from fastpref.loss.options import make_config, make_inputs
 
 
 def interleaved_us(stages, calls=500, rounds=25, warmup=200):
@@ -43,7 +44,7 @@ def main():
     reason = fastpref.availability("cpu")["cpp"]
     if reason is not None:
         raise SystemExit(f"the cpp backend is unavailable: {reason}")
-    from fastpref import cpp_backend
+    from fastpref.loss import native as cpp_backend
 
     batch, shape = 2, (1, 2, 2)
     model_pred = torch.randn(2 * batch, *shape, requires_grad=True)
@@ -99,7 +100,7 @@ def main():
     ]
     times = interleaved_us(stages)
     print(f"# per-call cost on a tiny input (B={batch}, S={shape}, K=2, fp32), torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("# interleaved rounds; '(Python autograd)' = the two ops through fastpref.fused.FusedAdaptiveDPO\n")
+    print("# interleaved rounds; '(Python autograd)' = the two ops through fastpref.loss.autograd.FusedAdaptiveDPO\n")
     print("| stage | us per call, median | fastest round |\n|---|---|---|")
     for name, _ in stages:
         print(f"| {name} | {times[name][0]:.1f} | {times[name][1]:.1f} |")

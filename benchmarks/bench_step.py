@@ -1,14 +1,14 @@
 """Step benchmark of the preference trainer: ``python benchmarks/bench_step.py [--quick] [--model tiny|sd15-random]``.
 
 Wall time of one optimizer step (one micro-batch of B pairs = 2B images, gradient accumulation
-1) of :class:`fastpref.trainer.PreferenceTrainer`, and samples/s = 2B / step time, for:
+1) of :class:`fastpref.train.trainer.PreferenceTrainer`, and samples/s = 2B / step time, for:
 
 =====================  =======================================================================
 variant                what runs each step
 =====================  =======================================================================
 ``dpo/cached``         Diffusion-DPO on cached latents and text embeddings (the trainer's batch
                        holds them; ``--cache_latents``): reference forward + policy fwd/bwd.
-``dpo/uncached``       the same, but the VAE encodes the 2B images (``fastpref.data.encode_images``)
+``dpo/uncached``       the same, but the VAE encodes the 2B images (``fastpref.train.data.encode_images``)
                        and the text encoder the B captions (``encode_prompts``) every step, as
                        diffusers' ``train_diffusion_dpo.py`` does: "diffusers' script".
 ``fastpref/cached``    Adaptive-DPO, K = 2 EMA footprints (decays 0.9999, 0.5) kept on the device
@@ -47,7 +47,7 @@ the remainder is the policy forward, the loss and the trainer's bookkeeping) -- 
 syncs, so they are reported apart from the step times -- and a probe of whether one batched
 no-grad forward of 6B samples beats three of 2B (the reference + K = 2 footprint forwards).
 
-Models: ``tiny`` (default) is ``fastpref.tiny_model.make_tiny_model``'s SD1.5 pipeline written to
+Models: ``tiny`` (default) is ``fastpref.testing.tiny_model.make_tiny_model``'s SD1.5 pipeline written to
 a temporary folder, 64 px, 4 pairs, fp32; ``sd15-random`` is a UNet, VAE and CLIP text encoder of
 Stable Diffusion 1.5's published sizes (configs below) with random weights, 512 px, 8 pairs, bf16
 -- meant for a GPU. The goals of issue 5 are stated for SD1.5 on an H100; the script says whether
@@ -81,9 +81,11 @@ if not torch.cuda.is_available():  # as fastpref.bench: must precede any import 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastpref  # noqa: E402
-from fastpref import data  # noqa: E402
-from fastpref.bench import _slug, device_name, markdown  # noqa: E402
-from fastpref.trainer import PreferenceTrainer, TrainConfig  # noqa: E402
+from bench_loss import _slug, markdown  # noqa: E402
+
+from fastpref.machine import device_name  # noqa: E402
+from fastpref.train import data  # noqa: E402
+from fastpref.train.trainer import PreferenceTrainer, TrainConfig  # noqa: E402
 
 DECAYS = (0.9999, 0.5)  # the authors' (and fastpref train's default) EMA decays, K = 2
 GOAL_ADAPTIVE = 1.5  # Adaptive (K=2) step <= 1.5x the latent-cached DPO step
@@ -184,7 +186,7 @@ class AuthorsEMAFootprints:
 
     Their EMAs start from a separately loaded UNet with a fresh LoRA adapter; these start from
     the policy's own parameters -- the same tensors in the same order and dtypes, so the same
-    copies and the same time. Same interface as ``fastpref.footprints``: ``len``, ``update()``,
+    copies and the same time. Same interface as ``fastpref.train.footprints``: ``len``, ``update()``,
     ``use(k)``.
     """
 
@@ -254,7 +256,7 @@ def build_components(model: str, device: torch.device, weight_dtype: torch.dtype
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     if model == "tiny":
-        from fastpref.tiny_model import make_tiny_model
+        from fastpref.testing.tiny_model import make_tiny_model
 
         path = make_tiny_model(workdir / "tiny-sd15", arch="sd15", seed=seed)
         vae, tokenizers, text_encoders = data.load_encoders(path, "sd15", dtype=weight_dtype, device=device)
@@ -263,12 +265,12 @@ def build_components(model: str, device: torch.device, weight_dtype: torch.dtype
         def new_unet():
             return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
 
-        return Components(new_unet, scheduler, vae, tokenizers, text_encoders, "fastpref.tiny_model SD1.5 (random weights, tiny widths)")
+        return Components(new_unet, scheduler, vae, tokenizers, text_encoders, "fastpref.testing.tiny_model SD1.5 (random weights, tiny widths)")
 
     if model == "sd15-random":
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from fastpref.tiny_model import load_tokenizer, write_tokenizer
+        from fastpref.testing.tiny_model import load_tokenizer, write_tokenizer
 
         write_tokenizer(workdir / "tokenizer")
         tokenizer = load_tokenizer(workdir / "tokenizer")  # byte-level BPE, 77 tokens as CLIP's; ids fit CLIP's vocab

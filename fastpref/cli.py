@@ -1,7 +1,6 @@
 """The ``fastpref`` command line.
 
     fastpref info             which backends run here, and why the others do not
-    fastpref bench [--quick]  parity against the float64 reference and a timing table
     fastpref make-tiny-model DIR --arch sd15|sdxl [--seed N]
                               a tiny random-weight diffusers pipeline, loadable offline
     fastpref make-toy-data DIR --pairs N [--resolution R --seed S --ties T --corrupt C --judge]
@@ -24,11 +23,12 @@ def _info(argv) -> int:
     import torch
 
     import fastpref
+    from fastpref.loss import dispatch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"fastpref {fastpref.__version__}, torch {torch.__version__}")
     for device in devices:
-        print(f"{device}: auto -> {fastpref.dispatch.auto_backend(torch.device(device))}")
+        print(f"{device}: auto -> {dispatch.auto_backend(torch.device(device))}")
         for name, reason in fastpref.availability(device).items():
             print(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
     return 0
@@ -46,11 +46,10 @@ def _module_main(module: str):
 
 COMMANDS = {
     "info": _info,
-    "bench": _module_main("bench"),
-    "make-tiny-model": _module_main("tiny_model"),
-    "make-toy-data": _module_main("toy_data"),
-    "train": _module_main("train"),
-    "demo": _module_main("demo"),
+    "make-tiny-model": _module_main("testing.tiny_model"),
+    "make-toy-data": _module_main("testing.toy_data"),
+    "train": _module_main("train.cli"),
+    "demo": _module_main("demo.study"),
 }
 
 

@@ -2,7 +2,7 @@
 seeded factory of loss inputs (shapes, dtypes, layouts) with their float64 oracle values.
 
 Triton decides between compiled and interpreted kernels when ``@triton.jit`` runs, i.e. when
-``fastpref.triton_kernels`` is imported, so ``TRITON_INTERPRET=1`` is set here, before anything
+``fastpref.loss.triton.kernels`` is imported, so ``TRITON_INTERPRET=1`` is set here, before anything
 imports ``fastpref`` or ``triton``, whenever no CUDA device is present. ``import torch`` does not
 import triton.
 
@@ -12,7 +12,7 @@ Fixtures and hooks:
   reports available on ``DEVICE``, plus ``"torch"`` (so a built ``"cpp"`` backend is picked up
   with no change here).
 - ``backend`` + ``tiling``: the same, plus a ``"multi"`` tiling for the Triton backend, which
-  monkeypatches ``fastpref.triton_backend.launch_config`` to small blocks and several chunks so
+  monkeypatches ``fastpref.loss.triton.ops.launch_config`` to small blocks and several chunks so
   that the multi-chunk and multi-iteration paths of the kernels run even for tiny inputs.
 - ``make_case``: the :func:`make_case` factory.
 """
@@ -58,7 +58,7 @@ MULTI_CHUNK = 128
 
 
 def multi_chunk_config(features: int, batch: int, device) -> "object":
-    from fastpref import triton_backend
+    from fastpref.loss.triton import ops as triton_backend
 
     n_chunks = -(-features // MULTI_CHUNK)
     return triton_backend.LaunchConfig(block=MULTI_BLOCK, chunk_size=MULTI_CHUNK, n_chunks=n_chunks)
@@ -95,7 +95,7 @@ def apply_tiling(monkeypatch, backend: str, mode: str) -> None:
     """Install tiling ``mode`` for ``backend``: ``"multi"`` patches the Triton launch heuristic."""
     if mode == "multi":
         assert backend in TILED_BACKENDS, backend
-        from fastpref import triton_backend
+        from fastpref.loss.triton import ops as triton_backend
 
         monkeypatch.setattr(triton_backend, "launch_config", multi_chunk_config)
 
@@ -418,7 +418,7 @@ def flash_check(name: str, got: torch.Tensor, eager: torch.Tensor, ref64: torch.
 def loss_config(**keywords):
     """A validated ``LossConfig`` from some of ``adaptive_dpo_loss``'s scalar keywords, the rest
     taken from the public signature's defaults."""
-    from fastpref.frontend import scalar_keywords
-    from fastpref.validation import make_config
+    from fastpref.loss.api import scalar_keywords
+    from fastpref.loss.options import make_config
 
     return make_config(**scalar_keywords(fastpref.adaptive_dpo_loss, **keywords))

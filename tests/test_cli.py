@@ -44,7 +44,7 @@ def test_bench_parity_only_writes_json(tmp_path):
 
 
 def test_bench_traffic_model():
-    from fastpref.bench import Case, traffic_bytes
+    from bench_loss import Case, traffic_bytes
 
     case = Case("x", 8, (4, 64, 64), 2, "float32")
     sample = 4 * 64 * 64 * 4
@@ -77,7 +77,7 @@ def test_public_names_are_documented(name):
 def test_peak_extra_bytes_counts_allocations_alive_at_the_peak():
     import torch
 
-    from fastpref.bench import peak_extra_bytes
+    from bench_loss import peak_extra_bytes
 
     size = 1 << 20
     kept = []

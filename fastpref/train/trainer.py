@@ -40,7 +40,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import adaptive_dpo_loss
+from .. import adaptive_dpo_loss
 from .data import pairs_to_batch
 from .footprints import AdapterFootprints, ModelFootprints, adapters_disabled, lora_layers
 
@@ -134,8 +134,8 @@ class TrainConfig:
         if self.uses_footprints and not self.ema_decays:
             raise ValueError(f"loss_type {self.loss_type!r} with weighting/margin needs at least one EMA decay (ema_decays)")
         if self.loss_type != "sft":  # fail now, not at the first batch: the loss checks its keywords
-            from .frontend import scalar_keywords
-            from .validation import make_config
+            from ..loss.api import scalar_keywords
+            from ..loss.options import make_config
 
             make_config(**scalar_keywords(adaptive_dpo_loss, **self.loss_keywords(metric_on=True)))
 

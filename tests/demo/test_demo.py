@@ -1,4 +1,4 @@
-"""The toy preference world (``fastpref.toy_world``) and the ``fastpref demo`` study
+"""The toy preference world (``fastpref.demo.world``) and the ``fastpref demo`` study
 (``fastpref.demo``): determinism, the reward on hand-built images, the AUROC against a
 brute-force count, the labels, and one ``--quick`` run end to end (shape and finiteness of
 ``results.json``)."""
@@ -16,8 +16,8 @@ import torch
 pytest.importorskip("diffusers", reason="the toy world needs the train extra (diffusers)")
 pytest.importorskip("accelerate", reason="the trainer needs the train extra (accelerate)")
 
-from fastpref import demo  # noqa: E402
-from fastpref import toy_world as tw  # noqa: E402
+from fastpref.demo import study as demo  # noqa: E402
+from fastpref.demo import world as tw  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def one_thread():

@@ -4,7 +4,7 @@ Forward: ``fastpref::triton_forward`` runs the error kernel (one pass over every
 the target, ``ceil(K/4)`` passes for K > 4) and the head kernel. Backward:
 ``fastpref::triton_backward`` runs the gradient kernel. Both ops are opaque to
 ``torch.compile`` (``register_fake`` gives their output shapes), and
-``fastpref.fused.FusedAdaptiveDPO`` ties them together with the hand-written backward, saving only
+``fastpref.loss.autograd.FusedAdaptiveDPO`` ties them together with the hand-written backward, saving only
 ``a_j`` and the inputs.
 
 With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter (slow:
@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fused
-from . import triton_kernels as K
-from .validation import LossConfig, LossInputs, acc_dtype
+from .. import autograd as fused
+from . import kernels as K
+from ..options import LossConfig, LossInputs, acc_dtype
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -71,7 +71,7 @@ def _params(values: Tuple[float, ...], dtype: torch.dtype, device: torch.device)
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-# Custom ops with the schemas documented in fastpref.fused.
+# Custom ops with the schemas documented in fastpref.loss.autograd.
 
 
 @torch.library.custom_op("fastpref::triton_forward", mutates_args=())

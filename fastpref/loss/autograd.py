@@ -24,7 +24,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from .validation import LossConfig, LossInputs, acc_dtype
+from .options import LossConfig, LossInputs, acc_dtype
 
 PRESET_CODES = {"official": 0, "paper": 1}
 WEIGHTING_CODES = {"linear": 0, "square": 1, "sqrt": 2, "sigmoid": 3, "none": 4}

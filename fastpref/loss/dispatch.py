@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .validation import LossConfig, LossInputs, resolve_backend_name
+from .options import LossConfig, LossInputs, resolve_backend_name
 
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once: it sits on every call's path
@@ -26,7 +26,7 @@ def triton_unavailable(device: torch.device) -> Optional[str]:
         return "triton is not installed (pip install triton)"
     if device.type == "cuda":
         return None
-    from .triton_backend import interpreter_enabled
+    from .triton.ops import interpreter_enabled
 
     if device.type == "cpu" and interpreter_enabled():
         return None
@@ -58,7 +58,7 @@ def _cpp_load_error() -> Optional[str]:
             )
         else:
             try:
-                importlib.import_module("fastpref.cpp_backend")
+                importlib.import_module("fastpref.loss.native")
             except Exception as exc:  # an ImportError, or a registration error raised while loading
                 reason = (
                     f"the native extension fastpref._C is built but fails to load: {type(exc).__name__}: {exc} "
@@ -114,13 +114,13 @@ def run(inputs: LossInputs, config: LossConfig, return_stats: bool, backend: str
     """Run the loss on the selected backend: ``(loss, stats or None)``."""
     name = select(backend, inputs)
     if name == "cpp":
-        from . import cpp_backend
+        from . import native
 
-        return cpp_backend.run(inputs, config, return_stats)
+        return native.run(inputs, config, return_stats)
     if name == "triton":
-        from . import triton_backend
+        from .triton import ops as triton_ops
 
-        return triton_backend.run(inputs, config, return_stats)
+        return triton_ops.run(inputs, config, return_stats)
     from . import reference
 
     return reference.forward(inputs, config, return_stats)

@@ -18,7 +18,7 @@ from conftest import (
     make_case,
     outputs,
 )
-from fastpref.validation import LOSS_TYPES, PRESETS
+from fastpref.loss.options import LOSS_TYPES, PRESETS
 
 REF = fastpref.reference.adaptive_dpo_loss
 
@@ -271,7 +271,7 @@ def test_tiling_changes_the_launch():
     if not TILED_BACKENDS:
         pytest.skip("no tiled backend on this device")
     from conftest import multi_chunk_config
-    from fastpref import triton_backend
+    from fastpref.loss.triton import ops as triton_backend
 
     for features in (189, 1024):
         cfg = multi_chunk_config(features, 2, DEVICE)

@@ -1,4 +1,4 @@
-"""The offline tiny model, the toy data and the preference data pipeline (fastpref.data).
+"""The offline tiny model, the toy data and the preference data pipeline (fastpref.train.data).
 
 Everything is built here from configs and generated data; nothing is downloaded
 (HF_HUB_OFFLINE=1, and every path is a local folder). Sizes are tiny: the whole file runs in
@@ -22,8 +22,9 @@ pytest.importorskip("pyarrow")
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from fastpref import cli, data  # noqa: E402
-from fastpref.data import (  # noqa: E402
+from fastpref import cli  # noqa: E402
+from fastpref.train import data  # noqa: E402
+from fastpref.train.data import (  # noqa: E402
     LatentCache,
     PairSampler,
     PreferenceDataset,
@@ -34,8 +35,8 @@ from fastpref.data import (  # noqa: E402
     pairs_to_batch,
     shared_noise_and_timesteps,
 )
-from fastpref.tiny_model import detect_arch  # noqa: E402
-from fastpref.toy_data import JUDGE_COLUMN, encode_jpeg, judge_probabilities, make_rows, write_parquet  # noqa: E402
+from fastpref.train.arch import detect_arch  # noqa: E402
+from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, judge_probabilities, make_rows, write_parquet  # noqa: E402
 
 RES = 32
 PAIRS, TIES, CORRUPT = 24, 3, 1
@@ -122,7 +123,7 @@ def test_tiny_model_loads_offline_and_runs(models, arch):
 def test_tiny_model_is_seeded(models, tmp_path):
     from safetensors.torch import load_file
 
-    from fastpref.tiny_model import make_tiny_model
+    from fastpref.testing.tiny_model import make_tiny_model
 
     again = make_tiny_model(tmp_path / "again", "sd15", seed=0)
     other = make_tiny_model(tmp_path / "other", "sd15", seed=1)

@@ -6,9 +6,9 @@
 Flags follow diffusers' ``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py``
 where the concept is the same (``--beta_dpo`` has the same scale there and here). The loop:
 load the pipeline folder (SDXL is detected from it), read the parquet data
-(:class:`fastpref.data.PreferenceDataset`: winner first, ties dropped unless ``--keep_ties``,
+(:class:`fastpref.train.data.PreferenceDataset`: winner first, ties dropped unless ``--keep_ties``,
 seeded ``--flip_rate`` flips, bad rows skipped and counted), optionally encode it once into a
-latent cache (``--cache_latents``), and run :class:`fastpref.trainer.PreferenceTrainer` for
+latent cache (``--cache_latents``), and run :class:`fastpref.train.trainer.PreferenceTrainer` for
 ``--max_train_steps`` optimizer steps. Outputs in ``--output_dir``:
 
 - ``pytorch_lora_weights.safetensors`` (LoRA; ``pipe.load_lora_weights(output_dir)`` loads it)
@@ -196,7 +196,7 @@ def install_lora_hooks(accelerator, unet_type) -> None:
 
 class ShardSampler(torch.utils.data.Sampler):
     """This process's share of a global stream: global micro-batch ``g`` is positions
-    ``[g*P*B, (g+1)*P*B)`` of the :class:`fastpref.data.PairSampler`; process ``p`` takes
+    ``[g*P*B, (g+1)*P*B)`` of the :class:`fastpref.train.data.PairSampler`; process ``p`` takes
     ``[p*B, (p+1)*B)`` of it. One process with batch ``P*B`` sees the same pairs in the same order."""
 
     def __init__(self, sampler, batch_size: int, num_processes: int, process_index: int):
@@ -219,7 +219,7 @@ def time_ids(batch: dict, resolution: int) -> torch.Tensor:
 
 class Encoder:
     """Turns a collated batch (pixels and captions, or cached latents and embeddings) into the
-    trainer's batch (:mod:`fastpref.trainer`)."""
+    trainer's batch (:mod:`fastpref.train.trainer`)."""
 
     def __init__(self, vae, tokenizers, text_encoders, resolution: int, device):
         self.vae, self.tokenizers, self.text_encoders = vae, tokenizers, text_encoders
@@ -256,7 +256,7 @@ def train(args) -> dict:
     from tqdm.auto import tqdm
 
     from . import data
-    from .tiny_model import detect_arch
+    from .arch import detect_arch
     from .trainer import NonFiniteLossError, PreferenceTrainer, TrainConfig
 
     output_dir = Path(args.output_dir)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastpref
-import fastpref.fused
+import fastpref.loss.autograd
 from conftest import BACKENDS, DEVICE, loss_config, make_case
 
 HAS_TRITON = "triton" in BACKENDS
@@ -127,7 +127,7 @@ def test_compiled_triton_matches_torch_backend():
 
 
 def _forward_samples():
-    from fastpref.validation import make_inputs
+    from fastpref.loss.options import make_inputs
 
     samples = []
     specs = [
@@ -142,7 +142,7 @@ def _forward_samples():
         config = loss_config(beta=5.0, **config_kw)
         labels = case.label_kwargs() if config.loss_type == "dedpo" else {}
         inputs = make_inputs(model, ref, target, ema, config, {**dict.fromkeys(("synthetic_label", "human_label", "human_mask", "propensity")), **labels})
-        settings, modes = fastpref.fused.encode(config)
+        settings, modes = fastpref.loss.autograd.encode(config)
         args = (inputs.model_pred, inputs.ref_pred, inputs.target, list(inputs.ema_preds), inputs.soft_label, settings, modes)
         samples.append(pytest.param(args, id=name))
     return samples

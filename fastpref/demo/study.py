@@ -1,6 +1,6 @@
 """``fastpref demo``: Adaptive-DPO's label-flip study (paper Tab. 2 / Tab. 8, Fig. 3) in the toy
-preference world of :mod:`fastpref.toy_world`, through fastpref's own training loop
-(:class:`fastpref.trainer.PreferenceTrainer`, the object ``fastpref train`` runs on SD1.5).
+preference world of :mod:`fastpref.demo.world`, through fastpref's own training loop
+(:class:`fastpref.train.trainer.PreferenceTrainer`, the object ``fastpref train`` runs on SD1.5).
 
 What it runs (every run starts from the same cached base model, sees the same pairs in the same
 seeded order for a seed, and takes the same number of optimizer steps):
@@ -14,7 +14,7 @@ seeded order for a seed, and takes the same number of optimizer steps):
    Fig. 3: the share of flipped pairs per u bin.
 2. **Structured minority.** DPO, Adaptive-DPO, Robust-DPO when every pair of one colour is
    labelled by "vivid" annotators who prefer the brighter image (see
-   :func:`fastpref.toy_world.structured_minority`): reward on all held-out prompts, on the
+   :func:`fastpref.demo.world.structured_minority`): reward on all held-out prompts, on the
    minority colour's prompts and on the others, and the AUROC of u for the pairs whose label
    disagrees with the reward.
 3. **DeDPO** (issue 7 part 3). A biased, noisy judge labels every pair, humans label a seeded
@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import toy_world as tw
+from . import world as tw
 
 FLIP_RATES = (0, 10, 20, 30)
 METHODS = ("dpo", "adaptive", "robust", "ipo", "adaptive-ipo")
@@ -114,7 +114,7 @@ def quick_config(seeds: int = 1) -> StudyConfig:
 
 def method_defaults() -> dict:
     """The method hyper-parameters every run uses (the spec's / paper's defaults, unchanged)."""
-    from .trainer import TrainConfig
+    from ..train.trainer import TrainConfig
 
     default = TrainConfig()
     return {
@@ -257,12 +257,12 @@ def make_batch(world: tw.World, data: Dict[str, torch.Tensor], idx: torch.Tensor
 
 
 def train_run(world: tw.World, spec: RunSpec, study: StudyConfig) -> dict:
-    """Train one run through :class:`fastpref.trainer.PreferenceTrainer` and evaluate it.
+    """Train one run through :class:`fastpref.train.trainer.PreferenceTrainer` and evaluate it.
     Returns a record: ``reward`` (held-out mean), ``per_colour``, ``seconds``, the last steps'
     ``loss`` / ``implicit_acc``, and for runs with the metric on, per-pair arrays ``u``,
     ``weight``, ``flipped``, ``member`` (structured minority) over every step after the warm-up."""
-    from .data import PairSampler
-    from .trainer import PreferenceTrainer, TrainConfig
+    from ..train.data import PairSampler
+    from ..train.trainer import PreferenceTrainer, TrainConfig
 
     start = time.perf_counter()
     steps = spec.steps or study.steps
@@ -565,7 +565,7 @@ def markdown(results: dict) -> str:
 
 
 def write_plots(results: dict, output_dir: Path) -> List[str]:
-    """The PNG charts (drawn with :mod:`fastpref.pngplot`); returns their file names."""
+    """The PNG charts (drawn with :mod:`fastpref.demo.pngplot`); returns their file names."""
     from . import pngplot
 
     names = []
@@ -607,7 +607,7 @@ def write_plots(results: dict, output_dir: Path) -> List[str]:
 
 def machine() -> dict:
     """The machine the study ran on."""
-    from .bench import cpu_model
+    from ..machine import cpu_model
 
     return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
 

@@ -22,11 +22,9 @@ SDXL's two text encoders whose hidden states are concatenated, its pooled embedd
 forward takes milliseconds on a CPU.
 
 The tokenizer is byte-level BPE like CLIP's: the 256 byte symbols (and their word-final ``</w>``
-forms), merges for the words of :mod:`fastpref.toy_data` captions, and CLIP's two special tokens
+forms), merges for the words of :mod:`fastpref.testing.toy_data` captions, and CLIP's two special tokens
 last (``<|startoftext|>``, ``<|endoftext|>``), so any text tokenizes (unknown words fall back to
 bytes).
-
-``detect_arch(path)`` reads ``model_index.json`` (or looks for ``text_encoder_2``).
 """
 
 from __future__ import annotations
@@ -281,27 +279,6 @@ def make_tiny_model(path, arch: str = "sd15", seed: int = 0, overwrite: bool = F
     shutil.rmtree(staging)
     (path / "fastpref_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, "vocab_size": len(vocab)}, indent=2) + "\n")
     return path
-
-
-def detect_arch(path) -> str:
-    """"sdxl" or "sd15" for a diffusers pipeline folder, from its ``model_index.json``.
-
-    SDXL is recognised by a ``text_encoder_2`` entry (or, without a model index, a
-    ``text_encoder_2`` folder) or an ``...XL...`` pipeline class; anything else is "sd15".
-    """
-    path = Path(path)
-    index_file = path / "model_index.json"
-    if index_file.exists():
-        index = json.loads(index_file.read_text())
-        entry = index.get("text_encoder_2")
-        if (isinstance(entry, list) and entry and entry[0] is not None) or "XL" in str(index.get("_class_name", "")):
-            return "sdxl"
-        return "sd15"
-    if (path / "text_encoder_2").is_dir():
-        return "sdxl"
-    if (path / "unet").is_dir() or (path / "text_encoder").is_dir():
-        return "sd15"
-    raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json, unet/ or text_encoder/)")
 
 
 def main(argv=None) -> int:

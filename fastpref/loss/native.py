@@ -1,7 +1,7 @@
 """The ``"cpp"`` backend: fastpref's native CPU kernels (``csrc/``, built as ``fastpref._C``).
 
 Importing ``fastpref._C`` registers three ``torch.library`` ops: ``fastpref::cpp_forward`` and
-``fastpref::cpp_backward`` (schemas in ``fastpref.fused``), and ``fastpref::cpp_loss``, the
+``fastpref::cpp_backward`` (schemas in ``fastpref.loss.autograd``), and ``fastpref::cpp_loss``, the
 forward op with the backward op attached by a C++ autograd kernel (``csrc/fastpref_autograd.cpp``):
 same arguments as ``cpp_forward``, outputs ``(loss, pair_stats, sample_err, accuracy)``. This
 module adds their fake implementations.
@@ -9,7 +9,7 @@ module adds their fake implementations.
 Every call runs ``cpp_loss``: in eager mode neither the forward nor the autograd engine's
 backward enters Python, and under ``torch.compile`` AOTAutograd traces the autograd kernel into
 ``cpp_forward`` (forward graph) and ``cpp_backward`` (backward graph), opaque ops with fakes. It
-is bitwise identical to running the two ops through ``fastpref.fused.FusedAdaptiveDPO`` as the
+is bitwise identical to running the two ops through ``fastpref.loss.autograd.FusedAdaptiveDPO`` as the
 Triton backend does (``tests/test_cpp_backend.py``); setting ``_python_autograd = True`` makes
 calls take that path (for those tests and ``benchmarks/bench_overhead.py``).
 
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library, registering the ops)
-from . import fused
-from .validation import LossConfig, LossInputs
+from .. import _C  # noqa: F401  (loads the library, registering the ops)
+from . import autograd as fused
+from .options import LossConfig, LossInputs
 
 torch.library.register_fake("fastpref::cpp_forward")(fused.fake_forward)
 torch.library.register_fake("fastpref::cpp_backward")(fused.fake_backward)

@@ -1,5 +1,5 @@
 """Triton kernels of the fused loss: one pass for the errors, one program for the per-pair head,
-one pass for the gradient. Launch code lives in ``fastpref.triton_backend``.
+one pass for the gradient. Launch code lives in ``fastpref.loss.triton.ops``.
 
 Notation (spec §2): pair j is rows j (winner, w) and j+B (loser, l) of ``[2B, D]`` inputs;
 ``e_m[i] = (1/D) sum_d (pred_m[i,d] - t[i,d])^2`` for model m in (policy, ref, ema_1..ema_K);
@@ -32,7 +32,7 @@ All reductions run in a fixed order with no atomics, so results are bitwise repr
 import triton
 import triton.language as tl
 
-# The string options reach the kernels as the integer codes of fastpref.fused (constexprs), the
+# The string options reach the kernels as the integer codes of fastpref.loss.autograd (constexprs), the
 # scalar settings as a ``params`` tensor in the order of fused.encode.
 MAX_SLOTS = 6  # predictions summed per pass of the error kernel: policy, ref and 4 EMA models
 

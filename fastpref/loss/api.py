@@ -1,15 +1,16 @@
 """The public signatures of spec §8, written once and instantiated twice: in ``fastpref`` (any
-backend, through ``fastpref.dispatch``) and in ``fastpref.reference`` (always eager PyTorch).
+backend, through ``fastpref.loss.dispatch``) and in ``fastpref.reference`` (always eager PyTorch).
 
 A ``run(inputs, config, return_stats, backend)`` callable does the work; this module only checks
-the arguments (``fastpref.validation``) and shapes the result (``finish_stats``).
+the arguments (``fastpref.loss.options``) and shapes the result (``finish_stats``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .validation import BACKENDS, CONFIG_KEYS, check_choice, make_config, make_inputs
+from . import dispatch
+from .options import BACKENDS, CONFIG_KEYS, check_choice, make_config, make_inputs
 
 ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight and margin), spec §2-§6.
 
@@ -209,3 +210,8 @@ def make_loss_module(adaptive_dpo_loss, *, default_backend: str, module_name: st
 
     AdaptiveDPOLoss.__module__ = module_name
     return AdaptiveDPOLoss
+
+
+adaptive_dpo_loss = make_adaptive_dpo_loss(dispatch.run, default_backend="auto", module_name="fastpref")
+diffusion_dpo_loss = make_diffusion_dpo_loss(adaptive_dpo_loss, default_backend="auto", module_name="fastpref")
+AdaptiveDPOLoss = make_loss_module(adaptive_dpo_loss, default_backend="auto", module_name="fastpref")

@@ -29,13 +29,15 @@ import torch
 
 import fastpref
 from conftest import assert_close64, call_loss, make_case, outputs
-from fastpref import dispatch, fused
+from fastpref.loss import autograd as fused
+from fastpref.loss import dispatch
 
 CPP_REASON = fastpref.availability("cpu")["cpp"]
 pytestmark = pytest.mark.skipif(CPP_REASON is not None, reason=f"cpp backend unavailable: {CPP_REASON}")
 
 if CPP_REASON is None:
-    from fastpref import _C, cpp_backend  # noqa: F401
+    from fastpref import _C  # noqa: F401
+    from fastpref.loss import native as cpp_backend  # noqa: F401
 
 REF = fastpref.reference.adaptive_dpo_loss
 CHUNK = 4096  # columns per parallel task in csrc/cpu_kernels.h (kChunk)
@@ -266,7 +268,7 @@ def test_gradcheck_float64_multi_chunk(config, path):
 
 
 def op_settings(*, beta=5.0, loss_type="sigmoid", reduction="mean"):
-    """``(settings, modes)`` op arguments (fastpref.fused's encoding) of the default
+    """``(settings, modes)`` op arguments (fastpref.loss.autograd's encoding) of the default
     Adaptive-DPO config with the given beta, loss type and reduction."""
     settings = [beta, 15.0, 10.0, -1.0 / beta, math.nan, 0.1, beta]
     modes = [
@@ -394,7 +396,7 @@ def test_reason_when_the_build_fails_to_load(monkeypatch):
 def test_import_loads_the_backend_but_not_dynamo():
     """``import fastpref`` looks up the native backend (so a first call under torch.compile only
     reads the result) without importing torch._dynamo, which would double the import time."""
-    code = "import sys, fastpref; print('torch._dynamo' in sys.modules, 'fastpref.cpp_backend' in sys.modules)"
+    code = "import sys, fastpref; print('torch._dynamo' in sys.modules, 'fastpref.loss.native' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
 

@@ -32,7 +32,7 @@ from conftest import (
     make_case,
     outputs,
 )
-from fastpref.validation import LOSS_TYPES, MARGINS, PRESETS, REDUCTIONS, WEIGHTINGS
+from fastpref.loss.options import LOSS_TYPES, MARGINS, PRESETS, REDUCTIONS, WEIGHTINGS
 
 REF = fastpref.reference.adaptive_dpo_loss
 BETA = 5.0  # with noise 1 and D = 189, l ~ 0.2, so z = beta * l ~ 1: no head saturates

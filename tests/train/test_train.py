@@ -1,4 +1,4 @@
-"""The trainer: ``fastpref.trainer`` units and ``fastpref train`` end to end on the tiny models.
+"""The trainer: ``fastpref.train.trainer`` units and ``fastpref train`` end to end on the tiny models.
 
 End-to-end runs use the offline tiny pipelines (``fastpref make-tiny-model``) and generated
 Pick-a-Pic parquet data (``fastpref make-toy-data``), built once per session.
@@ -22,10 +22,10 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 from fastpref import reference  # noqa: E402
-from fastpref.footprints import ema_decay  # noqa: E402
-from fastpref.tiny_model import make_tiny_model, unet_kwargs  # noqa: E402
-from fastpref.toy_data import make_toy_data  # noqa: E402
-from fastpref.trainer import PreferenceTrainer, TrainConfig, step_seed  # noqa: E402
+from fastpref.train.footprints import ema_decay  # noqa: E402
+from fastpref.testing.tiny_model import make_tiny_model, unet_kwargs  # noqa: E402
+from fastpref.testing.toy_data import make_toy_data  # noqa: E402
+from fastpref.train.trainer import PreferenceTrainer, TrainConfig, step_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FASTPREF = [sys.executable, "-m", "fastpref.cli"]
@@ -233,7 +233,7 @@ def test_gradient_accumulation_window_and_flip_stats():
 
 
 def test_nonfinite_loss_skips_the_step_then_aborts():
-    from fastpref.trainer import NonFiniteLossError
+    from fastpref.train.trainer import NonFiniteLossError
 
     trainer = make_trainer(loss_type="dpo", max_nonfinite_steps=2)
     before = [p.detach().clone() for p in trainer.params]
@@ -262,7 +262,7 @@ ISSUE_FLAGS = """--pretrained_model_name_or_path --dataset_name --output_dir --r
 
 
 def test_help_documents_every_flag():
-    from fastpref.train import build_parser
+    from fastpref.train.cli import build_parser
 
     parser = build_parser()
     options = {o for action in parser._actions for o in action.option_strings}

@@ -291,7 +291,7 @@ def reason_given(message: str) -> bool:
 @pytest.fixture
 def cpp_not_built(monkeypatch):
     """The dispatch as it is on a machine where the native extension was not built."""
-    monkeypatch.setattr(fastpref.dispatch, "_CPP_STATUS", ["the native extension fastpref._C is not built"])
+    monkeypatch.setattr(fastpref.loss.dispatch, "_CPP_STATUS", ["the native extension fastpref._C is not built"])
 
 
 @pytest.mark.parametrize("fn", [fastpref.adaptive_dpo_loss, fastpref.diffusion_dpo_loss, module_call(fastpref.AdaptiveDPOLoss)], ids=["adaptive", "diffusion", "module"])
@@ -327,7 +327,7 @@ class Spy:
 @needs_triton
 def test_triton_interpreter_flag_is_read_at_call_time(monkeypatch):
     """The dispatch reads TRITON_INTERPRET per call: set, the call reaches the Triton backend."""
-    from fastpref import triton_backend
+    from fastpref.loss.triton import ops as triton_backend
 
     (model_pred, ref_pred, target), _ = good()
     spy = Spy(result=lambda inputs, config, return_stats: (torch.zeros(()), None))
@@ -343,8 +343,8 @@ def test_triton_interpreter_flag_is_read_at_call_time(monkeypatch):
 
 @needs_triton
 def test_env_torch_makes_auto_use_torch(monkeypatch):
-    import fastpref.dispatch as dispatch
-    from fastpref import triton_backend
+    import fastpref.loss.dispatch as dispatch
+    from fastpref.loss.triton import ops as triton_backend
 
     (model_pred, ref_pred, target), emas = good()
     # Pretend "auto" picks the Triton kernels on this device (as on CUDA); the override must bypass that.
@@ -410,7 +410,7 @@ def test_validation_before_backend_selection(monkeypatch, case, backend):
 @pytest.mark.parametrize("case", list(EARLY_CASES))
 def test_validation_before_kernel_launch(monkeypatch, case):
     """With the Triton backend selectable, a malformed call never reaches it."""
-    from fastpref import triton_backend
+    from fastpref.loss.triton import ops as triton_backend
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     spy = Spy()

@@ -14,7 +14,7 @@ Pieces (each usable on its own):
   * **Skipped rows.** A row whose caption is not a string, whose label is not 1, 0 or 0.5, or
     whose image cell is empty is *malformed*; one with an image PIL cannot decode is
     *undecodable*. Both are skipped and counted (``num_malformed``, ``num_undecodable``, the rows
-    in ``skipped``), and logged once on the ``fastpref.data`` logger; nothing raises. Images are
+    in ``skipped``), and logged once on the ``fastpref.train.data`` logger; nothing raises. Images are
     decoded once while the dataset is built (``check_images=True``) so that every row that
     survives is known to decode; with ``check_images=False`` only the cheap checks run there (use
     it with :class:`LatentCache`, which records the undecodable rows when it encodes them).
@@ -73,7 +73,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-logger = logging.getLogger("fastpref.data")
+logger = logging.getLogger("fastpref.train.data")
 
 CAPTION, IMAGE_0, IMAGE_1, LABEL = "caption", "jpg_0", "jpg_1", "label_0"
 JUDGE = "synthetic_label_0"  # the AI judge's probability that jpg_0 is preferred (DeDPO mode)
@@ -744,7 +744,7 @@ def load_encoders(model_path, arch: Optional[str] = None, dtype: torch.dtype = t
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .tiny_model import detect_arch
+    from .arch import detect_arch
 
     arch = arch or detect_arch(model_path)
     vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype).to(device).eval()
@@ -931,7 +931,7 @@ class LatentCache:
         batch_size: int = 8,
         shard_size: int = 1024,
     ) -> "LatentCache":
-        from .tiny_model import detect_arch
+        from .arch import detect_arch
 
         given = [m for m in [vae, *(text_encoders or [])] if m is not None]
         if given:

@@ -121,7 +121,7 @@ CONFIG_KEYS = ("beta", "rho", "k1", "k2", "c2", "preset", "weighting", "margin",
 
 def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, eps, ipo_tau, reduction) -> LossConfig:
     """Check the scalar keywords of spec §8 (their defaults live in the public signature,
-    ``fastpref.frontend``) and resolve ``k2 = -1/beta`` and ``tau = beta`` (spec §4)."""
+    ``fastpref.loss.api``) and resolve ``k2 = -1/beta`` and ``tau = beta`` (spec §4)."""
     beta = _check_real("beta", beta)
     if not beta > 0 or math.isinf(beta):
         raise ValueError(f"beta must be a finite number > 0; got {beta}")
