@@ -206,7 +206,9 @@ def loss_callables(case: Case, device, backends: List[str]):
     torch._dynamo.reset()  # a fresh compile per case: one code object serves every shape/dtype
     impls = {"eager": eager, "compile": torch.compile(eager, fullgraph=True)}
     for backend in backends:
-        impls[f"fastpref-{backend}"] = lambda mp, rp, t, e, b=backend: fastpref.adaptive_dpo_loss(mp, rp, t, ema_preds=e, backend=b)
+        impls[f"fastpref-{backend}"] = lambda mp, rp, t, e, b=backend: fastpref.adaptive_dpo_loss(
+            mp, rp, t, ema_preds=e, backend=b
+        )
     settings, modes = fused.encode(make_config(**scalar_keywords(fastpref.adaptive_dpo_loss)))
     for backend in backends:
         forward_op, backward_op = importlib.import_module(f"fastpref.{backend}_backend").OPS
@@ -241,7 +243,6 @@ def gradient(loss, model_pred):
 
 
 def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -> List[dict]:
-    import torch
 
     timer = Timer(device)
     mp, rp, t, e = make_inputs(case, device)
@@ -249,9 +250,9 @@ def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -
     # Gradients through torch.autograd.grad, as inside a UNet's backward: nothing accumulates
     # into a .grad buffer.
     passes = {
-        "fwd": (lambda f: (lambda _: f(mp, rp, t, e)), None),
-        "bwd": (lambda f: (lambda loss: gradient(loss, mp)), lambda f: (lambda: f(mp, rp, t, e))),
-        "fwd+bwd": (lambda f: (lambda _: gradient(f(mp, rp, t, e), mp)), None),
+        "fwd": (lambda f: lambda _: f(mp, rp, t, e), None),
+        "bwd": (lambda f: lambda loss: gradient(loss, mp), lambda f: lambda: f(mp, rp, t, e)),
+        "fwd+bwd": (lambda f: lambda _: gradient(f(mp, rp, t, e), mp), None),
     }
     for fn in impls.values():  # warm up (compile, JIT, caches)
         for _ in range(3):
@@ -382,14 +383,41 @@ def main(argv=None) -> int:
         cases = quick_cases() if args.quick else full_cases()
         rounds = args.rounds or (5 if args.quick else 7)
         reps = 5 if device.type == "cpu" else 20
-        print(f"\n## Timing, Adaptive-DPO (preset official, linear W, quadratic margin), median of {rounds} interleaved rounds\n")
+        print(
+            f"\n## Timing, Adaptive-DPO (preset official, linear W, quadratic margin), median of {rounds} interleaved rounds\n"
+        )
         for case in cases:
             timing += time_case(case, device, timed_backends, rounds, reps)
-        columns = ["case", "impl", "pass", "ms", "vs_eager", "vs_compile", "GBps", "copy_GBps", "pct_of_copy", "peak_extra_MiB", "peak_x_grad"]
-        fmt = {"ms": "{:.3f}", "vs_eager": "{:.2f}x", "vs_compile": "{:.2f}x", "GBps": "{:.1f}", "copy_GBps": "{:.1f}", "pct_of_copy": "{:.0f}%", "peak_extra_MiB": "{:.1f}", "peak_x_grad": "{:.2f}x"}
+        columns = [
+            "case",
+            "impl",
+            "pass",
+            "ms",
+            "vs_eager",
+            "vs_compile",
+            "GBps",
+            "copy_GBps",
+            "pct_of_copy",
+            "peak_extra_MiB",
+            "peak_x_grad",
+        ]
+        fmt = {
+            "ms": "{:.3f}",
+            "vs_eager": "{:.2f}x",
+            "vs_compile": "{:.2f}x",
+            "GBps": "{:.1f}",
+            "copy_GBps": "{:.1f}",
+            "pct_of_copy": "{:.0f}%",
+            "peak_extra_MiB": "{:.1f}",
+            "peak_x_grad": "{:.2f}x",
+        }
         print(markdown(timing, columns, fmt))
 
-    output = Path(args.output) if args.output else Path("benchmarks/results") / f"{'quick-' if args.quick else ''}{_slug(name)}.json"
+    output = (
+        Path(args.output)
+        if args.output
+        else Path("benchmarks/results") / f"{'quick-' if args.quick else ''}{_slug(name)}.json"
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "device": name,

@@ -61,7 +61,9 @@ def main():
     ones = torch.ones_like(loss)
 
     def function_loss():
-        return fused.FusedAdaptiveDPO.apply(cpp_backend.OPS, model_pred, ref_pred, target, None, settings, modes, *emas)[0]
+        return fused.FusedAdaptiveDPO.apply(
+            cpp_backend.OPS, model_pred, ref_pred, target, None, settings, modes, *emas
+        )[0]
 
     def cpp_loss():
         return cpp_backend.LOSS_OP(model_pred, ref_pred, target, emas, None, settings, modes)[0]
@@ -99,7 +101,9 @@ def main():
         ("public call, fwd + autograd.grad", fwd_bwd(public_loss)),
     ]
     times = interleaved_us(stages)
-    print(f"# per-call cost on a tiny input (B={batch}, S={shape}, K=2, fp32), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"# per-call cost on a tiny input (B={batch}, S={shape}, K=2, fp32), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print("# interleaved rounds; '(Python autograd)' = the two ops through fastpref.loss.autograd.FusedAdaptiveDPO\n")
     print("| stage | us per call, median | fastest round |\n|---|---|---|")
     for name, _ in stages:

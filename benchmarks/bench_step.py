@@ -80,9 +80,9 @@ import torch
 if not torch.cuda.is_available():  # as fastpref.bench: must precede any import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastpref  # noqa: E402
 from bench_loss import _slug, markdown  # noqa: E402
 
+import fastpref  # noqa: E402
 from fastpref.machine import device_name  # noqa: E402
 from fastpref.train import data  # noqa: E402
 from fastpref.train.trainer import PreferenceTrainer, TrainConfig  # noqa: E402
@@ -156,7 +156,13 @@ SD15_TEXT = dict(  # CLIP ViT-L/14's text tower
     hidden_act="quick_gelu",
     projection_dim=768,
 )
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon")
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+)
 CAPTIONS = (
     "a red circle on a blue background",
     "a photo of a small green triangle with a yellow stripe",
@@ -230,7 +236,9 @@ class AuthorsTrainer(PreferenceTrainer):
     """
 
     def __init__(self, unet, noise_scheduler, config: TrainConfig, accelerator=None):
-        super().__init__(unet, noise_scheduler, dataclasses.replace(config, weighting="none", margin="none"), accelerator)
+        super().__init__(
+            unet, noise_scheduler, dataclasses.replace(config, weighting="none", margin="none"), accelerator
+        )
         self.config = config
         self.footprints = AuthorsEMAFootprints(self.base_unet, config.ema_decays, self.weight_dtype)
 
@@ -252,7 +260,9 @@ class Components:
     description: str
 
 
-def build_components(model: str, device: torch.device, weight_dtype: torch.dtype, workdir: Path, seed: int) -> Components:
+def build_components(
+    model: str, device: torch.device, weight_dtype: torch.dtype, workdir: Path, seed: int
+) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     if model == "tiny":
@@ -265,7 +275,14 @@ def build_components(model: str, device: torch.device, weight_dtype: torch.dtype
         def new_unet():
             return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
 
-        return Components(new_unet, scheduler, vae, tokenizers, text_encoders, "fastpref.testing.tiny_model SD1.5 (random weights, tiny widths)")
+        return Components(
+            new_unet,
+            scheduler,
+            vae,
+            tokenizers,
+            text_encoders,
+            "fastpref.testing.tiny_model SD1.5 (random weights, tiny widths)",
+        )
 
     if model == "sd15-random":
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -280,7 +297,10 @@ def build_components(model: str, device: torch.device, weight_dtype: torch.dtype
                 template = UNet2DConditionModel(**SD15_UNET)
                 vae = AutoencoderKL(**SD15_VAE)
                 text_config = CLIPTextConfig(
-                    **SD15_TEXT, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+                    **SD15_TEXT,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
                 )
                 text_encoder = CLIPTextModel(text_config)
         vae = vae.to(device, weight_dtype).eval().requires_grad_(False)
@@ -292,7 +312,14 @@ def build_components(model: str, device: torch.device, weight_dtype: torch.dtype
             return copy.deepcopy(template)
 
         scheduler = DDPMScheduler(**SD15_SCHEDULER)
-        return Components(new_unet, scheduler, vae, [tokenizer], [text_encoder], "SD1.5-sized UNet/VAE/CLIP-L text encoder, random weights")
+        return Components(
+            new_unet,
+            scheduler,
+            vae,
+            [tokenizer],
+            [text_encoder],
+            "SD1.5-sized UNet/VAE/CLIP-L text encoder, random weights",
+        )
     raise ValueError(f"model must be one of {tuple(MODELS)}, got {model!r}")
 
 
@@ -380,7 +407,15 @@ class Phases:
         return out
 
 
-TOP_PHASES = ("encode (VAE+text)", "reference fwd", "footprint fwds", "backward", "grad clip", "optimizer", "footprint update")
+TOP_PHASES = (
+    "encode (VAE+text)",
+    "reference fwd",
+    "footprint fwds",
+    "backward",
+    "grad clip",
+    "optimizer",
+    "footprint update",
+)
 SUB_PHASES = ("EMA store", "EMA copy_to", "EMA restore")
 REST = "policy fwd + loss + rest"
 
@@ -535,7 +570,9 @@ def run_mode(args, lora_rank: int, keys, components, batches, accelerator, sync)
     samples = 2 * pairs
     print(f"\n## {mode}: building {len(keys)} variants", flush=True)
     encoding = Encoding(components, batches[0])
-    variants = build_variants(keys, components, batches, encoding, lora_rank, MIXED_PRECISION[args.dtype], accelerator, args.seed)
+    variants = build_variants(
+        keys, components, batches, encoding, lora_rank, MIXED_PRECISION[args.dtype], accelerator, args.seed
+    )
     print(f"warm-up: {args.warmup} round(s); timing: {args.steps} interleaved round(s)", flush=True)
     run_rounds(variants, args.warmup, sync, record=False)
     gc.collect()
@@ -562,7 +599,11 @@ def run_mode(args, lora_rank: int, keys, components, batches, accelerator, sync)
                 "variant": v.key,
                 "label": LABELS[v.key],
                 "method": v.method,
-                "footprints": {"dpo": "-", "fastpref": "on-device" + (" adapters" if lora_rank else " copies"), "authors": "EMAModel via CPU"}[v.method],
+                "footprints": {
+                    "dpo": "-",
+                    "fastpref": "on-device" + (" adapters" if lora_rank else " copies"),
+                    "authors": "EMAModel via CPU",
+                }[v.method],
                 "latents": "cached" if v.cached else "VAE+text each step",
                 "ms": ms,
                 "samples_per_s": samples / (ms / 1e3),
@@ -583,7 +624,15 @@ def run_mode(args, lora_rank: int, keys, components, batches, accelerator, sync)
             names = [p for p in ("step", *TOP_PHASES, REST, *SUB_PHASES) if any(p in b for b in v.breakdown)]
             breakdown[v.key] = {p: statistics.median(b.get(p, 0.0) for b in v.breakdown) for p in names}
             breakdown[v.key]["rounds"] = len(v.breakdown)
-    return {"mode": mode, "lora_rank": lora_rank, "interleaved": True, "rows": rows, "goals": goals(median), "breakdown": breakdown, "batched_probe": probe}
+    return {
+        "mode": mode,
+        "lora_rank": lora_rank,
+        "interleaved": True,
+        "rows": rows,
+        "goals": goals(median),
+        "breakdown": breakdown,
+        "batched_probe": probe,
+    }
 
 
 def goals(median: Dict[str, float]) -> dict:
@@ -594,8 +643,12 @@ def goals(median: Dict[str, float]) -> dict:
             "goal": f"Adaptive (K=2) step <= {GOAL_ADAPTIVE}x the latent-cached DPO step",
             "value": ratio,
             "met": ratio <= GOAL_ADAPTIVE,
-            "authors_uncached_vs_dpo_cached": median["authors/uncached"] / median["dpo/cached"] if "authors/uncached" in median else None,
-            "authors_cached_vs_dpo_cached": median["authors/cached"] / median["dpo/cached"] if "authors/cached" in median else None,
+            "authors_uncached_vs_dpo_cached": median["authors/uncached"] / median["dpo/cached"]
+            if "authors/uncached" in median
+            else None,
+            "authors_cached_vs_dpo_cached": median["authors/cached"] / median["dpo/cached"]
+            if "authors/cached" in median
+            else None,
             "authors_reference": f"about {AUTHORS_H100} on H100, SD1.5 (issue 5)",
         }
     if "dpo/cached" in median and "dpo/uncached" in median:
@@ -608,8 +661,12 @@ def goals(median: Dict[str, float]) -> dict:
     if "fastpref/uncached" in median and "authors/uncached" in median:
         out["fastpref_speedup_over_authors"] = {
             "same_caching_uncached": median["authors/uncached"] / median["fastpref/uncached"],
-            "fastpref_cached_vs_authors_way": median["authors/uncached"] / median["fastpref/cached"] if "fastpref/cached" in median else None,
-            "same_caching_cached": median["authors/cached"] / median["fastpref/cached"] if {"authors/cached", "fastpref/cached"} <= set(median) else None,
+            "fastpref_cached_vs_authors_way": median["authors/uncached"] / median["fastpref/cached"]
+            if "fastpref/cached" in median
+            else None,
+            "same_caching_cached": median["authors/cached"] / median["fastpref/cached"]
+            if {"authors/cached", "fastpref/cached"} <= set(median)
+            else None,
         }
     return out
 
@@ -621,17 +678,53 @@ def goals(median: Dict[str, float]) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="bench_step.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=tuple(MODELS), default="tiny", help="tiny (CPU, default) or sd15-random (GPU)")
-    parser.add_argument("--steps", type=int, default=None, help=f"timed interleaved rounds, one step per variant each (default {DEFAULTS['steps']}; quick {QUICK['steps']})")
-    parser.add_argument("--warmup", type=int, default=None, help=f"untimed rounds first (default {DEFAULTS['warmup']}; quick {QUICK['warmup']})")
-    parser.add_argument("--breakdown_rounds", type=int, default=None, help=f"extra rounds with per-phase timers; 0 = none (default {DEFAULTS['breakdown_rounds']}; quick {QUICK['breakdown_rounds']})")
+    parser.add_argument(
+        "--model", choices=tuple(MODELS), default="tiny", help="tiny (CPU, default) or sd15-random (GPU)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timed interleaved rounds, one step per variant each (default {DEFAULTS['steps']}; quick {QUICK['steps']})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"untimed rounds first (default {DEFAULTS['warmup']}; quick {QUICK['warmup']})",
+    )
+    parser.add_argument(
+        "--breakdown_rounds",
+        type=int,
+        default=None,
+        help=f"extra rounds with per-phase timers; 0 = none (default {DEFAULTS['breakdown_rounds']}; quick {QUICK['breakdown_rounds']})",
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=tuple(MIXED_PRECISION), default=None, help="mixed precision of the step (default: the model's: tiny fp32, sd15-random bf16)")
-    parser.add_argument("--lora_rank", default="8", help="LoRA rank; 0 = full fine-tune; a comma list runs each mode (e.g. 8,0)")
-    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's: tiny 64, sd15-random 512)")
-    parser.add_argument("--batch", type=int, default=None, help="pairs per step (default: the model's: tiny 4, sd15-random 8; quick 2)")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(MIXED_PRECISION),
+        default=None,
+        help="mixed precision of the step (default: the model's: tiny fp32, sd15-random bf16)",
+    )
+    parser.add_argument(
+        "--lora_rank", default="8", help="LoRA rank; 0 = full fine-tune; a comma list runs each mode (e.g. 8,0)"
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image side in pixels (default: the model's: tiny 64, sd15-random 512)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="pairs per step (default: the model's: tiny 4, sd15-random 8; quick 2)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); 1 avoids the OpenMP oversubscription stalls of a CPU shared with other jobs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 avoids the OpenMP oversubscription stalls of a CPU shared with other jobs",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few rounds of 2 pairs: a smoke run")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step-<machine>.json)")
@@ -652,7 +745,14 @@ def parse_args(argv=None):
     unknown = [k for k in args.variant_keys if k not in VARIANTS]
     if unknown or not args.variant_keys:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    if args.steps < 1 or args.warmup < 0 or args.breakdown_rounds < 0 or args.batch < 1 or any(r < 0 for r in args.lora_ranks) or not args.lora_ranks:
+    if (
+        args.steps < 1
+        or args.warmup < 0
+        or args.breakdown_rounds < 0
+        or args.batch < 1
+        or any(r < 0 for r in args.lora_ranks)
+        or not args.lora_ranks
+    ):
         parser.error("--steps >= 1, --warmup >= 0, --breakdown_rounds >= 0, --batch >= 1, --lora_rank >= 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
@@ -685,7 +785,10 @@ def main(argv=None) -> int:
         flush=True,
     )
     if device.type == "cpu" and load_start[0] > 1.5 and torch.get_num_threads() > 1:
-        print(f"(load average {load_start[0]:.2f}: other jobs share the CPU; with {torch.get_num_threads()} threads OpenMP stalls may dominate -- consider --threads 1)", flush=True)
+        print(
+            f"(load average {load_start[0]:.2f}: other jobs share the CPU; with {torch.get_num_threads()} threads OpenMP stalls may dominate -- consider --threads 1)",
+            flush=True,
+        )
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
     sync = synchronizer(device)
 
@@ -705,7 +808,10 @@ def main(argv=None) -> int:
                 modes.append(run_mode(args, rank, args.variant_keys, components, batches, accelerator, sync))
             except torch.cuda.OutOfMemoryError as error:  # record it and go on with the next mode
                 mode = f"lora-r{rank}" if rank > 0 else "full"
-                print(f"{mode}: out of device memory with the variants {args.variant_keys} alive ({error}); run fewer with --variants", flush=True)
+                print(
+                    f"{mode}: out of device memory with the variants {args.variant_keys} alive ({error}); run fewer with --variants",
+                    flush=True,
+                )
                 modes.append({"mode": mode, "lora_rank": rank, "error": f"CUDA out of memory: {error}"})
             finally:
                 accelerator.free_memory()
@@ -720,9 +826,16 @@ def main(argv=None) -> int:
     rows = [row for m in modes for row in m.get("rows", [])]
     print(f"\n## Step time, median of {args.steps} interleaved rounds ({2 * args.batch} samples per step)\n")
     columns = ["mode", "label", "ms", "samples_per_s", "vs_dpo_cached", "fastpref_over_authors"]
-    formats = {"ms": "{:.1f}", "samples_per_s": "{:.1f}", "vs_dpo_cached": "{:.2f}x", "fastpref_over_authors": "{:.2f}x"}
+    formats = {
+        "ms": "{:.1f}",
+        "samples_per_s": "{:.1f}",
+        "vs_dpo_cached": "{:.2f}x",
+        "fastpref_over_authors": "{:.2f}x",
+    }
     print(markdown(rows, columns, formats))
-    print("\n(vs_dpo_cached: step time over the latent-cached DPO step of the same mode; fastpref_over_authors: the fastpref row's step time over the authors' row with the same caching)")
+    print(
+        "\n(vs_dpo_cached: step time over the latent-cached DPO step of the same mode; fastpref_over_authors: the fastpref row's step time over the authors' row with the same caching)"
+    )
 
     print("\n## Goals of issue 5 (stated for SD1.5 on an H100), on this run\n")
     context = f"{args.model} at {args.resolution} px on {machine}"
@@ -733,30 +846,50 @@ def main(argv=None) -> int:
             continue
         if "adaptive_vs_dpo_cached" in g:
             a = g["adaptive_vs_dpo_cached"]
-            authors = "" if a["authors_uncached_vs_dpo_cached"] is None else f"; the authors' method here: {a['authors_uncached_vs_dpo_cached']:.2f}x (their reference: {AUTHORS_H100} on H100)"
-            print(f"- {m['mode']}: Adaptive K=2 / DPO cached = {a['value']:.2f}x, goal <= {GOAL_ADAPTIVE}x: {'MET' if a['met'] else 'NOT MET'} ({context}){authors}")
+            authors = (
+                ""
+                if a["authors_uncached_vs_dpo_cached"] is None
+                else f"; the authors' method here: {a['authors_uncached_vs_dpo_cached']:.2f}x (their reference: {AUTHORS_H100} on H100)"
+            )
+            print(
+                f"- {m['mode']}: Adaptive K=2 / DPO cached = {a['value']:.2f}x, goal <= {GOAL_ADAPTIVE}x: {'MET' if a['met'] else 'NOT MET'} ({context}){authors}"
+            )
         if "dpo_samples_per_s_vs_diffusers_script" in g:
             d = g["dpo_samples_per_s_vs_diffusers_script"]
-            print(f"- {m['mode']}: DPO samples/s cached / diffusers' script = {d['value']:.2f}x, goal >= {GOAL_DPO}x: {'MET' if d['met'] else 'NOT MET'} ({context})")
+            print(
+                f"- {m['mode']}: DPO samples/s cached / diffusers' script = {d['value']:.2f}x, goal >= {GOAL_DPO}x: {'MET' if d['met'] else 'NOT MET'} ({context})"
+            )
         if "fastpref_speedup_over_authors" in g:
             s = g["fastpref_speedup_over_authors"]
-            extra = "" if s["fastpref_cached_vs_authors_way"] is None else f"; fastpref cached vs the authors' way (uncached): {s['fastpref_cached_vs_authors_way']:.2f}x faster"
-            print(f"- {m['mode']}: fastpref Adaptive vs the authors', both uncached: {s['same_caching_uncached']:.2f}x faster{extra}")
+            extra = (
+                ""
+                if s["fastpref_cached_vs_authors_way"] is None
+                else f"; fastpref cached vs the authors' way (uncached): {s['fastpref_cached_vs_authors_way']:.2f}x faster"
+            )
+            print(
+                f"- {m['mode']}: fastpref Adaptive vs the authors', both uncached: {s['same_caching_uncached']:.2f}x faster{extra}"
+            )
 
     for m in modes:
         if not m.get("breakdown"):
             continue
         names = ["step", *TOP_PHASES, REST, *SUB_PHASES]
         present = [n for n in names if any(n in b for b in m["breakdown"].values())]
-        print(f"\n## {m['mode']}: where the time goes (ms, median of {args.breakdown_rounds} rounds with a device sync around each phase)\n")
+        print(
+            f"\n## {m['mode']}: where the time goes (ms, median of {args.breakdown_rounds} rounds with a device sync around each phase)\n"
+        )
         table = [{"variant": k, **{n: b.get(n) for n in present}} for k, b in m["breakdown"].items()]
         print(markdown(table, ["variant", *present], {n: "{:.1f}" for n in present}))
         p = m.get("batched_probe")
         if p:
-            print(f"\nno-grad forwards: 3 x {2 * args.batch} samples {p['three_fwd_2B_ms']:.1f} ms vs 1 x {6 * args.batch} samples {p['one_fwd_6B_ms']:.1f} ms (saving {p['saving_ms']:.1f} ms per step at most)")
+            print(
+                f"\nno-grad forwards: 3 x {2 * args.batch} samples {p['three_fwd_2B_ms']:.1f} ms vs 1 x {6 * args.batch} samples {p['one_fwd_6B_ms']:.1f} ms (saving {p['saving_ms']:.1f} ms per step at most)"
+            )
 
     if under_load:
-        print(f"\nNOTE: load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end (> 1.5 on {os.cpu_count()} cores): figures taken under load from other processes.")
+        print(
+            f"\nNOTE: load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end (> 1.5 on {os.cpu_count()} cores): figures taken under load from other processes."
+        )
     print(f"\nwall time {wall:.1f} s")
 
     if args.out:
@@ -768,7 +901,9 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "step",
         "device": machine,
-        "command": " ".join(["python", "benchmarks/bench_step.py", *argv] if argv is not None else ["python", *sys.argv]),
+        "command": " ".join(
+            ["python", "benchmarks/bench_step.py", *argv] if argv is not None else ["python", *sys.argv]
+        ),
         "versions": {
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
@@ -801,7 +936,12 @@ def main(argv=None) -> int:
             "quick": args.quick,
             "torch_threads": torch.get_num_threads(),
         },
-        "load_average": {"start": list(load_start), "end": list(load_end), "cpu_count": os.cpu_count(), "under_load": under_load},
+        "load_average": {
+            "start": list(load_start),
+            "end": list(load_end),
+            "cpu_count": os.cpu_count(),
+            "under_load": under_load,
+        },
         "wall_s": wall,
         "modes": modes,
     }

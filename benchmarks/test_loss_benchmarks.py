@@ -11,9 +11,9 @@ import os
 
 import pytest
 import torch
+from bench_loss import full_cases, gradient, loss_callables, make_inputs, quick_cases
 
 import fastpref
-from bench_loss import full_cases, gradient, loss_callables, make_inputs, quick_cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = full_cases() if os.environ.get("FASTPREF_BENCH_FULL") == "1" else quick_cases()

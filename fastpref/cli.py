@@ -1,13 +1,13 @@
 """The ``fastpref`` command line.
 
-    fastpref info             which backends run here, and why the others do not
-    fastpref make-tiny-model DIR --arch sd15|sdxl [--seed N]
-                              a tiny random-weight diffusers pipeline, loadable offline
-    fastpref make-toy-data DIR --pairs N [--resolution R --seed S --ties T --corrupt C --judge]
-                              generated preference pairs in the Pick-a-Pic v2 parquet schema
-    fastpref train --pretrained_model_name_or_path M --dataset_name D --output_dir O [...]
-                              Diffusion-DPO / Adaptive-DPO fine-tuning (``fastpref train --help``)
-    fastpref demo [--quick]   the toy-world label-flip study (the README's main job)
+fastpref info             which backends run here, and why the others do not
+fastpref make-tiny-model DIR --arch sd15|sdxl [--seed N]
+                          a tiny random-weight diffusers pipeline, loadable offline
+fastpref make-toy-data DIR --pairs N [--resolution R --seed S --ties T --corrupt C --judge]
+                          generated preference pairs in the Pick-a-Pic v2 parquet schema
+fastpref train --pretrained_model_name_or_path M --dataset_name D --output_dir O [...]
+                          Diffusion-DPO / Adaptive-DPO fine-tuning (``fastpref train --help``)
+fastpref demo [--quick]   the toy-world label-flip study (the README's main job)
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ COMMANDS = {
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        parser = argparse.ArgumentParser(prog="fastpref", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = argparse.ArgumentParser(
+            prog="fastpref", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         parser.add_argument("command", choices=sorted(COMMANDS))
         parser.parse_args(argv[:1])  # prints usage and exits for a missing or unknown command
     return COMMANDS[argv[0]](argv[1:])

@@ -191,7 +191,9 @@ class Case:
             big[index] = value
             return big[index]
         if layout == "col_strided":  # x[..., ::2] of a tensor twice as wide in the last dim
-            big = torch.full(tuple(value.shape[:-1]) + (2 * value.shape[-1],), float("nan"), dtype=dtype, device=self.device)
+            big = torch.full(
+                tuple(value.shape[:-1]) + (2 * value.shape[-1],), float("nan"), dtype=dtype, device=self.device
+            )
             big[..., ::2] = value
             return big[..., ::2]
         inner = list(range(batch_dim + 1, value.dim()))
@@ -219,7 +221,9 @@ class Case:
         ref = self._lay_out(self.values["ref"], dt(self.dtypes["ref"]), layout)
         if layout == "expanded_target":
             # Every target row equals row 0 (the factory made them so): a stride-0 batch dim.
-            target = self.values["target"][:1].to(self.device, dt(self.dtypes["target"])).expand_as(self.values["target"])
+            target = (
+                self.values["target"][:1].to(self.device, dt(self.dtypes["target"])).expand_as(self.values["target"])
+            )
         else:
             target = self._lay_out(self.values["target"], dt(self.dtypes["target"]), layout)
         mixed_ema = isinstance(self.dtypes["ema"], list) and len(set(self.dtypes["ema"])) > 1
@@ -300,14 +304,21 @@ def make_case(
         "model": rounded(model, dtypes["model"]),
         "ref": rounded(ref, dtypes["ref"]),
         "target": rounded(target, dtypes["target"]),
-        "ema": [rounded(e, dtypes["ema"][i] if isinstance(dtypes["ema"], list) else dtypes["ema"]) for i, e in enumerate(emas)],
+        "ema": [
+            rounded(e, dtypes["ema"][i] if isinstance(dtypes["ema"], list) else dtypes["ema"])
+            for i, e in enumerate(emas)
+        ],
     }
     label_values = {}
     if labels:
         synthetic = torch.rand(batch, generator=gen, dtype=torch.float64)
         mask = torch.zeros(batch, dtype=torch.bool)
         mask[::2] = True  # pair 0, 2, ... carry human labels
-        human = torch.where(mask, (torch.rand(batch, generator=gen) > 0.5).double(), torch.full((batch,), float("nan"), dtype=torch.float64))
+        human = torch.where(
+            mask,
+            (torch.rand(batch, generator=gen) > 0.5).double(),
+            torch.full((batch,), float("nan"), dtype=torch.float64),
+        )
         propensity = 0.25 + 0.75 * torch.rand(batch, generator=gen, dtype=torch.float64)
         label_values = {
             "synthetic_label": synthetic.to(torch.float32).double(),  # exactly representable in f32
@@ -316,9 +327,17 @@ def make_case(
             "propensity": propensity.to(torch.float32).double(),
         }
     return Case(
-        batch=batch, shape=shape, k=k, dtypes=dtypes, shared_target=shared_target, ema_form=ema_form,
-        layout=layout, values=values, labels=label_values, device=torch.device(device),
-    )  # fmt: skip
+        batch=batch,
+        shape=shape,
+        k=k,
+        dtypes=dtypes,
+        shared_target=shared_target,
+        ema_form=ema_form,
+        layout=layout,
+        values=values,
+        labels=label_values,
+        device=torch.device(device),
+    )
 
 
 @pytest.fixture
@@ -327,7 +346,18 @@ def case_factory():
     return make_case
 
 
-def call_loss(fn, case: Case, config: dict, *, backend: Optional[str] = None, upcast: bool = False, upstream=None, tensors=None, strided_upstream: bool = True, pass_ema: bool = True):
+def call_loss(
+    fn,
+    case: Case,
+    config: dict,
+    *,
+    backend: Optional[str] = None,
+    upcast: bool = False,
+    upstream=None,
+    tensors=None,
+    strided_upstream: bool = True,
+    pass_ema: bool = True,
+):
     """Run ``fn`` (``fastpref.adaptive_dpo_loss`` or ``fastpref.reference.adaptive_dpo_loss``)
     on ``case`` with ``return_stats=True`` and backpropagate ``upstream`` (a float64 tensor of
     the loss's shape; cast to the loss's dtype; for ``reduction="none"`` passed as a strided view
@@ -388,7 +418,9 @@ def check_result_types(case: Case, loss, grad, stats, reduction: str):
         assert tuple(value.shape) == ((2 * batch,) if key in SAMPLE_STATS else (batch,)), (key, value.shape)
 
 
-def assert_close64(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], *, rtol=1e-9, atol=1e-11, context=""):
+def assert_close64(
+    actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor], *, rtol=1e-9, atol=1e-11, context=""
+):
     """Float64 parity: every output within ``rtol`` of the oracle (``atol`` scaled by the
     output's magnitude, for entries that cancel to ~0)."""
     for key, want in expected.items():
@@ -399,7 +431,9 @@ def assert_close64(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.Te
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, msg=lambda m, k=key: f"{k} {context}: {m}")
 
 
-def flash_check(name: str, got: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, *, atol: float, backstop: float, context=""):
+def flash_check(
+    name: str, got: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, *, atol: float, backstop: float, context=""
+):
     """The flash-attention rule: ``max|got - ref64| <= 2 * max|eager - ref64| + atol`` where
     ``eager`` is the reference run in the same (low) precision, and ``max|got - ref64| <=
     backstop`` whatever the eager error."""

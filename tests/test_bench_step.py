@@ -38,7 +38,19 @@ def test_quick_run_writes_finite_positive_step_times(tmp_path, capsys):
     out = tmp_path / "step.json"
     threads = torch.get_num_threads()
     try:
-        argv = ["--quick", "--steps", str(STEPS), "--warmup", "1", "--breakdown_rounds", "1", "--threads", "1", "--out", str(out)]
+        argv = [
+            "--quick",
+            "--steps",
+            str(STEPS),
+            "--warmup",
+            "1",
+            "--breakdown_rounds",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
         assert bench.main(argv) == 0
     finally:
         torch.set_num_threads(threads)  # --threads sets it process-wide
@@ -49,7 +61,11 @@ def test_quick_run_writes_finite_positive_step_times(tmp_path, capsys):
     assert report["benchmark"] == "step"
     assert report["device"] and report["versions"]["torch"] == torch.__version__ and report["versions"]["diffusers"]
     config = report["config"]
-    assert config["model"] == "tiny" and config["steps"] == STEPS and config["samples_per_step"] == 2 * config["pairs_per_step"]
+    assert (
+        config["model"] == "tiny"
+        and config["steps"] == STEPS
+        and config["samples_per_step"] == 2 * config["pairs_per_step"]
+    )
     assert positive(report["wall_s"]) and len(report["load_average"]["start"]) == 3
 
     (mode,) = report["modes"]
@@ -64,7 +80,11 @@ def test_quick_run_writes_finite_positive_step_times(tmp_path, capsys):
         assert row["samples_per_s"] == pytest.approx(samples / (row["ms"] / 1e3)), key
         assert row["skipped_steps"] == 0, key
         assert row["steps_with_metric_on"] == (0 if row["method"] == "dpo" else STEPS), key
-        assert positive(row["fastpref_over_authors"]) if row["method"] == "fastpref" else row["fastpref_over_authors"] is None, key
+        assert (
+            positive(row["fastpref_over_authors"])
+            if row["method"] == "fastpref"
+            else row["fastpref_over_authors"] is None
+        ), key
     assert rows["dpo/cached"]["vs_dpo_cached"] == 1.0
 
     goals = mode["goals"]

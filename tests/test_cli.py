@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fastpref.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "fastpref.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
 
 
 def test_info_lists_every_backend_with_a_reason():
@@ -76,7 +78,6 @@ def test_public_names_are_documented(name):
 
 def test_peak_extra_bytes_counts_allocations_alive_at_the_peak():
     import torch
-
     from bench_loss import peak_extra_bytes
 
     size = 1 << 20

@@ -61,7 +61,9 @@ class _Canvas:
         self.x1, self.y1 = size[0] - right, size[1] - MARGIN[3]
         self.xlim, self.ylim = xlim, ylim
         self.draw.text((self.x0, 10), title, fill="black", font=self.font)
-        self.draw.text(((self.x0 + self.x1) // 2 - 4 * len(xlabel), self.y1 + 28), xlabel, fill="black", font=self.small)
+        self.draw.text(
+            ((self.x0 + self.x1) // 2 - 4 * len(xlabel), self.y1 + 28), xlabel, fill="black", font=self.small
+        )
         self.draw.text((6, self.y0 - 16), ylabel, fill="black", font=self.small)
         for t in _nice_ticks(*ylim):
             y = self.py(t)
@@ -107,9 +109,17 @@ def _limits(values: Sequence[float], pad: float = 0.08) -> Tuple[float, float]:
     return lo - pad * span, hi + pad * span
 
 
-def line_chart(path, series: Dict[str, Tuple[Sequence[float], Sequence[float], Optional[Sequence[float]]]], *, title: str = "",
-               xlabel: str = "", ylabel: str = "", xticks: Optional[Sequence[Tuple[float, str]]] = None,
-               hline: Optional[Tuple[float, str]] = None, size=(820, 460)) -> Path:  # fmt: skip
+def line_chart(
+    path,
+    series: Dict[str, Tuple[Sequence[float], Sequence[float], Optional[Sequence[float]]]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    xticks: Optional[Sequence[Tuple[float, str]]] = None,
+    hline: Optional[Tuple[float, str]] = None,
+    size=(820, 460),
+) -> Path:
     """One line per series ``name -> (xs, ys, errs or None)`` with error bars of +- errs."""
     xs_all = [x for xs, _, _ in series.values() for x in xs]
     ys_all = []
@@ -125,7 +135,9 @@ def line_chart(path, series: Dict[str, Tuple[Sequence[float], Sequence[float], O
         xlim = (xlim[0] - 1, xlim[1] + 1)
     span = xlim[1] - xlim[0]
     legend_width = 40 + 7 * max((len(name) for name in series), default=0)
-    canvas = _Canvas(size, (xlim[0] - 0.05 * span, xlim[1] + 0.05 * span), _limits(ys_all), title, xlabel, ylabel, right=legend_width)
+    canvas = _Canvas(
+        size, (xlim[0] - 0.05 * span, xlim[1] + 0.05 * span), _limits(ys_all), title, xlabel, ylabel, right=legend_width
+    )
     for x, label in xticks if xticks is not None else [(x, f"{x:g}") for x in sorted(set(xs_all))]:
         canvas.xtick(x, label)
     if hline is not None:
@@ -151,8 +163,18 @@ def line_chart(path, series: Dict[str, Tuple[Sequence[float], Sequence[float], O
     return path
 
 
-def bar_chart(path, labels: Sequence[str], values: Sequence[float], *, errs: Optional[Sequence[float]] = None, title: str = "",
-              xlabel: str = "", ylabel: str = "", hline: Optional[Tuple[float, str]] = None, size=(720, 460)) -> Path:  # fmt: skip
+def bar_chart(
+    path,
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    errs: Optional[Sequence[float]] = None,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    hline: Optional[Tuple[float, str]] = None,
+    size=(720, 460),
+) -> Path:
     """One bar per label, from 0 or from the bottom of the axis when 0 is below it (the y range
     follows the values, so that small differences show)."""
     tops = [v + (errs[i] if errs is not None and _ok(errs[i]) else 0.0) for i, v in enumerate(values) if _ok(v)]

@@ -55,7 +55,13 @@ from . import world as tw
 
 FLIP_RATES = (0, 10, 20, 30)
 METHODS = ("dpo", "adaptive", "robust", "ipo", "adaptive-ipo")
-METHOD_NAMES = {"dpo": "DPO", "adaptive": "Adaptive-DPO", "robust": "Robust-DPO", "ipo": "IPO", "adaptive-ipo": "Adaptive-IPO"}
+METHOD_NAMES = {
+    "dpo": "DPO",
+    "adaptive": "Adaptive-DPO",
+    "robust": "Robust-DPO",
+    "ipo": "IPO",
+    "adaptive-ipo": "Adaptive-IPO",
+}
 STRUCTURED_METHODS = ("dpo", "adaptive", "robust")
 DEDPO_ARMS = ("human-only", "synthetic", "dedpo", "all-human")
 DEDPO_NAMES = {
@@ -118,13 +124,23 @@ def method_defaults() -> dict:
 
     default = TrainConfig()
     return {
-        "rho": default.rho, "k1": default.k1, "k2": "-1/beta", "c2": "batch mean of l_theta",
-        "metric_preset": default.metric_preset, "ema_decays": list(default.ema_decays),
-        "ema_warmup": default.ema_warmup, "metric_warmup_micro_steps": default.warmup_micro_steps, "eps_robust": default.eps,
-        "ipo_tau": "beta", "weighting_adaptive": "linear", "margin_adaptive": "quadratic",
-        "max_grad_norm": default.max_grad_norm, "adam_weight_decay": default.adam_weight_decay,
-        "lr_scheduler": "constant", "lora_rank": 0,
-    }  # fmt: skip
+        "rho": default.rho,
+        "k1": default.k1,
+        "k2": "-1/beta",
+        "c2": "batch mean of l_theta",
+        "metric_preset": default.metric_preset,
+        "ema_decays": list(default.ema_decays),
+        "ema_warmup": default.ema_warmup,
+        "metric_warmup_micro_steps": default.warmup_micro_steps,
+        "eps_robust": default.eps,
+        "ipo_tau": "beta",
+        "weighting_adaptive": "linear",
+        "margin_adaptive": "quadratic",
+        "max_grad_norm": default.max_grad_norm,
+        "adam_weight_decay": default.adam_weight_decay,
+        "lr_scheduler": "constant",
+        "lora_rank": 0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +179,9 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def flipped_ratio_per_bin(u: np.ndarray, flipped: np.ndarray, edges: np.ndarray) -> Tuple[List[int], List[Optional[float]]]:
+def flipped_ratio_per_bin(
+    u: np.ndarray, flipped: np.ndarray, edges: np.ndarray
+) -> Tuple[List[int], List[Optional[float]]]:
     """Fig. 3: for bins ``[edges[i], edges[i+1])`` (the last one closed), the number of pairs
     and the share of flipped pairs among them (``None`` for an empty bin)."""
     u = np.asarray(u, dtype=np.float64)
@@ -249,7 +267,11 @@ def make_batch(world: tw.World, data: Dict[str, torch.Tensor], idx: torch.Tensor
     latents = world.pairs["latents"][idx]
     swap = data["swap"][idx]
     latents = torch.where(swap[:, None, None, None, None], latents.flip(1), latents)
-    batch = {"latents": latents, "encoder_hidden_states": table[world.pairs["prompt"][idx]], "flipped": data["flipped"][idx]}
+    batch = {
+        "latents": latents,
+        "encoder_hidden_states": table[world.pairs["prompt"][idx]],
+        "flipped": data["flipped"][idx],
+    }
     for key in ("synthetic_label", "human_label", "human_mask", "propensity"):
         if key in data:
             batch[key] = data[key][idx]
@@ -267,9 +289,14 @@ def train_run(world: tw.World, spec: RunSpec, study: StudyConfig) -> dict:
     start = time.perf_counter()
     steps = spec.steps or study.steps
     config = TrainConfig(
-        loss_type=_loss_type(spec), beta=spec.beta or study.beta, learning_rate=spec.learning_rate or study.learning_rate,
-        max_train_steps=steps, lora_rank=0, seed=spec.seed, lr_scheduler="constant",
-    )  # fmt: skip
+        loss_type=_loss_type(spec),
+        beta=spec.beta or study.beta,
+        learning_rate=spec.learning_rate or study.learning_rate,
+        max_train_steps=steps,
+        lora_rank=0,
+        seed=spec.seed,
+        lr_scheduler="constant",
+    )
     trainer = PreferenceTrainer(world.base_unet(), tw.make_scheduler(), config)
     data = run_data(world, spec, study)
     indices = data["indices"]
@@ -294,12 +321,19 @@ def train_run(world: tw.World, spec: RunSpec, study: StudyConfig) -> dict:
                 collected["member"].append(member[idx].numpy())
     evaluation = tw.evaluate(trainer.base_unet, world.config)
     record = {
-        "study": spec.study, "method": spec.method, "rate": spec.rate, "seed": spec.seed,
-        "steps": steps, "beta": config.beta, "learning_rate": config.learning_rate,
-        "reward": evaluation["mean"], "per_colour": evaluation["per_colour"],
-        "loss": float(np.mean(tail["loss"])), "implicit_acc": float(np.nanmean(tail["implicit_acc"])) if tail["implicit_acc"] else None,
+        "study": spec.study,
+        "method": spec.method,
+        "rate": spec.rate,
+        "seed": spec.seed,
+        "steps": steps,
+        "beta": config.beta,
+        "learning_rate": config.learning_rate,
+        "reward": evaluation["mean"],
+        "per_colour": evaluation["per_colour"],
+        "loss": float(np.mean(tail["loss"])),
+        "implicit_acc": float(np.nanmean(tail["implicit_acc"])) if tail["implicit_acc"] else None,
         "skipped_steps": trainer.skipped_steps,
-    }  # fmt: skip
+    }
     if spec.study == "structured":
         ids = tw.minority_prompt_ids(world.config)
         record["minority_colour_all_prompts"] = tw.evaluate(trainer.base_unet, world.config, prompt_ids=ids)["mean"]
@@ -325,7 +359,9 @@ def _worker_run(spec: RunSpec) -> dict:
     return train_run(_WORKER["world"], spec, _WORKER["study"])
 
 
-def run_all(specs: Sequence[RunSpec], world: tw.World, study: StudyConfig, cache_dir: Path, jobs: int, progress=None) -> List[dict]:
+def run_all(
+    specs: Sequence[RunSpec], world: tw.World, study: StudyConfig, cache_dir: Path, jobs: int, progress=None
+) -> List[dict]:
     """Run every spec (in ``jobs`` single-threaded processes when ``jobs > 1``, else here);
     returns the records in the order of ``specs``."""
     records: List[Optional[dict]] = [None] * len(specs)
@@ -340,8 +376,9 @@ def run_all(specs: Sequence[RunSpec], world: tw.World, study: StudyConfig, cache
 
     threads = 1  # see main()
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds OpenMP threads
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
-                                                initargs=(world.config, str(cache_dir), study, threads)) as pool:  # fmt: skip
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_worker_init, initargs=(world.config, str(cache_dir), study, threads)
+    ) as pool:
         futures = {pool.submit(_worker_run, spec): i for i, spec in enumerate(specs)}
         for future in concurrent.futures.as_completed(futures):
             records[futures[future]] = future.result()
@@ -371,14 +408,21 @@ def study_specs(study: StudyConfig) -> List[RunSpec]:
 
 
 def _find(records: Sequence[dict], study: str, method: str, rate: int = 0) -> List[dict]:
-    return sorted((r for r in records if r["study"] == study and r["method"] == method and r["rate"] == rate), key=lambda r: r["seed"])
+    return sorted(
+        (r for r in records if r["study"] == study and r["method"] == method and r["rate"] == rate),
+        key=lambda r: r["seed"],
+    )
 
 
 def summarize(records: Sequence[dict], world: tw.World, study: StudyConfig) -> dict:
     """The results dictionary (``results.json``) from every run's record."""
     base = float(world.base_reward["mean"])
-    out: dict = {"flip_rates": list(FLIP_RATES), "seeds": study.seeds, "base_reward": base,
-                 "base_reward_per_colour": world.base_reward["per_colour"]}  # fmt: skip
+    out: dict = {
+        "flip_rates": list(FLIP_RATES),
+        "seeds": study.seeds,
+        "base_reward": base,
+        "base_reward_per_colour": world.base_reward["per_colour"],
+    }
     reward, reward_std, gain, retained = {}, {}, {}, {}
     clean_gain = mean_std([r["reward"] for r in _find(records, "flip", "dpo", 0)])[0] - base
     out["clean_dpo_gain"] = clean_gain
@@ -395,7 +439,9 @@ def summarize(records: Sequence[dict], world: tw.World, study: StudyConfig) -> d
     for method, key in (("adaptive", "auroc_u_flipped"), ("adaptive-ipo", "auroc_u_flipped_adaptive_ipo")):
         out[key], out[key + "_std"] = {}, {}
         for rate in FLIP_RATES[1:]:
-            values = [auroc(r["u"], r["flipped"]) for r in _find(records, "flip", method, rate) if r.get("u") is not None]
+            values = [
+                auroc(r["u"], r["flipped"]) for r in _find(records, "flip", method, rate) if r.get("u") is not None
+            ]
             out[key][str(rate)], out[key + "_std"][str(rate)] = mean_std(values) if values else (None, None)
     weights = {}
     for rate in FLIP_RATES:
@@ -414,7 +460,9 @@ def summarize(records: Sequence[dict], world: tw.World, study: StudyConfig) -> d
             "weight_quantiles_flipped": [float(q) for q in np.quantile(w[f], [0.1, 0.5, 0.9])] if f.any() else None,
         }
     out["adaptive_metric"] = weights
-    bins = {"binning": f"{U_BINS} bins of equal count (quantiles of u) per flip rate; Adaptive-DPO runs, all seeds, every step after the warm-up"}
+    bins = {
+        "binning": f"{U_BINS} bins of equal count (quantiles of u) per flip rate; Adaptive-DPO runs, all seeds, every step after the warm-up"
+    }
     for rate in FLIP_RATES[1:]:
         runs = [r for r in _find(records, "flip", "adaptive", rate) if r.get("u") is not None]
         if not runs:
@@ -437,10 +485,16 @@ def summarize(records: Sequence[dict], world: tw.World, study: StudyConfig) -> d
         "minority_share_of_pairs": float(member.float().mean()),
         "minority_labels_against_reward": float(swapped[member].float().mean()) if member.any() else None,
         "base_reward_minority_colour": world.base_reward["per_colour"].get(world.config.minority_colour),
-        "reward": {}, "reward_std": {}, "reward_minority_colour": {}, "reward_minority_colour_std": {},
-        "reward_other_colours": {}, "reward_other_colours_std": {}, "reward_minority_colour_all_prompts": {},
-        "reward_minority_colour_all_prompts_std": {}, "auroc_u_against_reward": None,
-    }  # fmt: skip
+        "reward": {},
+        "reward_std": {},
+        "reward_minority_colour": {},
+        "reward_minority_colour_std": {},
+        "reward_other_colours": {},
+        "reward_other_colours_std": {},
+        "reward_minority_colour_all_prompts": {},
+        "reward_minority_colour_all_prompts_std": {},
+        "auroc_u_against_reward": None,
+    }
     other = [c for c in tw.colour_names() if c != world.config.minority_colour]
     for method in STRUCTURED_METHODS:
         runs = _find(records, "structured", method)
@@ -452,9 +506,10 @@ def summarize(records: Sequence[dict], world: tw.World, study: StudyConfig) -> d
         structured["reward_other_colours"][method], structured["reward_other_colours_std"][method] = mean_std(
             [np.mean([r["per_colour"][c] for c in other if c in r["per_colour"]]) for r in runs]
         )
-        structured["reward_minority_colour_all_prompts"][method], structured["reward_minority_colour_all_prompts_std"][method] = mean_std(
-            [r["minority_colour_all_prompts"] for r in runs]
-        )
+        (
+            structured["reward_minority_colour_all_prompts"][method],
+            structured["reward_minority_colour_all_prompts_std"][method],
+        ) = mean_std([r["minority_colour_all_prompts"] for r in runs])
     runs = [r for r in _find(records, "structured", "adaptive") if r.get("u") is not None]
     if runs:
         u = np.concatenate([r["u"] for r in runs])
@@ -472,14 +527,20 @@ def summarize(records: Sequence[dict], world: tw.World, study: StudyConfig) -> d
     # DeDPO
     judge, biased = tw.synthetic_judge(pairs, world.config, biased_colours=study.judge_biased_colours, seed=0)
     dedpo = {
-        "human_fraction": study.human_fraction, "propensity": study.human_fraction,
-        "judge": {"biased_colours": list(study.judge_biased_colours), "strength": 2.0, "noise": 1.0,
-                  "accuracy_seed0": float((judge > 0.5).float().mean()),
-                  "accuracy_on_biased_prompts_seed0": float((judge[biased] > 0.5).float().mean()) if biased.any() else None,
-                  "accuracy_elsewhere_seed0": float((judge[~biased] > 0.5).float().mean()) if (~biased).any() else None},
-        "reward": {}, "reward_std": {},
+        "human_fraction": study.human_fraction,
+        "propensity": study.human_fraction,
+        "judge": {
+            "biased_colours": list(study.judge_biased_colours),
+            "strength": 2.0,
+            "noise": 1.0,
+            "accuracy_seed0": float((judge > 0.5).float().mean()),
+            "accuracy_on_biased_prompts_seed0": float((judge[biased] > 0.5).float().mean()) if biased.any() else None,
+            "accuracy_elsewhere_seed0": float((judge[~biased] > 0.5).float().mean()) if (~biased).any() else None,
+        },
+        "reward": {},
+        "reward_std": {},
         "note": "all-human is the clean DPO run of the flip study (same seed, pairs, order and steps)",
-    }  # fmt: skip
+    }
     for arm in DEDPO_ARMS:
         runs = _find(records, "flip", "dpo", 0) if arm == "all-human" else _find(records, "dedpo", arm)
         if runs:
@@ -523,10 +584,17 @@ def markdown(results: dict) -> str:
             )
     metric = results.get("adaptive_metric", {})
     if metric:
-        lines += ["", "Adaptive-DPO's metric u and weight W on flipped and kept pairs (all steps after the warm-up, all seeds):", "",
-                  "| Flip rate (%) | u kept | u flipped | W kept | W flipped |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "Adaptive-DPO's metric u and weight W on flipped and kept pairs (all steps after the warm-up, all seeds):",
+            "",
+            "| Flip rate (%) | u kept | u flipped | W kept | W flipped |",
+            "|---|---|---|---|---|",
+        ]
         for rate, m in metric.items():
-            lines.append(f"| {rate} | {_fmt(m['u_kept'], None, 4)} | {_fmt(m['u_flipped'], None, 4)} | {_fmt(m['weight_kept'])} | {_fmt(m['weight_flipped'])} |")
+            lines.append(
+                f"| {rate} | {_fmt(m['u_kept'], None, 4)} | {_fmt(m['u_flipped'], None, 4)} | {_fmt(m['weight_kept'])} | {_fmt(m['weight_flipped'])} |"
+            )
     s = results["structured"]
     lines += [
         "",
@@ -560,7 +628,9 @@ def markdown(results: dict) -> str:
     ]
     for arm in DEDPO_ARMS:
         if arm in d["reward"]:
-            lines.append(f"| {DEDPO_NAMES[arm]} | {_fmt(d['reward'][arm], d['reward_std'][arm])} | {d['reward'][arm] - results['base_reward']:+.3f} |")
+            lines.append(
+                f"| {DEDPO_NAMES[arm]} | {_fmt(d['reward'][arm], d['reward_std'][arm])} | {d['reward'][arm] - results['base_reward']:+.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -569,10 +639,22 @@ def write_plots(results: dict, output_dir: Path) -> List[str]:
     from . import pngplot
 
     names = []
-    series = {METHOD_NAMES[m]: (list(FLIP_RATES), [results["reward"][m][str(r)] for r in FLIP_RATES],
-                                [results["reward_std"][m][str(r)] for r in FLIP_RATES]) for m in METHODS}  # fmt: skip
-    pngplot.line_chart(output_dir / "reward_vs_flip.png", series, title="Held-out reward vs label-flip rate (mean ± std over seeds)",
-                       xlabel="label-flip rate (%)", ylabel="reward", hline=(results["base_reward"], "base model"))  # fmt: skip
+    series = {
+        METHOD_NAMES[m]: (
+            list(FLIP_RATES),
+            [results["reward"][m][str(r)] for r in FLIP_RATES],
+            [results["reward_std"][m][str(r)] for r in FLIP_RATES],
+        )
+        for m in METHODS
+    }
+    pngplot.line_chart(
+        output_dir / "reward_vs_flip.png",
+        series,
+        title="Held-out reward vs label-flip rate (mean ± std over seeds)",
+        xlabel="label-flip rate (%)",
+        ylabel="reward",
+        hline=(results["base_reward"], "base model"),
+    )
     names.append("reward_vs_flip.png")
     bins = results["u_bins"]
     series = {}
@@ -582,8 +664,13 @@ def write_plots(results: dict, output_dir: Path) -> List[str]:
             ys = [r if c >= MIN_BIN_COUNT else None for r, c in zip(b["flipped_ratio"], b["count"])]
             series[f"{rate} % flipped"] = (list(range(1, len(ys) + 1)), ys, None)
     if series:
-        pngplot.line_chart(output_dir / "flipped_ratio_vs_u.png", series, title="Fig. 3: share of flipped pairs per bin of Adaptive-DPO's u (equal-count bins)",
-                           xlabel="bin of u, low to high (bin edges in results.json)", ylabel="flipped share")  # fmt: skip
+        pngplot.line_chart(
+            output_dir / "flipped_ratio_vs_u.png",
+            series,
+            title="Fig. 3: share of flipped pairs per bin of Adaptive-DPO's u (equal-count bins)",
+            xlabel="bin of u, low to high (bin edges in results.json)",
+            ylabel="flipped share",
+        )
         names.append("flipped_ratio_vs_u.png")
     s = results["structured"]
     methods = [m for m in STRUCTURED_METHODS if m in s["reward"]]
@@ -592,15 +679,29 @@ def write_plots(results: dict, output_dir: Path) -> List[str]:
         labels = [f"{METHOD_NAMES[m]}, all" for m in methods] + [f"{METHOD_NAMES[m]}, {colour}" for m in methods]
         values = [s["reward"][m] for m in methods] + [s["reward_minority_colour_all_prompts"][m] for m in methods]
         errs = [s["reward_std"][m] for m in methods] + [s["reward_minority_colour_all_prompts_std"][m] for m in methods]
-        pngplot.bar_chart(output_dir / "structured.png", labels, values, errs=errs, ylabel="reward", size=(900, 460),
-                          title=f"Structured minority: reward on the held-out prompts (all) and on every {colour} prompt",
-                          hline=(results["base_reward"], "base model, held-out"))  # fmt: skip
+        pngplot.bar_chart(
+            output_dir / "structured.png",
+            labels,
+            values,
+            errs=errs,
+            ylabel="reward",
+            size=(900, 460),
+            title=f"Structured minority: reward on the held-out prompts (all) and on every {colour} prompt",
+            hline=(results["base_reward"], "base model, held-out"),
+        )
         names.append("structured.png")
     d = results["dedpo"]
     arms = [a for a in DEDPO_ARMS if a in d["reward"]]
     if arms:
-        pngplot.bar_chart(output_dir / "dedpo.png", arms, [d["reward"][a] for a in arms], errs=[d["reward_std"][a] for a in arms],
-                          title="DeDPO: held-out reward by labels used", ylabel="reward", hline=(results["base_reward"], "base model"))  # fmt: skip
+        pngplot.bar_chart(
+            output_dir / "dedpo.png",
+            arms,
+            [d["reward"][a] for a in arms],
+            errs=[d["reward_std"][a] for a in arms],
+            title="DeDPO: held-out reward by labels used",
+            ylabel="reward",
+            hline=(results["base_reward"], "base model"),
+        )
         names.append("dedpo.png")
     return names
 
@@ -609,7 +710,12 @@ def machine() -> dict:
     """The machine the study ran on."""
     from ..machine import cpu_model
 
-    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 def _json_ready(obj):
@@ -629,12 +735,25 @@ def _json_ready(obj):
 # ----------------------------------------------------------------------------------------------
 
 
-def tune(world: tw.World, study: StudyConfig, cache_dir: Path, jobs: int, betas: Sequence[float], lrs: Sequence[float],
-         steps: Sequence[int], progress=None) -> List[dict]:  # fmt: skip
+def tune(
+    world: tw.World,
+    study: StudyConfig,
+    cache_dir: Path,
+    jobs: int,
+    betas: Sequence[float],
+    lrs: Sequence[float],
+    steps: Sequence[int],
+    progress=None,
+) -> List[dict]:
     """DPO at 0 % flips over a grid of beta x learning rate x steps, every seed: the only runs
     the baseline's hyper-parameters were chosen from. Returns one row per grid point."""
-    specs = [RunSpec("tune", "dpo", 0, seed, beta=b, learning_rate=lr, steps=n)
-             for b in betas for lr in lrs for n in steps for seed in range(study.seeds)]  # fmt: skip
+    specs = [
+        RunSpec("tune", "dpo", 0, seed, beta=b, learning_rate=lr, steps=n)
+        for b in betas
+        for lr in lrs
+        for n in steps
+        for seed in range(study.seeds)
+    ]
     records = run_all(specs, world, study, cache_dir, jobs, progress)
     rows = []
     for b in betas:
@@ -642,8 +761,17 @@ def tune(world: tw.World, study: StudyConfig, cache_dir: Path, jobs: int, betas:
             for n in steps:
                 runs = [r for r in records if r["beta"] == b and r["learning_rate"] == lr and r["steps"] == n]
                 m, s = mean_std([r["reward"] for r in runs])
-                rows.append({"beta": b, "learning_rate": lr, "steps": n, "reward": m, "reward_std": s,
-                             "gain": m - world.base_reward["mean"], "seconds": float(np.mean([r["seconds"] for r in runs]))})  # fmt: skip
+                rows.append(
+                    {
+                        "beta": b,
+                        "learning_rate": lr,
+                        "steps": n,
+                        "reward": m,
+                        "reward_std": s,
+                        "gain": m - world.base_reward["mean"],
+                        "seconds": float(np.mean([r["seconds"] for r in runs])),
+                    }
+                )
     return rows
 
 
@@ -653,14 +781,30 @@ def tune(world: tw.World, study: StudyConfig, cache_dir: Path, jobs: int, betas:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastpref demo", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="runs/demo", help="where results, plots and the cached world go (default: runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="CI size: a briefly pretrained world, 1 seed, few steps (same JSON layout)")
+    parser = argparse.ArgumentParser(
+        prog="fastpref demo", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output_dir", default="runs/demo", help="where results, plots and the cached world go (default: runs/demo)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="CI size: a briefly pretrained world, 1 seed, few steps (same JSON layout)"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default 3; 1 with --quick)")
-    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: min(2, cpu count); 1 = in this process)")
-    parser.add_argument("--tune", action="store_true", help="only run the baseline's tuning grid (DPO at 0 %% flips) and write tuning.json")
-    parser.add_argument("--tune_betas", type=float, nargs="+", default=list(TUNE_BETAS), help="betas of the --tune grid")
-    parser.add_argument("--tune_lrs", type=float, nargs="+", default=list(TUNE_LRS), help="learning rates of the --tune grid")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="worker processes (default: min(2, cpu count); 1 = in this process)"
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="only run the baseline's tuning grid (DPO at 0 %% flips) and write tuning.json",
+    )
+    parser.add_argument(
+        "--tune_betas", type=float, nargs="+", default=list(TUNE_BETAS), help="betas of the --tune grid"
+    )
+    parser.add_argument(
+        "--tune_lrs", type=float, nargs="+", default=list(TUNE_LRS), help="learning rates of the --tune grid"
+    )
     args = parser.parse_args(argv)
 
     wall = time.perf_counter()
@@ -701,9 +845,13 @@ def _run(args, study: StudyConfig, jobs: int, output_dir: Path, wall: float) -> 
         n = len(betas) * len(lrs) * len(steps) * study.seeds
         with tqdm(total=n, desc="tuning DPO at 0 % flips", unit="run") as progress:
             rows = tune(world, study, output_dir, jobs, betas, lrs, steps, lambda r: progress.update(1))
-        (output_dir / "tuning.json").write_text(json.dumps(_json_ready({"base_reward": world.base_reward["mean"], "grid": rows}), indent=1))
+        (output_dir / "tuning.json").write_text(
+            json.dumps(_json_ready({"base_reward": world.base_reward["mean"], "grid": rows}), indent=1)
+        )
         for row in rows:
-            print(f"beta {row['beta']:g} lr {row['learning_rate']:g} steps {row['steps']}: reward {row['reward']:.4f} ± {row['reward_std']:.4f} (gain {row['gain']:+.4f}) {row['seconds']:.1f} s/run")
+            print(
+                f"beta {row['beta']:g} lr {row['learning_rate']:g} steps {row['steps']}: reward {row['reward']:.4f} ± {row['reward_std']:.4f} (gain {row['gain']:+.4f}) {row['seconds']:.1f} s/run"
+            )
         return 0
 
     specs = study_specs(study)
@@ -712,7 +860,12 @@ def _run(args, study: StudyConfig, jobs: int, output_dir: Path, wall: float) -> 
     results = summarize(records, world, study)
     results.update(
         quick=bool(args.quick),
-        hyperparameters={"study": study.to_dict(), "methods": method_defaults(), "jobs": jobs, "eval_noise_seed": 12345},
+        hyperparameters={
+            "study": study.to_dict(),
+            "methods": method_defaults(),
+            "jobs": jobs,
+            "eval_noise_seed": 12345,
+        },
         machine=machine(),
         torch=torch.__version__,
         diffusers=__import__("diffusers").__version__,
@@ -724,12 +877,16 @@ def _run(args, study: StudyConfig, jobs: int, output_dir: Path, wall: float) -> 
     results["plots"] = write_plots(results, output_dir)
     results["wall_seconds"] = time.perf_counter() - wall
     table = markdown(results)
-    header = (f"# fastpref demo\n\n`fastpref demo{' --quick' if args.quick else ''}` on {results['machine']['cpu'] or results['machine']['platform']} "
-              f"({results['machine']['cpu_count']} cores), torch {results['torch']}, {results['wall_seconds']:.0f} s wall.\n\n")  # fmt: skip
+    header = (
+        f"# fastpref demo\n\n`fastpref demo{' --quick' if args.quick else ''}` on {results['machine']['cpu'] or results['machine']['platform']} "
+        f"({results['machine']['cpu_count']} cores), torch {results['torch']}, {results['wall_seconds']:.0f} s wall.\n\n"
+    )
     (output_dir / "results.md").write_text(header + table)
     (output_dir / "results.json").write_text(json.dumps(_json_ready(results), indent=1))
     print(table)
-    print(f"wrote {output_dir / 'results.json'}, {output_dir / 'results.md'} and {', '.join(results['plots'])} in {results['wall_seconds']:.0f} s")
+    print(
+        f"wrote {output_dir / 'results.json'}, {output_dir / 'results.md'} and {', '.join(results['plots'])} in {results['wall_seconds']:.0f} s"
+    )
     return 0
 
 

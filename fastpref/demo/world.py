@@ -110,7 +110,9 @@ class WorldConfig:
 
     def __post_init__(self):
         if self.image_size < self.blob_size + 2 or (self.image_size - self.blob_size) % 2:
-            raise ValueError(f"image_size - blob_size must be even and >= 2, got {self.image_size} and {self.blob_size}")
+            raise ValueError(
+                f"image_size - blob_size must be even and >= 2, got {self.image_size} and {self.blob_size}"
+            )
         if len(self.base_mix) != len(BASE_KINDS) or abs(sum(self.base_mix) - 1.0) > 1e-6 or min(self.base_mix) < 0:
             raise ValueError(f"base_mix must be {len(BASE_KINDS)} probabilities summing to 1, got {self.base_mix}")
         if self.minority_colour not in colour_names():
@@ -248,8 +250,12 @@ def _shift_table(config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor, torch
     top, left = corner(torch.arange(NUM_POSITIONS), config)
     options = []
     for t, l in zip(top.tolist(), left.tolist()):
-        here = [(t + dr, l + dc) for dr in range(-2, 3) for dc in range(-2, 3)
-                if (dr, dc) != (0, 0) and 0 <= t + dr <= limit and 0 <= l + dc <= limit]  # fmt: skip
+        here = [
+            (t + dr, l + dc)
+            for dr in range(-2, 3)
+            for dc in range(-2, 3)
+            if (dr, dc) != (0, 0) and 0 <= t + dr <= limit and 0 <= l + dc <= limit
+        ]
         options.append(here)
     width = max(len(o) for o in options)
     tops = torch.zeros(NUM_POSITIONS, width, dtype=torch.int64)
@@ -260,13 +266,17 @@ def _shift_table(config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor, torch
     return tops, lefts, torch.tensor([len(o) for o in options])
 
 
-def draw_base_images(prompt_ids: torch.Tensor, config: WorldConfig, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+def draw_base_images(
+    prompt_ids: torch.Tensor, config: WorldConfig, generator: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Samples of the base distribution for prompts ``[N]`` (int64): images float32
     ``[N, 3, H, W]`` in [-1, 1] (plus noise) and their kind (int64 ``[N]``, index into
     :data:`BASE_KINDS`). Deterministic for the generator's state."""
     prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.int64)
     n = prompt_ids.shape[0]
-    kind = torch.multinomial(torch.tensor(config.base_mix, dtype=torch.float64), n, replacement=True, generator=generator)
+    kind = torch.multinomial(
+        torch.tensor(config.base_mix, dtype=torch.float64), n, replacement=True, generator=generator
+    )
     colour = prompt_colour(prompt_ids).clone()
     position = prompt_position(prompt_ids)
     top, left = corner(position, config)
@@ -285,7 +295,9 @@ def draw_base_images(prompt_ids: torch.Tensor, config: WorldConfig, generator: t
     level = low + (high - low) * torch.rand(n, generator=generator)
     level = torch.where(kind == BASE_KINDS.index("faded"), level, torch.ones(n))
 
-    unit = square_masks(top, left, config)[:, None] * colour_table()[colour][:, :, None, None] * level[:, None, None, None]
+    unit = (
+        square_masks(top, left, config)[:, None] * colour_table()[colour][:, :, None, None] * level[:, None, None, None]
+    )
     unit = unit + config.pixel_noise * torch.randn(unit.shape, generator=generator)
     return unit * 2.0 - 1.0, kind
 
@@ -305,12 +317,18 @@ def make_unet(config: WorldConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 7919 + 3)
         return UNet2DConditionModel(
-            sample_size=config.image_size, in_channels=3, out_channels=3, layers_per_block=1,
+            sample_size=config.image_size,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=1,
             block_out_channels=tuple(config.unet_channels),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            mid_block_type=None, cross_attention_dim=config.embed_dim, attention_head_dim=4, norm_num_groups=8,
-        )  # fmt: skip
+            mid_block_type=None,
+            cross_attention_dim=config.embed_dim,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
 
 
 def make_scheduler():
@@ -318,7 +336,9 @@ def make_scheduler():
     (``squaredcos_cap_v2``, suited to pixel-space images), epsilon prediction, x0 clipped to [-1, 1]."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True)
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=True
+    )
 
 
 @torch.no_grad()
@@ -396,7 +416,9 @@ def sample_pairs(config: WorldConfig, unet) -> Dict[str, torch.Tensor]:
     rng = np.random.default_rng([config.seed, 0xA1B5])
     prompt = torch.from_numpy(rng.permutation(np.resize(train.numpy(), config.num_pairs))).long()
     cond = embedding_table(config)[prompt.repeat_interleave(2)]
-    images = ddim_sample(unet, cond, steps=config.sample_steps, seed=config.seed * 101 + 7).view(config.num_pairs, 2, 3, config.image_size, config.image_size)
+    images = ddim_sample(unet, cond, steps=config.sample_steps, seed=config.seed * 101 + 7).view(
+        config.num_pairs, 2, 3, config.image_size, config.image_size
+    )
     rewards = reward(images.flatten(0, 1), prompt.repeat_interleave(2), config).view(-1, 2)
     swap = rewards[:, 1] > rewards[:, 0]
     images = torch.where(swap[:, None, None, None, None], images.flip(1), images)
@@ -410,7 +432,9 @@ def sample_pairs(config: WorldConfig, unet) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(unet, config: WorldConfig, *, prompt_ids: Optional[torch.Tensor] = None, seed: int = 12345) -> Dict[str, object]:
+def evaluate(
+    unet, config: WorldConfig, *, prompt_ids: Optional[torch.Tensor] = None, seed: int = 12345
+) -> Dict[str, object]:
     """Mean reward of ``eval_samples`` DDIM samples per prompt (default: the held-out prompts),
     all from noise seed ``seed``. Returns ``{"mean": float, "per_colour": {name: float}}``
     (colours without an evaluated prompt are left out)."""
@@ -450,8 +474,15 @@ def structured_minority(pairs: Dict[str, torch.Tensor], config: WorldConfig) -> 
     return member, swapped
 
 
-def synthetic_judge(pairs: Dict[str, torch.Tensor], config: WorldConfig, *, biased_colours: Sequence[str] = ("blue", "magenta"),
-                    strength: float = 2.0, noise: float = 1.0, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def synthetic_judge(
+    pairs: Dict[str, torch.Tensor],
+    config: WorldConfig,
+    *,
+    biased_colours: Sequence[str] = ("blue", "magenta"),
+    strength: float = 2.0,
+    noise: float = 1.0,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """A biased, noisy AI judge: its probability, float32 ``[N]``, that the stored first image
     (the reward's winner) is better, ``sigmoid(sign * strength * d + noise * z)`` with ``d`` the
     reward difference over its std across pairs, ``sign = -1`` on prompts of ``biased_colours``
@@ -533,7 +564,9 @@ def load_or_build(config: WorldConfig, cache_dir, progress: Optional[Callable[[s
     tmp = files["world.json"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, files["world.json"])
-    return World(config=config, base_state=state, pairs=pairs, base_reward=base_reward, path=path, built_seconds=seconds)
+    return World(
+        config=config, base_state=state, pairs=pairs, base_reward=base_reward, path=path, built_seconds=seconds
+    )
 
 
 def _save_atomic(obj, file: Path) -> None:

@@ -136,7 +136,9 @@ def make_adaptive_dpo_loss(run, *, default_backend: str, module_name: str):
             raise TypeError(f"return_stats must be a bool; got {type(return_stats).__name__}")
         # In CONFIG_KEYS order.
         config = cached_config((beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, eps, ipo_tau, reduction))
-        labels = dict(synthetic_label=synthetic_label, human_label=human_label, human_mask=human_mask, propensity=propensity)
+        labels = dict(
+            synthetic_label=synthetic_label, human_label=human_label, human_mask=human_mask, propensity=propensity
+        )
         inputs = make_inputs(model_pred, ref_pred, target, ema_preds, config, labels)
         loss, stats = run(inputs, config, return_stats, backend)
         return (loss, finish_stats(stats)) if return_stats else loss
@@ -168,10 +170,19 @@ def make_diffusion_dpo_loss(adaptive_dpo_loss, *, default_backend: str, module_n
         ``"dedpo"``, ``reduction``, ``return_stats`` and ``backend`` are as in
         ``adaptive_dpo_loss``."""
         return adaptive_dpo_loss(
-            model_pred, ref_pred, target, beta=beta, weighting="none", margin="none",
-            loss_type=loss_type, eps=eps, ipo_tau=ipo_tau, reduction=reduction,
-            return_stats=return_stats, backend=backend,
-        )  # fmt: skip
+            model_pred,
+            ref_pred,
+            target,
+            beta=beta,
+            weighting="none",
+            margin="none",
+            loss_type=loss_type,
+            eps=eps,
+            ipo_tau=ipo_tau,
+            reduction=reduction,
+            return_stats=return_stats,
+            backend=backend,
+        )
 
     diffusion_dpo_loss.__module__ = module_name
     return diffusion_dpo_loss
@@ -203,7 +214,9 @@ def make_loss_module(adaptive_dpo_loss, *, default_backend: str, module_name: st
             self.keywords = keywords
 
         def forward(self, model_pred, ref_pred, target, ema_preds=(), **overrides):
-            return adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=ema_preds, **{**self.keywords, **overrides})
+            return adaptive_dpo_loss(
+                model_pred, ref_pred, target, ema_preds=ema_preds, **{**self.keywords, **overrides}
+            )
 
         def extra_repr(self):
             return ", ".join(f"{k}={v!r}" for k, v in sorted(self.keywords.items()) if not isinstance(v, torch.Tensor))

@@ -36,7 +36,15 @@ STAT_NAMES = ("logits", "l_theta", "u", "confidence", "stability", "weight", "ma
 
 def encode(config: LossConfig):
     """``(settings, modes)`` op arguments of a validated config."""
-    settings = [config.beta, config.rho, config.k1, config.k2, math.nan if config.c2 is None else config.c2, config.eps, config.tau]
+    settings = [
+        config.beta,
+        config.rho,
+        config.k1,
+        config.k2,
+        math.nan if config.c2 is None else config.c2,
+        config.eps,
+        config.tau,
+    ]
     modes = [
         PRESET_CODES[config.preset],
         WEIGHTING_CODES[config.weighting],

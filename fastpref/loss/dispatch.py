@@ -16,7 +16,6 @@ import torch
 
 from .options import LossConfig, LossInputs, resolve_backend_name
 
-
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once: it sits on every call's path
 
 
@@ -30,7 +29,9 @@ def triton_unavailable(device: torch.device) -> Optional[str]:
 
     if device.type == "cpu" and interpreter_enabled():
         return None
-    return f"the Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run them on CPU, slowly)"
+    return (
+        f"the Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run them on CPU, slowly)"
+    )
 
 
 def cpp_unavailable(device: torch.device) -> Optional[str]:

@@ -116,7 +116,20 @@ def resolve_backend_name(backend) -> str:
     return backend
 
 
-CONFIG_KEYS = ("beta", "rho", "k1", "k2", "c2", "preset", "weighting", "margin", "loss_type", "eps", "ipo_tau", "reduction")
+CONFIG_KEYS = (
+    "beta",
+    "rho",
+    "k1",
+    "k2",
+    "c2",
+    "preset",
+    "weighting",
+    "margin",
+    "loss_type",
+    "eps",
+    "ipo_tau",
+    "reduction",
+)
 
 
 def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, eps, ipo_tau, reduction) -> LossConfig:
@@ -179,7 +192,9 @@ def _split_ema_preds(ema_preds, model_pred: torch.Tensor) -> tuple:
             )
         return tuple(ema_preds.unbind(0))
     if not isinstance(ema_preds, (list, tuple)):
-        raise TypeError(f"ema_preds must be a list/tuple of tensors or one [K, 2B, *S] tensor; got {type(ema_preds).__name__}")
+        raise TypeError(
+            f"ema_preds must be a list/tuple of tensors or one [K, 2B, *S] tensor; got {type(ema_preds).__name__}"
+        )
     shape = model_pred.shape
     for k, pred in enumerate(ema_preds):
         if not _is_float_tensor(pred):
@@ -244,8 +259,7 @@ def make_inputs(model_pred, ref_pred, target, ema_preds, config: LossConfig, lab
     target_shape = target.shape
     if len(target_shape) != len(shape) or target_shape[1:] != shape[1:] or target_shape[0] not in (batch, rows):
         raise ValueError(
-            f"target must be [2B, *S] or [B, *S] with B = {batch}, S = {list(shape[1:])}; "
-            f"got {list(target_shape)}"
+            f"target must be [2B, *S] or [B, *S] with B = {batch}, S = {list(shape[1:])}; got {list(target_shape)}"
         )
     emas = _split_ema_preds(ema_preds, model_pred)
     # One pass over the other tensors: same device as model_pred, and the accumulation dtype of

@@ -41,10 +41,44 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # Words that get whole-word tokens (anything else still tokenizes, byte by byte).
 VOCAB_WORDS = (
-    "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "painting", "drawing",
-    "background", "small", "large", "big", "tiny", "bright", "dark",
-    "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink", "cyan",
-    "circle", "square", "triangle", "diamond", "cross", "ring", "stripe", "dot",
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "photo",
+    "picture",
+    "painting",
+    "drawing",
+    "background",
+    "small",
+    "large",
+    "big",
+    "tiny",
+    "bright",
+    "dark",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "gray",
+    "pink",
+    "cyan",
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+    "cross",
+    "ring",
+    "stripe",
+    "dot",
 )
 
 
@@ -277,7 +311,9 @@ def make_tiny_model(path, arch: str = "sd15", seed: int = 0, overwrite: bool = F
             if not (path / name / file).exists():
                 shutil.copyfile(staging / file, path / name / file)
     shutil.rmtree(staging)
-    (path / "fastpref_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, "vocab_size": len(vocab)}, indent=2) + "\n")
+    (path / "fastpref_tiny.json").write_text(
+        json.dumps({"arch": arch, "seed": seed, "vocab_size": len(vocab)}, indent=2) + "\n"
+    )
     return path
 
 

@@ -151,7 +151,9 @@ def judge_probabilities(
         if color == bias_color:
             sign = -sign
         logit = sign * strength + noise * draw_z
-        out.append(float(1.0 / (1.0 + math.exp(-logit))) if logit >= 0 else float(math.exp(logit) / (1.0 + math.exp(logit))))
+        out.append(
+            float(1.0 / (1.0 + math.exp(-logit))) if logit >= 0 else float(math.exp(logit) / (1.0 + math.exp(logit)))
+        )
     return out
 
 
@@ -197,7 +199,9 @@ def make_rows(
             if wrong == 0:
                 bad = draw(_other(SHAPES, shape, rng), color, background, resolution, rng)
             elif wrong == 1:
-                bad = draw(shape, _other([n for n in names if n != background], color, rng), background, resolution, rng)
+                bad = draw(
+                    shape, _other([n for n in names if n != background], color, rng), background, resolution, rng
+                )
             else:
                 bad = draw(shape, color, _other([n for n in names if n != color], background, rng), resolution, rng)
             if rng.random() < 0.5:
@@ -262,8 +266,15 @@ def make_toy_data(
     ``judge`` the ``synthetic_label_0`` column too) to ``path/train.parquet``; returns the file's
     path."""
     columns = make_rows(
-        pairs, resolution=resolution, seed=seed, ties=ties, corrupt=corrupt,
-        judge=judge, judge_bias_color=judge_bias_color, judge_strength=judge_strength, judge_noise=judge_noise,
+        pairs,
+        resolution=resolution,
+        seed=seed,
+        ties=ties,
+        corrupt=corrupt,
+        judge=judge,
+        judge_bias_color=judge_bias_color,
+        judge_strength=judge_strength,
+        judge_noise=judge_noise,
     )
     return write_parquet(columns, Path(path) / FILE_NAME)
 
@@ -280,26 +291,42 @@ def main(argv=None) -> int:
     parser.add_argument("--ties", type=int, default=0, help="rows with label_0 = 0.5")
     parser.add_argument("--corrupt", type=int, default=0, help="rows with an undecodable image")
     parser.add_argument(
-        "--judge", action="store_true",
+        "--judge",
+        action="store_true",
         help="also write synthetic_label_0: a seeded, biased, noisy AI judge's probability that jpg_0 is preferred (for DeDPO)",
     )
     parser.add_argument(
-        "--judge_bias_color", default="red",
+        "--judge_bias_color",
+        default="red",
         help=f"--judge: the shape colour on which the judge is systematically wrong ({', '.join(COLORS)}, or 'none')",
     )
-    parser.add_argument("--judge_strength", type=float, default=1.0, help="--judge: the judge's signal on the logit scale")
-    parser.add_argument("--judge_noise", type=float, default=1.0, help="--judge: the standard deviation of its logit noise")
+    parser.add_argument(
+        "--judge_strength", type=float, default=1.0, help="--judge: the judge's signal on the logit scale"
+    )
+    parser.add_argument(
+        "--judge_noise", type=float, default=1.0, help="--judge: the standard deviation of its logit noise"
+    )
     args = parser.parse_args(argv)
     bias = None if args.judge_bias_color.lower() == "none" else args.judge_bias_color
     try:
         out = make_toy_data(
-            args.dir, args.pairs, resolution=args.resolution, seed=args.seed, ties=args.ties, corrupt=args.corrupt,
-            judge=args.judge, judge_bias_color=bias, judge_strength=args.judge_strength, judge_noise=args.judge_noise,
+            args.dir,
+            args.pairs,
+            resolution=args.resolution,
+            seed=args.seed,
+            ties=args.ties,
+            corrupt=args.corrupt,
+            judge=args.judge,
+            judge_bias_color=bias,
+            judge_strength=args.judge_strength,
+            judge_noise=args.judge_noise,
         )
     except ValueError as error:
         parser.error(str(error))
     judged = f", judge biased on {bias or 'nothing'}" if args.judge else ""
-    print(f"wrote {args.pairs} pairs ({args.ties} ties, {args.corrupt} corrupt{judged}) at {args.resolution}px to {out}")
+    print(
+        f"wrote {args.pairs} pairs ({args.ties} ties, {args.corrupt} corrupt{judged}) at {args.resolution}px to {out}"
+    )
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def detect_arch(path) -> str:
-    """"sdxl" or "sd15" for a diffusers pipeline folder, from its ``model_index.json``.
+    """ "sdxl" or "sd15" for a diffusers pipeline folder, from its ``model_index.json``.
 
     SDXL is recognised by a ``text_encoder_2`` entry (or, without a model index, a
     ``text_encoder_2`` folder) or an ``...XL...`` pipeline class; anything else is "sd15".

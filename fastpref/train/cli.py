@@ -54,28 +54,62 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument_group("model and data")
-    a.add_argument("--pretrained_model_name_or_path", required=True, help="local diffusers pipeline folder (or a hub id where the hub is reachable); SDXL is detected from it")
-    a.add_argument("--dataset_name", required=True, help="a parquet file or a folder of *.parquet in the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0)")
+    a.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="local diffusers pipeline folder (or a hub id where the hub is reachable); SDXL is detected from it",
+    )
+    a.add_argument(
+        "--dataset_name",
+        required=True,
+        help="a parquet file or a folder of *.parquet in the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0)",
+    )
     a.add_argument("--output_dir", required=True, help="where weights, checkpoints and logs go")
-    a.add_argument("--resolution", type=int, default=None, help="training resolution in pixels; default 512 (sd15) / 1024 (sdxl)")
+    a.add_argument(
+        "--resolution", type=int, default=None, help="training resolution in pixels; default 512 (sd15) / 1024 (sdxl)"
+    )
     a.add_argument("--max_train_samples", type=int, default=None, help="use only the first N valid pairs")
     a.add_argument("--keep_ties", action="store_true", help="keep pairs with label_0 == 0.5 (dropped by default)")
-    a.add_argument("--flip_rate", type=float, default=0.0, help="flip the labels of this share of pairs (a seeded random subset), to study label noise")
+    a.add_argument(
+        "--flip_rate",
+        type=float,
+        default=0.0,
+        help="flip the labels of this share of pairs (a seeded random subset), to study label noise",
+    )
     a.add_argument("--flip_seed", type=int, default=0, help="seed of the flipped subset")
-    a.add_argument("--cache_latents", action="store_true", help="encode VAE latents and text embeddings once (reused across runs and resumes)")
-    a.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="where the latent cache lives ($FASTPREF_CACHE/latents)")
+    a.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="encode VAE latents and text embeddings once (reused across runs and resumes)",
+    )
+    a.add_argument(
+        "--cache_dir", default=str(DEFAULT_CACHE), help="where the latent cache lives ($FASTPREF_CACHE/latents)"
+    )
     a.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
-    a.add_argument("--human_fraction", type=float, default=None, help="dedpo: share of pairs that keep their human label (the rest use the judge's synthetic_label_0)")
+    a.add_argument(
+        "--human_fraction",
+        type=float,
+        default=None,
+        help="dedpo: share of pairs that keep their human label (the rest use the judge's synthetic_label_0)",
+    )
     a.add_argument("--human_seed", type=int, default=0, help="dedpo: seed of which pairs keep their human label")
 
     t = p.add_argument_group("optimization")
     t.add_argument("--train_batch_size", type=int, default=4, help="pairs per process per micro-step")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
-    t.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; default: --num_train_epochs over the data")
+    t.add_argument(
+        "--max_train_steps", type=int, default=None, help="optimizer steps; default: --num_train_epochs over the data"
+    )
     t.add_argument("--num_train_epochs", type=int, default=1, help="epochs, when --max_train_steps is not given")
     t.add_argument("--learning_rate", type=float, default=1e-5, help="peak learning rate")
-    t.add_argument("--scale_lr", action="store_true", help="multiply the learning rate by batch size x accumulation x processes")
-    t.add_argument("--lr_scheduler", default="constant", help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    t.add_argument(
+        "--scale_lr", action="store_true", help="multiply the learning rate by batch size x accumulation x processes"
+    )
+    t.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    )
     t.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the LR schedule")
     t.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     t.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
@@ -83,28 +117,80 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     t.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     t.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
-    t.add_argument("--lora_rank", type=int, default=8, help="LoRA rank on the attention projections; 0 = full fine-tune")
-    t.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's configuration, else no")
+    t.add_argument(
+        "--lora_rank", type=int, default=8, help="LoRA rank on the attention projections; 0 = full fine-tune"
+    )
+    t.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="default: accelerate's configuration, else no",
+    )
     t.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for UNet activation memory")
     t.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and noise")
 
     l = p.add_argument_group("loss")  # noqa: E741
-    l.add_argument("--loss_type", default="adaptive", choices=["dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo"], help="the objective")
-    l.add_argument("--beta_dpo", type=float, default=None, help="beta, diffusers' scale (z = beta * difference of per-sample mean squared errors); default 1000 (sd15) / 2500 (sdxl), the paper's")
+    l.add_argument(
+        "--loss_type",
+        default="adaptive",
+        choices=["dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo"],
+        help="the objective",
+    )
+    l.add_argument(
+        "--beta_dpo",
+        type=float,
+        default=None,
+        help="beta, diffusers' scale (z = beta * difference of per-sample mean squared errors); default 1000 (sd15) / 2500 (sdxl), the paper's",
+    )
     l.add_argument("--rho", type=float, default=15.0, help="scale of l inside the metric u")
     l.add_argument("--k1", type=float, default=None, help="weight strength; default 10 (sd15) / 1 (sdxl), the paper's")
     l.add_argument("--k2", type=float, default=None, help="margin slope; default -1/beta")
     l.add_argument("--c2", type=float, default=None, help="margin offset; default the detached batch mean of l")
     l.add_argument("--ipo_tau", type=float, default=None, help="tau of the IPO heads; default beta")
-    l.add_argument("--weighting", default=None, choices=["linear", "square", "sqrt", "sigmoid", "none"], help="W; default linear for the adaptive types, none otherwise")
-    l.add_argument("--margin", default=None, choices=["quadratic", "linear", "none"], help="Gamma; default quadratic for the adaptive types, none otherwise")
-    l.add_argument("--metric_preset", default="official", choices=["official", "paper"], help="u as the authors' code (official) or as the paper's equations print it")
-    l.add_argument("--label_noise", "--eps", dest="eps", type=float, default=0.1, help="noise rate of robust / smoothing of cdpo")
-    l.add_argument("--ema_decays", default="0.9999,0.5", help="comma-separated decays of the EMA footprints (the authors')")
-    l.add_argument("--metric_warmup_steps", type=int, default=None, help="micro-steps with u := 0 (default 2 x gradient_accumulation_steps, the authors')")
-    l.add_argument("--global_metric", action="store_true", help="u's batch statistics over the global batch of all processes (default: per process, as the authors)")
-    l.add_argument("--loss_backend", default="auto", choices=["auto", "triton", "cpp", "torch"], help="fastpref loss backend")
-    l.add_argument("--max_nonfinite_steps", type=int, default=10, help="abort (after saving a checkpoint) after this many non-finite steps in a row")
+    l.add_argument(
+        "--weighting",
+        default=None,
+        choices=["linear", "square", "sqrt", "sigmoid", "none"],
+        help="W; default linear for the adaptive types, none otherwise",
+    )
+    l.add_argument(
+        "--margin",
+        default=None,
+        choices=["quadratic", "linear", "none"],
+        help="Gamma; default quadratic for the adaptive types, none otherwise",
+    )
+    l.add_argument(
+        "--metric_preset",
+        default="official",
+        choices=["official", "paper"],
+        help="u as the authors' code (official) or as the paper's equations print it",
+    )
+    l.add_argument(
+        "--label_noise", "--eps", dest="eps", type=float, default=0.1, help="noise rate of robust / smoothing of cdpo"
+    )
+    l.add_argument(
+        "--ema_decays", default="0.9999,0.5", help="comma-separated decays of the EMA footprints (the authors')"
+    )
+    l.add_argument(
+        "--metric_warmup_steps",
+        type=int,
+        default=None,
+        help="micro-steps with u := 0 (default 2 x gradient_accumulation_steps, the authors')",
+    )
+    l.add_argument(
+        "--global_metric",
+        action="store_true",
+        help="u's batch statistics over the global batch of all processes (default: per process, as the authors)",
+    )
+    l.add_argument(
+        "--loss_backend", default="auto", choices=["auto", "triton", "cpp", "torch"], help="fastpref loss backend"
+    )
+    l.add_argument(
+        "--max_nonfinite_steps",
+        type=int,
+        default=10,
+        help="abort (after saving a checkpoint) after this many non-finite steps in a row",
+    )
 
     o = p.add_argument_group("checkpoints and logs")
     o.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every N optimizer steps")
@@ -123,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def checkpoints(output_dir) -> List[Path]:
     """Complete checkpoints in ``output_dir``, oldest first."""
-    found = [(int(m.group(1)), d) for d in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT.match(d.name)) and d.is_dir()]
+    found = [
+        (int(m.group(1)), d)
+        for d in Path(output_dir).glob("checkpoint-*")
+        if (m := CHECKPOINT.match(d.name)) and d.is_dir()
+    ]
     return [d for _, d in sorted(found)]
 
 
@@ -171,7 +261,10 @@ def install_lora_hooks(accelerator, unet_type) -> None:
             if not isinstance(model, unet_type):
                 raise ValueError(f"unexpected model in the checkpoint: {type(model).__name__}")
             if accelerator.is_main_process:
-                state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name="default").items()}
+                state = {
+                    k: v.detach().cpu().contiguous()
+                    for k, v in get_peft_model_state_dict(model, adapter_name="default").items()
+                }
                 save_file(state, os.path.join(output_dir, "policy_lora.safetensors"))
             if weights:
                 weights.pop()  # accelerate must not also save the whole (frozen) UNet
@@ -228,7 +321,9 @@ class Encoder:
     def __call__(self, batch: dict) -> dict:
         from .data import encode_images, encode_prompts
 
-        out = {k: batch[k] for k in ("flipped", "synthetic_label", "human_label", "human_mask", "propensity") if k in batch}
+        out = {
+            k: batch[k] for k in ("flipped", "synthetic_label", "human_label", "human_mask", "propensity") if k in batch
+        }
         if "latents" in batch:
             out["latents"] = batch["latents"]
             out["encoder_hidden_states"] = batch["prompt_embeds"]
@@ -237,7 +332,9 @@ class Encoder:
             pixels = batch["pixel_values"]  # [B, 2, 3, R, R]
             latents = encode_images(self.vae, pixels.flatten(0, 1).to(self.device))
             out["latents"] = latents.float().reshape(*pixels.shape[:2], *latents.shape[1:])
-            out["encoder_hidden_states"], pooled = encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)
+            out["encoder_hidden_states"], pooled = encode_prompts(
+                batch["captions"], self.tokenizers, self.text_encoders
+            )
         if pooled is not None:
             out["pooled_prompt_embeds"] = pooled
             out["add_time_ids"] = time_ids(batch, self.resolution)
@@ -267,47 +364,68 @@ def train(args) -> dict:
     k1 = args.k1 if args.k1 is not None else ARCH_DEFAULTS[arch]["k1"]
     decays = tuple(float(d) for d in args.ema_decays.split(",") if d.strip()) if args.ema_decays else ()
     if args.loss_type == "dedpo" and args.human_fraction is None:
-        raise ValueError("human_fraction: --loss_type dedpo needs --human_fraction (the share of pairs that keep a human label)")
+        raise ValueError(
+            "human_fraction: --loss_type dedpo needs --human_fraction (the share of pairs that keep a human label)"
+        )
 
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         gradient_accumulation_steps=1,  # the trainer accumulates itself (it needs the window for skips)
         mixed_precision=args.mixed_precision,
         log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # data
     dedpo = args.loss_type == "dedpo"
-    dataset_kwargs = dict(keep_ties=args.keep_ties, flip_rate=args.flip_rate, flip_seed=args.flip_seed, max_pairs=args.max_train_samples)
+    dataset_kwargs = dict(
+        keep_ties=args.keep_ties, flip_rate=args.flip_rate, flip_seed=args.flip_seed, max_pairs=args.max_train_samples
+    )
     if dedpo:
         dataset_kwargs.update(synthetic_labels=True, human_fraction=args.human_fraction, human_seed=args.human_seed)
-    dataset = data.PreferenceDataset(args.dataset_name, resolution, check_images=not args.cache_latents, **dataset_kwargs)
+    dataset = data.PreferenceDataset(
+        args.dataset_name, resolution, check_images=not args.cache_latents, **dataset_kwargs
+    )
     if len(dataset) == 0:
         raise ValueError(f"dataset_name: no usable pairs in {args.dataset_name} ({dataset.summary()})")
     encoder_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae = tokenizers = text_encoders = None
     if args.cache_latents:
         with accelerator.main_process_first():
-            cache = data.LatentCache.build(dataset, args.cache_dir, model_path, dtype=encoder_dtype, device=accelerator.device)
+            cache = data.LatentCache.build(
+                dataset, args.cache_dir, model_path, dtype=encoder_dtype, device=accelerator.device
+            )
         train_set = cache.view(dataset)
         logger.info("latent cache %s: %s", "hit" if cache.hit else "built", cache.path)
     else:
-        vae, tokenizers, text_encoders = data.load_encoders(model_path, arch, dtype=encoder_dtype, device=accelerator.device)
+        vae, tokenizers, text_encoders = data.load_encoders(
+            model_path, arch, dtype=encoder_dtype, device=accelerator.device
+        )
         train_set = dataset
     summary = getattr(train_set, "dataset", dataset).summary()  # the cache view knows the undecodable rows
     logger.info("data: %s", summary)
     judge = dataset.judge_agreement() if dedpo else None
     if judge is not None:
-        logger.info("judge vs human labels on the %d human-labelled pairs: accuracy %.3f, mean |p - y| %.3f",
-                    judge["num_labelled"], judge["accuracy"], judge["mean_abs_error"])  # fmt: skip
+        logger.info(
+            "judge vs human labels on the %d human-labelled pairs: accuracy %.3f, mean |p - y| %.3f",
+            judge["num_labelled"],
+            judge["accuracy"],
+            judge["mean_abs_error"],
+        )
 
     world = accelerator.num_processes
-    steps_per_epoch = max(1, math.ceil(len(train_set) / (args.train_batch_size * world * args.gradient_accumulation_steps)))
+    steps_per_epoch = max(
+        1, math.ceil(len(train_set) / (args.train_batch_size * world * args.gradient_accumulation_steps))
+    )
     max_steps = args.max_train_steps if args.max_train_steps is not None else args.num_train_epochs * steps_per_epoch
     learning_rate = args.learning_rate
     if args.scale_lr:
@@ -315,33 +433,62 @@ def train(args) -> dict:
 
     # model
     # LoRA keeps the frozen base in the mixed-precision dtype; a full fine-tune trains float32 weights
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=encoder_dtype if args.lora_rank > 0 else torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(
+        model_path, subfolder="unet", torch_dtype=encoder_dtype if args.lora_rank > 0 else torch.float32
+    )
     noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
     config = TrainConfig(
-        loss_type=args.loss_type, beta=beta, rho=args.rho, k1=k1, k2=args.k2, c2=args.c2, ipo_tau=args.ipo_tau,
-        weighting=args.weighting, margin=args.margin,
-        metric_preset=args.metric_preset, eps=args.eps, ema_decays=decays, metric_warmup_steps=args.metric_warmup_steps,
-        global_metric=args.global_metric, lora_rank=args.lora_rank, learning_rate=learning_rate,
-        lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, max_train_steps=max_steps,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_weight_decay=args.adam_weight_decay,
-        adam_epsilon=args.adam_epsilon, use_8bit_adam=args.use_8bit_adam, mixed_precision=accelerator.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, max_nonfinite_steps=args.max_nonfinite_steps,
+        loss_type=args.loss_type,
+        beta=beta,
+        rho=args.rho,
+        k1=k1,
+        k2=args.k2,
+        c2=args.c2,
+        ipo_tau=args.ipo_tau,
+        weighting=args.weighting,
+        margin=args.margin,
+        metric_preset=args.metric_preset,
+        eps=args.eps,
+        ema_decays=decays,
+        metric_warmup_steps=args.metric_warmup_steps,
+        global_metric=args.global_metric,
+        lora_rank=args.lora_rank,
+        learning_rate=learning_rate,
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps,
+        max_train_steps=max_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_weight_decay=args.adam_weight_decay,
+        adam_epsilon=args.adam_epsilon,
+        use_8bit_adam=args.use_8bit_adam,
+        mixed_precision=accelerator.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        max_nonfinite_steps=args.max_nonfinite_steps,
         loss_backend=args.loss_backend,
-    )  # fmt: skip
+    )
     trainer = PreferenceTrainer(unet, noise_scheduler, config, accelerator)
     if config.lora_rank > 0:
         install_lora_hooks(accelerator, type(trainer.base_unet))
 
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     if args.resume_from_checkpoint and resume is None:
-        logger.warning("resume_from_checkpoint=%s: no checkpoint in %s, starting a new run", args.resume_from_checkpoint, output_dir)
+        logger.warning(
+            "resume_from_checkpoint=%s: no checkpoint in %s, starting a new run",
+            args.resume_from_checkpoint,
+            output_dir,
+        )
     if resume is not None:
         accelerator.load_state(str(resume))
         logger.info("resumed from %s at step %d", resume, trainer.global_step)
         log_file = output_dir / "train_log.jsonl"
         if accelerator.is_main_process and log_file.exists():  # drop the lines of steps that are redone
-            lines = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= trainer.global_step]
+            lines = [
+                line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= trainer.global_step
+            ]
             log_file.write_text("".join(line + "\n" for line in lines))
 
     if accelerator.is_main_process and report_to:
@@ -349,14 +496,25 @@ def train(args) -> dict:
         accelerator.init_trackers("fastpref", config=hparams)
 
     batch_size = args.train_batch_size
-    sampler = data.PairSampler(len(train_set), seed=args.seed, start=trainer.micro_step * batch_size * world, infinite=True)
+    sampler = data.PairSampler(
+        len(train_set), seed=args.seed, start=trainer.micro_step * batch_size * world, infinite=True
+    )
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=batch_size, sampler=ShardSampler(sampler, batch_size, world, accelerator.process_index),
-        collate_fn=data.collate_pairs, num_workers=args.dataloader_num_workers, drop_last=True,
-    )  # fmt: skip
+        train_set,
+        batch_size=batch_size,
+        sampler=ShardSampler(sampler, batch_size, world, accelerator.process_index),
+        collate_fn=data.collate_pairs,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+    )
     encode = Encoder(vae, tokenizers, text_encoders, resolution, accelerator.device)
 
-    progress = tqdm(total=max_steps, initial=trainer.global_step, desc="steps", disable=args.no_progress or not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=max_steps,
+        initial=trainer.global_step,
+        desc="steps",
+        disable=args.no_progress or not accelerator.is_local_main_process,
+    )
     window: List[dict] = []
     started = time.perf_counter()
     status = "finished"
@@ -370,14 +528,22 @@ def train(args) -> dict:
             logs = window_logs(window, trainer)
             window = []
             if world > 1 and not config.global_metric:  # log the global batch's loss, not this process's
-                logs["loss"] = float(accelerator.reduce(torch.tensor(logs["loss"], device=accelerator.device), reduction="mean"))
+                logs["loss"] = float(
+                    accelerator.reduce(torch.tensor(logs["loss"], device=accelerator.device), reduction="mean")
+                )
             if accelerator.is_main_process:
                 with open(output_dir / "train_log.jsonl", "a") as handle:
                     handle.write(json.dumps({"step": trainer.global_step, **logs}) + "\n")
             progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}" if "implicit_acc" in logs else "-")
+            progress.set_postfix(
+                loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}" if "implicit_acc" in logs else "-"
+            )
             accelerator.log(logs, step=trainer.global_step)
-            if args.checkpointing_steps and trainer.global_step % args.checkpointing_steps == 0 and trainer.global_step < max_steps:
+            if (
+                args.checkpointing_steps
+                and trainer.global_step % args.checkpointing_steps == 0
+                and trainer.global_step < max_steps
+            ):
                 save_checkpoint(accelerator, output_dir, trainer.global_step, args.checkpoints_total_limit)
     except NonFiniteLossError:
         status = "aborted: non-finite loss"
@@ -442,7 +608,9 @@ def save_weights(accelerator, trainer, arch: str, output_dir: Path) -> None:
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="default"))
         pipeline = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-        pipeline.save_lora_weights(str(output_dir), unet_lora_layers={k: v.detach().float().cpu() for k, v in layers.items()})
+        pipeline.save_lora_weights(
+            str(output_dir), unet_lora_layers={k: v.detach().float().cpu() for k, v in layers.items()}
+        )
     else:
         unet.save_pretrained(str(output_dir / "unet"), safe_serialization=True)
 

@@ -241,7 +241,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 raise ValueError(
                     "human_fraction needs synthetic_labels=True (DeDPO mode): without a judge's label every pair keeps its human label"
                 )
-            if isinstance(human_fraction, bool) or not isinstance(human_fraction, (int, float)) or not 0.0 < human_fraction <= 1.0:
+            if (
+                isinstance(human_fraction, bool)
+                or not isinstance(human_fraction, (int, float))
+                or not 0.0 < human_fraction <= 1.0
+            ):
                 raise ValueError(f"human_fraction must be in (0, 1], got {human_fraction!r}")
         if synthetic_labels and keep_ties:
             raise ValueError(
@@ -258,10 +262,17 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.flip_seed = int(flip_seed)
         self.check_images = bool(check_images)
         self.max_pairs = max_pairs
-        self.columns = {"caption": caption_column, "image_0": image_columns[0], "image_1": image_columns[1], "label": label_column}
+        self.columns = {
+            "caption": caption_column,
+            "image_0": image_columns[0],
+            "image_1": image_columns[1],
+            "label": label_column,
+        }
         # Kept out of self.columns: the cache key (dataset_fingerprint) must not depend on the mode.
         self.synthetic_labels = bool(synthetic_labels)
-        self.human_fraction = (float(human_fraction) if human_fraction is not None else 1.0) if self.synthetic_labels else None
+        self.human_fraction = (
+            (float(human_fraction) if human_fraction is not None else 1.0) if self.synthetic_labels else None
+        )
         self.human_seed = int(human_seed)
         self.judge_column = judge_column
 
@@ -273,7 +284,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             names = pq.read_schema(file).names
             missing = [c for c in needed if c not in names]
             if missing:
-                hint = " (synthetic_labels=True reads the judge's column)" if judge_column in missing and self.synthetic_labels else ""
+                hint = (
+                    " (synthetic_labels=True reads the judge's column)"
+                    if judge_column in missing and self.synthetic_labels
+                    else ""
+                )
                 raise ValueError(f"dataset_name: {file} has no column(s) {missing} (has {names}){hint}")
             self._tables.append(pq.read_table(file, columns=needed))
         self._offsets = np.cumsum([0] + [t.num_rows for t in self._tables]).tolist()
@@ -318,7 +333,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.judge_malformed_rows = judge_malformed
         self.valid_rows = np.asarray(valid, dtype=np.int64)
         self._label = np.asarray([_label_value(labels[r]) for r in valid], dtype=np.float64)
-        self._judge = np.asarray([_judge_value(judges[r]) for r in valid], dtype=np.float64) if self.synthetic_labels else None
+        self._judge = (
+            np.asarray([_judge_value(judges[r]) for r in valid], dtype=np.float64) if self.synthetic_labels else None
+        )
         self._select()
 
     # -- construction helpers ------------------------------------------------------------------
@@ -381,18 +398,35 @@ class PreferenceDataset(torch.utils.data.Dataset):
         logger.log(
             level,
             "%s: %d rows read, %d pairs served; skipped %d malformed, %d undecodable; %d ties %s; %d flipped (flip_rate=%g, flip_seed=%d)",
-            self.source, self.num_rows, len(self), self.num_malformed, self.num_undecodable, self.num_ties,
-            "kept" if self.keep_ties else "dropped", self.num_flipped, self.flip_rate, self.flip_seed,
+            self.source,
+            self.num_rows,
+            len(self),
+            self.num_malformed,
+            self.num_undecodable,
+            self.num_ties,
+            "kept" if self.keep_ties else "dropped",
+            self.num_flipped,
+            self.flip_rate,
+            self.flip_seed,
         )
         if self.synthetic_labels:
             logger.info(
                 "DeDPO mode: pairs ordered by the judge (%s); %d of %d pairs keep their human label (human_fraction=%g, "
                 "human_seed=%d, propensity=%.6g); %d rows with a malformed judge value skipped",
-                self.judge_column, self.num_human_labelled, len(self), self.human_fraction, self.human_seed,
-                self.propensity, len(self.judge_malformed_rows),
+                self.judge_column,
+                self.num_human_labelled,
+                len(self),
+                self.human_fraction,
+                self.human_seed,
+                self.propensity,
+                len(self.judge_malformed_rows),
             )
         if self.num_malformed or self.num_undecodable:
-            logger.warning("skipped rows: malformed %s, undecodable %s", _head(self.skipped["malformed"]), _head(self.skipped["undecodable"]))
+            logger.warning(
+                "skipped rows: malformed %s, undecodable %s",
+                _head(self.skipped["malformed"]),
+                _head(self.skipped["undecodable"]),
+            )
         if self.num_flipped:
             logger.info("flipped rows: %s", _head(self.flipped_rows))
 
@@ -459,7 +493,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if len(p) == 0:
             return {"num_labelled": 0, "accuracy": float("nan"), "mean_abs_error": float("nan")}
         correct = np.where(p == 0.5, 0.5, ((p > 0.5) == (y == 1.0)).astype(np.float64))
-        return {"num_labelled": int(len(p)), "accuracy": float(correct.mean()), "mean_abs_error": float(np.abs(p - y).mean())}
+        return {
+            "num_labelled": int(len(p)),
+            "accuracy": float(correct.mean()),
+            "mean_abs_error": float(np.abs(p - y).mean()),
+        }
 
     def summary(self) -> Dict[str, int]:
         out = {
@@ -713,7 +751,9 @@ def encode_images(vae, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_prompts(captions: Sequence[str], tokenizers: Sequence, text_encoders: Sequence) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def encode_prompts(
+    captions: Sequence[str], tokenizers: Sequence, text_encoders: Sequence
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Text conditioning as the pipelines build it.
 
     One encoder (SD 1.5): ``(last_hidden_state [N, L, D], None)``. Two (SDXL): the penultimate
@@ -749,11 +789,15 @@ def load_encoders(model_path, arch: Optional[str] = None, dtype: torch.dtype = t
     arch = arch or detect_arch(model_path)
     vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype).to(device).eval()
     tokenizers = [CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer")]
-    text_encoders = [CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()]
+    text_encoders = [
+        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
+    ]
     if arch == "sdxl":
         tokenizers.append(CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer_2"))
         text_encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", torch_dtype=dtype).to(device).eval()
+            CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", torch_dtype=dtype)
+            .to(device)
+            .eval()
         )
     return vae, tokenizers, text_encoders
 
@@ -830,7 +874,9 @@ def model_fingerprint(model_path, modules: Sequence = ()) -> dict:
     return {"path": str(model_path), "configs": configs}
 
 
-def cache_key(dataset: PreferenceDataset, model_path, *, dtype: torch.dtype = torch.float32, modules: Sequence = ()) -> Tuple[str, dict]:
+def cache_key(
+    dataset: PreferenceDataset, model_path, *, dtype: torch.dtype = torch.float32, modules: Sequence = ()
+) -> Tuple[str, dict]:
     """``(key, components)``: the key is the first 24 hex digits of the SHA-256 of the JSON of
     ``components`` (format version, dataset and model fingerprints, resolution, latent choice,
     encoding dtype)."""
@@ -901,7 +947,9 @@ class LatentCache:
         self.prompt_embeds = text["prompt_embeds"]
         self.pooled_prompt_embeds = text.get("pooled_prompt_embeds")
         self.empty_prompt_embeds = text["empty_prompt_embeds"][0]
-        self.empty_pooled_prompt_embeds = text["empty_pooled_prompt_embeds"][0] if "empty_pooled_prompt_embeds" in text else None
+        self.empty_pooled_prompt_embeds = (
+            text["empty_pooled_prompt_embeds"][0] if "empty_pooled_prompt_embeds" in text else None
+        )
         text_rows = text["rows"]
         caption_index = text["caption_index"]
         shards = [load_file(str(self.path / name)) for name in meta["shards"]]
@@ -1025,7 +1073,9 @@ class LatentCache:
 
         for row in rows.tolist():
             try:
-                pair = [preprocess(decode_image(image_bytes(dataset._cell(row, w))), dataset.resolution) for w in (0, 1)]
+                pair = [
+                    preprocess(decode_image(image_bytes(dataset._cell(row, w))), dataset.resolution) for w in (0, 1)
+                ]
             except Exception:  # noqa: BLE001 - undecodable rows are recorded, not fatal
                 failed.append(row)
                 continue

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -48,9 +48,15 @@ LOSS_TYPES = ("dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge
 ADAPTIVE_TYPES = ("adaptive", "adaptive-ipo")
 # trainer loss type -> the loss head of fastpref.adaptive_dpo_loss
 HEADS = {
-    "dpo": "sigmoid", "adaptive": "sigmoid", "ipo": "ipo", "adaptive-ipo": "ipo",
-    "robust": "robust", "cdpo": "cdpo", "hinge": "hinge", "dedpo": "dedpo",
-}  # fmt: skip
+    "dpo": "sigmoid",
+    "adaptive": "sigmoid",
+    "ipo": "ipo",
+    "adaptive-ipo": "ipo",
+    "robust": "robust",
+    "cdpo": "cdpo",
+    "hinge": "hinge",
+    "dedpo": "dedpo",
+}
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -123,16 +129,28 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         self.ema_decays = tuple(float(d) for d in self.ema_decays)
-        for name in ("lora_rank", "max_train_steps", "gradient_accumulation_steps", "lr_warmup_steps", "max_nonfinite_steps"):
+        for name in (
+            "lora_rank",
+            "max_train_steps",
+            "gradient_accumulation_steps",
+            "lr_warmup_steps",
+            "max_nonfinite_steps",
+        ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (1 if name in ("gradient_accumulation_steps", "max_nonfinite_steps") else 0):
-                raise ValueError(f"{name} must be a {'positive' if name in ('gradient_accumulation_steps', 'max_nonfinite_steps') else 'non-negative'} int, got {value!r}")
+            if not isinstance(value, int) or value < (
+                1 if name in ("gradient_accumulation_steps", "max_nonfinite_steps") else 0
+            ):
+                raise ValueError(
+                    f"{name} must be a {'positive' if name in ('gradient_accumulation_steps', 'max_nonfinite_steps') else 'non-negative'} int, got {value!r}"
+                )
         if self.metric_warmup_steps is not None and self.metric_warmup_steps < 0:
             raise ValueError(f"metric_warmup_steps must be >= 0, got {self.metric_warmup_steps}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.uses_footprints and not self.ema_decays:
-            raise ValueError(f"loss_type {self.loss_type!r} with weighting/margin needs at least one EMA decay (ema_decays)")
+            raise ValueError(
+                f"loss_type {self.loss_type!r} with weighting/margin needs at least one EMA decay (ema_decays)"
+            )
         if self.loss_type != "sft":  # fail now, not at the first batch: the loss checks its keywords
             from ..loss.api import scalar_keywords
             from ..loss.options import make_config
@@ -164,11 +182,19 @@ class TrainConfig:
         """Keywords of ``fastpref.adaptive_dpo_loss`` (without the per-batch tensors).
         ``metric_on=False`` is the warm-up: u := 0, i.e. W = 1 and Gamma = c2."""
         keywords = dict(
-            beta=self.beta, rho=self.rho, k1=self.k1, k2=self.k2, c2=self.c2, ipo_tau=self.ipo_tau,
-            preset=self.metric_preset, eps=self.eps,
-            weighting=self.resolved_weighting, margin=self.resolved_margin, loss_type=HEADS[self.loss_type],
+            beta=self.beta,
+            rho=self.rho,
+            k1=self.k1,
+            k2=self.k2,
+            c2=self.c2,
+            ipo_tau=self.ipo_tau,
+            preset=self.metric_preset,
+            eps=self.eps,
+            weighting=self.resolved_weighting,
+            margin=self.resolved_margin,
+            loss_type=HEADS[self.loss_type],
             backend=self.loss_backend,
-        )  # fmt: skip
+        )
         if not metric_on:
             keywords.update(weighting="none", k2=0.0)  # u only enters through W and k2 * u^p
         return keywords
@@ -205,7 +231,9 @@ class PreferenceTrainer:
             accelerator = Accelerator(mixed_precision=config.mixed_precision)
         self.accelerator = accelerator
         self.noise_scheduler = noise_scheduler
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32
+        )
         device = accelerator.device
 
         unet.requires_grad_(False)
@@ -215,7 +243,12 @@ class PreferenceTrainer:
 
             _move(unet, device, self.weight_dtype)
             unet.add_adapter(
-                LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(LORA_TARGETS),
+                )
             )
             for param in unet.parameters():  # the trainable LoRA tensors stay float32
                 if param.requires_grad:
@@ -243,11 +276,17 @@ class PreferenceTrainer:
                 raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
             optimizer_class = bnb.optim.AdamW8bit
         optimizer = optimizer_class(
-            self.params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-        )  # fmt: skip
+            self.params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+        )
         self.lr_scheduler = get_scheduler(
-            config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_train_steps,
         )
         self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
         accelerator.register_for_checkpointing(self.lr_scheduler)
@@ -296,7 +335,9 @@ class PreferenceTrainer:
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         generator = torch.Generator(device="cpu").manual_seed(step_seed(self.config.seed, self.micro_step))
         noise = torch.randn((world * pairs, *latents.shape[1:]), generator=generator, dtype=torch.float32)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (world * pairs,), generator=generator)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (world * pairs,), generator=generator
+        )
         mine = slice(rank * pairs, (rank + 1) * pairs)
         noise = noise[mine].to(latents.device, latents.dtype).repeat(2, *([1] * (latents.dim() - 1)))
         return noise, timesteps[mine].to(latents.device).repeat(2)
@@ -307,7 +348,10 @@ class PreferenceTrainer:
         added = None
         if "pooled_prompt_embeds" in batch:
             pooled = batch["pooled_prompt_embeds"].to(device, self.weight_dtype)
-            added = {"text_embeds": torch.cat([pooled, pooled]), "time_ids": pairs_to_batch(batch["add_time_ids"]).to(device, self.weight_dtype)}
+            added = {
+                "text_embeds": torch.cat([pooled, pooled]),
+                "time_ids": pairs_to_batch(batch["add_time_ids"]).to(device, self.weight_dtype),
+            }
         return cond, added
 
     def _gather_global(self, model_pred, ref_pred, target, ema_preds):
@@ -362,7 +406,9 @@ class PreferenceTrainer:
             else:
                 labels = {}
                 if config.loss_type == "dedpo":
-                    labels = {k: batch[k].to(device) for k in ("synthetic_label", "human_label", "human_mask", "propensity")}
+                    labels = {
+                        k: batch[k].to(device) for k in ("synthetic_label", "human_label", "human_mask", "propensity")
+                    }
                 scale = 1.0
                 inputs = (model_pred, ref_pred, target, ema_preds)
                 if config.global_metric and acc.num_processes > 1:
@@ -370,9 +416,14 @@ class PreferenceTrainer:
                     labels = {k: acc.gather(v) for k, v in labels.items()}
                     scale = float(acc.num_processes)  # DDP averages grads; each process holds the global loss
                 loss, stats = adaptive_dpo_loss(
-                    inputs[0], inputs[1], inputs[2], ema_preds=inputs[3], return_stats=True,
-                    **config.loss_keywords(metric_on), **labels,
-                )  # fmt: skip
+                    inputs[0],
+                    inputs[1],
+                    inputs[2],
+                    ema_preds=inputs[3],
+                    return_stats=True,
+                    **config.loss_keywords(metric_on),
+                    **labels,
+                )
                 backward_loss = loss * scale
             # No host sync here: the window's finiteness is collected on the device and read once,
             # at the window's end, after the backward passes are queued.
@@ -385,7 +436,9 @@ class PreferenceTrainer:
             grad_norm = acc.clip_grad_norm_(self.params, config.max_grad_norm) if config.max_grad_norm > 0 else None
             if grad_norm is None:
                 grads = [p.grad for p in self.params if p.grad is not None]
-                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+                grad_norm = (
+                    torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+                )
             ok = (self._window_finite & torch.isfinite(grad_norm).to(self._window_finite.device)).to(torch.float32)
             if acc.num_processes > 1:  # every process skips together (a loss can be non-finite on one only)
                 ok = acc.reduce(ok, reduction="sum") / acc.num_processes
@@ -456,7 +509,9 @@ class PreferenceTrainer:
         self.skipped_steps = int(state["skipped_steps"])
         self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
         if (state["footprints"] is None) != (self.footprints is None):
-            raise ValueError("checkpoint and run disagree on whether EMA footprints are used (loss_type/weighting/margin)")
+            raise ValueError(
+                "checkpoint and run disagree on whether EMA footprints are used (loss_type/weighting/margin)"
+            )
         if self.footprints is not None:
             self.footprints.load_state_dict(state["footprints"])
 
@@ -487,4 +542,3 @@ def _frozen_copy(unet, dtype: torch.dtype):
     frozen = copy.deepcopy(unet)
     _move(frozen, next(unet.parameters()).device, dtype)
     return frozen.requires_grad_(False).eval()
-

@@ -19,6 +19,7 @@ pytest.importorskip("accelerate", reason="the trainer needs the train extra (acc
 from fastpref.demo import study as demo  # noqa: E402
 from fastpref.demo import world as tw  # noqa: E402
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """The toy world's ops are tiny: one thread (as ``fastpref demo`` uses) is faster than two,
@@ -146,7 +147,11 @@ def test_labels():
     assert torch.equal(member, tw.prompt_colour(prompts) == tw.colour_names().index(config.minority_colour))
     assert torch.equal(swapped, member)  # the loser is brighter here: every minority label goes against the reward
     judge, biased = tw.synthetic_judge(pairs, config, noise=0.0)
-    assert torch.equal(biased, (tw.prompt_colour(prompts) == tw.colour_names().index("blue")) | (tw.prompt_colour(prompts) == tw.colour_names().index("magenta")))
+    assert torch.equal(
+        biased,
+        (tw.prompt_colour(prompts) == tw.colour_names().index("blue"))
+        | (tw.prompt_colour(prompts) == tw.colour_names().index("magenta")),
+    )
     assert (judge[~biased] > 0.5).all() and (judge[biased] < 0.5).all()
 
 
@@ -159,7 +164,9 @@ def test_dedpo_run_data_is_relative_to_the_presented_order(tmp_path):
     assert (data["synthetic_label"] >= 0.5).all()  # the judge's preferred image is presented first
     human = data["human_mask"]
     assert int(human.sum()) == 4 and torch.isnan(data["human_label"][~human]).all()
-    assert torch.equal(data["human_label"][human], (~data["swap"][human]).float())  # 1 = presented first is the reward's winner
+    assert torch.equal(
+        data["human_label"][human], (~data["swap"][human]).float()
+    )  # 1 = presented first is the reward's winner
     assert torch.allclose(data["propensity"], torch.full((TINY.num_pairs,), 0.5))
     only = demo.run_data(world, demo.RunSpec("dedpo", "human-only", 0, 0), study)
     assert torch.equal(only["indices"], torch.nonzero(human).flatten()) and not only["swap"].any()

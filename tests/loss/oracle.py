@@ -78,11 +78,29 @@ def soft_label(batch, synthetic_label, human_label, human_mask, propensity):
 
 
 def oracle(
-    model_pred, ref_pred, target, ema_preds=(), *, beta=1000.0, rho=15.0, k1=10.0, k2=None, c2=None,
-    preset="official", weighting="linear", margin="quadratic", loss_type="sigmoid", eps=0.1,
-    ipo_tau=None, reduction="mean", synthetic_label=None, human_label=None, human_mask=None,
-    propensity=None, grad_output=None,
-):  # fmt: skip
+    model_pred,
+    ref_pred,
+    target,
+    ema_preds=(),
+    *,
+    beta=1000.0,
+    rho=15.0,
+    k1=10.0,
+    k2=None,
+    c2=None,
+    preset="official",
+    weighting="linear",
+    margin="quadratic",
+    loss_type="sigmoid",
+    eps=0.1,
+    ipo_tau=None,
+    reduction="mean",
+    synthetic_label=None,
+    human_label=None,
+    human_mask=None,
+    propensity=None,
+    grad_output=None,
+):
     """``(loss, grad of model_pred, stats)`` of spec §2-§6 in float64.
 
     ``grad_output`` is the upstream gradient (a [B] array for ``reduction="none"``, default ones;
@@ -160,8 +178,15 @@ def oracle(
     grad = grad.reshape(shape)
 
     stats = dict(
-        logits=z, l_theta=l, u=u, confidence=c, stability=s, weight=W, margin=gamma,
-        err_policy=e_theta, err_ref=e_ref,
+        logits=z,
+        l_theta=l,
+        u=u,
+        confidence=c,
+        stability=s,
+        weight=W,
+        margin=gamma,
+        err_policy=e_theta,
+        err_ref=e_ref,
         implicit_acc=float(np.mean(z > 0) + 0.5 * np.mean(z == 0)),
-    )  # fmt: skip
+    )
     return loss, grad, stats

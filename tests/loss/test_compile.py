@@ -7,16 +7,20 @@ import importlib
 
 import pytest
 import torch
+from conftest import BACKENDS, DEVICE, loss_config, make_case
 
 import fastpref
 import fastpref.loss.autograd
-from conftest import BACKENDS, DEVICE, loss_config, make_case
 
 HAS_TRITON = "triton" in BACKENDS
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason=f"triton unavailable: {fastpref.availability(DEVICE)['triton']}")
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason=f"triton unavailable: {fastpref.availability(DEVICE)['triton']}"
+)
 # "triton" and "torch" always (triton skipped, with its reason, where unavailable), and any other
 # available backend (e.g. "cpp") as it appears.
-COMPILE_BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"] + [b for b in BACKENDS if b not in ("triton", "torch")]
+COMPILE_BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"] + [
+    b for b in BACKENDS if b not in ("triton", "torch")
+]
 # Backends made of a forward and a backward torch.library op, fastpref::{name}_forward/_backward.
 FUSED_BACKENDS = [b for b in BACKENDS if b != "torch"]
 
@@ -25,6 +29,7 @@ def fused_op(backend: str, which: str):
     """``torch.ops.fastpref.{backend}_{which}``, registered by importing the backend's module."""
     importlib.import_module(f"fastpref.{backend}_backend")
     return getattr(torch.ops.fastpref, f"{backend}_{which}").default
+
 
 BATCH, SHAPE, K = 2, (3, 5, 7), 2
 
@@ -102,7 +107,9 @@ def test_compiled_training_step_matches_eager(backend, reduction):
         assert a_c == a_e
         for name in g_e:
             assert g_e[name].abs().max() > 0, name  # the loss does reach every parameter
-            torch.testing.assert_close(g_c[name], g_e[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad of {n}: {m}")
+            torch.testing.assert_close(
+                g_c[name], g_e[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"grad of {n}: {m}"
+            )
     for name in eager_params:
         torch.testing.assert_close(comp_params[name], eager_params[name], rtol=1e-5, atol=1e-6)
 
@@ -132,24 +139,57 @@ def _forward_samples():
     samples = []
     specs = [
         ("f32-K0-mean", dict(dtype=torch.float32, k=0), dict()),
-        ("f64-K2-paper-none-shared", dict(dtype=torch.float64, k=2, ema_form="list", shared_target=True), dict(preset="paper", reduction="none", c2=0.1)),
-        ("bf16-f32target-K3-dedpo-sum", dict(dtype=dict(model=torch.bfloat16, ref=torch.bfloat16, target=torch.float32, ema=torch.bfloat16), k=3, labels=True), dict(loss_type="dedpo", reduction="sum")),
-        ("f32-K5-strided-hinge", dict(dtype=torch.float32, k=5, layout="batch_strided"), dict(loss_type="hinge", weighting="square")),
+        (
+            "f64-K2-paper-none-shared",
+            dict(dtype=torch.float64, k=2, ema_form="list", shared_target=True),
+            dict(preset="paper", reduction="none", c2=0.1),
+        ),
+        (
+            "bf16-f32target-K3-dedpo-sum",
+            dict(
+                dtype=dict(model=torch.bfloat16, ref=torch.bfloat16, target=torch.float32, ema=torch.bfloat16),
+                k=3,
+                labels=True,
+            ),
+            dict(loss_type="dedpo", reduction="sum"),
+        ),
+        (
+            "f32-K5-strided-hinge",
+            dict(dtype=torch.float32, k=5, layout="batch_strided"),
+            dict(loss_type="hinge", weighting="square"),
+        ),
     ]
     for name, case_kw, config_kw in specs:
         case = make_case(batch=BATCH, shape=SHAPE, seed=31, **case_kw)
         model, ref, target, ema = case.build(requires_grad=False)
         config = loss_config(beta=5.0, **config_kw)
         labels = case.label_kwargs() if config.loss_type == "dedpo" else {}
-        inputs = make_inputs(model, ref, target, ema, config, {**dict.fromkeys(("synthetic_label", "human_label", "human_mask", "propensity")), **labels})
+        inputs = make_inputs(
+            model,
+            ref,
+            target,
+            ema,
+            config,
+            {**dict.fromkeys(("synthetic_label", "human_label", "human_mask", "propensity")), **labels},
+        )
         settings, modes = fastpref.loss.autograd.encode(config)
-        args = (inputs.model_pred, inputs.ref_pred, inputs.target, list(inputs.ema_preds), inputs.soft_label, settings, modes)
+        args = (
+            inputs.model_pred,
+            inputs.ref_pred,
+            inputs.target,
+            list(inputs.ema_preds),
+            inputs.soft_label,
+            settings,
+            modes,
+        )
         samples.append(pytest.param(args, id=name))
     return samples
 
 
 @pytest.mark.parametrize("args", _forward_samples())
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)] + [b for b in FUSED_BACKENDS if b != "triton"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("triton", marks=needs_triton)] + [b for b in FUSED_BACKENDS if b != "triton"]
+)
 def test_opcheck_forward(backend, args):
     """``torch.ops.fastpref.triton_forward`` (and the forward op of any other fused backend)."""
     torch.library.opcheck(fused_op(backend, "forward"), args)
@@ -173,16 +213,20 @@ def _backward_samples():
 
 
 @pytest.mark.parametrize("args", _backward_samples())
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)] + [b for b in FUSED_BACKENDS if b != "triton"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("triton", marks=needs_triton)] + [b for b in FUSED_BACKENDS if b != "triton"]
+)
 def test_opcheck_backward(backend, args):
     """``torch.ops.fastpref.triton_backward`` (and the backward op of any other fused backend)."""
     torch.library.opcheck(fused_op(backend, "backward"), args)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)] + [b for b in FUSED_BACKENDS if b != "triton"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param("triton", marks=needs_triton)] + [b for b in FUSED_BACKENDS if b != "triton"]
+)
 def test_backward_op_values(backend):
     """The backward op computes spec §6 from a given a_j and incoming gradient."""
-    (grad_loss, coef, model, target), = _backward_samples()[2].values
+    ((grad_loss, coef, model, target),) = _backward_samples()[2].values
     grad = fused_op(backend, "backward")(grad_loss, coef, model, target)
     D = model[0].numel()
     scale = (coef * grad_loss).to(torch.float64)

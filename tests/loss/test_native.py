@@ -26,9 +26,9 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_close64, call_loss, make_case, outputs
 
 import fastpref
-from conftest import assert_close64, call_loss, make_case, outputs
 from fastpref.loss import autograd as fused
 from fastpref.loss import dispatch
 
@@ -84,7 +84,9 @@ def run_cpp(case, config, *, tensors=None, upstream=None):
     """Loss, gradient and stats of the cpp backend as a dict of tensors (original dtypes)."""
     if upstream is None and config.get("reduction") == "none":
         upstream = torch.linspace(-1.0, 1.5, case.batch, dtype=torch.float64)
-    loss, grad, stats, _ = call_loss(fastpref.adaptive_dpo_loss, case, config, backend="cpp", tensors=tensors, upstream=upstream)
+    loss, grad, stats, _ = call_loss(
+        fastpref.adaptive_dpo_loss, case, config, backend="cpp", tensors=tensors, upstream=upstream
+    )
     out = {"loss": loss, "grad": grad}
     for key, value in stats.items():
         out[key] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
@@ -101,7 +103,9 @@ def assert_bitwise(first, second, context=""):
     for key in first:
         a, b = first[key], second[key]
         assert a.dtype == b.dtype and a.shape == b.shape, (key, context)
-        assert torch.equal(_bits(a), _bits(b)), f"{key} differs bitwise {context}: max diff {(a.double() - b.double()).abs().max().item():.3e}"
+        assert torch.equal(_bits(a), _bits(b)), (
+            f"{key} differs bitwise {context}: max diff {(a.double() - b.double()).abs().max().item():.3e}"
+        )
 
 
 DTYPE_MIXES = {
@@ -114,13 +118,27 @@ DTYPE_MIXES = {
 }
 CONFIGS = {
     "adaptive-official": dict(beta=5.0),
-    "paper-sqrt-ipo-none": dict(beta=5.0, preset="paper", weighting="sqrt", margin="linear", loss_type="ipo", reduction="none"),
+    "paper-sqrt-ipo-none": dict(
+        beta=5.0, preset="paper", weighting="sqrt", margin="linear", loss_type="ipo", reduction="none"
+    ),
     "dedpo-sum": dict(beta=5.0, loss_type="dedpo", reduction="sum"),
 }
 
 
-def _case(dtype, *, shape=MULTI_CHUNK_SHAPE, layout="contiguous", shared_target=False, k=2, batch=3, labels=True, seed=5):
-    return make_case(batch=batch, shape=shape, k=k, dtype=dtype, layout=layout, shared_target=shared_target, ema_form="list", labels=labels, seed=seed)
+def _case(
+    dtype, *, shape=MULTI_CHUNK_SHAPE, layout="contiguous", shared_target=False, k=2, batch=3, labels=True, seed=5
+):
+    return make_case(
+        batch=batch,
+        shape=shape,
+        k=k,
+        dtype=dtype,
+        layout=layout,
+        shared_target=shared_target,
+        ema_form="list",
+        labels=labels,
+        seed=seed,
+    )
 
 
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
@@ -167,7 +185,12 @@ def test_strided_layouts_match_contiguous_bitwise(layout):
     model, ref, target, ema = case.build()
     if layout == "col_strided":
         assert model.stride(-1) == 2
-    contiguous = (model.detach().contiguous().requires_grad_(True), ref.contiguous(), target.contiguous(), [e.contiguous() for e in ema])
+    contiguous = (
+        model.detach().contiguous().requires_grad_(True),
+        ref.contiguous(),
+        target.contiguous(),
+        [e.contiguous() for e in ema],
+    )
     for config in CONFIGS.values():
         strided_result = run_cpp(case, config, tensors=(model, ref, target, ema))
         assert_bitwise(strided_result, run_cpp(case, config, tensors=contiguous), layout)
@@ -296,7 +319,11 @@ def _op_inputs(dtype=torch.float32, *, k=2, loss_type="sigmoid", reduction="mean
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(dtype=torch.float64, k=0, reduction="none", shared=False), dict(dtype=torch.float16, loss_type="dedpo", reduction="sum")],
+    [
+        dict(),
+        dict(dtype=torch.float64, k=0, reduction="none", shared=False),
+        dict(dtype=torch.float16, loss_type="dedpo", reduction="sum"),
+    ],
     ids=["f32", "f64-none", "f16-dedpo"],
 )
 def test_opcheck(kwargs):
@@ -337,7 +364,9 @@ def test_compile_fullgraph_matches_eager(dtype):
     case = make_case(batch=3, shape=(4, 9, 11), k=2, dtype=dtype, shared_target=True, seed=4)
 
     def forward(model, ref, target, ema):
-        loss, stats = fastpref.adaptive_dpo_loss(model, ref, target, ema_preds=ema, beta=5.0, backend="cpp", return_stats=True)
+        loss, stats = fastpref.adaptive_dpo_loss(
+            model, ref, target, ema_preds=ema, beta=5.0, backend="cpp", return_stats=True
+        )
         return loss, stats["u"], stats["implicit_acc"]
 
     compiled = torch.compile(forward, fullgraph=True)
@@ -464,7 +493,9 @@ def test_autograd_paths_bitwise_equal(dtype_name, k, config_name):
 
 def _loss(tensors, **config):
     model, ref, target, ema = tensors
-    return fastpref.adaptive_dpo_loss(model, ref, target, ema_preds=ema, beta=5.0, backend="cpp", return_stats=True, **config)
+    return fastpref.adaptive_dpo_loss(
+        model, ref, target, ema_preds=ema, beta=5.0, backend="cpp", return_stats=True, **config
+    )
 
 
 def test_default_path_is_the_cpp_autograd_node():

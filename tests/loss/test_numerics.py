@@ -7,8 +7,6 @@ import functools
 
 import pytest
 import torch
-
-import fastpref
 from conftest import (
     BACKENDS,
     DEVICE,
@@ -18,6 +16,8 @@ from conftest import (
     make_case,
     outputs,
 )
+
+import fastpref
 from fastpref.loss.options import LOSS_TYPES, PRESETS
 
 REF = fastpref.reference.adaptive_dpo_loss
@@ -69,7 +69,9 @@ def test_gradcheck(backend, name, reduction):
     if name == "dedpo":
         config.update(case.label_kwargs(upcast=True))
     # W and Gamma really are constant here, and hinge is away from its kink.
-    _, stats = REF(model, ref, target, ema_preds=ema, return_stats=True, **{k: v for k, v in config.items() if k != "backend"})
+    _, stats = REF(
+        model, ref, target, ema_preds=ema, return_stats=True, **{k: v for k, v in config.items() if k != "backend"}
+    )
     if name != "sigmoid_plain":
         assert torch.equal(stats["weight"], torch.full_like(stats["weight"], 0.5))
         assert torch.equal(stats["margin"], torch.full_like(stats["margin"], 0.05))
@@ -103,7 +105,9 @@ def test_extreme_logits(backend, loss_type, preset, extreme, dtype):
     if not serves(backend, dtype):
         pytest.skip(f"{backend} does not take {dtype} inputs")
     spec = EXTREMES[extreme]
-    case = make_case(batch=2, shape=(3, 7, 9), k=2, dtype=dtype, offsets=spec["offsets"], labels=loss_type == "dedpo", seed=8)
+    case = make_case(
+        batch=2, shape=(3, 7, 9), k=2, dtype=dtype, offsets=spec["offsets"], labels=loss_type == "dedpo", seed=8
+    )
     config = dict(beta=spec["beta"], preset=preset, loss_type=loss_type, reduction="none")
     upstream = torch.tensor([0.7, -1.3], dtype=torch.float64)
     loss, grad, stats, _ = call_loss(fastpref.adaptive_dpo_loss, case, config, backend=backend, upstream=upstream)
@@ -205,8 +209,12 @@ def test_nan_reaches_its_pair_without_weight_or_margin(backend, loss_type, site)
     case = make_case(batch=2, k=0, dtype=torch.float32, seed=17)
     model, ref, target, _ = case.build()
     with torch.no_grad():
-        {"model_pred": model, "ref_pred": ref, "target": target}[site][3 if site != "target" else 1, 0, 2, 2] = float("nan")
-    loss = fastpref.diffusion_dpo_loss(model, ref, target, beta=5.0, loss_type=loss_type, reduction="none", backend=backend)
+        {"model_pred": model, "ref_pred": ref, "target": target}[site][3 if site != "target" else 1, 0, 2, 2] = float(
+            "nan"
+        )
+    loss = fastpref.diffusion_dpo_loss(
+        model, ref, target, beta=5.0, loss_type=loss_type, reduction="none", backend=backend
+    )
     assert torch.isnan(loss[1]) and torch.isfinite(loss[0]), loss
 
 
@@ -231,11 +239,19 @@ def test_nan_label_gives_nan_loss(backend):
         assert bool(labels["human_mask"][0]) and not bool(labels["human_mask"][1])
         if name == "human_label":  # a NaN where human_mask is True is malformed
             with pytest.raises(ValueError, match="human_label"):
-                fastpref.adaptive_dpo_loss(model, ref, target, ema_preds=ema, loss_type="dedpo", backend=backend, **poisoned)
+                fastpref.adaptive_dpo_loss(
+                    model, ref, target, ema_preds=ema, loss_type="dedpo", backend=backend, **poisoned
+                )
             continue
-        loss = fastpref.adaptive_dpo_loss(model, ref, target, ema_preds=ema, loss_type="dedpo", beta=5.0, backend=backend, **poisoned)
+        loss = fastpref.adaptive_dpo_loss(
+            model, ref, target, ema_preds=ema, loss_type="dedpo", beta=5.0, backend=backend, **poisoned
+        )
         assert torch.isnan(loss)
-    assert torch.isfinite(fastpref.adaptive_dpo_loss(model, ref, target, ema_preds=ema, loss_type="dedpo", beta=5.0, backend=backend, **labels))
+    assert torch.isfinite(
+        fastpref.adaptive_dpo_loss(
+            model, ref, target, ema_preds=ema, loss_type="dedpo", beta=5.0, backend=backend, **labels
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +259,18 @@ def test_nan_label_gives_nan_loss(backend):
 # ---------------------------------------------------------------------------------------------
 
 DETERMINISM_CASES = {
-    "f32-K5-sigmoid-mean": (dict(dtype=torch.float32, k=5, batch=3, shared_target=True), dict(loss_type="sigmoid", reduction="mean")),
-    "bf16-K2-robust-none": (dict(dtype=torch.bfloat16, k=2, batch=4, layout="batch_strided"), dict(preset="paper", loss_type="robust", reduction="none")),
-    "f64-K3-dedpo-sum": (dict(dtype=torch.float64, k=3, batch=2, labels=True, layout="channels_last"), dict(loss_type="dedpo", reduction="sum")),
+    "f32-K5-sigmoid-mean": (
+        dict(dtype=torch.float32, k=5, batch=3, shared_target=True),
+        dict(loss_type="sigmoid", reduction="mean"),
+    ),
+    "bf16-K2-robust-none": (
+        dict(dtype=torch.bfloat16, k=2, batch=4, layout="batch_strided"),
+        dict(preset="paper", loss_type="robust", reduction="none"),
+    ),
+    "f64-K3-dedpo-sum": (
+        dict(dtype=torch.float64, k=3, batch=2, labels=True, layout="channels_last"),
+        dict(loss_type="dedpo", reduction="sum"),
+    ),
 }
 
 
@@ -271,6 +296,7 @@ def test_tiling_changes_the_launch():
     if not TILED_BACKENDS:
         pytest.skip("no tiled backend on this device")
     from conftest import multi_chunk_config
+
     from fastpref.loss.triton import ops as triton_backend
 
     for features in (189, 1024):

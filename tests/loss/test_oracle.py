@@ -154,7 +154,17 @@ def _grid():
         K = (wi + mi + li) % 4  # every K for every (preset, loss_type, reduction, weighting)
         shared = (wi + li + pi) % 2 == 0
         stacked = (mi + li) % 2 == 1
-        yield pytest.param(preset, w, m, lt, r, K, shared, stacked, id=f"{preset}-{w}-{m}-{lt}-{r}-K{K}-{'shared' if shared else 'full'}{'-stacked' if stacked else ''}")
+        yield pytest.param(
+            preset,
+            w,
+            m,
+            lt,
+            r,
+            K,
+            shared,
+            stacked,
+            id=f"{preset}-{w}-{m}-{lt}-{r}-K{K}-{'shared' if shared else 'full'}{'-stacked' if stacked else ''}",
+        )
 
 
 @pytest.mark.parametrize("preset,weighting,margin,loss_type,reduction,K,shared,stacked", list(_grid()))
@@ -163,7 +173,9 @@ def test_grid(preset, weighting, margin, loss_type, reduction, K, shared, stacke
     # The paper preset's u = c * var(l) only matters when l is of order 1: scale the inputs up.
     scale, beta = (1.0, None) if preset == "official" else (50.0, 0.4)
     model, ref, target, emas = make_case(seed, K=K, shared_target=shared, stacked=stacked, scale=scale)
-    kw = dict(ema_preds=emas, preset=preset, weighting=weighting, margin=margin, loss_type=loss_type, reduction=reduction)
+    kw = dict(
+        ema_preds=emas, preset=preset, weighting=weighting, margin=margin, loss_type=loss_type, reduction=reduction
+    )
     if beta is not None:
         kw["beta"] = beta
     if loss_type == "dedpo":
@@ -275,15 +287,33 @@ def test_dedpo_masks(mask, floats):
         labels["human_mask"] = torch.ones(B, dtype=torch.bool)
         labels["human_label"] = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
     for reduction in REDUCTIONS:
-        check(reference.adaptive_dpo_loss, model, ref, target, ema_preds=emas, loss_type="dedpo", reduction=reduction, **labels)
+        check(
+            reference.adaptive_dpo_loss,
+            model,
+            ref,
+            target,
+            ema_preds=emas,
+            loss_type="dedpo",
+            reduction=reduction,
+            **labels,
+        )
 
 
 def test_dedpo_with_human_labels_one_is_dpo():
     """§5b: with y~ = 1 the DeDPO head is the DPO (sigmoid) head."""
     model, ref, target, emas = make_case(8, K=2)
-    labels = dict(synthetic_label=1.0, human_label=torch.ones(B, dtype=torch.float64), human_mask=torch.tensor([True, False, True]), propensity=0.5)
-    a = run_reference(reference.adaptive_dpo_loss, model, ref, target, ema_preds=emas, loss_type="dedpo", reduction="none", **labels)
-    b = run_reference(reference.adaptive_dpo_loss, model, ref, target, ema_preds=emas, loss_type="sigmoid", reduction="none")
+    labels = dict(
+        synthetic_label=1.0,
+        human_label=torch.ones(B, dtype=torch.float64),
+        human_mask=torch.tensor([True, False, True]),
+        propensity=0.5,
+    )
+    a = run_reference(
+        reference.adaptive_dpo_loss, model, ref, target, ema_preds=emas, loss_type="dedpo", reduction="none", **labels
+    )
+    b = run_reference(
+        reference.adaptive_dpo_loss, model, ref, target, ema_preds=emas, loss_type="sigmoid", reduction="none"
+    )
     assert_close(a[0], b[0], "loss")
     assert_close(a[1], b[1], "grad")
 
@@ -312,10 +342,14 @@ def test_diffusion_dpo_defaults():
     check(reference.diffusion_dpo_loss, model, ref, target, oracle_extra=dict(weighting="none", margin="none"))
 
 
-@pytest.mark.parametrize("module_cls", [fastpref.AdaptiveDPOLoss, reference.AdaptiveDPOLoss], ids=["fastpref", "reference"])
+@pytest.mark.parametrize(
+    "module_cls", [fastpref.AdaptiveDPOLoss, reference.AdaptiveDPOLoss], ids=["fastpref", "reference"]
+)
 def test_module_form(module_cls):
     model, ref, target, emas = make_case(11, K=3)
-    kw = dict(preset="paper", weighting="sqrt", margin="linear", loss_type="robust", eps=0.2, k1=3.0, rho=9.0, reduction="sum")
+    kw = dict(
+        preset="paper", weighting="sqrt", margin="linear", loss_type="robust", eps=0.2, k1=3.0, rho=9.0, reduction="sum"
+    )
     extra = dict(backend="torch") if module_cls is fastpref.AdaptiveDPOLoss else {}
     module = module_cls(**kw, **extra)
     leaf = model.clone().requires_grad_(True)

@@ -18,8 +18,6 @@ import itertools
 
 import pytest
 import torch
-
-import fastpref
 from conftest import (
     BACKENDS,
     STAT_KEYS,
@@ -32,6 +30,8 @@ from conftest import (
     make_case,
     outputs,
 )
+
+import fastpref
 from fastpref.loss.options import LOSS_TYPES, MARGINS, PRESETS, REDUCTIONS, WEIGHTINGS
 
 REF = fastpref.reference.adaptive_dpo_loss
@@ -98,7 +98,9 @@ def _grid_params():
 @pytest.mark.parametrize("preset,weighting,margin,loss_type,reduction,variant", _grid_params())
 def test_float64_grid(backend, preset, weighting, margin, loss_type, reduction, variant):
     case = case_for(labels=loss_type == "dedpo", **variant)
-    config = dict(beta=BETA, preset=preset, weighting=weighting, margin=margin, loss_type=loss_type, reduction=reduction)
+    config = dict(
+        beta=BETA, preset=preset, weighting=weighting, margin=margin, loss_type=loss_type, reduction=reduction
+    )
     check_float64(case, config, backend, seed=variant["seed"])
 
 
@@ -188,8 +190,18 @@ SCALAR_CONFIGS = {
     "ipo_tau": dict(beta=BETA, loss_type="ipo", ipo_tau=0.5),
     "ipo_tau_linear": dict(beta=BETA, loss_type="ipo", ipo_tau=2.0, margin="linear", reduction="none"),
     "hinge_big_k1": dict(beta=BETA, loss_type="hinge", k1=100.0, weighting="sqrt"),
-    "dedpo_floats": dict(beta=BETA, loss_type="dedpo", synthetic_label=0.7, human_label=1.0, human_mask=True, propensity=0.5),
-    "dedpo_unlabelled": dict(beta=BETA, loss_type="dedpo", synthetic_label=0.3, human_label=float("nan"), human_mask=False, propensity=0.2, reduction="none"),
+    "dedpo_floats": dict(
+        beta=BETA, loss_type="dedpo", synthetic_label=0.7, human_label=1.0, human_mask=True, propensity=0.5
+    ),
+    "dedpo_unlabelled": dict(
+        beta=BETA,
+        loss_type="dedpo",
+        synthetic_label=0.3,
+        human_label=float("nan"),
+        human_mask=False,
+        propensity=0.2,
+        reduction="none",
+    ),
 }
 
 
@@ -211,12 +223,22 @@ def test_defaults_case_is_moderate():
 def test_float64_diffusion_dpo(backend, loss_type, reduction):
     case = case_for(k=0, batch=3, seed=9)
     config = dict(beta=BETA, loss_type=loss_type, reduction=reduction)
-    check_float64(case, config, backend, seed=9, fn=fastpref.diffusion_dpo_loss, ref_fn=fastpref.reference.diffusion_dpo_loss, pass_ema=False)
+    check_float64(
+        case,
+        config,
+        backend,
+        seed=9,
+        fn=fastpref.diffusion_dpo_loss,
+        ref_fn=fastpref.reference.diffusion_dpo_loss,
+        pass_ema=False,
+    )
 
 
 def test_float64_module(backend):
     case = case_for(k=3, batch=2, seed=4, ema_form="list")
-    keywords = dict(beta=BETA, preset="paper", weighting="sigmoid", loss_type="ipo", reduction="none", return_stats=True)
+    keywords = dict(
+        beta=BETA, preset="paper", weighting="sigmoid", loss_type="ipo", reduction="none", return_stats=True
+    )
     module = fastpref.AdaptiveDPOLoss(backend=backend, **keywords)
     oracle = fastpref.reference.AdaptiveDPOLoss(**keywords)
     model, ref, target, ema = case.build()
@@ -331,7 +353,9 @@ def test_low_precision(backend, monkeypatch, dtype_name, config, variant, tiling
     for key in ("loss", "grad") + STAT_KEYS:
         atol, backstop = _tolerances(key, case, grad.dtype)
         scale = oracle[key].abs().max().item() if key == "grad" else 1.0 + oracle[key].abs().max().item()
-        flash_check(key, got[key], eager[key], oracle[key], atol=atol * scale, backstop=backstop * scale, context=f"[{backend}]")
+        flash_check(
+            key, got[key], eager[key], oracle[key], atol=atol * scale, backstop=backstop * scale, context=f"[{backend}]"
+        )
 
 
 def test_low_precision_inputs_are_rounded():

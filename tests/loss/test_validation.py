@@ -116,8 +116,13 @@ def test_malformed_tensors(fn, case):
         fn(model_pred, ref_pred, target, ema_preds=ema_preds)
 
 
-@pytest.mark.parametrize("fn", [fastpref.diffusion_dpo_loss, reference.diffusion_dpo_loss], ids=["fastpref", "reference"])
-@pytest.mark.parametrize("case", ["odd_batch", "zero_batch", "one_dim", "ref_pred_batch", "target_batch_3", "device_target", "int64_model_pred"])
+@pytest.mark.parametrize(
+    "fn", [fastpref.diffusion_dpo_loss, reference.diffusion_dpo_loss], ids=["fastpref", "reference"]
+)
+@pytest.mark.parametrize(
+    "case",
+    ["odd_batch", "zero_batch", "one_dim", "ref_pred_batch", "target_batch_3", "device_target", "int64_model_pred"],
+)
 def test_malformed_tensors_diffusion_dpo(fn, case):
     build, name = TENSOR_CASES[case]
     model_pred, ref_pred, target, _ = build()
@@ -176,7 +181,9 @@ def test_malformed_keywords(fn, case):
 
 
 @pytest.mark.parametrize("case", list(SCALAR_CASES))
-@pytest.mark.parametrize("module_cls", [fastpref.AdaptiveDPOLoss, reference.AdaptiveDPOLoss], ids=["fastpref", "reference"])
+@pytest.mark.parametrize(
+    "module_cls", [fastpref.AdaptiveDPOLoss, reference.AdaptiveDPOLoss], ids=["fastpref", "reference"]
+)
 def test_module_construction_checks_keywords(module_cls, case):
     keywords, name = SCALAR_CASES[case]
     with pytest.raises(BAD, match=name):
@@ -195,7 +202,9 @@ def test_module_construction_checks_keywords(module_cls, case):
         (dict(backend="cuda"), "backend"),
     ],
 )
-@pytest.mark.parametrize("fn", [fastpref.diffusion_dpo_loss, reference.diffusion_dpo_loss], ids=["fastpref", "reference"])
+@pytest.mark.parametrize(
+    "fn", [fastpref.diffusion_dpo_loss, reference.diffusion_dpo_loss], ids=["fastpref", "reference"]
+)
 def test_malformed_keywords_diffusion_dpo(fn, keywords, name):
     (model_pred, ref_pred, target), _ = good()
     with pytest.raises(BAD, match=name):
@@ -232,7 +241,10 @@ DEDPO_CASES = {
     "propensity_tensor_one_zero": (dict(propensity=torch.tensor([0.5, 0.0])), "propensity"),
     "masked_human_label_half": (dict(human_label=torch.tensor([0.5, math.nan])), "human_label"),
     "masked_human_label_nan": (dict(human_label=torch.tensor([math.nan, 1.0])), "human_label"),
-    "masked_human_label_two": (dict(human_label=torch.tensor([1.0, 2.0]), human_mask=torch.tensor([True, True])), "human_label"),
+    "masked_human_label_two": (
+        dict(human_label=torch.tensor([1.0, 2.0]), human_mask=torch.tensor([True, True])),
+        "human_label",
+    ),
 }
 
 
@@ -255,7 +267,9 @@ def test_dedpo_missing_input(fn, missing):
         fn(model_pred, ref_pred, target, ema_preds=emas, loss_type="dedpo", **labels)
 
 
-@pytest.mark.parametrize("module_cls", [fastpref.AdaptiveDPOLoss, reference.AdaptiveDPOLoss], ids=["fastpref", "reference"])
+@pytest.mark.parametrize(
+    "module_cls", [fastpref.AdaptiveDPOLoss, reference.AdaptiveDPOLoss], ids=["fastpref", "reference"]
+)
 def test_dedpo_module_without_labels(module_cls):
     (model_pred, ref_pred, target), emas = good()
     with pytest.raises(ValueError, match="synthetic_label|human_label|human_mask|propensity"):
@@ -274,7 +288,11 @@ def test_dedpo_args_with_other_loss_type(fn, loss_type, name):
 def test_dedpo_valid_call_passes():
     """NaN human labels on unmasked pairs, floats or tensors, propensity 1: all accepted."""
     (model_pred, ref_pred, target), emas = good()
-    for labels in (dedpo_labels(), dict(dedpo_labels(), synthetic_label=0.0, propensity=1.0), dict(dedpo_labels(), synthetic_label=1.0)):
+    for labels in (
+        dedpo_labels(),
+        dict(dedpo_labels(), synthetic_label=0.0, propensity=1.0),
+        dict(dedpo_labels(), synthetic_label=1.0),
+    ):
         loss = fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas, loss_type="dedpo", **labels)
         assert torch.isfinite(loss)
 
@@ -294,7 +312,11 @@ def cpp_not_built(monkeypatch):
     monkeypatch.setattr(fastpref.loss.dispatch, "_CPP_STATUS", ["the native extension fastpref._C is not built"])
 
 
-@pytest.mark.parametrize("fn", [fastpref.adaptive_dpo_loss, fastpref.diffusion_dpo_loss, module_call(fastpref.AdaptiveDPOLoss)], ids=["adaptive", "diffusion", "module"])
+@pytest.mark.parametrize(
+    "fn",
+    [fastpref.adaptive_dpo_loss, fastpref.diffusion_dpo_loss, module_call(fastpref.AdaptiveDPOLoss)],
+    ids=["adaptive", "diffusion", "module"],
+)
 def test_cpp_backend_not_built(cpp_not_built, fn):
     (model_pred, ref_pred, target), _ = good()
     with pytest.raises(RuntimeError, match="cpp") as info:
@@ -303,7 +325,11 @@ def test_cpp_backend_not_built(cpp_not_built, fn):
 
 
 @needs_triton
-@pytest.mark.parametrize("fn", [fastpref.adaptive_dpo_loss, fastpref.diffusion_dpo_loss, module_call(fastpref.AdaptiveDPOLoss)], ids=["adaptive", "diffusion", "module"])
+@pytest.mark.parametrize(
+    "fn",
+    [fastpref.adaptive_dpo_loss, fastpref.diffusion_dpo_loss, module_call(fastpref.AdaptiveDPOLoss)],
+    ids=["adaptive", "diffusion", "module"],
+)
 def test_triton_on_cpu_without_interpreter(monkeypatch, fn):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     (model_pred, ref_pred, target), _ = good()
@@ -356,9 +382,13 @@ def test_env_torch_makes_auto_use_torch(monkeypatch):
     assert spy.calls == 1
     monkeypatch.setenv("FASTPREF_BACKEND", "torch")
     loss, stats = fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas, return_stats=True)
-    expected, expected_stats = reference.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas, return_stats=True)
+    expected, expected_stats = reference.adaptive_dpo_loss(
+        model_pred, ref_pred, target, ema_preds=emas, return_stats=True
+    )
     assert torch.equal(loss, expected)
-    assert all(torch.equal(stats[k], expected_stats[k]) for k in expected_stats if isinstance(expected_stats[k], torch.Tensor))
+    assert all(
+        torch.equal(stats[k], expected_stats[k]) for k in expected_stats if isinstance(expected_stats[k], torch.Tensor)
+    )
     assert torch.equal(fastpref.AdaptiveDPOLoss()(model_pred, ref_pred, target, emas), expected)
     assert spy.calls == 1
 
@@ -389,7 +419,9 @@ EARLY_CASES = {
     "target": lambda call, m, r, tg, e: call(m, r, tg[:1], ema_preds=e),
     "ema_preds": lambda call, m, r, tg, e: call(m, r, tg, ema_preds=[e[0][:, :2]]),
     "model_pred": lambda call, m, r, tg, e: call(m[:3], r[:3], tg[:3], ema_preds=()),
-    "propensity": lambda call, m, r, tg, e: call(m, r, tg, ema_preds=e, loss_type="dedpo", **dict(dedpo_labels(), propensity=0.0)),
+    "propensity": lambda call, m, r, tg, e: call(
+        m, r, tg, ema_preds=e, loss_type="dedpo", **dict(dedpo_labels(), propensity=0.0)
+    ),
     "synthetic_label": lambda call, m, r, tg, e: call(m, r, tg, ema_preds=e, synthetic_label=0.5),
 }
 

@@ -23,7 +23,9 @@ pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 from fastpref import cli  # noqa: E402
+from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, judge_probabilities, make_rows, write_parquet  # noqa: E402
 from fastpref.train import data  # noqa: E402
+from fastpref.train.arch import detect_arch  # noqa: E402
 from fastpref.train.data import (  # noqa: E402
     LatentCache,
     PairSampler,
@@ -35,8 +37,6 @@ from fastpref.train.data import (  # noqa: E402
     pairs_to_batch,
     shared_noise_and_timesteps,
 )
-from fastpref.train.arch import detect_arch  # noqa: E402
-from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, judge_probabilities, make_rows, write_parquet  # noqa: E402
 
 RES = 32
 PAIRS, TIES, CORRUPT = 24, 3, 1
@@ -65,7 +65,18 @@ def models(tmp_path_factory):
 def toy(tmp_path_factory):
     """Toy pairs with ties and one corrupt row, written through the CLI."""
     root = tmp_path_factory.mktemp("toy")
-    args = ["make-toy-data", str(root), "--pairs", str(PAIRS), "--resolution", str(RES), "--ties", str(TIES), "--corrupt", str(CORRUPT)]
+    args = [
+        "make-toy-data",
+        str(root),
+        "--pairs",
+        str(PAIRS),
+        "--resolution",
+        str(RES),
+        "--ties",
+        str(TIES),
+        "--corrupt",
+        str(CORRUPT),
+    ]
     assert cli.main(args) == 0
     return root / "train.parquet"
 
@@ -115,8 +126,14 @@ def test_tiny_model_loads_offline_and_runs(models, arch):
         out = unet(latents, torch.tensor([10, 500]), encoder_hidden_states=embeds, **extra).sample
     assert out.shape == latents.shape and torch.isfinite(out).all()
 
-    image = pipe("a red circle", num_inference_steps=1, height=RES, width=RES, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a red circle",
+        num_inference_steps=1,
+        height=RES,
+        width=RES,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, RES, RES, 3)
 
 
@@ -195,7 +212,9 @@ def test_malformed_rows_skipped_and_counted(tmp_path):
     assert dataset.skipped == {"malformed": [1, 2, 3, 4], "undecodable": [5]}
     assert len(dataset) == 2 and dataset.rows.tolist() == [0, 6]
     with pytest.raises(ValueError, match="label_0"):
-        PreferenceDataset(write_parquet({"caption": ["x"], "jpg_0": [red], "jpg_1": [blue]}, tmp_path / "x.parquet"), RES)
+        PreferenceDataset(
+            write_parquet({"caption": ["x"], "jpg_0": [red], "jpg_1": [blue]}, tmp_path / "x.parquet"), RES
+        )
 
 
 def test_winner_first_by_label(tmp_path):
@@ -268,7 +287,10 @@ def test_sampler_order_is_seeded_and_resumes():
 def test_dataloader_batches_resume_bitwise(toy):
     dataset = PreferenceDataset(toy, RES, flip_rate=0.2, flip_seed=1)
     loader = lambda start: torch.utils.data.DataLoader(  # noqa: E731
-        dataset, batch_size=4, sampler=PairSampler(len(dataset), seed=2, start=start, infinite=True), collate_fn=collate_pairs
+        dataset,
+        batch_size=4,
+        sampler=PairSampler(len(dataset), seed=2, start=start, infinite=True),
+        collate_fn=collate_pairs,
     )
     batches = [b for _, b in zip(range(6), loader(0))]
     assert batches[0]["pixel_values"].shape == (4, 2, 3, RES, RES)
@@ -373,11 +395,24 @@ def test_cache_key_depends_on_dataset_model_and_resolution(models, toy, tmp_path
 # DeDPO mode: the judge's column, the human-labelled subset, propensity (spec §5b)
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def toy_judge(tmp_path_factory):
     """The ``toy`` rows plus the judge's column, written through the CLI."""
     root = tmp_path_factory.mktemp("toy_judge")
-    args = ["make-toy-data", str(root), "--pairs", str(PAIRS), "--resolution", str(RES), "--ties", str(TIES), "--corrupt", str(CORRUPT), "--judge"]
+    args = [
+        "make-toy-data",
+        str(root),
+        "--pairs",
+        str(PAIRS),
+        "--resolution",
+        str(RES),
+        "--ties",
+        str(TIES),
+        "--corrupt",
+        str(CORRUPT),
+        "--judge",
+    ]
     assert cli.main(args) == 0
     return root / "train.parquet"
 
@@ -415,7 +450,9 @@ def test_toy_judge_is_seeded_biased_and_leaves_rows_alone(toy, toy_judge):
     assert 20 < red.sum() < 80
     assert right[~red].mean() > 0.75 and right[red].mean() < 0.3  # Phi(1) ~ 0.84 off red, ~ 0.16 on red
     # Without noise the judge is exactly right off the bias colour and exactly wrong on it.
-    exact = judge_probabilities([True, False, True, None], ["blue", "blue", "red", "red"], bias_color="red", strength=2.0, noise=0.0)
+    exact = judge_probabilities(
+        [True, False, True, None], ["blue", "blue", "red", "red"], bias_color="red", strength=2.0, noise=0.0
+    )
     sig = 1 / (1 + math.exp(-2.0))
     assert exact == pytest.approx([sig, 1 - sig, 1 - sig, 0.5], abs=1e-15)
     with pytest.raises(ValueError, match="judge_bias_color"):
@@ -426,7 +463,10 @@ def test_toy_judge_is_seeded_biased_and_leaves_rows_alone(toy, toy_judge):
 
 def test_plain_mode_ignores_the_judge_column(toy, toy_judge):
     """Defaults are today's behaviour bit for bit, judge column or not."""
-    plain, with_judge = PreferenceDataset(toy, RES, flip_rate=0.25, flip_seed=2), PreferenceDataset(toy_judge, RES, flip_rate=0.25, flip_seed=2)
+    plain, with_judge = (
+        PreferenceDataset(toy, RES, flip_rate=0.25, flip_seed=2),
+        PreferenceDataset(toy_judge, RES, flip_rate=0.25, flip_seed=2),
+    )
     assert with_judge.summary() == plain.summary() and with_judge.judge_malformed_rows == []
     for i in (0, 5, len(plain) - 1):
         a, b = plain[i], with_judge[i]
@@ -489,7 +529,9 @@ def test_dedpo_human_fraction_exact_count_propensity_seeded(toy_judge):
     assert torch.equal(again.human_mask, masks[0.5]) and not torch.equal(other.human_mask, masks[0.5])
     everyone = PreferenceDataset(toy_judge, RES, synthetic_labels=True)  # human_fraction=None: 1.0
     assert everyone.propensity == 1.0 and everyone.num_human_labelled == n
-    assert len(PreferenceDataset(toy_judge, RES, synthetic_labels=True, human_fraction=0.5, max_pairs=7).human_mask) == 7
+    assert (
+        len(PreferenceDataset(toy_judge, RES, synthetic_labels=True, human_fraction=0.5, max_pairs=7).human_mask) == 7
+    )
 
 
 def test_dedpo_flips_apply_to_human_labels_and_bad_combinations_raise(toy_judge):
@@ -507,7 +549,9 @@ def test_dedpo_flips_apply_to_human_labels_and_bad_combinations_raise(toy_judge)
         if b["flipped"]:
             assert b["human_label"] == 1 - a["human_label"]
         else:
-            assert a["human_label"] == b["human_label"] or (math.isnan(a["human_label"]) and math.isnan(b["human_label"]))
+            assert a["human_label"] == b["human_label"] or (
+                math.isnan(a["human_label"]) and math.isnan(b["human_label"])
+            )
     assert PreferenceDataset(toy_judge, RES, flip_rate=1.0, **kwargs).num_flipped == m
 
     with pytest.raises(ValueError, match="keep_ties"):
@@ -544,7 +588,9 @@ def test_judge_agreement_matches_a_hand_computation(tmp_path):
     assert stats["accuracy"] == pytest.approx((1 + 0 + 0 + 1 + 0.5) / 5)
     assert stats["mean_abs_error"] == pytest.approx((0.1 + 0.8 + 0.7 + 0.2 + 0.5) / 5)
     # Only the labelled pairs count.
-    some = PreferenceDataset(judged_file(tmp_path / "a.parquet", label_0, judge), 16, synthetic_labels=True, human_fraction=0.4, human_seed=2)
+    some = PreferenceDataset(
+        judged_file(tmp_path / "a.parquet", label_0, judge), 16, synthetic_labels=True, human_fraction=0.4, human_seed=2
+    )
     mask = some.human_mask.numpy()
     p = np.asarray([0.9, 0.8, 0.3, 0.2, 0.5])
     y = np.asarray([1.0, 0.0, 1.0, 0.0, 1.0])  # label_0 of the served rows: |p - y| is order-free
@@ -556,7 +602,9 @@ def test_dedpo_collate_plugs_into_the_dedpo_loss(toy_judge):
     from fastpref import reference
 
     dataset = PreferenceDataset(toy_judge, RES, synthetic_labels=True, human_fraction=0.25, human_seed=0, flip_rate=0.2)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset), sampler=PairSampler(len(dataset), seed=1), collate_fn=collate_pairs)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=len(dataset), sampler=PairSampler(len(dataset), seed=1), collate_fn=collate_pairs
+    )
     batch = next(iter(loader))
     B = len(dataset)
     for name in ("synthetic_label", "human_label", "propensity"):
@@ -568,7 +616,10 @@ def test_dedpo_collate_plugs_into_the_dedpo_loss(toy_judge):
 
     g = torch.Generator().manual_seed(0)
     model_pred = torch.randn(2 * B, 4, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
-    ref_pred, target = torch.randn(2 * B, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(2 * B, 4, 2, 2, generator=g, dtype=torch.float64)
+    ref_pred, target = (
+        torch.randn(2 * B, 4, 2, 2, generator=g, dtype=torch.float64),
+        torch.randn(2 * B, 4, 2, 2, generator=g, dtype=torch.float64),
+    )
     labels = {k: batch[k] for k in ("synthetic_label", "human_label", "human_mask", "propensity")}
     loss = reference.adaptive_dpo_loss(model_pred, ref_pred, target, loss_type="dedpo", beta=10.0, **labels)
     assert torch.isfinite(loss)
@@ -576,13 +627,23 @@ def test_dedpo_collate_plugs_into_the_dedpo_loss(toy_judge):
     assert torch.isfinite(model_pred.grad).all()
     # Without weight and margin the per-pair loss is spec §5b's with the batch's fields.
     per_pair = reference.adaptive_dpo_loss(
-        model_pred, ref_pred, target, loss_type="dedpo", beta=10.0, weighting="none", margin="none", reduction="none", **labels
+        model_pred,
+        ref_pred,
+        target,
+        loss_type="dedpo",
+        beta=10.0,
+        weighting="none",
+        margin="none",
+        reduction="none",
+        **labels,
     ).detach()
     e = lambda pred: (pred.detach() - target).square().flatten(1).mean(1)  # noqa: E731
     gain = e(ref_pred) - e(model_pred)
     q = 10.0 * (gain[:B] - gain[B:])
     yhat, pi = labels["synthetic_label"].double(), labels["propensity"].double()
-    soft = yhat + torch.where(labels["human_mask"], (labels["human_label"].double() - yhat) / pi, torch.zeros_like(yhat))
+    soft = yhat + torch.where(
+        labels["human_mask"], (labels["human_label"].double() - yhat) / pi, torch.zeros_like(yhat)
+    )
     torch.testing.assert_close(per_pair, torch.nn.functional.softplus(-q) + (1 - soft) * q)
 
 
@@ -605,7 +666,15 @@ def test_dedpo_cached_path_carries_the_fields(models, encoders, toy_judge, tmp_p
     plain = PreferenceDataset(file, RES)
     assert cache_key(unchecked, models["sd15"])[0] == cache_key(plain, models["sd15"])[0]  # the mode is not in the key
 
-    cache = LatentCache.build(unchecked, tmp_path / "cache", models["sd15"], vae=vae, tokenizers=tokenizers, text_encoders=text_encoders, batch_size=8)
+    cache = LatentCache.build(
+        unchecked,
+        tmp_path / "cache",
+        models["sd15"],
+        vae=vae,
+        tokenizers=tokenizers,
+        text_encoders=text_encoders,
+        batch_size=8,
+    )
     assert bad_row in cache.rows.tolist()  # encoded although DeDPO skips it
     view = cache.view(unchecked)
     assert len(view) == len(checked) and view.dataset.num_human_labelled == checked.num_human_labelled
@@ -613,9 +682,13 @@ def test_dedpo_cached_path_carries_the_fields(models, encoders, toy_judge, tmp_p
         item, pixels = view[i], checked[i]
         for name in ("row", "flipped", "human_mask", "propensity", "synthetic_label"):
             assert item[name] == pixels[name], name
-        assert item["human_label"] == pixels["human_label"] or (math.isnan(item["human_label"]) and math.isnan(pixels["human_label"]))
+        assert item["human_label"] == pixels["human_label"] or (
+            math.isnan(item["human_label"]) and math.isnan(pixels["human_label"])
+        )
         if i in (0, len(view) - 1):
-            torch.testing.assert_close(item["latents"], encode_images(vae, pixels["pixel_values"]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                item["latents"], encode_images(vae, pixels["pixel_values"]), atol=1e-5, rtol=1e-5
+            )
     batch = collate_pairs([view[i] for i in range(5)])
     assert batch["synthetic_label"].dtype == torch.float32 and batch["human_mask"].dtype == torch.bool
     assert batch["latents"].shape == (5, 2, 4, RES // 8, RES // 8)

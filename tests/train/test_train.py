@@ -22,9 +22,9 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 from fastpref import reference  # noqa: E402
-from fastpref.train.footprints import ema_decay  # noqa: E402
 from fastpref.testing.tiny_model import make_tiny_model, unet_kwargs  # noqa: E402
 from fastpref.testing.toy_data import make_toy_data  # noqa: E402
+from fastpref.train.footprints import ema_decay  # noqa: E402
 from fastpref.train.trainer import PreferenceTrainer, TrainConfig, step_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +45,21 @@ def world(tmp_path_factory):
 
 def run_train(world, out, *extra, model="sd15", check=True, env=None, launcher=None):
     args = [
-        "--pretrained_model_name_or_path", str(world / model), "--dataset_name", str(world / "data"),
-        "--output_dir", str(out), "--resolution", "64", *QUIET, *map(str, extra),
-    ]  # fmt: skip
+        "--pretrained_model_name_or_path",
+        str(world / model),
+        "--dataset_name",
+        str(world / "data"),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "64",
+        *QUIET,
+        *map(str, extra),
+    ]
     command = FASTPREF + ["train"] + args if launcher is None else launcher + args
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"train failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
@@ -68,7 +78,10 @@ def tiny_unet(seed=0):
 
 def toy_batch(pairs=2, seed=0, flipped=None):
     g = torch.Generator().manual_seed(seed)
-    batch = {"latents": torch.randn(pairs, 2, 4, 8, 8, generator=g), "encoder_hidden_states": torch.randn(pairs, 77, 32, generator=g)}
+    batch = {
+        "latents": torch.randn(pairs, 2, 4, 8, 8, generator=g),
+        "encoder_hidden_states": torch.randn(pairs, 77, 32, generator=g),
+    }
     if flipped is not None:
         batch["flipped"] = torch.tensor(flipped)
     return batch
@@ -119,7 +132,11 @@ def test_config_defaults_per_loss_type():
 def test_warmup_keywords_mean_u_is_zero():
     """The warm-up keywords (the authors' u := 0) give W = 1 and Gamma = c2 = mean(l)."""
     torch.manual_seed(0)
-    model, ref, target = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64), torch.randn(4, 16, dtype=torch.float64)
+    model, ref, target = (
+        torch.randn(8, 16, dtype=torch.float64),
+        torch.randn(8, 16, dtype=torch.float64),
+        torch.randn(4, 16, dtype=torch.float64),
+    )
     keywords = TrainConfig(loss_type="adaptive").loss_keywords(metric_on=False)
     keywords.pop("backend")
     _, stats = reference.adaptive_dpo_loss(model, ref, target, return_stats=True, **keywords)
@@ -291,7 +308,19 @@ def test_end_to_end(world, tmp_path, model, lora_rank, loss_type, extra):
     quiet = [a for a in extra if a != "tensorboard"]
     if "--report_to" in quiet:
         quiet.remove("--report_to")
-    args = ["--train_batch_size", 2, "--max_train_steps", 3, "--checkpointing_steps", 2, "--lora_rank", lora_rank, "--loss_type", loss_type, *quiet]
+    args = [
+        "--train_batch_size",
+        2,
+        "--max_train_steps",
+        3,
+        "--checkpointing_steps",
+        2,
+        "--lora_rank",
+        lora_rank,
+        "--loss_type",
+        loss_type,
+        *quiet,
+    ]
     if "tensorboard" in extra:
         args += ["--report_to", "tensorboard"]
     run_train(world, out, *args, model=model)
@@ -327,9 +356,21 @@ def test_end_to_end(world, tmp_path, model, lora_rank, loss_type, extra):
 def test_dedpo_end_to_end(world, tmp_path):
     out = tmp_path / "out"
     run_train(
-        world, out, "--dataset_name", str(world / "judged"), "--loss_type", "dedpo", "--human_fraction", "0.25",
-        "--train_batch_size", 2, "--max_train_steps", 2, "--checkpointing_steps", 100,
-    )  # fmt: skip
+        world,
+        out,
+        "--dataset_name",
+        str(world / "judged"),
+        "--loss_type",
+        "dedpo",
+        "--human_fraction",
+        "0.25",
+        "--train_batch_size",
+        2,
+        "--max_train_steps",
+        2,
+        "--checkpointing_steps",
+        100,
+    )
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["global_step"] == 2
     assert summary["judge_agreement"]["num_labelled"] >= 1 and 0.0 <= summary["judge_agreement"]["accuracy"] <= 1.0
@@ -338,9 +379,24 @@ def test_dedpo_end_to_end(world, tmp_path):
 def test_nonfinite_abort_saves_a_checkpoint(world, tmp_path):
     out = tmp_path / "out"
     result = run_train(
-        world, out, "--loss_type", "dpo", "--max_nonfinite_steps", 2, "--lora_rank", 0, "--max_grad_norm", 0,
-        "--train_batch_size", 2, "--max_train_steps", 20, "--learning_rate", 1e12, check=False,
-    )  # fmt: skip
+        world,
+        out,
+        "--loss_type",
+        "dpo",
+        "--max_nonfinite_steps",
+        2,
+        "--lora_rank",
+        0,
+        "--max_grad_norm",
+        0,
+        "--train_batch_size",
+        2,
+        "--max_train_steps",
+        20,
+        "--learning_rate",
+        1e12,
+        check=False,
+    )
     assert result.returncode == 3, result.stderr[-2000:]
     assert "non-finite" in result.stderr
     assert list(out.glob("checkpoint-*"))
@@ -358,14 +414,39 @@ def test_resume_after_sigkill_is_bitwise(world, tmp_path):
     bitwise the same LoRA weights, EMA footprints and log as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    args = ["--loss_type", "adaptive", "--metric_warmup_steps", 1, "--train_batch_size", 2, "--max_train_steps", 12,
-            "--checkpointing_steps", 4, "--flip_rate", 0.2, "--lr_scheduler", "cosine", "--lr_warmup_steps", 2]  # fmt: skip
+    args = [
+        "--loss_type",
+        "adaptive",
+        "--metric_warmup_steps",
+        1,
+        "--train_batch_size",
+        2,
+        "--max_train_steps",
+        12,
+        "--checkpointing_steps",
+        4,
+        "--flip_rate",
+        0.2,
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        2,
+    ]
     run_train(world, tmp_path / "a", *args)
     killed = tmp_path / "b"
     command = FASTPREF + [
-        "train", "--pretrained_model_name_or_path", str(world / "sd15"), "--dataset_name", str(world / "data"),
-        "--output_dir", str(killed), "--resolution", "64", *QUIET, *map(str, args),
-    ]  # fmt: skip
+        "train",
+        "--pretrained_model_name_or_path",
+        str(world / "sd15"),
+        "--dataset_name",
+        str(world / "data"),
+        "--output_dir",
+        str(killed),
+        "--resolution",
+        "64",
+        *QUIET,
+        *map(str, args),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoint-4").is_dir() and time.time() < deadline and process.poll() is None:
@@ -374,9 +455,15 @@ def test_resume_after_sigkill_is_bitwise(world, tmp_path):
     process.wait()
     assert not (killed / "train_summary.json").exists(), "the run finished before it could be killed"
     run_train(world, killed, *args, "--resume_from_checkpoint", "latest")
-    a, b = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors"), load_file(killed / "pytorch_lora_weights.safetensors")
+    a, b = (
+        load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors"),
+        load_file(killed / "pytorch_lora_weights.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state = [torch.load(d / "checkpoint-12" / "custom_checkpoint_1.pkl", weights_only=False) for d in (tmp_path / "a", killed)]
+    state = [
+        torch.load(d / "checkpoint-12" / "custom_checkpoint_1.pkl", weights_only=False)
+        for d in (tmp_path / "a", killed)
+    ]
     for x, y in zip(state[0]["footprints"]["tensors"], state[1]["footprints"]["tensors"]):
         assert all(torch.equal(s, t) for s, t in zip(x, y))
     assert log_lines(tmp_path / "a") == log_lines(killed)
@@ -394,15 +481,38 @@ def test_two_process_ddp_matches_one_process(world, tmp_path, loss):
     run_train(world, one, *common, "--train_batch_size", 4, "--max_train_steps", 4)
     two = tmp_path / "two"
     shutil.copytree(one, two)
-    run_train(world, one, *common, "--train_batch_size", 4, "--max_train_steps", 5, "--resume_from_checkpoint", "latest")
-    launcher = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastpref.train",
-    ]  # fmt: skip
     run_train(
-        world, two, *common, "--train_batch_size", 2, "--max_train_steps", 5, "--resume_from_checkpoint", "latest",
-        launcher=launcher, env={"ACCELERATE_USE_CPU": "1"},
-    )  # fmt: skip
+        world, one, *common, "--train_batch_size", 4, "--max_train_steps", 5, "--resume_from_checkpoint", "latest"
+    )
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "fastpref.train",
+    ]
+    run_train(
+        world,
+        two,
+        *common,
+        "--train_batch_size",
+        2,
+        "--max_train_steps",
+        5,
+        "--resume_from_checkpoint",
+        "latest",
+        launcher=launcher,
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
     assert json.loads((two / "train_summary.json").read_text())["processes"] == 2
     single, ddp = log_lines(one)[-1], log_lines(two)[-1]
     assert single["step"] == ddp["step"] == 5

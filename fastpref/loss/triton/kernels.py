@@ -48,11 +48,36 @@ def _squared_error(pred_ptr, row, stride_row, stride_col, cols, mask, target):
 def pair_errors_kernel(
     partial_ptr,  # [n_models, 2B, n_chunks] partial sums of squared errors, ACC
     slot_base,  # first model index this launch writes
-    target_ptr, stride_t_row, stride_t_col,
-    p0, s0r, s0c, p1, s1r, s1c, p2, s2r, s2c, p3, s3r, s3c, p4, s4r, s4c, p5, s5r, s5c,
-    batch, features, chunk_size, n_chunks,
-    NUM_SLOTS: tl.constexpr, SHARED_TARGET: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    target_ptr,
+    stride_t_row,
+    stride_t_col,
+    p0,
+    s0r,
+    s0c,
+    p1,
+    s1r,
+    s1c,
+    p2,
+    s2r,
+    s2c,
+    p3,
+    s3r,
+    s3c,
+    p4,
+    s4r,
+    s4c,
+    p5,
+    s5r,
+    s5c,
+    batch,
+    features,
+    chunk_size,
+    n_chunks,
+    NUM_SLOTS: tl.constexpr,
+    SHARED_TARGET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Program (pair j, chunk c): sum over the chunk's columns of (pred - t)^2 for rows j and
     j+B of every slot. The target chunk is loaded once per row (once per pair if shared)."""
     pair = tl.program_id(0).to(tl.int64)
@@ -145,7 +170,10 @@ def _softplus(x):
 
 @triton.jit
 def pair_head_kernel(
-    partial_ptr, n_chunks, batch, features,
+    partial_ptr,
+    n_chunks,
+    batch,
+    features,
     params_ptr,  # beta, rho, k1, k2, c2, eps, tau in ACC (see PARAM_NAMES)
     soft_label_ptr,  # [B] DeDPO label y~ (read only when LOSS == 5)
     loss_ptr,  # [] or [B] (REDUCTION == 2)
@@ -153,10 +181,17 @@ def pair_head_kernel(
     pair_stats_ptr,  # [7, B]: z, l_theta, u, c, s, W, Gamma
     sample_err_ptr,  # [2, 2B]: e_policy, e_ref
     accuracy_ptr,  # []: implicit accuracy
-    NUM_MODELS: tl.constexpr, MODELS_PAD: tl.constexpr, BATCH_PAD: tl.constexpr,
-    PRESET: tl.constexpr, WEIGHTING: tl.constexpr, MARGIN: tl.constexpr, LOSS: tl.constexpr,
-    REDUCTION: tl.constexpr, HAS_C2: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    NUM_MODELS: tl.constexpr,
+    MODELS_PAD: tl.constexpr,
+    BATCH_PAD: tl.constexpr,
+    PRESET: tl.constexpr,
+    WEIGHTING: tl.constexpr,
+    MARGIN: tl.constexpr,
+    LOSS: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    HAS_C2: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """One program: per-sample errors -> l -> metric u -> W, Gamma -> loss and a_j (spec §2-§5).
     Tile [MODELS_PAD, BATCH_PAD]: model row 0 is the policy, 1 the reference, 2.. the EMAs."""
     beta = tl.load(params_ptr + 0)
@@ -305,13 +340,23 @@ def _to_output(x, out_dtype: tl.constexpr, EXACT_BF16: tl.constexpr):
 @triton.jit
 def pair_grad_kernel(
     grad_ptr,  # [2B, D] contiguous, model_pred's dtype
-    pred_ptr, stride_p_row, stride_p_col,
-    target_ptr, stride_t_row, stride_t_col,
+    pred_ptr,
+    stride_p_row,
+    stride_p_col,
+    target_ptr,
+    stride_t_row,
+    stride_t_col,
     coef_ptr,  # [B] a_j
-    grad_loss_ptr, stride_g,  # incoming gradient: [] or [B] (stride_g = its stride)
-    batch, features, chunk_size,
-    SHARED_TARGET: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, EXACT_BF16: tl.constexpr,
-):  # fmt: skip
+    grad_loss_ptr,
+    stride_g,  # incoming gradient: [] or [B] (stride_g = its stride)
+    batch,
+    features,
+    chunk_size,
+    SHARED_TARGET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
     """Program (row i, chunk c): grad[i, d] = -+ a_j g_j (2/D) (pred[i, d] - t[i, d]), minus for
     winners (i < B), plus for losers (derivation in the module docstring)."""
     row = tl.program_id(0).to(tl.int64)

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .. import autograd as fused
-from . import kernels as K
 from ..options import LossConfig, LossInputs, acc_dtype
+from . import kernels as K
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -99,11 +99,21 @@ def triton_forward(
             rows = group[slot] if slot < len(group) else group[0]
             slot_args += [rows, rows.stride(0), rows.stride(1)]
         K.pair_errors_kernel[(batch, cfg.n_chunks)](
-            partial, base, target_rows, target_rows.stride(0), target_rows.stride(1), *slot_args,
-            batch, features, cfg.chunk_size, cfg.n_chunks,
-            NUM_SLOTS=len(group), SHARED_TARGET=target.shape[0] == batch, BLOCK=cfg.block,
+            partial,
+            base,
+            target_rows,
+            target_rows.stride(0),
+            target_rows.stride(1),
+            *slot_args,
+            batch,
+            features,
+            cfg.chunk_size,
+            cfg.n_chunks,
+            NUM_SLOTS=len(group),
+            SHARED_TARGET=target.shape[0] == batch,
+            BLOCK=cfg.block,
             ACC=_TL_DTYPES[acc],
-        )  # fmt: skip
+        )
 
     preset, weighting, margin, loss_type, reduction = modes
     has_c2 = not math.isnan(settings[4])
@@ -115,11 +125,28 @@ def triton_forward(
     accuracy = torch.empty((), dtype=acc, device=device)
     soft = soft_label if soft_label is not None else coef  # never read unless loss_type is dedpo
     K.pair_head_kernel[(1,)](
-        partial, cfg.n_chunks, batch, features, params, soft, loss, coef, pair_stats, sample_err, accuracy,
-        NUM_MODELS=len(preds), MODELS_PAD=triton.next_power_of_2(len(preds)),
-        BATCH_PAD=triton.next_power_of_2(batch), PRESET=preset, WEIGHTING=weighting, MARGIN=margin,
-        LOSS=loss_type, REDUCTION=reduction, HAS_C2=has_c2, ACC=_TL_DTYPES[acc],
-    )  # fmt: skip
+        partial,
+        cfg.n_chunks,
+        batch,
+        features,
+        params,
+        soft,
+        loss,
+        coef,
+        pair_stats,
+        sample_err,
+        accuracy,
+        NUM_MODELS=len(preds),
+        MODELS_PAD=triton.next_power_of_2(len(preds)),
+        BATCH_PAD=triton.next_power_of_2(batch),
+        PRESET=preset,
+        WEIGHTING=weighting,
+        MARGIN=margin,
+        LOSS=loss_type,
+        REDUCTION=reduction,
+        HAS_C2=has_c2,
+        ACC=_TL_DTYPES[acc],
+    )
     return loss, coef, pair_stats, sample_err, accuracy
 
 
@@ -127,7 +154,9 @@ triton_forward.register_fake(fused.fake_forward)
 
 
 @torch.library.custom_op("fastpref::triton_backward", mutates_args=())
-def triton_backward(grad_loss: torch.Tensor, coef: torch.Tensor, model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def triton_backward(
+    grad_loss: torch.Tensor, coef: torch.Tensor, model_pred: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
     batch = model_pred.shape[0] // 2
     features = math.prod(model_pred.shape[1:])
     cfg = launch_config(features, batch, model_pred.device)
@@ -136,12 +165,24 @@ def triton_backward(grad_loss: torch.Tensor, coef: torch.Tensor, model_pred: tor
     grad = torch.empty(model_pred.shape, dtype=model_pred.dtype, device=model_pred.device)
     stride_g = grad_loss.stride(0) if grad_loss.dim() == 1 else 0
     K.pair_grad_kernel[(2 * batch, cfg.n_chunks)](
-        grad, pred_rows, pred_rows.stride(0), pred_rows.stride(1),
-        target_rows, target_rows.stride(0), target_rows.stride(1),
-        coef, grad_loss, stride_g, batch, features, cfg.chunk_size,
-        SHARED_TARGET=target.shape[0] == batch, BLOCK=cfg.block, ACC=_TL_DTYPES[coef.dtype],
+        grad,
+        pred_rows,
+        pred_rows.stride(0),
+        pred_rows.stride(1),
+        target_rows,
+        target_rows.stride(0),
+        target_rows.stride(1),
+        coef,
+        grad_loss,
+        stride_g,
+        batch,
+        features,
+        cfg.chunk_size,
+        SHARED_TARGET=target.shape[0] == batch,
+        BLOCK=cfg.block,
+        ACC=_TL_DTYPES[coef.dtype],
         EXACT_BF16=interpreter_enabled(),
-    )  # fmt: skip
+    )
     return grad
 
 
@@ -154,4 +195,3 @@ OPS = (torch.ops.fastpref.triton_forward.default, torch.ops.fastpref.triton_back
 def run(inputs: LossInputs, config: LossConfig, return_stats: bool):
     """The loss (and stats) of validated inputs on the Triton kernels."""
     return fused.run(OPS, inputs, config, return_stats)
-
