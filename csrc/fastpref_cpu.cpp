@@ -219,7 +219,7 @@ int64_t grain_for(int64_t features, int64_t elements_per_column) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-pair head (spec §2-§5), a port of pair_head_kernel in the accumulation dtype Acc: the same
+// Per-pair head (docs/spec.md §2-§5), a port of pair_head_kernel in the accumulation dtype Acc: the same
 // formulas in the same association order, NaN-preserving min/max/relu, stable sigmoid/softplus.
 // ---------------------------------------------------------------------------------------------
 
@@ -294,7 +294,7 @@ void pair_head(const Acc* partial, int64_t models, int64_t batch, int64_t n_chun
   }
   const Acc* l_theta = &logit[0];
 
-  // Metric u (spec §3).
+  // Metric u (docs/spec.md §3).
   std::vector<Acc> scaled(logit.size());
   for (int64_t r = 0; r < n_rows; ++r) {
     Acc scale_div = one;
@@ -336,7 +336,7 @@ void pair_head(const Acc* partial, int64_t models, int64_t batch, int64_t n_chun
     u[j] = confidence[j] * stability[j];
   }
 
-  // W and Gamma (spec §4).
+  // W and Gamma (docs/spec.md §4).
   Acc c2 = static_cast<Acc>(has_c2 ? settings[4] : 0.0);
   if (!has_c2) {
     Acc total = Acc(0);
@@ -373,7 +373,7 @@ void pair_head(const Acc* partial, int64_t models, int64_t batch, int64_t n_chun
     }
   }
 
-  // Loss heads and a_j = dLoss/dl_theta[j] (spec §5, §5b, §6).
+  // Loss heads and a_j = dLoss/dl_theta[j] (docs/spec.md §5, §5b, §6).
   Acc loss_total = Acc(0);
   Acc wins = Acc(0), ties = Acc(0);
   for (int64_t j = 0; j < batch; ++j) {

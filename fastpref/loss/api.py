@@ -1,4 +1,4 @@
-"""The public signatures of spec §8, written once and instantiated twice: in ``fastpref`` (any
+"""The public signatures of docs/spec.md §8, written once and instantiated twice: in ``fastpref`` (any
 backend, through ``fastpref.loss.dispatch``) and in ``fastpref.reference`` (always eager PyTorch).
 
 A ``run(inputs, config, return_stats, backend)`` callable does the work; this module only checks
@@ -12,7 +12,7 @@ import torch
 from . import dispatch
 from .options import BACKENDS, CONFIG_KEYS, check_choice, make_config, make_inputs
 
-ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight and margin), spec §2-§6.
+ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight and margin), docs/spec.md §2-§6.
 
     Args:
         model_pred: ``[2B, *S]`` policy prediction (float16/bfloat16/float32/float64). Rows
@@ -37,7 +37,7 @@ ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight 
             1/(1+k1 sqrt u), ``"sigmoid"`` 1/(1+exp(k1 u)) or ``"none"`` 1.
         margin: Gamma = ``"quadratic"`` k2 u^2 + c2, ``"linear"`` k2 u + c2 or ``"none"`` 0.
         loss_type: ``"sigmoid"`` (DPO), ``"ipo"``, ``"hinge"``, ``"robust"`` (rDPO),
-            ``"cdpo"`` (label smoothing) or ``"dedpo"`` (debiased soft labels, spec §5b).
+            ``"cdpo"`` (label smoothing) or ``"dedpo"`` (debiased soft labels, docs/spec.md §5b).
         eps: label-noise rate of ``"robust"`` / smoothing of ``"cdpo"``, in ``[0, 0.5)``.
         ipo_tau: tau of ``"ipo"``, > 0; ``None`` means ``beta``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-pair ``[B]``).
@@ -46,7 +46,7 @@ ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight 
             overrides ``"auto"``. A backend that cannot serve the call raises ``RuntimeError``
             with the reason.
         synthetic_label, human_label, human_mask, propensity: ``loss_type="dedpo"`` only; each a
-            float or a ``[B]`` tensor (spec §5b).
+            float or a ``[B]`` tensor (docs/spec.md §5b).
 
     Returns:
         The loss, float32 (float64 when any input is float64): a scalar, or ``[B]`` with
@@ -57,7 +57,7 @@ ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight 
         while ``torch.compile`` traces, since a float would force a device sync there).
 
     Raises:
-        ValueError / TypeError naming the argument for malformed calls (spec §7).
+        ValueError / TypeError naming the argument for malformed calls (docs/spec.md §7).
     """
 
 
@@ -98,7 +98,7 @@ def scalar_keywords(loss_fn, **given) -> dict:
 
 
 def finish_stats(stats):
-    """Turn ``implicit_acc`` into the float of spec §8 (kept a tensor while compiling)."""
+    """Turn ``implicit_acc`` into the float of docs/spec.md §8 (kept a tensor while compiling)."""
     if stats is not None and not torch.compiler.is_compiling():
         stats["implicit_acc"] = float(stats["implicit_acc"])
     return stats
@@ -149,7 +149,7 @@ def make_adaptive_dpo_loss(run, *, default_backend: str, module_name: str):
 
 
 def make_diffusion_dpo_loss(adaptive_dpo_loss, *, default_backend: str, module_name: str):
-    """Build ``diffusion_dpo_loss``: the special case K = 0, no weight, no margin (spec §5)."""
+    """Build ``diffusion_dpo_loss``: the special case K = 0, no weight, no margin (docs/spec.md §5)."""
 
     def diffusion_dpo_loss(
         model_pred,

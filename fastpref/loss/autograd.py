@@ -71,7 +71,7 @@ def fake_backward(grad_loss, coef, model_pred, target):
 
 class FusedAdaptiveDPO(torch.autograd.Function):
     """Forward: a backend's forward op; backward: its backward op with the saved ``a_j``
-    (spec §6). Saves only ``a_j`` and the inputs; only ``model_pred`` gets a gradient. The
+    (docs/spec.md §6). Saves only ``a_j`` and the inputs; only ``model_pred`` gets a gradient. The
     gradient is not differentiable: differentiating it (double backward) raises a RuntimeError
     ("trying to differentiate twice"), where the backward op alone would silently give none."""
 
@@ -106,7 +106,7 @@ def run(ops, inputs: LossInputs, config: LossConfig, return_stats: bool):
 
 
 def stats_dict(pair_stats, sample_err, accuracy) -> dict:
-    """The ``stats`` of spec §8 from a forward op's outputs (``implicit_acc`` still a tensor)."""
+    """The ``stats`` of docs/spec.md §8 from a forward op's outputs (``implicit_acc`` still a tensor)."""
     stats = dict(zip(STAT_NAMES, pair_stats.unbind(0)))
     stats["err_policy"], stats["err_ref"] = sample_err.unbind(0)
     stats["implicit_acc"] = accuracy

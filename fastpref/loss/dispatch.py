@@ -1,4 +1,4 @@
-"""Backend selection (spec §8): one place that decides which implementation serves a call and,
+"""Backend selection (docs/spec.md §8): one place that decides which implementation serves a call and,
 when the requested one cannot, raises ``RuntimeError`` saying why.
 
 ``"auto"`` (or ``$FASTPREF_BACKEND``): on CUDA the Triton kernels; on CPU the native kernel when

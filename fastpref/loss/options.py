@@ -1,10 +1,10 @@
-"""Argument checks shared by every backend (spec §7), run once before any kernel launch.
+"""Argument checks shared by every backend (docs/spec.md §7), run once before any kernel launch.
 
 ``make_config`` turns the public scalar keywords into a frozen :class:`LossConfig`, and
 ``make_inputs`` the tensors into a :class:`LossInputs` holding them in the layout the backends
 expect. Every malformed call raises ``ValueError`` or ``TypeError`` whose message starts with the
 argument's name.
-The checks read shapes, dtypes and devices only; the DeDPO label checks (spec §5b) are the one
+The checks read shapes, dtypes and devices only; the DeDPO label checks (docs/spec.md §5b) are the one
 exception, as their contract is about values.
 """
 
@@ -31,7 +31,7 @@ DEDPO_ARGS = ("synthetic_label", "human_label", "human_mask", "propensity")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Validated scalar settings of one loss call (spec §3-§5). ``k2`` and ``tau`` are resolved;
+    """Validated scalar settings of one loss call (docs/spec.md §3-§5). ``k2`` and ``tau`` are resolved;
     ``c2`` stays ``None`` when it is the batch mean of ``l_theta``."""
 
     beta: float
@@ -80,7 +80,7 @@ class LossInputs(NamedTuple):
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The accumulation dtype of spec §1: float64 when any tensor is float64, else float32."""
+    """The accumulation dtype of docs/spec.md §1: float64 when any tensor is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -133,8 +133,8 @@ CONFIG_KEYS = (
 
 
 def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, eps, ipo_tau, reduction) -> LossConfig:
-    """Check the scalar keywords of spec §8 (their defaults live in the public signature,
-    ``fastpref.loss.api``) and resolve ``k2 = -1/beta`` and ``tau = beta`` (spec §4)."""
+    """Check the scalar keywords of docs/spec.md §8 (their defaults live in the public signature,
+    ``fastpref.loss.api``) and resolve ``k2 = -1/beta`` and ``tau = beta`` (docs/spec.md §4)."""
     beta = _check_real("beta", beta)
     if not beta > 0 or math.isinf(beta):
         raise ValueError(f"beta must be a finite number > 0; got {beta}")
@@ -218,7 +218,7 @@ def _pair_tensor(name: str, value, batch: int, device, dtype) -> torch.Tensor:
 
 
 def _dedpo_soft_label(labels: dict, batch: int, device, dtype) -> torch.Tensor:
-    """``y~ = yhat + (R / pi) * (y - yhat)`` of spec §5b, after its value checks."""
+    """``y~ = yhat + (R / pi) * (y - yhat)`` of docs/spec.md §5b, after its value checks."""
     missing = [name for name in DEDPO_ARGS if labels[name] is None]
     if missing:
         raise ValueError(f"{missing[0]} is required with loss_type='dedpo' (missing: {', '.join(missing)})")
@@ -226,7 +226,7 @@ def _dedpo_soft_label(labels: dict, batch: int, device, dtype) -> torch.Tensor:
     human = _pair_tensor("human_label", labels["human_label"], batch, device, dtype)
     mask = _pair_tensor("human_mask", labels["human_mask"], batch, device, dtype)
     pi = _pair_tensor("propensity", labels["propensity"], batch, device, dtype)
-    # NaN labels pass these checks on purpose: non-finite inputs must reach the loss (spec §7).
+    # NaN labels pass these checks on purpose: non-finite inputs must reach the loss (docs/spec.md §7).
     if bool(((yhat < 0) | (yhat > 1)).any()):
         raise ValueError("synthetic_label must lie in [0, 1]")
     if bool(((mask != 0) & (mask != 1)).any()):
@@ -241,7 +241,7 @@ def _dedpo_soft_label(labels: dict, batch: int, device, dtype) -> torch.Tensor:
 
 
 def make_inputs(model_pred, ref_pred, target, ema_preds, config: LossConfig, labels: dict) -> LossInputs:
-    """Check the tensors of a call against each other (spec §1, §7) and against ``config``.
+    """Check the tensors of a call against each other (docs/spec.md §1, §7) and against ``config``.
     On every call's path: each tensor property is read once, and argument names are formatted
     only for an error message."""
     _check_tensor("model_pred", model_pred)
@@ -263,7 +263,7 @@ def make_inputs(model_pred, ref_pred, target, ema_preds, config: LossConfig, lab
         )
     emas = _split_ema_preds(ema_preds, model_pred)
     # One pass over the other tensors: same device as model_pred, and the accumulation dtype of
-    # spec §1 (float64 when any input is float64; dtypes are singletons, so `is` compares them).
+    # docs/spec.md §1 (float64 when any input is float64; dtypes are singletons, so `is` compares them).
     device = model_pred.device
     any_f64 = model_pred.dtype is torch.float64
     for index, tensor in enumerate((ref_pred, target) + emas):

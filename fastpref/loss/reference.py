@@ -1,8 +1,8 @@
 """Eager PyTorch reference of the fastpref loss: the oracle of every test, the baseline of every
 benchmark, and the ``"torch"`` backend.
 
-Each function below is one section of ``spec/losses.md``, written with plain differentiable
-PyTorch ops so that autograd supplies the gradient; u, W, Gamma and c2 are detached (spec §6).
+Each function below is one section of ``docs/spec.md``, written with plain differentiable
+PyTorch ops so that autograd supplies the gradient; u, W, Gamma and c2 are detached (docs/spec.md §6).
 The public entry points at the bottom (``adaptive_dpo_loss``, ``diffusion_dpo_loss``,
 ``AdaptiveDPOLoss``) have the same signatures as ``fastpref``'s and always run this code.
 """
@@ -18,7 +18,7 @@ from .options import LossConfig, LossInputs
 
 def per_sample_errors(pred: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
     """Spec §2: ``e[i] = mean_d (pred[i, d] - target[i, d])^2``; ``[2B]`` in the accumulation dtype.
-    A shared ``[B, *S]`` target serves both halves. The target is a constant (spec §6)."""
+    A shared ``[B, *S]`` target serves both halves. The target is a constant (docs/spec.md §6)."""
     target = inputs.target.detach()
     if inputs.shared_target:
         target = torch.cat([target, target])
@@ -98,7 +98,7 @@ def pair_loss(l_theta, weight, margin, config: LossConfig, soft_label=None) -> t
 
 
 def forward(inputs: LossInputs, config: LossConfig, return_stats: bool):
-    """The whole loss of spec §2-§5 on validated inputs. Returns ``(loss, stats)``; ``stats`` is
+    """The whole loss of docs/spec.md §2-§5 on validated inputs. Returns ``(loss, stats)``; ``stats`` is
     ``None`` unless ``return_stats``; ``loss`` is a scalar, or ``[B]`` for ``reduction="none"``."""
     batch = inputs.batch
     err_policy = per_sample_errors(inputs.model_pred, inputs)

@@ -24,7 +24,7 @@ Pieces (each usable on its own):
     lists the source rows, logged) so that the trainer can report the metric on flipped vs kept
     pairs; ``human_label`` is the probability that the *returned first* image is the human's
     choice (1, 0 for a flipped pair, 0.5 for a tie).
-  * **DeDPO mode** (``synthetic_labels=True``, spec §5b): the column ``synthetic_label_0`` holds
+  * **DeDPO mode** (``synthetic_labels=True``, docs/spec.md §5b): the column ``synthetic_label_0`` holds
     an AI judge's probability in [0, 1] that ``jpg_0`` is preferred, and only a seeded share
     ``human_fraction`` of the pairs keep their human label. Then the *judge* orders every pair
     (``jpg_0`` first when ``p >= 0.5``), never ``label_0``, so that the order of a pair without
@@ -161,7 +161,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
     (every row that passed, ties included), ``num_ties`` (ties among them), ``num_ties_dropped``,
     ``num_flipped``, ``flipped_rows``; ``len(dataset)`` is the number of pairs served.
 
-    **DeDPO mode** (``synthetic_labels=True``; spec §5b, ``loss_type="dedpo"``). The column
+    **DeDPO mode** (``synthetic_labels=True``; docs/spec.md §5b, ``loss_type="dedpo"``). The column
     ``judge_column`` (default ``synthetic_label_0``) must exist; it holds the judge's probability
     ``p`` in [0, 1] that ``jpg_0`` is preferred. Rules, all explicit:
 

@@ -1,4 +1,4 @@
-"""An independent float64 reading of the loss spec (/work/shared/spec/losses.md, §2-§6).
+"""An independent float64 reading of the loss spec (docs/spec.md §2-§6).
 
 Written from the spec text alone (it imports nothing from ``fastpref``), so that the tests compare
 two readings of the spec rather than one implementation with itself. NumPy float64 throughout; the
@@ -101,10 +101,10 @@ def oracle(
     propensity=None,
     grad_output=None,
 ):
-    """``(loss, grad of model_pred, stats)`` of spec §2-§6 in float64.
+    """``(loss, grad of model_pred, stats)`` of docs/spec.md §2-§6 in float64.
 
     ``grad_output`` is the upstream gradient (a [B] array for ``reduction="none"``, default ones;
-    a scalar otherwise, default 1). ``stats`` has the keys of spec §8.
+    a scalar otherwise, default 1). ``stats`` has the keys of docs/spec.md §8.
     """
     mp = _f64(model_pred)
     shape = mp.shape

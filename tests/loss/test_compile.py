@@ -225,7 +225,7 @@ def test_opcheck_backward(backend, args):
     "backend", [pytest.param("triton", marks=needs_triton)] + [b for b in FUSED_BACKENDS if b != "triton"]
 )
 def test_backward_op_values(backend):
-    """The backward op computes spec §6 from a given a_j and incoming gradient."""
+    """The backward op computes docs/spec.md §6 from a given a_j and incoming gradient."""
     ((grad_loss, coef, model, target),) = _backward_samples()[2].values
     grad = fused_op(backend, "backward")(grad_loss, coef, model, target)
     D = model[0].numel()

@@ -260,7 +260,7 @@ def test_low_precision_gradient_rounding(model_dtype):
 
 
 # gradcheck differentiates through everything, while u, W, Gamma and c2 are stop-gradient
-# (spec §6): hold W = 1/2 and Gamma = c2 constant (sigmoid weighting with k1 = 0, linear margin
+# (docs/spec.md §6): hold W = 1/2 and Gamma = c2 constant (sigmoid weighting with k1 = 0, linear margin
 # with k2 = 0 and a given c2), as tests/test_numerics.py does.
 CONSTANT_WG = dict(weighting="sigmoid", k1=0.0, margin="linear", k2=0.0, c2=0.05)
 
@@ -600,7 +600,7 @@ def test_double_backward_raises(path):
 
 @pytest.mark.parametrize("path", sorted(AUTOGRAD_PATHS))
 def test_only_model_pred_gets_a_gradient(path):
-    """Other inputs that require grad make the loss require grad but get no gradient (spec §6:
+    """Other inputs that require grad make the loss require grad but get no gradient (docs/spec.md §6:
     the fused backward differentiates model_pred only), and model_pred not requiring grad is
     fine."""
     case = _path_case(torch.float32)

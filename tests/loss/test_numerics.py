@@ -1,4 +1,4 @@
-"""Numerical behaviour of every backend (spec §6, §7): gradcheck in float64, extreme logits,
+"""Numerical behaviour of every backend (docs/spec.md §6, §7): gradcheck in float64, extreme logits,
 degenerate inputs, propagation of non-finite inputs, bitwise reproducibility."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ REF = fastpref.reference.adaptive_dpo_loss
 @functools.lru_cache(maxsize=None)
 def serves(backend: str, dtype: torch.dtype) -> bool:
     """Whether ``backend`` takes ``dtype`` inputs: a backend may refuse a dtype, but only with
-    the RuntimeError of spec §8 ("... cannot serve ..."); anything else is a failure."""
+    the RuntimeError of docs/spec.md §8 ("... cannot serve ..."); anything else is a failure."""
     case = make_case(batch=1, shape=(2,), k=0, dtype=dtype)
     model, ref, target, _ = case.build(requires_grad=False)
     try:
@@ -42,7 +42,7 @@ def serves(backend: str, dtype: torch.dtype) -> bool:
 # gradcheck (float64)
 # ---------------------------------------------------------------------------------------------
 
-# gradcheck differentiates through everything, while W, Gamma and c2 are stop-gradient (spec §6),
+# gradcheck differentiates through everything, while W, Gamma and c2 are stop-gradient (docs/spec.md §6),
 # so these configs hold W and Gamma constant but non-trivial: k1 = 0 with the sigmoid weighting
 # gives W = 1/2, and a linear margin with k2 = 0 and a given c2 gives Gamma = c2.
 CONSTANT_WG = dict(weighting="sigmoid", k1=0.0, margin="linear", k2=0.0, c2=0.05)

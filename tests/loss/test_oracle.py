@@ -1,7 +1,7 @@
-"""``fastpref.reference`` against the independent float64 oracle of ``tests/oracle.py`` (spec §2-§6).
+"""``fastpref.reference`` against the independent float64 oracle of ``tests/oracle.py`` (docs/spec.md §2-§6).
 
 Every case runs in float64 on CPU; the reference's gradient comes from ``torch.autograd.grad`` and
-the oracle's from the closed form of spec §6, so a match also checks that u, W, Gamma and c2 are
+the oracle's from the closed form of docs/spec.md §6, so a match also checks that u, W, Gamma and c2 are
 stop-gradient in the reference.
 """
 

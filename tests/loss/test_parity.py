@@ -1,4 +1,4 @@
-"""Parity of every backend with the float64 eager reference (spec §2-§6, §8).
+"""Parity of every backend with the float64 eager reference (docs/spec.md §2-§6, §8).
 
 The oracle is ``fastpref.reference`` run on the same input values upcast to float64. Compared:
 the loss, the gradient of ``model_pred`` (under a random upstream gradient, a strided one for
@@ -253,7 +253,7 @@ def test_float64_module(backend):
 
 
 def test_reference_matches_spec_formula():
-    """Anchor the oracle itself on spec §2/§5/§6 for the plain DPO case (K = 0, W = 1,
+    """Anchor the oracle itself on docs/spec.md §2/§5/§6 for the plain DPO case (K = 0, W = 1,
     Gamma = 0): e, l, z, loss and the closed-form gradient, written out here."""
     case = case_for(k=0, batch=3, seed=2)
     model, ref, target, _ = case.build(upcast=True)

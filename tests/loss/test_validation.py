@@ -1,4 +1,4 @@
-"""Malformed calls (spec §7, §5b) and backend selection errors (spec §8).
+"""Malformed calls (docs/spec.md §7, §5b) and backend selection errors (docs/spec.md §8).
 
 Every malformed call must raise ``ValueError`` or ``TypeError`` whose message names the argument,
 before any backend is chosen or kernel launched; a backend that cannot serve a call raises
@@ -65,7 +65,7 @@ def dedpo_labels():
     )
 
 
-# --- tensor inputs (spec §1, §7) ---------------------------------------------------------------
+# --- tensor inputs (docs/spec.md §1, §7) ---------------------------------------------------------------
 
 M = lambda: t(2 * B, *S)  # noqa: E731  a model-shaped tensor
 
@@ -141,7 +141,7 @@ def test_well_formed_calls_pass():
         assert torch.isfinite(reference.adaptive_dpo_loss(model_pred.to(dtype), ref_pred, target, ema_preds=emas))
 
 
-# --- scalar keywords (spec §4, §5, §7) ---------------------------------------------------------
+# --- scalar keywords (docs/spec.md §4, §5, §7) ---------------------------------------------------------
 
 SCALAR_CASES = {
     "beta_zero": (dict(beta=0.0), "beta"),
@@ -229,7 +229,7 @@ def test_bad_backend_env(monkeypatch, value):
         fastpref.AdaptiveDPOLoss()(model_pred, ref_pred, target, emas)
 
 
-# --- DeDPO inputs (spec §5b) -------------------------------------------------------------------
+# --- DeDPO inputs (docs/spec.md §5b) -------------------------------------------------------------------
 
 DEDPO_CASES = {
     "synthetic_above_one": (dict(synthetic_label=1.5), "synthetic_label"),
@@ -297,7 +297,7 @@ def test_dedpo_valid_call_passes():
         assert torch.isfinite(loss)
 
 
-# --- backends that cannot serve a call (spec §8) ------------------------------------------------
+# --- backends that cannot serve a call (docs/spec.md §8) ------------------------------------------------
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
@@ -410,7 +410,7 @@ def test_env_overrides_auto_only(monkeypatch, cpp_not_built):
             fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, backend="triton")
 
 
-# --- validation comes before backend selection and any kernel launch (spec §7) -----------------
+# --- validation comes before backend selection and any kernel launch (docs/spec.md §7) -----------------
 
 EARLY_CASES = {
     "beta": lambda call, m, r, tg, e: call(m, r, tg, ema_preds=e, beta=-1.0),

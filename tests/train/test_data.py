@@ -392,7 +392,7 @@ def test_cache_key_depends_on_dataset_model_and_resolution(models, toy, tmp_path
 
 
 # --------------------------------------------------------------------------------------------
-# DeDPO mode: the judge's column, the human-labelled subset, propensity (spec §5b)
+# DeDPO mode: the judge's column, the human-labelled subset, propensity (docs/spec.md §5b)
 # --------------------------------------------------------------------------------------------
 
 
@@ -625,7 +625,7 @@ def test_dedpo_collate_plugs_into_the_dedpo_loss(toy_judge):
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(model_pred.grad).all()
-    # Without weight and margin the per-pair loss is spec §5b's with the batch's fields.
+    # Without weight and margin the per-pair loss is docs/spec.md §5b's with the batch's fields.
     per_pair = reference.adaptive_dpo_loss(
         model_pred,
         ref_pred,

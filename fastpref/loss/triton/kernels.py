@@ -1,12 +1,12 @@
 """Triton kernels of the fused loss: one pass for the errors, one program for the per-pair head,
 one pass for the gradient. Launch code lives in ``fastpref.loss.triton.ops``.
 
-Notation (spec §2): pair j is rows j (winner, w) and j+B (loser, l) of ``[2B, D]`` inputs;
+Notation (docs/spec.md §2): pair j is rows j (winner, w) and j+B (loser, l) of ``[2B, D]`` inputs;
 ``e_m[i] = (1/D) sum_d (pred_m[i,d] - t[i,d])^2`` for model m in (policy, ref, ema_1..ema_K);
 ``l_m[j] = (e_ref[j] - e_m[j]) - (e_ref[j+B] - e_m[j+B])``; ``z = beta * l_theta``;
 ``y = z - Gamma``.
 
-Gradient (spec §6). u, W, Gamma and c2 are stop-gradient, so the loss depends on ``model_pred``
+Gradient (docs/spec.md §6). u, W, Gamma and c2 are stop-gradient, so the loss depends on ``model_pred``
 only through ``l_theta``. Write ``a_j = dLoss/dl_theta[j]`` (computed by the head, including the
 reduction's 1/B). Since ``l_theta[j] = e_ref[j] - e_theta[j] - e_ref[j+B] + e_theta[j+B]`` and
 ``de_theta[i]/dpred[i,d] = (2/D) (pred[i,d] - t[i,d])``:
@@ -192,7 +192,7 @@ def pair_head_kernel(
     HAS_C2: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """One program: per-sample errors -> l -> metric u -> W, Gamma -> loss and a_j (spec §2-§5).
+    """One program: per-sample errors -> l -> metric u -> W, Gamma -> loss and a_j (docs/spec.md §2-§5).
     Tile [MODELS_PAD, BATCH_PAD]: model row 0 is the policy, 1 the reference, 2.. the EMAs."""
     beta = tl.load(params_ptr + 0)
     rho = tl.load(params_ptr + 1)
@@ -225,7 +225,7 @@ def pair_head_kernel(
     logit = (ref_w[None, :] - err_w) - (ref_l[None, :] - err_l)
     l_theta = tl.sum(tl.where(model == 0, logit, 0.0), axis=0)
 
-    # Metric u over the M = K + 1 rows (policy and EMAs), spec §3.
+    # Metric u over the M = K + 1 rows (policy and EMAs), docs/spec.md §3.
     metric_rows = (model != 1) & tile_mask
     n_rows: tl.constexpr = NUM_MODELS - 1
     logit = tl.where(metric_rows, logit, 0.0)
