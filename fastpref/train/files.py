@@ -1,0 +1,32 @@
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the complete new one,
+never a torn one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomic(file, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``file``, fsync it, then rename it over
+    ``file`` (``os.replace`` is atomic within one file system). The temporary file is removed if
+    ``write`` raises."""
+    file = Path(file)
+    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return file
+
+
+def write_json_atomic(obj, file) -> Path:
+    """``obj`` as indented, key-sorted JSON, written with :func:`write_atomic`."""
+    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    return write_atomic(file, lambda tmp: tmp.write_text(text))
