@@ -1,39 +1,9 @@
-"""A toy preference world with a known reward, for the ``fastpref demo`` study (issue 6).
-
-Everything is generated offline and is deterministic for :attr:`WorldConfig.seed`:
-
-- **Prompts**: a colour (6, the corners of the RGB cube minus black and white, in hexagon order
-  so that neighbours differ in one channel) times a position (a 3 x 3 grid of places for a
-  ``blob_size`` square in an ``image_size`` image): 54 prompts such as "red square, top left".
-  :func:`split_prompts` holds out one prompt per position (each colour at most twice) for
-  evaluation; the preference pairs use the other 45.
-- **Images** are ``[3, H, W]`` float32 in [-1, 1] (``H = W = image_size``, 8 by default), used
-  directly as the diffusion "latents" (no VAE): a black background and one coloured square.
-- **Conditioning**: a fixed embedding table (:func:`embedding_table`, normal, from the seed) gives
-  each prompt ``encoder_hidden_states [2, embed_dim]``: one colour token and one position token.
-- **Reward** (:func:`reward`), closed form, in [0, 1]: ``1 - (E_in + E_out) / 2``, where E is the
-  mean over pixels of the largest per-channel absolute difference between the image (mapped to
-  [0, 1] and clipped) and the prompt's template (the square in its colour on black), over the
-  template's square (E_in) and over the rest of the image (E_out). 1 = exactly the template; a
-  square of a neighbouring colour scores 0.5, one shifted by one pixel 0.83, one at half
-  brightness 0.75, a black image 0.5.
-- **Base model**: a tiny diffusers ``UNet2DConditionModel`` (cross-attention on the prompt
-  tokens) pretrained briefly with the plain denoising loss (:func:`pretrain_base`) on a base
-  distribution that only partly matches the prompts (:func:`draw_base_images`): a share
-  ``base_mix[0]`` of the images is exactly the prompt, the rest has a neighbouring colour, a
-  shifted square, or a faded one. So its samples leave room for improvement.
-- **Pairs** (:func:`sample_pairs`): two DDIM samples of the base model per training prompt,
-  stored winner first by the reward (``latents [N, 2, 3, H, W]``, ``reward [N, 2]``).
-- **Minorities** (labels relative to the stored winner-first order): :func:`flip_mask` (uniform
-  random flips of exactly ``round(rate * N)`` pairs, seeded) and :func:`structured_minority`
-  (every pair of one colour labelled by a different criterion: the "vivid" annotators prefer the
-  brighter image). :func:`synthetic_judge` is a biased, noisy AI judge for the DeDPO comparison.
-- **Evaluation** (:func:`evaluate`): mean reward of DDIM samples on the held-out prompts, with a
-  fixed noise seed so that every model is judged on the same starting noise.
-
-:func:`load_or_build` caches the pretrained base model and the pairs under
-``cache_dir/world-<key>/``, ``key`` a hash of the :class:`WorldConfig` (and
-:data:`FORMAT_VERSION`), so a rerun with the same parameters skips both.
+"""The toy preference world of ``fastpref demo``: 54 colour x position prompts, 8x8 coloured-square
+images used directly as diffusion latents, a closed-form reward, a tiny base UNet pretrained on a
+distribution that only partly matches the prompts, preference pairs of its DDIM samples, the
+label minorities (flips, a structured minority, a biased judge) and the evaluation. Everything is
+deterministic for :attr:`WorldConfig.seed` and cached by :func:`load_or_build`; docs/demo.md
+describes the world in full.
 """
 
 from __future__ import annotations
@@ -41,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from ..train.files import write_atomic, write_json_atomic
 
 FORMAT_VERSION = 2
 # Hexagon order: colour i and i +- 1 (mod 6) differ in exactly one channel.
@@ -192,7 +164,11 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 def reward(images: torch.Tensor, prompt_ids: torch.Tensor, config: WorldConfig) -> torch.Tensor:
     """The closed-form reward, float32 ``[N]`` in [0, 1], of images ``[N, 3, H, W]`` (in [-1, 1])
-    for prompts ``[N]``: ``1 - (E_in + E_out) / 2`` (see the module docstring)."""
+    for prompts ``[N]``: ``1 - (E_in + E_out) / 2``, E the mean over pixels of the largest
+    per-channel absolute difference between the image (mapped to [0, 1], clipped) and the
+    prompt's template (its square in its colour on black), inside the template's square (E_in)
+    and outside it (E_out). The template scores 1; a neighbouring colour 0.5, a square shifted
+    by one pixel 0.83, half brightness 0.75, a black image 0.5."""
     target, mask = templates(prompt_ids, config)
     err = (to_unit(images) - target).abs().amax(dim=1)  # [N, H, W]
     e_in = (err * mask).sum((1, 2)) / mask.sum((1, 2))
@@ -249,20 +225,20 @@ def _shift_table(config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor, torch
     limit = config.image_size - config.blob_size
     top, left = corner(torch.arange(NUM_POSITIONS), config)
     options = []
-    for t, l in zip(top.tolist(), left.tolist()):
+    for row, column in zip(top.tolist(), left.tolist()):
         here = [
-            (t + dr, l + dc)
+            (row + dr, column + dc)
             for dr in range(-2, 3)
             for dc in range(-2, 3)
-            if (dr, dc) != (0, 0) and 0 <= t + dr <= limit and 0 <= l + dc <= limit
+            if (dr, dc) != (0, 0) and 0 <= row + dr <= limit and 0 <= column + dc <= limit
         ]
         options.append(here)
     width = max(len(o) for o in options)
     tops = torch.zeros(NUM_POSITIONS, width, dtype=torch.int64)
     lefts = torch.zeros(NUM_POSITIONS, width, dtype=torch.int64)
     for i, here in enumerate(options):
-        tops[i, : len(here)] = torch.tensor([t for t, _ in here])
-        lefts[i, : len(here)] = torch.tensor([l for _, l in here])
+        tops[i, : len(here)] = torch.tensor([row for row, _ in here])
+        lefts[i, : len(here)] = torch.tensor([column for _, column in here])
     return tops, lefts, torch.tensor([len(o) for o in options])
 
 
@@ -527,11 +503,11 @@ class World:
 
 
 def load_or_build(config: WorldConfig, cache_dir, progress: Optional[Callable[[str, int, int], None]] = None) -> World:
-    """The world for ``config``, from ``cache_dir/world-<config.key()>/`` when it is there, else
-    built (pretraining, pair sampling, base evaluation) and saved there atomically.
-    ``progress(stage, done, total)`` reports the pretraining steps."""
-    import time
-
+    """The world for ``config``, from ``cache_dir/world-<config.key()>/`` when it is there (the key
+    hashes the config and :data:`FORMAT_VERSION`), else built (pretraining, pair sampling, base
+    evaluation) and saved there, each file written atomically (``base_unet.pt``, ``pairs.pt``,
+    then ``world.json``, whose presence marks a complete cache). ``progress(stage, done, total)``
+    reports the pretraining steps."""
     path = Path(cache_dir) / f"world-{config.key()}"
     files = {name: path / name for name in ("base_unet.pt", "pairs.pt", "world.json")}
     if all(f.exists() for f in files.values()):
@@ -558,18 +534,10 @@ def load_or_build(config: WorldConfig, cache_dir, progress: Optional[Callable[[s
     state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
     path.mkdir(parents=True, exist_ok=True)
-    _save_atomic(state, files["base_unet.pt"])
-    _save_atomic(pairs, files["pairs.pt"])
+    write_atomic(files["base_unet.pt"], lambda tmp: torch.save(state, tmp))
+    write_atomic(files["pairs.pt"], lambda tmp: torch.save(pairs, tmp))
     meta = {"config": config.to_dict(), "format": FORMAT_VERSION, "base_reward": base_reward, "built_seconds": seconds}
-    tmp = files["world.json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, files["world.json"])
+    write_json_atomic(meta, files["world.json"])
     return World(
         config=config, base_state=state, pairs=pairs, base_reward=base_reward, path=path, built_seconds=seconds
     )
-
-
-def _save_atomic(obj, file: Path) -> None:
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, file)
