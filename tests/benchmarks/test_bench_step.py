@@ -16,7 +16,7 @@ for _module in ("diffusers", "transformers", "peft", "accelerate"):
 
 import torch  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_step.py"
 STEPS = 2
 
 
