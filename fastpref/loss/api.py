@@ -1,18 +1,45 @@
-"""The public signatures of docs/spec.md §8, written once and instantiated twice: in ``fastpref`` (any
-backend, through ``fastpref.loss.dispatch``) and in ``fastpref.reference`` (always eager PyTorch).
-
-A ``run(inputs, config, return_stats, backend)`` callable does the work; this module only checks
-the arguments (``fastpref.loss.options``) and shapes the result (``finish_stats``).
+"""The public entry points of docs/spec.md §8: ``adaptive_dpo_loss``, ``diffusion_dpo_loss`` and the
+module ``AdaptiveDPOLoss``. Each call checks its arguments (``fastpref.loss.options``), then
+``fastpref.loss.dispatch`` runs it on a backend. ``fastpref.reference`` wraps these with the
+backend pinned to ``"torch"``.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
 from . import dispatch
 from .options import BACKENDS, CONFIG_KEYS, check_choice, make_config, make_inputs
 
-ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight and margin), docs/spec.md §2-§6.
+
+def adaptive_dpo_loss(
+    model_pred,
+    ref_pred,
+    target,
+    *,
+    ema_preds=(),
+    beta=1000.0,
+    rho=15.0,
+    k1=10.0,
+    k2=None,
+    c2=None,
+    preset="official",
+    weighting="linear",
+    margin="quadratic",
+    loss_type="sigmoid",
+    eps=0.1,
+    ipo_tau=None,
+    reduction="mean",
+    return_stats=False,
+    backend="auto",
+    synthetic_label=None,
+    human_label=None,
+    human_mask=None,
+    propensity=None,
+):
+    """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight and margin), docs/spec.md §2-§6.
 
     Args:
         model_pred: ``[2B, *S]`` policy prediction (float16/bfloat16/float32/float64). Rows
@@ -59,6 +86,81 @@ ADAPTIVE_DOC = """Adaptive-DPO loss (Diffusion-DPO with a minority-aware weight 
     Raises:
         ValueError / TypeError naming the argument for malformed calls (docs/spec.md §7).
     """
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool; got {type(return_stats).__name__}")
+    # In CONFIG_KEYS order.
+    config = cached_config((beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, eps, ipo_tau, reduction))
+    labels = dict(
+        synthetic_label=synthetic_label, human_label=human_label, human_mask=human_mask, propensity=propensity
+    )
+    inputs = make_inputs(model_pred, ref_pred, target, ema_preds, config, labels)
+    loss, stats = dispatch.run(inputs, config, return_stats, backend)
+    return (loss, finish_stats(stats)) if return_stats else loss
+
+
+def diffusion_dpo_loss(
+    model_pred,
+    ref_pred,
+    target,
+    *,
+    beta=1000.0,
+    loss_type="sigmoid",
+    eps=0.1,
+    ipo_tau=None,
+    reduction="mean",
+    return_stats=False,
+    backend="auto",
+):
+    """Diffusion-DPO loss (Wallace et al., 2024): ``adaptive_dpo_loss`` with no EMA models,
+    ``weighting="none"`` and ``margin="none"`` (docs/spec.md §5). Shapes, dtypes, ``beta``'s scale
+    convention (Salesforce ``beta_dpo = 5000`` is ``beta = 2500`` here), the loss types other than
+    ``"dedpo"``, ``reduction``, ``return_stats`` and ``backend`` are as in ``adaptive_dpo_loss``."""
+    return adaptive_dpo_loss(
+        model_pred,
+        ref_pred,
+        target,
+        beta=beta,
+        weighting="none",
+        margin="none",
+        loss_type=loss_type,
+        eps=eps,
+        ipo_tau=ipo_tau,
+        reduction=reduction,
+        return_stats=return_stats,
+        backend=backend,
+    )
+
+
+class AdaptiveDPOLoss(torch.nn.Module):
+    """``torch.nn.Module`` holding the keywords of ``adaptive_dpo_loss`` (checked once, here).
+
+    ``forward(model_pred, ref_pred, target, ema_preds=(), **overrides)`` calls
+    ``adaptive_dpo_loss``; keyword ``overrides`` (e.g. the per-batch DeDPO labels) replace
+    the stored keywords for that call.
+    """
+
+    # The function forward() calls; its signature gives the default backend.
+    _loss_fn = staticmethod(adaptive_dpo_loss)
+
+    def __init__(self, **keywords):
+        super().__init__()
+        keywords.setdefault("backend", inspect.signature(self._loss_fn).parameters["backend"].default)
+        # Fail at construction on a bad keyword, not at the first batch.
+        unknown = set(keywords) - set(adaptive_dpo_loss.__kwdefaults__)
+        if unknown:
+            raise TypeError(f"AdaptiveDPOLoss got unknown keyword(s): {sorted(unknown)}")
+        if "ema_preds" in keywords:
+            raise TypeError("ema_preds is a forward() argument of AdaptiveDPOLoss, not a keyword")
+        make_config(**scalar_keywords(adaptive_dpo_loss, **keywords))
+        check_choice("backend", keywords["backend"], BACKENDS)
+        # The DeDPO labels are per-batch data: they are checked against the batch at forward.
+        self.keywords = keywords
+
+    def forward(self, model_pred, ref_pred, target, ema_preds=(), **overrides):
+        return self._loss_fn(model_pred, ref_pred, target, ema_preds=ema_preds, **{**self.keywords, **overrides})
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in sorted(self.keywords.items()) if not isinstance(v, torch.Tensor))
 
 
 _CONFIG_CACHE: dict = {}
@@ -91,10 +193,11 @@ def cached_config(values: tuple):
 
 
 def scalar_keywords(loss_fn, **given) -> dict:
-    """The scalar keywords of ``make_config`` (``CONFIG_KEYS``) for ``loss_fn``: those in ``given``,
-    the rest from ``loss_fn``'s signature, the one place their defaults are written."""
-    defaults = loss_fn.__kwdefaults__
-    return {key: given.get(key, defaults[key]) for key in CONFIG_KEYS}
+    """The scalar keywords of ``make_config`` (``CONFIG_KEYS``) for ``loss_fn`` (``adaptive_dpo_loss``
+    here or in ``fastpref.reference``): those in ``given``, the rest from ``loss_fn``'s signature,
+    the one place their defaults are written."""
+    parameters = inspect.signature(loss_fn).parameters
+    return {key: given[key] if key in given else parameters[key].default for key in CONFIG_KEYS}
 
 
 def finish_stats(stats):
@@ -102,129 +205,3 @@ def finish_stats(stats):
     if stats is not None and not torch.compiler.is_compiling():
         stats["implicit_acc"] = float(stats["implicit_acc"])
     return stats
-
-
-def make_adaptive_dpo_loss(run, *, default_backend: str, module_name: str):
-    """Build ``adaptive_dpo_loss`` over ``run(inputs, config, return_stats, backend)``."""
-
-    def adaptive_dpo_loss(
-        model_pred,
-        ref_pred,
-        target,
-        *,
-        ema_preds=(),
-        beta=1000.0,
-        rho=15.0,
-        k1=10.0,
-        k2=None,
-        c2=None,
-        preset="official",
-        weighting="linear",
-        margin="quadratic",
-        loss_type="sigmoid",
-        eps=0.1,
-        ipo_tau=None,
-        reduction="mean",
-        return_stats=False,
-        backend=default_backend,
-        synthetic_label=None,
-        human_label=None,
-        human_mask=None,
-        propensity=None,
-    ):
-        if not isinstance(return_stats, bool):
-            raise TypeError(f"return_stats must be a bool; got {type(return_stats).__name__}")
-        # In CONFIG_KEYS order.
-        config = cached_config((beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, eps, ipo_tau, reduction))
-        labels = dict(
-            synthetic_label=synthetic_label, human_label=human_label, human_mask=human_mask, propensity=propensity
-        )
-        inputs = make_inputs(model_pred, ref_pred, target, ema_preds, config, labels)
-        loss, stats = run(inputs, config, return_stats, backend)
-        return (loss, finish_stats(stats)) if return_stats else loss
-
-    adaptive_dpo_loss.__doc__ = ADAPTIVE_DOC
-    adaptive_dpo_loss.__module__ = module_name
-    return adaptive_dpo_loss
-
-
-def make_diffusion_dpo_loss(adaptive_dpo_loss, *, default_backend: str, module_name: str):
-    """Build ``diffusion_dpo_loss``: the special case K = 0, no weight, no margin (docs/spec.md §5)."""
-
-    def diffusion_dpo_loss(
-        model_pred,
-        ref_pred,
-        target,
-        *,
-        beta=1000.0,
-        loss_type="sigmoid",
-        eps=0.1,
-        ipo_tau=None,
-        reduction="mean",
-        return_stats=False,
-        backend=default_backend,
-    ):
-        """Diffusion-DPO loss (Wallace et al., 2024): ``adaptive_dpo_loss`` with no EMA models,
-        ``weighting="none"`` and ``margin="none"``. Shapes, dtypes, ``beta``'s scale convention
-        (Salesforce ``beta_dpo = 5000`` is ``beta = 2500`` here), the loss types other than
-        ``"dedpo"``, ``reduction``, ``return_stats`` and ``backend`` are as in
-        ``adaptive_dpo_loss``."""
-        return adaptive_dpo_loss(
-            model_pred,
-            ref_pred,
-            target,
-            beta=beta,
-            weighting="none",
-            margin="none",
-            loss_type=loss_type,
-            eps=eps,
-            ipo_tau=ipo_tau,
-            reduction=reduction,
-            return_stats=return_stats,
-            backend=backend,
-        )
-
-    diffusion_dpo_loss.__module__ = module_name
-    return diffusion_dpo_loss
-
-
-def make_loss_module(adaptive_dpo_loss, *, default_backend: str, module_name: str):
-    """Build the ``torch.nn.Module`` form of ``adaptive_dpo_loss``."""
-
-    class AdaptiveDPOLoss(torch.nn.Module):
-        """``torch.nn.Module`` holding the keywords of ``adaptive_dpo_loss`` (checked once, here).
-
-        ``forward(model_pred, ref_pred, target, ema_preds=(), **overrides)`` calls
-        ``adaptive_dpo_loss``; keyword ``overrides`` (e.g. the per-batch DeDPO labels) replace
-        the stored keywords for that call.
-        """
-
-        def __init__(self, **keywords):
-            super().__init__()
-            keywords.setdefault("backend", default_backend)
-            # Fail at construction on a bad keyword, not at the first batch.
-            unknown = set(keywords) - set(adaptive_dpo_loss.__kwdefaults__)
-            if unknown:
-                raise TypeError(f"AdaptiveDPOLoss got unknown keyword(s): {sorted(unknown)}")
-            if "ema_preds" in keywords:
-                raise TypeError("ema_preds is a forward() argument of AdaptiveDPOLoss, not a keyword")
-            make_config(**scalar_keywords(adaptive_dpo_loss, **keywords))
-            check_choice("backend", keywords["backend"], BACKENDS)
-            # The DeDPO labels are per-batch data: they are checked against the batch at forward.
-            self.keywords = keywords
-
-        def forward(self, model_pred, ref_pred, target, ema_preds=(), **overrides):
-            return adaptive_dpo_loss(
-                model_pred, ref_pred, target, ema_preds=ema_preds, **{**self.keywords, **overrides}
-            )
-
-        def extra_repr(self):
-            return ", ".join(f"{k}={v!r}" for k, v in sorted(self.keywords.items()) if not isinstance(v, torch.Tensor))
-
-    AdaptiveDPOLoss.__module__ = module_name
-    return AdaptiveDPOLoss
-
-
-adaptive_dpo_loss = make_adaptive_dpo_loss(dispatch.run, default_backend="auto", module_name="fastpref")
-diffusion_dpo_loss = make_diffusion_dpo_loss(adaptive_dpo_loss, default_backend="auto", module_name="fastpref")
-AdaptiveDPOLoss = make_loss_module(adaptive_dpo_loss, default_backend="auto", module_name="fastpref")

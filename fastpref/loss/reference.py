@@ -1,10 +1,8 @@
-"""Eager PyTorch reference of the fastpref loss: the oracle of every test, the baseline of every
-benchmark, and the ``"torch"`` backend.
+"""Eager PyTorch math of the loss: the ``"torch"`` backend (``fastpref.reference`` runs only this),
+the oracle of the fused backends' tests and the baseline of every benchmark.
 
-Each function below is one section of ``docs/spec.md``, written with plain differentiable
-PyTorch ops so that autograd supplies the gradient; u, W, Gamma and c2 are detached (docs/spec.md §6).
-The public entry points at the bottom (``adaptive_dpo_loss``, ``diffusion_dpo_loss``,
-``AdaptiveDPOLoss``) have the same signatures as ``fastpref``'s and always run this code.
+Each function is one section of docs/spec.md in plain differentiable PyTorch ops, so autograd
+supplies the gradient; u, W, Gamma and c2 are detached (docs/spec.md §6).
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .api import make_adaptive_dpo_loss, make_diffusion_dpo_loss, make_loss_module
 from .options import LossConfig, LossInputs
 
 
@@ -133,14 +130,3 @@ def forward(inputs: LossInputs, config: LossConfig, return_stats: bool):
         "implicit_acc": (logits > 0).to(logits.dtype).mean() + 0.5 * (logits == 0).to(logits.dtype).mean(),
     }
     return loss, stats
-
-
-def _run_reference(inputs: LossInputs, config: LossConfig, return_stats: bool, backend: str):
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'torch' (or 'auto') for fastpref.reference; got {backend!r}")
-    return forward(inputs, config, return_stats)
-
-
-adaptive_dpo_loss = make_adaptive_dpo_loss(_run_reference, default_backend="torch", module_name=__name__)
-diffusion_dpo_loss = make_diffusion_dpo_loss(adaptive_dpo_loss, default_backend="torch", module_name=__name__)
-AdaptiveDPOLoss = make_loss_module(adaptive_dpo_loss, default_backend="torch", module_name=__name__)
