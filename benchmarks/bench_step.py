@@ -39,7 +39,7 @@ method, shared by its cached and uncached variants; one VAE and text encoder sha
 in an order rotated from round to round, so that machine noise hits every variant alike. The
 step time is the median over the rounds (``perf_counter`` around the step, with a device
 synchronize on both sides on CUDA). Batches are tensors in host memory, as a DataLoader hands
-them over (pixels ``[B, 2, 3, R, R]`` in [-1, 1] and captions, or latents and text embeddings);
+them over (pixels ``[2B, 3, R, R]`` in [-1, 1] and captions, or latents and text embeddings);
 image decoding and data loading are not timed, in any variant. Then ``--breakdown_rounds``
 more rounds with per-phase timers (encode, reference forward, footprint forwards and inside them
 EMA store/copy_to/restore (the authors'), backward, clipping, optimizer, footprint update;
@@ -328,7 +328,7 @@ def make_batches(components: Components, pairs: int, resolution: int, seed: int)
     latents and text embeddings of the same batch, encoded once (host memory, as the latent
     cache serves them)."""
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(pairs, 2, 3, resolution, resolution, generator=generator) * 2 - 1
+    pixels = torch.rand(2 * pairs, 3, resolution, resolution, generator=generator) * 2 - 1  # winners, losers
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(pairs)]
     raw = {"pixel_values": pixels, "captions": captions}
     encoded = encode(components, raw)
@@ -341,9 +341,9 @@ def encode(components: Components, raw: dict) -> dict:
     embeddings of the B captions, as ``fastpref train`` does without ``--cache_latents``."""
     pixels = raw["pixel_values"]
     device = next(components.vae.parameters()).device
-    latents = data.encode_images(components.vae, pixels.flatten(0, 1).to(device))
+    latents = data.encode_images(components.vae, pixels.to(device))
     hidden, _ = data.encode_prompts(raw["captions"], components.tokenizers, components.text_encoders)
-    return {"latents": latents.float().reshape(*pixels.shape[:2], *latents.shape[1:]), "encoder_hidden_states": hidden}
+    return {"latents": latents.float(), "encoder_hidden_states": hidden}
 
 
 class Encoding:
@@ -530,7 +530,7 @@ def batched_probe(trainer, batches, sync, reps: int) -> Dict[str, float]:
     _, cached = batches
     acc = trainer.accelerator
     device = acc.device
-    latents = data.pairs_to_batch(cached["latents"]).to(device, trainer.weight_dtype)
+    latents = cached["latents"].to(device, trainer.weight_dtype)
     cond = cached["encoder_hidden_states"].to(device, trainer.weight_dtype)
     cond = torch.cat([cond, cond])
     timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
@@ -566,7 +566,7 @@ def batched_probe(trainer, batches, sync, reps: int) -> Dict[str, float]:
 
 def run_mode(args, lora_rank: int, keys, components, batches, accelerator, sync) -> dict:
     mode = f"lora-r{lora_rank}" if lora_rank > 0 else "full"
-    pairs = batches[1]["latents"].shape[0]
+    pairs = batches[1]["encoder_hidden_states"].shape[0]
     samples = 2 * pairs
     print(f"\n## {mode}: building {len(keys)} variants", flush=True)
     encoding = Encoding(components, batches[0])
@@ -917,7 +917,7 @@ def main(argv=None) -> int:
             "model": args.model,
             "model_description": components.description,
             "resolution": args.resolution,
-            "latent_shape": list(batches[1]["latents"].shape[2:]),
+            "latent_shape": list(batches[1]["latents"].shape[1:]),
             "pairs_per_step": args.batch,
             "samples_per_step": 2 * args.batch,
             "dtype": args.dtype,

@@ -262,13 +262,14 @@ def run_data(world: tw.World, spec: RunSpec, study: StudyConfig) -> Dict[str, to
 
 
 def make_batch(world: tw.World, data: Dict[str, torch.Tensor], idx: torch.Tensor, table: torch.Tensor) -> dict:
-    """The trainer's batch for pair indices ``idx [B]``: ``latents [B, 2, 3, H, W]`` (presented
-    order), ``encoder_hidden_states [B, 2, D]``, ``flipped [B]`` and any DeDPO inputs."""
+    """The trainer's batch for pair indices ``idx [B]``: ``latents [2B, 3, H, W]`` (presented
+    order: the B first images, then the B second ones), ``encoder_hidden_states [B, 2, D]``,
+    ``flipped [B]`` and any DeDPO inputs."""
     latents = world.pairs["latents"][idx]
     swap = data["swap"][idx]
     latents = torch.where(swap[:, None, None, None, None], latents.flip(1), latents)
     batch = {
-        "latents": latents,
+        "latents": latents.transpose(0, 1).flatten(0, 1),
         "encoder_hidden_states": table[world.pairs["prompt"][idx]],
         "flipped": data["flipped"][idx],
     }

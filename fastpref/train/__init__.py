@@ -1,2 +1,12 @@
 """The trainer behind ``fastpref train``: SD1.5/SDXL preference fine-tuning on diffusers,
-accelerate and peft. It uses the loss only through fastpref's public API."""
+accelerate and peft. It uses the loss only through fastpref's public API.
+
+``TrainConfig`` and ``PreferenceTrainer`` run the training step on encoded batches;
+``PairSampler`` is the seeded, resumable data order. Importing this package loads torch and
+the loss only; diffusers, accelerate and peft load when a trainer is built.
+"""
+
+from .data import PairSampler
+from .trainer import NonFiniteLossError, PreferenceTrainer, TrainConfig
+
+__all__ = ["TrainConfig", "PreferenceTrainer", "PairSampler", "NonFiniteLossError"]

@@ -305,8 +305,8 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def time_ids(batch: dict, resolution: int) -> torch.Tensor:
-    """SDXL ``add_time_ids [B, 2, 6]``: (original h, w, crop top, left, target h, w) per image."""
-    target = torch.tensor([resolution, resolution], dtype=torch.int64).expand(*batch["original_sizes"].shape[:2], 2)
+    """SDXL ``add_time_ids [2B, 6]``: (original h, w, crop top, left, target h, w) per image."""
+    target = torch.tensor([resolution, resolution], dtype=torch.int64).expand(batch["original_sizes"].shape[0], 2)
     return torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=-1).float()
 
 
@@ -329,9 +329,8 @@ class Encoder:
             out["encoder_hidden_states"] = batch["prompt_embeds"]
             pooled = batch.get("pooled_prompt_embeds")
         else:
-            pixels = batch["pixel_values"]  # [B, 2, 3, R, R]
-            latents = encode_images(self.vae, pixels.flatten(0, 1).to(self.device))
-            out["latents"] = latents.float().reshape(*pixels.shape[:2], *latents.shape[1:])
+            pixels = batch["pixel_values"]  # [2B, 3, R, R], winners then losers
+            out["latents"] = encode_images(self.vae, pixels.to(self.device)).float()
             out["encoder_hidden_states"], pooled = encode_prompts(
                 batch["captions"], self.tokenizers, self.text_encoders
             )

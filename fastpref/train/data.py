@@ -1,4 +1,4 @@
-"""Preference pairs for the trainer: Pick-a-Pic v2 parquet in, ``[B, 2, ...]`` pair batches out.
+"""Preference pairs for the trainer: Pick-a-Pic v2 parquet in, ``[2B, ...]`` batches out.
 
 Pieces (each usable on its own):
 
@@ -40,14 +40,12 @@ Pieces (each usable on its own):
   starts at any global position ``start = samples already consumed`` and so resumes bit for bit;
   ``infinite=True`` streams epoch after epoch.
 
-- :func:`collate_pairs`: batches of ``pixel_values [B, 2, 3, R, R]`` (pair layout: dim 1 is
-  winner, loser) -- or ``latents [B, 2, C, h, w]`` from the cache -- plus ``captions`` (list),
-  ``flipped`` (bool), ``tie`` (bool), ``human_label`` (float), ``index`` and ``row`` (int64);
-  in DeDPO mode also ``synthetic_label``, ``propensity`` (float32) and ``human_mask`` (bool).
-  :func:`pairs_to_batch` turns ``[B, 2, ...]`` into the ``[2B, ...]`` winners-then-losers layout
-  that the UNet and ``fastpref.adaptive_dpo_loss`` take (diffusers' DPO script instead stacks
-  the pair on channels, ``[B, 6, R, R]``; ``pairs_to_batch`` gives the same ``[2B, 3, R, R]``
-  that its ``cat(chunk(2, dim=1))`` does).
+- :func:`collate_pairs`: the trainer's batches, per-image tensors in the ``[2B, ...]``
+  winners-then-losers layout of the loss (``pixel_values [2B, 3, R, R]``, or ``latents
+  [2B, C, h, w]`` from the cache, ``original_sizes``, ``crop_top_lefts [2B, 2]``), per-pair
+  ones ``[B, ...]``, plus ``captions`` (list), ``flipped`` (bool), ``tie`` (bool),
+  ``human_label`` (float), ``index`` and ``row`` (int64); in DeDPO mode also
+  ``synthetic_label``, ``propensity`` (float32) and ``human_mask`` (bool).
   :func:`shared_noise_and_timesteps` draws one noise tensor and one timestep per pair and repeats
   them for both images.
 
@@ -676,22 +674,32 @@ class PairSampler(torch.utils.data.Sampler):
 # --------------------------------------------------------------------------------------------
 
 _BATCH_NAMES = {"caption": "captions"}
+# Item fields that hold one entry per image ([2, ...]: winner, loser); batched as [2B, ...].
+PER_IMAGE = ("pixel_values", "latents", "original_sizes", "crop_top_lefts")
 
 
 def collate_pairs(items: Sequence[dict]) -> dict:
-    """Stack items into a batch: tensors -> ``[B, ...]`` (``pixel_values [B, 2, 3, R, R]``,
-    ``latents [B, 2, C, h, w]``, ...), ``flipped``/``tie`` -> bool ``[B]``, ``human_label`` ->
-    float32 ``[B]``, ``index``/``row`` -> int64 ``[B]``, ``caption`` -> the list ``captions``.
-    DeDPO items (``synthetic_labels=True``) add ``synthetic_label``, ``propensity`` -> float32
-    ``[B]`` (``human_label`` float32 ``[B]`` with NaN where unlabelled) and ``human_mask`` ->
-    bool ``[B]``: the keywords of ``adaptive_dpo_loss(..., loss_type="dedpo")``."""
+    """Stack B items into the trainer's batch.
+
+    Per-image tensors (``pixel_values``, ``latents``, ``original_sizes``, ``crop_top_lefts``;
+    ``[2, ...]`` per item) become ``[2B, ...]``: all B winners, then all B losers -- the layout
+    that the UNet and ``fastpref.adaptive_dpo_loss`` take (diffusers' DPO script stacks the pair
+    on channels, ``[B, 6, R, R]``, and its ``cat(chunk(2, dim=1))`` gives the same
+    ``[2B, 3, R, R]``). Per-pair tensors (``prompt_embeds [B, L, D]``, ``pooled_prompt_embeds``)
+    stack to ``[B, ...]``; ``flipped``/``tie`` -> bool ``[B]``, ``human_label`` -> float32
+    ``[B]``, ``index``/``row`` -> int64 ``[B]``, ``caption`` -> the list ``captions``. DeDPO
+    items (``synthetic_labels=True``) add ``synthetic_label``, ``propensity`` -> float32 ``[B]``
+    (``human_label`` float32 ``[B]`` with NaN where unlabelled) and ``human_mask`` -> bool
+    ``[B]``: the keywords of ``adaptive_dpo_loss(..., loss_type="dedpo")``."""
     if not items:
         raise ValueError("collate_pairs needs at least one item")
     batch = {}
     for key, first in items[0].items():
         values = [item[key] for item in items]
         name = _BATCH_NAMES.get(key, key)
-        if isinstance(first, torch.Tensor):
+        if key in PER_IMAGE:
+            batch[name] = torch.stack(values, dim=1).flatten(0, 1)  # [2, B, ...] -> [2B, ...]
+        elif isinstance(first, torch.Tensor):
             batch[name] = torch.stack(values)
         elif isinstance(first, bool):
             batch[name] = torch.tensor(values, dtype=torch.bool)
@@ -704,19 +712,12 @@ def collate_pairs(items: Sequence[dict]) -> dict:
     return batch
 
 
-def pairs_to_batch(pairs: torch.Tensor) -> torch.Tensor:
-    """``[B, 2, *S]`` (dim 1: winner, loser) -> ``[2B, *S]``: all winners, then all losers."""
-    if pairs.dim() < 2 or pairs.shape[1] != 2:
-        raise ValueError(f"pairs must be [B, 2, ...], got {tuple(pairs.shape)}")
-    return pairs.transpose(0, 1).reshape(-1, *pairs.shape[2:])
-
-
 def shared_noise_and_timesteps(
     latents: torch.Tensor, num_train_timesteps: int, generator: Optional[torch.Generator] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One noise draw and one timestep per pair, repeated for both images.
 
-    ``latents`` is ``[2B, *S]`` winners then losers (:func:`pairs_to_batch`); returns
+    ``latents`` is ``[2B, *S]`` winners then losers (:func:`collate_pairs`); returns
     ``noise [2B, *S]`` with ``noise[:B] == noise[B:]`` and int64 ``timesteps [2B]`` likewise.
     """
     if latents.shape[0] % 2:

@@ -9,12 +9,14 @@ toy-world demo (``fastpref.demo``) feeds it toy latents. Both run this same code
         out = trainer.train_step(batch)         # one micro-batch; out["stepped"] at the last of
                                                 # gradient_accumulation_steps micro-batches
 
-A batch is a dict of tensors (any device; moved to the accelerator's):
+A batch is a dict of tensors (any device; moved to the accelerator's). Per-image tensors come
+in the ``[2B, ...]`` layout of the loss: the B preferred images (as labelled), then the B
+rejected ones, pair i at rows i and B + i (``fastpref.train.data.collate_pairs`` makes it):
 
-    latents                [B, 2, C, h, w]  float, dim 1 = (preferred, rejected) as labelled
+    latents                [2B, C, h, w]    float, winners then losers
     encoder_hidden_states  [B, L, D]        text conditioning, one per pair
     pooled_prompt_embeds   [B, P]           SDXL only (text_embeds of added_cond_kwargs)
-    add_time_ids           [B, 2, 6]        SDXL only, per image (original size, crop, target size)
+    add_time_ids           [2B, 6]          SDXL only, per image (original size, crop, target size)
     flipped                [B] bool         optional: pairs whose label was flipped on purpose
     synthetic_label, human_label, propensity  [B] float, human_mask [B] bool: loss_type "dedpo"
 
@@ -41,7 +43,6 @@ from typing import Optional, Tuple
 import torch
 
 from .. import adaptive_dpo_loss
-from .data import pairs_to_batch
 from .footprints import AdapterFootprints, ModelFootprints, adapters_disabled, lora_layers
 
 LOSS_TYPES = ("dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo")
@@ -350,7 +351,7 @@ class PreferenceTrainer:
             pooled = batch["pooled_prompt_embeds"].to(device, self.weight_dtype)
             added = {
                 "text_embeds": torch.cat([pooled, pooled]),
-                "time_ids": pairs_to_batch(batch["add_time_ids"]).to(device, self.weight_dtype),
+                "time_ids": batch["add_time_ids"].to(device, self.weight_dtype),
             }
         return cond, added
 
@@ -378,8 +379,13 @@ class PreferenceTrainer:
         and detached ``[B]`` tensors ``u``, ``weight``, ``margin``, ``l_theta``, ``flipped``."""
         config, acc = self.config, self.accelerator
         device = acc.device
-        latents = pairs_to_batch(batch["latents"].to(device, torch.float32))
-        pairs = latents.shape[0] // 2
+        latents = batch["latents"].to(device, torch.float32)
+        pairs = batch["encoder_hidden_states"].shape[0]
+        if latents.shape[0] != 2 * pairs:
+            raise ValueError(
+                f"latents must be [2B, ...] (winners then losers) for B = {pairs} pairs of encoder_hidden_states, "
+                f"got {tuple(latents.shape)}"
+            )
         noise, timesteps = self._noise(latents)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
         if self.noise_scheduler.config.prediction_type == "epsilon":

@@ -34,7 +34,6 @@ from fastpref.train.data import (  # noqa: E402
     collate_pairs,
     encode_images,
     encode_prompts,
-    pairs_to_batch,
     shared_noise_and_timesteps,
 )
 
@@ -293,7 +292,7 @@ def test_dataloader_batches_resume_bitwise(toy):
         collate_fn=collate_pairs,
     )
     batches = [b for _, b in zip(range(6), loader(0))]
-    assert batches[0]["pixel_values"].shape == (4, 2, 3, RES, RES)
+    assert batches[0]["pixel_values"].shape == (8, 3, RES, RES)
     assert batches[0]["flipped"].dtype == torch.bool and batches[0]["index"].dtype == torch.int64
     assert isinstance(batches[0]["captions"], list) and len(batches[0]["captions"]) == 4
     resumed = [b for _, b in zip(range(3), loader(3 * 4))]
@@ -304,7 +303,7 @@ def test_dataloader_batches_resume_bitwise(toy):
 
 def test_pair_layout_and_shared_noise():
     pairs = torch.arange(3 * 2 * 5, dtype=torch.float32).reshape(3, 2, 5)
-    batch = pairs_to_batch(pairs)
+    batch = collate_pairs([{"latents": pair} for pair in pairs])["latents"]
     assert torch.equal(batch[:3], pairs[:, 0]) and torch.equal(batch[3:], pairs[:, 1])
     noise, timesteps = shared_noise_and_timesteps(batch, 1000, torch.Generator().manual_seed(0))
     assert noise.shape == batch.shape and torch.equal(noise[:3], noise[3:])
@@ -367,7 +366,8 @@ def test_latent_cache_hit_reuses_and_matches(models, encoders, toy, tmp_path, mo
         else:
             assert "pooled_prompt_embeds" not in item
     batch = collate_pairs([view[i] for i in range(4)])
-    assert batch["latents"].shape == (4, 2, 4, RES // 8, RES // 8) and batch["prompt_embeds"].shape[:2] == (4, 77)
+    assert batch["latents"].shape == (8, 4, RES // 8, RES // 8) and batch["prompt_embeds"].shape[:2] == (4, 77)
+    assert torch.equal(batch["latents"][:4], torch.stack([view[i]["latents"][0] for i in range(4)]))
 
     # A dataset that did not decode its images up front learns the undecodable row from the cache.
     unchecked = PreferenceDataset(toy, RES, flip_rate=0.25, flip_seed=3, check_images=False)
@@ -691,7 +691,7 @@ def test_dedpo_cached_path_carries_the_fields(models, encoders, toy_judge, tmp_p
             )
     batch = collate_pairs([view[i] for i in range(5)])
     assert batch["synthetic_label"].dtype == torch.float32 and batch["human_mask"].dtype == torch.bool
-    assert batch["latents"].shape == (5, 2, 4, RES // 8, RES // 8)
+    assert batch["latents"].shape == (10, 4, RES // 8, RES // 8)
     # The cache built in DeDPO mode serves a plain dataset of the same file (it has the row).
     hit = LatentCache.build(plain, tmp_path / "cache", models["sd15"])
     assert hit.hit and len(hit.view(plain)) == len(plain)

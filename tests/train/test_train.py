@@ -79,7 +79,7 @@ def tiny_unet(seed=0):
 def toy_batch(pairs=2, seed=0, flipped=None):
     g = torch.Generator().manual_seed(seed)
     batch = {
-        "latents": torch.randn(pairs, 2, 4, 8, 8, generator=g),
+        "latents": torch.randn(2 * pairs, 4, 8, 8, generator=g),  # winners, then losers
         "encoder_hidden_states": torch.randn(pairs, 77, 32, generator=g),
     }
     if flipped is not None:
@@ -259,7 +259,7 @@ def test_nonfinite_loss_skips_the_step_then_aborts():
     after_first = [p.detach().clone() for p in trainer.params]
     assert any(not torch.equal(a, b) for a, b in zip(before, after_first))
     bad = toy_batch(seed=1)
-    bad["latents"][0, 0, 0, 0, 0] = float("nan")
+    bad["latents"][0, 0, 0, 0] = float("nan")
     out = trainer.train_step(bad)
     assert out["skipped"] and trainer.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(after_first, trainer.params))  # the skipped step changed nothing
