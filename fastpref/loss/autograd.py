@@ -1,20 +1,6 @@
-"""Glue shared by the fused backends (Triton, native C++): the integer codes of the string
-options, the packing of a validated config into op arguments, the autograd.Function that
-ties a backend's forward op to its hand-written backward op, and the stats dict of the outputs.
-The native backend's eager calls use ``fastpref::cpp_loss`` instead of the autograd.Function: the
-same two ops tied together in C++ (``csrc/fastpref_autograd.cpp``), with the same semantics.
-
-A fused backend provides two ``torch.library`` custom ops with these schemas:
-
-    forward(model_pred, ref_pred, target, ema_preds: Tensor[], soft_label: Tensor?,
-            settings: float[], modes: int[]) -> (loss, coef, pair_stats, sample_err, accuracy)
-    backward(grad_loss, coef, model_pred, target) -> grad_model_pred
-
-``settings`` = (beta, rho, k1, k2, c2, eps, tau), with c2 = NaN when it is the batch mean of
-l_theta; ``modes`` = (preset, weighting, margin, loss_type, reduction) codes. Outputs, in the
-accumulation dtype: loss ``[]`` (or ``[B]`` for reduction "none"), coef ``a_j = dLoss/dl_theta[j]``
-``[B]``, pair_stats ``[7, B]`` in the order of ``STAT_NAMES``, sample_err ``[2, 2B]`` (policy,
-reference), accuracy ``[]``.
+"""The autograd glue of the fused backends (Triton, native C++): each backend is a forward and a
+backward ``torch.library`` op (contract on :func:`run`), tied together here by
+:class:`FusedAdaptiveDPO`, with their fake implementations and the stats of their outputs.
 """
 
 from __future__ import annotations
@@ -24,18 +10,15 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from .options import LossConfig, LossInputs, acc_dtype
+from .options import LossConfig, LossInputs, Reduction, acc_dtype
 
-PRESET_CODES = {"official": 0, "paper": 1}
-WEIGHTING_CODES = {"linear": 0, "square": 1, "sqrt": 2, "sigmoid": 3, "none": 4}
-MARGIN_CODES = {"quadratic": 0, "linear": 1, "none": 2}
-LOSS_CODES = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3, "cdpo": 4, "dedpo": 5}
-REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 STAT_NAMES = ("logits", "l_theta", "u", "confidence", "stability", "weight", "margin")
 
 
 def encode(config: LossConfig):
-    """``(settings, modes)`` op arguments of a validated config."""
+    """``(settings, modes)`` op arguments of a validated config: ``settings`` = (beta, rho, k1, k2,
+    c2, eps, tau) with c2 = NaN when it is the batch mean of l_theta, ``modes`` = the option codes
+    (``fastpref.loss.options.MODE_OPTIONS``)."""
     settings = [
         config.beta,
         config.rho,
@@ -45,21 +28,14 @@ def encode(config: LossConfig):
         config.eps,
         config.tau,
     ]
-    modes = [
-        PRESET_CODES[config.preset],
-        WEIGHTING_CODES[config.weighting],
-        MARGIN_CODES[config.margin],
-        LOSS_CODES[config.loss_type],
-        REDUCTION_CODES[config.reduction],
-    ]
-    return settings, modes
+    return settings, list(config.modes)
 
 
 def fake_forward(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes):
     """Output shapes and dtypes of a forward op, for ``register_fake``."""
     acc = acc_dtype(model_pred, ref_pred, target, *ema_preds)
     batch = model_pred.shape[0] // 2
-    loss_shape = (batch,) if modes[4] == REDUCTION_CODES["none"] else ()
+    loss_shape = (batch,) if modes[4] == Reduction.NONE else ()
     new = lambda shape: model_pred.new_empty(shape, dtype=acc)  # noqa: E731
     return new(loss_shape), new((batch,)), new((len(STAT_NAMES), batch)), new((2, 2 * batch)), new(())
 
@@ -97,7 +73,18 @@ class FusedAdaptiveDPO(torch.autograd.Function):
 
 
 def run(ops, inputs: LossInputs, config: LossConfig, return_stats: bool):
-    """The loss (and stats) of validated inputs on a fused backend's ``(forward, backward)`` ops."""
+    """The loss (and stats) of validated inputs on a fused backend's ``ops = (forward, backward)``,
+    two ``torch.library`` ops with these schemas (``settings`` and ``modes`` as made by
+    :func:`encode`):
+
+        forward(model_pred, ref_pred, target, ema_preds: Tensor[], soft_label: Tensor?,
+                settings: float[], modes: int[]) -> (loss, coef, pair_stats, sample_err, accuracy)
+        backward(grad_loss, coef, model_pred, target) -> grad_model_pred
+
+    Forward outputs, in the accumulation dtype: loss ``[]`` (``[B]`` for reduction "none"), coef
+    ``a_j = dLoss/dl_theta[j]`` ``[B]``, pair_stats ``[7, B]`` in the order of ``STAT_NAMES``,
+    sample_err ``[2, 2B]`` (policy, reference), accuracy ``[]``.
+    """
     settings, modes = encode(config)
     loss, pair_stats, sample_err, accuracy = FusedAdaptiveDPO.apply(
         ops, inputs.model_pred, inputs.ref_pred, inputs.target, inputs.soft_label, settings, modes, *inputs.ema_preds

@@ -1,11 +1,6 @@
-"""Argument checks shared by every backend (docs/spec.md §7), run once before any kernel launch.
-
-``make_config`` turns the public scalar keywords into a frozen :class:`LossConfig`, and
-``make_inputs`` the tensors into a :class:`LossInputs` holding them in the layout the backends
-expect. Every malformed call raises ``ValueError`` or ``TypeError`` whose message starts with the
-argument's name.
-The checks read shapes, dtypes and devices only; the DeDPO label checks (docs/spec.md §5b) are the one
-exception, as their contract is about values.
+"""The loss's options and argument checks (docs/spec.md §7), shared by every backend: the option
+enums, ``make_config`` (scalar keywords -> :class:`LossConfig`) and ``make_inputs`` (tensors ->
+:class:`LossInputs`), run once per call before any kernel launch.
 """
 
 from __future__ import annotations
@@ -14,15 +9,74 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from enum import IntEnum
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-PRESETS = ("official", "paper")
-WEIGHTINGS = ("linear", "square", "sqrt", "sigmoid", "none")
-MARGINS = ("quadratic", "linear", "none")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "cdpo", "dedpo")
-REDUCTIONS = ("mean", "sum", "none")
+# The string options of the public API. A choice is a member's name in lower case; its value is
+# the code the fused kernels read (the ``modes`` op argument; the Triton kernels' constexprs and
+# csrc/include/fastpref/options.h hold the same values).
+
+
+class Preset(IntEnum):
+    """``preset``: how the metric u reads the stacked l (docs/spec.md §3)."""
+
+    OFFICIAL = 0
+    PAPER = 1
+
+
+class Weighting(IntEnum):
+    """``weighting``: the weight W (docs/spec.md §4)."""
+
+    LINEAR = 0
+    SQUARE = 1
+    SQRT = 2
+    SIGMOID = 3
+    NONE = 4
+
+
+class Margin(IntEnum):
+    """``margin``: the margin Gamma (docs/spec.md §4)."""
+
+    QUADRATIC = 0
+    LINEAR = 1
+    NONE = 2
+
+
+class LossType(IntEnum):
+    """``loss_type``: the per-pair loss (docs/spec.md §5, §5b)."""
+
+    SIGMOID = 0
+    IPO = 1
+    HINGE = 2
+    ROBUST = 3
+    CDPO = 4
+    DEDPO = 5
+
+
+class Reduction(IntEnum):
+    """``reduction``: how the per-pair losses combine (docs/spec.md §5)."""
+
+    MEAN = 0
+    SUM = 1
+    NONE = 2
+
+
+# The options in the order of the fused ops' ``modes`` argument.
+MODE_OPTIONS = (Preset, Weighting, Margin, LossType, Reduction)
+
+
+def choices(option) -> Tuple[str, ...]:
+    """The string choices of an option enum, in code order."""
+    return tuple(member.name.lower() for member in option)
+
+
+PRESETS = choices(Preset)
+WEIGHTINGS = choices(Weighting)
+MARGINS = choices(Margin)
+LOSS_TYPES = choices(LossType)
+REDUCTIONS = choices(Reduction)
 BACKENDS = ("auto", "triton", "cpp", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKEND_ENV = "FASTPREF_BACKEND"
@@ -32,7 +86,8 @@ DEDPO_ARGS = ("synthetic_label", "human_label", "human_mask", "propensity")
 @dataclass(frozen=True)
 class LossConfig:
     """Validated scalar settings of one loss call (docs/spec.md §3-§5). ``k2`` and ``tau`` are resolved;
-    ``c2`` stays ``None`` when it is the batch mean of ``l_theta``."""
+    ``c2`` stays ``None`` when it is the batch mean of ``l_theta``. ``modes`` holds the codes of
+    the five string options in ``MODE_OPTIONS`` order."""
 
     beta: float
     rho: float
@@ -46,6 +101,7 @@ class LossConfig:
     eps: float
     tau: float
     reduction: str
+    modes: Tuple[int, ...]
 
 
 class LossInputs(NamedTuple):
@@ -157,19 +213,27 @@ def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, 
     tau = beta if ipo_tau is None else _check_real("ipo_tau", ipo_tau)
     if not tau > 0 or math.isinf(tau):
         raise ValueError(f"ipo_tau (tau) must be a finite number > 0; got {tau}")
+    chosen = (
+        check_choice("preset", preset, PRESETS),
+        check_choice("weighting", weighting, WEIGHTINGS),
+        check_choice("margin", margin, MARGINS),
+        check_choice("loss_type", loss_type, LOSS_TYPES),
+        check_choice("reduction", reduction, REDUCTIONS),
+    )
     return LossConfig(
         beta=beta,
         rho=rho,
         k1=k1,
         k2=k2,
         c2=c2,
-        preset=check_choice("preset", preset, PRESETS),
-        weighting=check_choice("weighting", weighting, WEIGHTINGS),
-        margin=check_choice("margin", margin, MARGINS),
-        loss_type=check_choice("loss_type", loss_type, LOSS_TYPES),
+        preset=chosen[0],
+        weighting=chosen[1],
+        margin=chosen[2],
+        loss_type=chosen[3],
         eps=eps,
         tau=tau,
-        reduction=check_choice("reduction", reduction, REDUCTIONS),
+        reduction=chosen[4],
+        modes=tuple(option[choice.upper()].value for option, choice in zip(MODE_OPTIONS, chosen)),
     )
 
 
@@ -241,9 +305,11 @@ def _dedpo_soft_label(labels: dict, batch: int, device, dtype) -> torch.Tensor:
 
 
 def make_inputs(model_pred, ref_pred, target, ema_preds, config: LossConfig, labels: dict) -> LossInputs:
-    """Check the tensors of a call against each other (docs/spec.md §1, §7) and against ``config``.
-    On every call's path: each tensor property is read once, and argument names are formatted
-    only for an error message."""
+    """Check the tensors of a call against each other (docs/spec.md §1, §7) and against ``config``;
+    a malformed call raises ``ValueError`` or ``TypeError`` whose message starts with the
+    argument's name. Only shapes, dtypes and devices are read, except by the DeDPO label checks
+    (docs/spec.md §5b), whose contract is about values. On every call's path: each tensor
+    property is read once, and argument names are formatted only for an error message."""
     _check_tensor("model_pred", model_pred)
     _check_tensor("ref_pred", ref_pred)
     _check_tensor("target", target)

@@ -31,6 +31,7 @@ from conftest import assert_close64, call_loss, make_case, outputs
 import fastpref
 from fastpref.loss import autograd as fused
 from fastpref.loss import dispatch
+from fastpref.loss.options import LossType, Margin, Preset, Reduction, Weighting
 
 CPP_REASON = fastpref.availability("cpu")["cpp"]
 pytestmark = pytest.mark.skipif(CPP_REASON is not None, reason=f"cpp backend unavailable: {CPP_REASON}")
@@ -291,15 +292,15 @@ def test_gradcheck_float64_multi_chunk(config, path):
 
 
 def op_settings(*, beta=5.0, loss_type="sigmoid", reduction="mean"):
-    """``(settings, modes)`` op arguments (fastpref.loss.autograd's encoding) of the default
+    """``(settings, modes)`` op arguments (as ``fastpref.loss.autograd.encode`` makes them) of the default
     Adaptive-DPO config with the given beta, loss type and reduction."""
     settings = [beta, 15.0, 10.0, -1.0 / beta, math.nan, 0.1, beta]
     modes = [
-        fused.PRESET_CODES["official"],
-        fused.WEIGHTING_CODES["linear"],
-        fused.MARGIN_CODES["quadratic"],
-        fused.LOSS_CODES[loss_type],
-        fused.REDUCTION_CODES[reduction],
+        Preset.OFFICIAL.value,
+        Weighting.LINEAR.value,
+        Margin.QUADRATIC.value,
+        LossType[loss_type.upper()].value,
+        Reduction[reduction.upper()].value,
     ]
     return settings, modes
 

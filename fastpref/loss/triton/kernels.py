@@ -1,40 +1,34 @@
-"""Triton kernels of the fused loss: one pass for the errors, one program for the per-pair head,
-one pass for the gradient. Launch code lives in ``fastpref.loss.triton.ops``.
-
-Notation (docs/spec.md §2): pair j is rows j (winner, w) and j+B (loser, l) of ``[2B, D]`` inputs;
-``e_m[i] = (1/D) sum_d (pred_m[i,d] - t[i,d])^2`` for model m in (policy, ref, ema_1..ema_K);
-``l_m[j] = (e_ref[j] - e_m[j]) - (e_ref[j+B] - e_m[j+B])``; ``z = beta * l_theta``;
-``y = z - Gamma``.
-
-Gradient (docs/spec.md §6). u, W, Gamma and c2 are stop-gradient, so the loss depends on ``model_pred``
-only through ``l_theta``. Write ``a_j = dLoss/dl_theta[j]`` (computed by the head, including the
-reduction's 1/B). Since ``l_theta[j] = e_ref[j] - e_theta[j] - e_ref[j+B] + e_theta[j+B]`` and
-``de_theta[i]/dpred[i,d] = (2/D) (pred[i,d] - t[i,d])``:
-
-    dLoss/dpred[j,   d] = -a_j * (2/D) * (pred[j,   d] - t[j,   d])
-    dLoss/dpred[j+B, d] = +a_j * (2/D) * (pred[j+B, d] - t[j+B, d])
-
-and with ``reduction="none"`` the incoming per-pair gradient g_j multiplies a_j.
-Per-pair ``a_j`` of each head, from ``dy/dl_theta = beta`` and ``softplus' = sigmoid``,
-``sigmoid(-y) = 1 - sigmoid(y)``:
-
-    sigmoid  L = W softplus(-y)                          a = -W beta sigmoid(-y)
-    ipo      L = W r^2, r = l - Gamma/beta - 1/(2 tau)   a = 2 W r
-    hinge    L = W relu(1 - y)                           a = -W beta [1 - y > 0]
-    robust   L = W ((1-e) softplus(-y) - e softplus(y)) / (1-2e)
-                                                         a = -W beta ((1-e) sigmoid(-y) + e sigmoid(y)) / (1-2e)
-    cdpo     L = W ((1-e) softplus(-y) + e softplus(y))  a = W beta (e sigmoid(y) - (1-e) sigmoid(-y))
-    dedpo    L = W (softplus(-y) + (1 - y~) y)           a = W beta (sigmoid(y) - y~)
-
-All reductions run in a fixed order with no atomics, so results are bitwise reproducible.
+"""Triton kernels of the fused loss: one pass for the per-sample errors, one program for the
+per-pair head, one pass for the gradient (launched by ``fastpref.loss.triton.ops``). Every sum runs
+in a fixed order with no atomics, so results are bitwise reproducible; each kernel's docstring
+gives its math (notation of docs/spec.md §2).
 """
 
 import triton
 import triton.language as tl
 
-# The string options reach the kernels as the integer codes of fastpref.loss.autograd (constexprs), the
-# scalar settings as a ``params`` tensor in the order of fused.encode.
+from ..options import LossType, Margin, Preset, Reduction, Weighting
+
 MAX_SLOTS = 6  # predictions summed per pass of the error kernel: policy, ref and 4 EMA models
+
+# The string options reach the head kernel as their codes (constexpr arguments), the scalar
+# settings as a ``params`` tensor in the order of fastpref.loss.autograd.encode. A kernel reads a
+# global only as a constexpr: the codes of fastpref.loss.options, by name.
+PRESET_OFFICIAL = tl.constexpr(Preset.OFFICIAL.value)
+WEIGHTING_LINEAR = tl.constexpr(Weighting.LINEAR.value)
+WEIGHTING_SQUARE = tl.constexpr(Weighting.SQUARE.value)
+WEIGHTING_SQRT = tl.constexpr(Weighting.SQRT.value)
+WEIGHTING_SIGMOID = tl.constexpr(Weighting.SIGMOID.value)
+MARGIN_QUADRATIC = tl.constexpr(Margin.QUADRATIC.value)
+MARGIN_LINEAR = tl.constexpr(Margin.LINEAR.value)
+LOSS_SIGMOID = tl.constexpr(LossType.SIGMOID.value)
+LOSS_IPO = tl.constexpr(LossType.IPO.value)
+LOSS_HINGE = tl.constexpr(LossType.HINGE.value)
+LOSS_ROBUST = tl.constexpr(LossType.ROBUST.value)
+LOSS_CDPO = tl.constexpr(LossType.CDPO.value)
+LOSS_DEDPO = tl.constexpr(LossType.DEDPO.value)
+REDUCTION_MEAN = tl.constexpr(Reduction.MEAN.value)
+REDUCTION_SUM = tl.constexpr(Reduction.SUM.value)
 
 
 @triton.jit
@@ -79,7 +73,12 @@ def pair_errors_kernel(
     ACC: tl.constexpr,
 ):
     """Program (pair j, chunk c): sum over the chunk's columns of (pred - t)^2 for rows j and
-    j+B of every slot. The target chunk is loaded once per row (once per pair if shared)."""
+    j+B of every slot. The target chunk is loaded once per row (once per pair if shared).
+
+    Pair j is rows j (winner, w) and j+B (loser, l) of ``[2B, D]`` inputs; the head divides the
+    chunk sums' total by D: ``e_m[i] = (1/D) sum_d (pred_m[i,d] - t[i,d])^2`` for model m in
+    (policy, ref, ema_1..ema_K).
+    """
     pair = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     row_w = pair
@@ -175,8 +174,8 @@ def pair_head_kernel(
     batch,
     features,
     params_ptr,  # beta, rho, k1, k2, c2, eps, tau in ACC (see PARAM_NAMES)
-    soft_label_ptr,  # [B] DeDPO label y~ (read only when LOSS == 5)
-    loss_ptr,  # [] or [B] (REDUCTION == 2)
+    soft_label_ptr,  # [B] DeDPO label y~ (read only when LOSS == LOSS_DEDPO)
+    loss_ptr,  # [] or [B] (reduction "none")
     coef_ptr,  # [B] a_j = dLoss/dl_theta[j] for an incoming gradient of 1
     pair_stats_ptr,  # [7, B]: z, l_theta, u, c, s, W, Gamma
     sample_err_ptr,  # [2, 2B]: e_policy, e_ref
@@ -193,7 +192,23 @@ def pair_head_kernel(
     ACC: tl.constexpr,
 ):
     """One program: per-sample errors -> l -> metric u -> W, Gamma -> loss and a_j (docs/spec.md §2-§5).
-    Tile [MODELS_PAD, BATCH_PAD]: model row 0 is the policy, 1 the reference, 2.. the EMAs."""
+    Tile [MODELS_PAD, BATCH_PAD]: model row 0 is the policy, 1 the reference, 2.. the EMAs.
+
+    ``l_m[j] = (e_ref[j] - e_m[j]) - (e_ref[j+B] - e_m[j+B])``, ``z = beta * l_theta``,
+    ``y = z - Gamma``. The coefficient ``a_j = dLoss/dl_theta[j]`` of each head (the gradient
+    kernel's input) follows from ``dy/dl_theta = beta``, ``softplus' = sigmoid`` and
+    ``sigmoid(-y) = 1 - sigmoid(y)``, with u, W, Gamma and c2 stop-gradient (docs/spec.md §6):
+
+        sigmoid  L = W softplus(-y)                          a = -W beta sigmoid(-y)
+        ipo      L = W r^2, r = l - Gamma/beta - 1/(2 tau)   a = 2 W r
+        hinge    L = W relu(1 - y)                           a = -W beta [1 - y > 0]
+        robust   L = W ((1-e) softplus(-y) - e softplus(y)) / (1-2e)
+                                                             a = -W beta ((1-e) sigmoid(-y) + e sigmoid(y)) / (1-2e)
+        cdpo     L = W ((1-e) softplus(-y) + e softplus(y))  a = W beta (e sigmoid(y) - (1-e) sigmoid(-y))
+        dedpo    L = W (softplus(-y) + (1 - y~) y)           a = W beta (sigmoid(y) - y~)
+
+    and the mean reduction divides a_j by B.
+    """
     beta = tl.load(params_ptr + 0)
     rho = tl.load(params_ptr + 1)
     k1 = tl.load(params_ptr + 2)
@@ -229,7 +244,7 @@ def pair_head_kernel(
     metric_rows = (model != 1) & tile_mask
     n_rows: tl.constexpr = NUM_MODELS - 1
     logit = tl.where(metric_rows, logit, 0.0)
-    if PRESET == 0:
+    if PRESET == PRESET_OFFICIAL:
         norm = tl.sqrt(tl.sum(logit * logit, axis=1))
         norm = tl.where(norm < 1e-12, 1e-12, norm)  # max(norm, 1e-12) that keeps NaN
         scaled = rho * logit / norm[:, None]
@@ -237,11 +252,11 @@ def pair_head_kernel(
         scaled = rho * logit
     confidence = 1.0 - tl.sum(tl.where(metric_rows, _sigmoid(scaled), 0.0), axis=0) / n_rows
     if n_rows > 1:
-        spread_of = scaled if PRESET == 0 else logit
+        spread_of = scaled if PRESET == PRESET_OFFICIAL else logit
         mean = tl.sum(spread_of, axis=0) / n_rows
         dev = tl.where(metric_rows, spread_of - mean[None, :], 0.0)
         var = tl.sum(dev * dev, axis=0) / (n_rows - 1)
-        if PRESET == 0:
+        if PRESET == PRESET_OFFICIAL:
             std = tl.sqrt(var)
             stability = tl.where(std > 1.0, 1.0, std)  # min(std, 1) that keeps NaN
         else:
@@ -250,56 +265,56 @@ def pair_head_kernel(
         stability = tl.full([BATCH_PAD], 1.0, ACC)
     u = confidence * stability
 
-    if WEIGHTING == 0:
+    if WEIGHTING == WEIGHTING_LINEAR:
         weight = 1.0 / (1.0 + k1 * u)
-    elif WEIGHTING == 1:
+    elif WEIGHTING == WEIGHTING_SQUARE:
         weight = 1.0 / (1.0 + k1 * u * u)
-    elif WEIGHTING == 2:
+    elif WEIGHTING == WEIGHTING_SQRT:
         weight = 1.0 / (1.0 + k1 * tl.sqrt(u))
-    elif WEIGHTING == 3:
+    elif WEIGHTING == WEIGHTING_SIGMOID:
         weight = 1.0 / (1.0 + tl.exp(k1 * u))
-    else:
+    else:  # none
         weight = tl.full([BATCH_PAD], 1.0, ACC)
 
     if HAS_C2:
         c2 = c2_given
     else:
         c2 = tl.sum(tl.where(in_batch, l_theta, 0.0), axis=0) / batch
-    if MARGIN == 0:
+    if MARGIN == MARGIN_QUADRATIC:
         margin = k2 * u * u + c2
-    elif MARGIN == 1:
+    elif MARGIN == MARGIN_LINEAR:
         margin = k2 * u + c2
-    else:
+    else:  # none
         margin = tl.zeros([BATCH_PAD], ACC)
 
     z = beta * l_theta
     y = z - margin
-    if LOSS == 0:  # sigmoid (DPO)
+    if LOSS == LOSS_SIGMOID:  # DPO
         per_pair = weight * _softplus(-y)
         coef = -weight * beta * _sigmoid(-y)
-    elif LOSS == 1:  # ipo
+    elif LOSS == LOSS_IPO:
         resid = l_theta - margin / beta - 1.0 / (2.0 * tau)
         per_pair = weight * resid * resid
         coef = 2.0 * weight * resid
-    elif LOSS == 2:  # hinge; relu written so that NaN propagates
+    elif LOSS == LOSS_HINGE:  # relu written so that NaN propagates
         gap = 1.0 - y
         per_pair = weight * tl.where(gap < 0.0, 0.0, gap)
         coef = -weight * beta * tl.where(gap > 0.0, 1.0, 0.0)
-    elif LOSS == 3:  # robust
+    elif LOSS == LOSS_ROBUST:
         per_pair = weight * ((1.0 - eps) * _softplus(-y) - eps * _softplus(y)) / (1.0 - 2.0 * eps)
         coef = -weight * beta * ((1.0 - eps) * _sigmoid(-y) + eps * _sigmoid(y)) / (1.0 - 2.0 * eps)
-    elif LOSS == 4:  # cdpo
+    elif LOSS == LOSS_CDPO:
         per_pair = weight * ((1.0 - eps) * _softplus(-y) + eps * _softplus(y))
         coef = weight * beta * (eps * _sigmoid(y) - (1.0 - eps) * _sigmoid(-y))
-    else:  # dedpo
+    else:  # LOSS_DEDPO
         soft = tl.load(soft_label_ptr + pair_1d, mask=in_batch, other=0.0)
         per_pair = weight * (_softplus(-y) + (1.0 - soft) * y)
         coef = weight * beta * (_sigmoid(y) - soft)
 
-    if REDUCTION == 0:
+    if REDUCTION == REDUCTION_MEAN:
         tl.store(loss_ptr, tl.sum(tl.where(in_batch, per_pair, 0.0), axis=0) / batch)
         coef = coef / batch
-    elif REDUCTION == 1:
+    elif REDUCTION == REDUCTION_SUM:
         tl.store(loss_ptr, tl.sum(tl.where(in_batch, per_pair, 0.0), axis=0))
     else:
         tl.store(loss_ptr + pair_1d, per_pair, mask=in_batch)
@@ -357,8 +372,16 @@ def pair_grad_kernel(
     ACC: tl.constexpr,
     EXACT_BF16: tl.constexpr,
 ):
-    """Program (row i, chunk c): grad[i, d] = -+ a_j g_j (2/D) (pred[i, d] - t[i, d]), minus for
-    winners (i < B), plus for losers (derivation in the module docstring)."""
+    """Program (row i, chunk c): the gradient rows of docs/spec.md §6. The loss depends on
+    ``model_pred`` only through ``l_theta`` (u, W, Gamma and c2 are stop-gradient), with
+    ``l_theta[j] = e_ref[j] - e_theta[j] - e_ref[j+B] + e_theta[j+B]`` and
+    ``de_theta[i]/dpred[i,d] = (2/D) (pred[i,d] - t[i,d])``, so with the head's ``a_j``:
+
+        dLoss/dpred[j,   d] = -a_j * (2/D) * (pred[j,   d] - t[j,   d])
+        dLoss/dpred[j+B, d] = +a_j * (2/D) * (pred[j+B, d] - t[j+B, d])
+
+    times the incoming per-pair gradient g_j for reduction "none" (a scalar g otherwise).
+    """
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     is_loser = row >= batch

@@ -1,14 +1,7 @@
-"""The ``"triton"`` backend: launch code and the ``torch.library`` custom ops.
-
-Forward: ``fastpref::triton_forward`` runs the error kernel (one pass over every prediction and
-the target, ``ceil(K/4)`` passes for K > 4) and the head kernel. Backward:
-``fastpref::triton_backward`` runs the gradient kernel. Both ops are opaque to
-``torch.compile`` (``register_fake`` gives their output shapes), and
-``fastpref.loss.autograd.FusedAdaptiveDPO`` ties them together with the hand-written backward, saving only
-``a_j`` and the inputs.
-
-With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter (slow:
-meant for tests with tiny shapes).
+"""The ``"triton"`` backend: launch code of the kernels in ``kernels`` and the two
+``torch.library`` custom ops, tied together by ``fastpref.loss.autograd``. With
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors through Triton's interpreter (slow: for
+tests with tiny shapes).
 """
 
 from __future__ import annotations
@@ -23,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import autograd as fused
-from ..options import LossConfig, LossInputs, acc_dtype
+from .. import autograd
+from ..options import LossConfig, LossInputs, Reduction, acc_dtype
 from . import kernels as K
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -71,7 +64,7 @@ def _params(values: Tuple[float, ...], dtype: torch.dtype, device: torch.device)
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-# Custom ops with the schemas documented in fastpref.loss.autograd.
+# Custom ops with the schemas documented on fastpref.loss.autograd.run.
 
 
 @torch.library.custom_op("fastpref::triton_forward", mutates_args=())
@@ -84,6 +77,9 @@ def triton_forward(
     settings: List[float],
     modes: List[int],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The error kernel (one pass over every prediction and the target; ``ceil((K + 2) / 6)``
+    passes for K > 4), then the head kernel. Opaque to ``torch.compile`` (a fake gives its
+    outputs' shapes)."""
     preds = [model_pred, ref_pred] + list(ema_preds)
     acc = acc_dtype(target, *preds)
     device = model_pred.device
@@ -118,9 +114,9 @@ def triton_forward(
     preset, weighting, margin, loss_type, reduction = modes
     has_c2 = not math.isnan(settings[4])
     params = _params(tuple(0.0 if (i == 4 and not has_c2) else float(v) for i, v in enumerate(settings)), acc, device)
-    loss = torch.empty((batch,) if reduction == fused.REDUCTION_CODES["none"] else (), dtype=acc, device=device)
+    loss = torch.empty((batch,) if reduction == Reduction.NONE else (), dtype=acc, device=device)
     coef = torch.empty(batch, dtype=acc, device=device)
-    pair_stats = torch.empty((len(fused.STAT_NAMES), batch), dtype=acc, device=device)
+    pair_stats = torch.empty((len(autograd.STAT_NAMES), batch), dtype=acc, device=device)
     sample_err = torch.empty((2, 2 * batch), dtype=acc, device=device)
     accuracy = torch.empty((), dtype=acc, device=device)
     soft = soft_label if soft_label is not None else coef  # never read unless loss_type is dedpo
@@ -150,13 +146,14 @@ def triton_forward(
     return loss, coef, pair_stats, sample_err, accuracy
 
 
-triton_forward.register_fake(fused.fake_forward)
+triton_forward.register_fake(autograd.fake_forward)
 
 
 @torch.library.custom_op("fastpref::triton_backward", mutates_args=())
 def triton_backward(
     grad_loss: torch.Tensor, coef: torch.Tensor, model_pred: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
+    """The gradient kernel: ``d loss / d model_pred`` from the saved ``a_j`` (``coef``)."""
     batch = model_pred.shape[0] // 2
     features = math.prod(model_pred.shape[1:])
     cfg = launch_config(features, batch, model_pred.device)
@@ -186,7 +183,7 @@ def triton_backward(
     return grad
 
 
-triton_backward.register_fake(fused.fake_backward)
+triton_backward.register_fake(autograd.fake_backward)
 
 
 OPS = (torch.ops.fastpref.triton_forward.default, torch.ops.fastpref.triton_backward.default)
@@ -194,4 +191,4 @@ OPS = (torch.ops.fastpref.triton_forward.default, torch.ops.fastpref.triton_back
 
 def run(inputs: LossInputs, config: LossConfig, return_stats: bool):
     """The loss (and stats) of validated inputs on the Triton kernels."""
-    return fused.run(OPS, inputs, config, return_stats)
+    return autograd.run(OPS, inputs, config, return_stats)
