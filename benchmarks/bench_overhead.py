@@ -6,8 +6,9 @@ autograd plumbing and the autograd engine running the backward. Uses the native 
 (``cpp``) when it is built, else stops with the reason.
 
 The public call runs twice: through ``fastpref::cpp_loss`` (the C++ autograd kernel, the eager
-default) and through ``fastpref.loss.autograd.FusedAdaptiveDPO`` (the Python autograd.Function that
-``torch.compile`` traces, forced here with ``cpp_backend._python_autograd``). Stages are timed in
+default) and through ``fastpref.loss.autograd.FusedAdaptiveDPO`` (the Python autograd.Function the
+Triton backend uses; here ``fastpref.loss.native.run`` is swapped for ``autograd.run(native.OPS,
+...)``). Stages are timed in
 interleaved rounds (every stage once per round), so that load from other processes spreads over
 all stages alike; the median and the fastest round are reported (on a busy machine the fastest
 is the better estimate of the cost itself). Compare ratios within one run.
@@ -19,8 +20,7 @@ import time
 import torch
 
 import fastpref
-from fastpref.loss import autograd as fused
-from fastpref.loss import dispatch
+from fastpref.loss import autograd, dispatch
 from fastpref.loss.api import cached_config, scalar_keywords
 from fastpref.loss.options import make_config, make_inputs
 
@@ -44,7 +44,7 @@ def main():
     reason = fastpref.availability("cpu")["cpp"]
     if reason is not None:
         raise SystemExit(f"the cpp backend is unavailable: {reason}")
-    from fastpref.loss import native as cpp_backend
+    from fastpref.loss import native
 
     batch, shape = 2, (1, 2, 2)
     model_pred = torch.randn(2 * batch, *shape, requires_grad=True)
@@ -55,29 +55,32 @@ def main():
     config = make_config(**keywords)
     labels = dict(synthetic_label=None, human_label=None, human_mask=None, propensity=None)
     inputs = make_inputs(model_pred, ref_pred, target, emas, config, labels)
-    settings, modes = fused.encode(config)
-    forward_op, backward_op = cpp_backend.OPS
+    settings, modes = autograd.encode(config)
+    forward_op, backward_op = native.OPS
     loss, coef, *_ = forward_op(model_pred.detach(), ref_pred, target, emas, None, settings, modes)
     ones = torch.ones_like(loss)
 
     def function_loss():
-        return fused.FusedAdaptiveDPO.apply(
-            cpp_backend.OPS, model_pred, ref_pred, target, None, settings, modes, *emas
-        )[0]
+        out = autograd.FusedAdaptiveDPO.apply(native.OPS, model_pred, ref_pred, target, None, settings, modes, *emas)
+        return out[0]
 
     def cpp_loss():
-        return cpp_backend.LOSS_OP(model_pred, ref_pred, target, emas, None, settings, modes)[0]
+        return native.LOSS_OP(model_pred, ref_pred, target, emas, None, settings, modes)[0]
 
     def public_loss():
         return fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas)
 
+    def python_run(inputs, config, return_stats):
+        return autograd.run(native.OPS, inputs, config, return_stats)
+
     def python_path(fn):
         def call():
-            cpp_backend._python_autograd = True
+            real_run = native.run
+            native.run = python_run
             try:
                 return fn()
             finally:
-                cpp_backend._python_autograd = False
+                native.run = real_run
 
         return call
 
@@ -102,7 +105,8 @@ def main():
     ]
     times = interleaved_us(stages)
     print(
-        f"# per-call cost on a tiny input (B={batch}, S={shape}, K=2, fp32), torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"# per-call cost on a tiny input (B={batch}, S={shape}, K=2, fp32), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print("# interleaved rounds; '(Python autograd)' = the two ops through fastpref.loss.autograd.FusedAdaptiveDPO\n")
     print("| stage | us per call, median | fastest round |\n|---|---|---|")

@@ -8,7 +8,7 @@ do not cover.
 - correctly rounded float16/bfloat16 gradients, also from a float64 accumulator;
 - gradcheck, ``torch.library.opcheck`` of the three ops, ``torch.compile(fullgraph=True)``;
 - the C++ autograd op ``fastpref::cpp_loss`` (every call's path) against the Python
-  ``fused.FusedAdaptiveDPO`` path over the same two ops: bitwise-equal losses, stats and
+  ``autograd.FusedAdaptiveDPO`` path over the same two ops: bitwise-equal losses, stats and
   gradients, and the same autograd behaviour (no graph, retain_graph, double backward, in-place
   changes of saved inputs, inputs other than model_pred requiring grad);
 - the dispatch: ``"auto"`` picks ``"cpp"`` on CPU, and says why it cannot run elsewhere.
@@ -29,19 +29,18 @@ import torch
 from conftest import assert_close64, call_loss, make_case, outputs
 
 import fastpref
-from fastpref.loss import autograd as fused
-from fastpref.loss import dispatch
-from fastpref.loss.options import LossType, Margin, Preset, Reduction, Weighting
+from fastpref.loss import autograd, dispatch
+from fastpref.loss.options import LossType, Margin, Preset, Reduction, Weighting, acc_dtype
 
 CPP_REASON = fastpref.availability("cpu")["cpp"]
 pytestmark = pytest.mark.skipif(CPP_REASON is not None, reason=f"cpp backend unavailable: {CPP_REASON}")
 
 if CPP_REASON is None:
     from fastpref import _C  # noqa: F401
-    from fastpref.loss import native as cpp_backend  # noqa: F401
+    from fastpref.loss import native
 
 REF = fastpref.reference.adaptive_dpo_loss
-CHUNK = 4096  # columns per parallel task in csrc/cpu_kernels.h (kChunk)
+CHUNK = 4096  # columns per parallel task in csrc/cpu/kernels.h (kChunk)
 # D = 3 * 61 * 53 = 9699: three chunks, the last one with a partial block.
 MULTI_CHUNK_SHAPE = (3, 61, 53)
 
@@ -68,17 +67,25 @@ def cpu_isa(name: str):
 
 @contextlib.contextmanager
 def python_autograd(enabled: bool):
-    """``enabled``: calls run the two ops through ``fused.FusedAdaptiveDPO`` (Python autograd);
-    otherwise through ``fastpref::cpp_loss`` (the C++ autograd kernel, the default)."""
-    old = cpp_backend._python_autograd
-    cpp_backend._python_autograd = enabled
+    """``enabled``: the cpp backend's calls run its two ops through ``autograd.FusedAdaptiveDPO``
+    (Python autograd: ``autograd.run(native.OPS, ...)``); otherwise through ``fastpref::cpp_loss``
+    (the C++ autograd kernel, every call's path)."""
+    if not enabled:
+        yield
+        return
+
+    def python_run(inputs, config, return_stats):
+        return autograd.run(native.OPS, inputs, config, return_stats)
+
+    real_run = native.run
+    native.run = python_run
     try:
         yield
     finally:
-        cpp_backend._python_autograd = old
+        native.run = real_run
 
 
-AUTOGRAD_PATHS = {"cpp_loss": False, "python": True}  # path name -> _python_autograd
+AUTOGRAD_PATHS = {"cpp_loss": False, "python": True}  # path name -> python_autograd(enabled)
 
 
 def run_cpp(case, config, *, tensors=None, upstream=None):
@@ -262,7 +269,7 @@ def test_low_precision_gradient_rounding(model_dtype):
 
 # gradcheck differentiates through everything, while u, W, Gamma and c2 are stop-gradient
 # (docs/spec.md §6): hold W = 1/2 and Gamma = c2 constant (sigmoid weighting with k1 = 0, linear margin
-# with k2 = 0 and a given c2), as tests/test_numerics.py does.
+# with k2 = 0 and a given c2), as tests/loss/test_numerics.py does.
 CONSTANT_WG = dict(weighting="sigmoid", k1=0.0, margin="linear", k2=0.0, c2=0.05)
 
 
@@ -313,7 +320,7 @@ def _op_inputs(dtype=torch.float32, *, k=2, loss_type="sigmoid", reduction="mean
     target = torch.randn(rows // (2 if shared else 1), *shape, generator=gen).to(dtype)
     emas = [torch.randn(rows, *shape, generator=gen).to(torch.bfloat16) for _ in range(k)]
     settings, modes = op_settings(loss_type=loss_type, reduction=reduction)
-    acc = fused.acc_dtype(model, ref, target, *emas)
+    acc = acc_dtype(model, ref, target, *emas)
     soft = torch.rand(rows // 2, generator=gen).to(acc) if loss_type == "dedpo" else None
     return model, ref, target, emas, soft, settings, modes
 
@@ -344,16 +351,16 @@ def test_opcheck(kwargs):
 def test_fake_outputs_match_real():
     args = _op_inputs(dtype=torch.bfloat16, reduction="none")
     real = torch.ops.fastpref.cpp_forward.default(*args)
-    fake = fused.fake_forward(*args)
+    fake = autograd.fake_forward(*args)
     for r, f in zip(real, fake):
         assert r.shape == f.shape and r.dtype == f.dtype
     loss_outputs = torch.ops.fastpref.cpp_loss.default(*args)
-    fake_loss_outputs = cpp_backend._fake_loss(*args)
+    fake_loss_outputs = native._fake_loss(*args)
     assert len(loss_outputs) == len(fake_loss_outputs) == 4
     for r, f in zip(loss_outputs, fake_loss_outputs):
         assert r.shape == f.shape and r.dtype == f.dtype
     grad = torch.ops.fastpref.cpp_backward.default(torch.ones_like(real[0]), real[1], args[0], args[2])
-    fake_grad = fused.fake_backward(torch.ones_like(real[0]), real[1], args[0], args[2])
+    fake_grad = autograd.fake_backward(torch.ones_like(real[0]), real[1], args[0], args[2])
     assert grad.shape == fake_grad.shape and grad.dtype == fake_grad.dtype and grad.is_contiguous()
 
 
@@ -386,8 +393,8 @@ def test_auto_picks_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("FASTPREF_BACKEND", raising=False)
     assert dispatch.auto_backend(torch.device("cpu")) == "cpp"
     calls = []
-    real_run = cpp_backend.run
-    monkeypatch.setattr(cpp_backend, "run", lambda *a: calls.append(1) or real_run(*a))
+    real_run = native.run
+    monkeypatch.setattr(native, "run", lambda *a: calls.append(1) or real_run(*a))
     case = make_case(batch=2, shape=(3, 4), k=1, dtype=torch.float32)
     model, ref, target, ema = case.build()
     fastpref.adaptive_dpo_loss(model, ref, target, ema_preds=ema)
@@ -462,7 +469,7 @@ def test_tasks_cover_every_column():
 
 
 # ---------------------------------------------------------------------------------------------
-# fastpref::cpp_loss (C++ autograd kernel) against fused.FusedAdaptiveDPO (Python autograd)
+# fastpref::cpp_loss (C++ autograd kernel) against autograd.FusedAdaptiveDPO (Python autograd)
 # ---------------------------------------------------------------------------------------------
 
 PATH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f64": torch.float64}
