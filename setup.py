@@ -1,9 +1,11 @@
 """Build script for fastpref's optional native extension ``fastpref._C``.
 
 All metadata lives in ``pyproject.toml``. This file only adds the extension built from
-``csrc/``: C++ sources always, ``.cu`` sources only when the installed torch has CUDA.
-With no sources in ``csrc/`` (or ``FASTPREF_NO_EXT=1``) fastpref installs as pure Python and
-every call runs on the Triton or eager PyTorch backends; ``fastpref info`` says which.
+``csrc/`` (layout in ``csrc/README.md``): the device-agnostic units ``csrc/*.cpp`` and the CPU
+kernels ``csrc/cpu/*.cpp`` always, the CUDA kernels ``csrc/cuda/*`` only when the installed torch
+has CUDA; every unit sees the shared headers of ``csrc/include``. With no sources in ``csrc/``
+(or ``FASTPREF_NO_EXT=1``) fastpref installs as pure Python and every call runs on the Triton or
+eager PyTorch backends; ``fastpref info`` says which.
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already in
 the environment instead of downloading another one into an isolated build environment.
@@ -14,26 +16,34 @@ import os
 
 from setuptools import setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 def native_extensions():
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if os.environ.get("FASTPREF_NO_EXT") == "1" or not cpp_sources:
         return [], {}
     import torch
     from torch.utils import cpp_extension
 
+    include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
-    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     if torch.version.cuda is not None and cuda_sources:
         extension = cpp_extension.CUDAExtension(
             "fastpref._C",
             cpp_sources + cuda_sources,
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:
         extension = cpp_extension.CppExtension(
-            "fastpref._C", cpp_sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"]
+            "fastpref._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            extra_compile_args=cxx_flags,
+            extra_link_args=["-fopenmp"],
         )
     return [extension], {"build_ext": cpp_extension.BuildExtension}
 

@@ -30,13 +30,13 @@ from conftest import assert_close64, call_loss, make_case, outputs
 
 import fastpref
 from fastpref.loss import autograd, dispatch
-from fastpref.loss.options import LossType, Margin, Preset, Reduction, Weighting, acc_dtype
+from fastpref.loss.options import MODE_OPTIONS, LossType, Margin, Preset, Reduction, Weighting, acc_dtype
 
 CPP_REASON = fastpref.availability("cpu")["cpp"]
 pytestmark = pytest.mark.skipif(CPP_REASON is not None, reason=f"cpp backend unavailable: {CPP_REASON}")
 
 if CPP_REASON is None:
-    from fastpref import _C  # noqa: F401
+    from fastpref import _C
     from fastpref.loss import native
 
 REF = fastpref.reference.adaptive_dpo_loss
@@ -178,6 +178,15 @@ def test_bitwise_across_instruction_sets(dtype_name, layout):
             results[isa] = run_cpp(case, CONFIGS["adaptive-official"], tensors=tensors)
     for isa in isas:
         assert_bitwise(results["base"], results[isa], f"between base and {isa}")
+
+
+def test_option_codes_match_the_python_enums():
+    """The C++ enums of csrc/include/fastpref/options.h hold the codes of fastpref.loss.options,
+    options in the order of the ops' ``modes``."""
+    expected = {option.__name__: {member.name: member.value for member in option} for option in MODE_OPTIONS}
+    codes = _C.option_codes()
+    assert codes == expected
+    assert list(codes) == list(expected)
 
 
 def test_set_cpu_isa_rejects_unknown():

@@ -1,18 +1,15 @@
-// fastpref's native CPU backend: the ops fastpref::cpp_forward and fastpref::cpp_backward with
-// the schemas documented in fastpref/fused.py, and the Python module fastpref._C that loads them
-// (and fastpref::cpp_loss, the two ops with a C++ autograd kernel: fastpref_autograd.cpp).
+// The CPU implementations of the ops fastpref::cpp_forward and fastpref::cpp_backward (schemas in
+// library.cpp) and the table of instruction-set variants of their two parallel passes.
 //
 // forward: one parallel pass over every prediction and the target (tasks = pairs x chunks of D,
 //   per-task partial sums written to a small [M, 2B, n_chunks] buffer), then the per-pair head
-//   (port of fastpref/triton_kernels.py::pair_head_kernel) on one thread.
+//   (the steps of fastpref/pair_head.h) on one thread.
 // backward: one parallel pass (tasks = rows x chunks of D) writing the gradient.
 // Both passes are bitwise reproducible: every partial sum has a fixed set of elements and a
 // fixed order whatever the number of threads, and chunk partials are added in chunk order.
 //
-// Only ATen / torch/library.h / Python.h headers: torch/extension.h (pybind11 and the whole
-// torch API) would multiply the build time and memory.
-
-#include <Python.h>
+// Only ATen and torch/library.h headers: torch/extension.h (pybind11 and the whole torch API)
+// would multiply the build time and memory.
 
 #include <algorithm>
 #include <atomic>
@@ -36,7 +33,8 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu_kernels.h"
+#include "fastpref/options.h"
+#include "kernels.h"
 
 // Compile the passes once per instruction set and pick one at run time (GCC on x86-64 only;
 // elsewhere the baseline build, which the compiler still vectorizes for the target's SIMD).
@@ -55,10 +53,12 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+#include "fastpref/pair_head.h"  // after the pragma: the head's steps are compiled without contraction
+
 namespace fastpref::cpu::base {
 namespace {  // internal linkage: no PLT calls, free inlining
 #define FASTPREF_ISA 0
-#include "cpu_kernels_impl.h"
+#include "kernels_impl.h"
 #undef FASTPREF_ISA
 }  // namespace
 }  // namespace fastpref::cpu::base
@@ -69,7 +69,7 @@ namespace {  // internal linkage: no PLT calls, free inlining
 namespace fastpref::cpu::avx2 {
 namespace {  // internal linkage: no PLT calls, free inlining
 #define FASTPREF_ISA 1
-#include "cpu_kernels_impl.h"
+#include "kernels_impl.h"
 #undef FASTPREF_ISA
 }  // namespace
 }  // namespace fastpref::cpu::avx2
@@ -80,7 +80,7 @@ namespace {  // internal linkage: no PLT calls, free inlining
 namespace fastpref::cpu::avx512 {
 namespace {  // internal linkage: no PLT calls, free inlining
 #define FASTPREF_ISA 2
-#include "cpu_kernels_impl.h"
+#include "kernels_impl.h"
 #undef FASTPREF_ISA
 }  // namespace
 }  // namespace fastpref::cpu::avx512
@@ -219,22 +219,9 @@ int64_t grain_for(int64_t features, int64_t elements_per_column) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-pair head (docs/spec.md §2-§5), a port of pair_head_kernel in the accumulation dtype Acc: the same
-// formulas in the same association order, NaN-preserving min/max/relu, stable sigmoid/softplus.
+// Per-pair head (docs/spec.md §2-§5) on one thread, in the accumulation dtype Acc: the steps of
+// fastpref/pair_head.h, pair by pair.
 // ---------------------------------------------------------------------------------------------
-
-template <class Acc>
-Acc stable_sigmoid(Acc x) {
-  const Acc e = std::exp(-std::abs(x));
-  return x >= Acc(0) ? Acc(1) / (Acc(1) + e) : e / (Acc(1) + e);
-}
-
-template <class Acc>
-Acc stable_softplus(Acc x) {  // max(x, 0) + log1p(exp(-|x|)); NaN stays NaN
-  return (x > Acc(0) ? x : Acc(0)) + std::log1p(std::exp(-std::abs(x)));
-}
-
-enum Mode { kPreset = 0, kWeighting = 1, kMargin = 2, kLossType = 3, kReduction = 4 };
 
 template <class Acc>
 struct HeadOut {
@@ -256,186 +243,74 @@ void pair_head(const Acc* partial, int64_t models, int64_t batch, int64_t n_chun
   const bool has_c2 = !std::isnan(settings[4]);
   const Acc eps = static_cast<Acc>(settings[5]);
   const Acc tau = static_cast<Acc>(settings[6]);
-  const int64_t preset = modes[kPreset], weighting = modes[kWeighting], margin_mode = modes[kMargin];
-  const int64_t loss_type = modes[kLossType], reduction = modes[kReduction];
+  const auto preset = static_cast<Preset>(modes[kPresetMode]);
+  const auto weighting = static_cast<Weighting>(modes[kWeightingMode]);
+  const auto margin_mode = static_cast<Margin>(modes[kMarginMode]);
+  const auto loss_type = static_cast<LossType>(modes[kLossTypeMode]);
+  const auto reduction = static_cast<Reduction>(modes[kReductionMode]);
   const int64_t rows = 2 * batch;
-  const Acc one = Acc(1);
 
-  // Per-sample errors: chunk partial sums added in chunk order.
+  // Per-sample errors of every model (m = 0 policy, 1 reference, 2.. EMA models).
   std::vector<Acc> err_w(static_cast<size_t>(models * batch));
   std::vector<Acc> err_l(static_cast<size_t>(models * batch));
   for (int64_t m = 0; m < models; ++m) {
     for (int64_t j = 0; j < batch; ++j) {
-      const Acc* pw = partial + (m * rows + j) * n_chunks;
-      const Acc* pl = partial + (m * rows + j + batch) * n_chunks;
-      Acc sum_w = Acc(0), sum_l = Acc(0);
-      for (int64_t c = 0; c < n_chunks; ++c) {
-        sum_w += pw[c];
-        sum_l += pl[c];
-      }
-      err_w[m * batch + j] = sum_w / static_cast<Acc>(features);
-      err_l[m * batch + j] = sum_l / static_cast<Acc>(features);
+      err_w[m * batch + j] = head::sample_error(partial + (m * rows + j) * n_chunks, n_chunks, features);
+      err_l[m * batch + j] = head::sample_error(partial + (m * rows + j + batch) * n_chunks, n_chunks, features);
     }
   }
   const Acc* ref_w = &err_w[batch];
   const Acc* ref_l = &err_l[batch];
 
-  // l_m = (e_ref - e_m)_w - (e_ref - e_m)_l for the metric rows: policy (m = 0) and EMAs (m >= 2).
+  // l of the metric rows r: the policy (r = 0, model 0) and the EMA models (r >= 1, model r + 1).
   const int64_t n_rows = models - 1;
-  std::vector<int64_t> metric_models;
-  metric_models.push_back(0);
-  for (int64_t m = 2; m < models; ++m) metric_models.push_back(m);
   std::vector<Acc> logit(static_cast<size_t>(n_rows * batch));
   for (int64_t r = 0; r < n_rows; ++r) {
-    const int64_t m = metric_models[r];
+    const int64_t m = r == 0 ? 0 : r + 1;
     for (int64_t j = 0; j < batch; ++j) {
-      logit[r * batch + j] = (ref_w[j] - err_w[m * batch + j]) - (ref_l[j] - err_l[m * batch + j]);
+      logit[r * batch + j] = head::pair_logit(ref_w[j], ref_l[j], err_w[m * batch + j], err_l[m * batch + j]);
     }
   }
   const Acc* l_theta = &logit[0];
 
-  // Metric u (docs/spec.md §3).
+  // The metric's scaled l, per row; the margin offset.
   std::vector<Acc> scaled(logit.size());
   for (int64_t r = 0; r < n_rows; ++r) {
-    Acc scale_div = one;
-    if (preset == 0) {
-      Acc sq = Acc(0);
-      for (int64_t j = 0; j < batch; ++j) sq += logit[r * batch + j] * logit[r * batch + j];
-      Acc norm = std::sqrt(sq);
-      scale_div = norm < static_cast<Acc>(1e-12) ? static_cast<Acc>(1e-12) : norm;  // max(norm, 1e-12) keeping NaN
-    }
-    for (int64_t j = 0; j < batch; ++j) {
-      scaled[r * batch + j] = preset == 0 ? rho * logit[r * batch + j] / scale_div : rho * logit[r * batch + j];
-    }
+    const Acc* row = &logit[r * batch];
+    const Acc norm = preset == Preset::kOfficial ? head::logit_norm(row, batch) : Acc(1);
+    for (int64_t j = 0; j < batch; ++j) scaled[r * batch + j] = head::scaled_logit(preset, rho, row[j], norm);
   }
-  std::vector<Acc> confidence(batch), stability(batch), u(batch), weight(batch), margin(batch);
-  for (int64_t j = 0; j < batch; ++j) {
-    Acc sig = Acc(0);
-    for (int64_t r = 0; r < n_rows; ++r) sig += stable_sigmoid(scaled[r * batch + j]);
-    confidence[j] = one - sig / static_cast<Acc>(n_rows);
-    if (n_rows > 1) {
-      const std::vector<Acc>& spread = preset == 0 ? scaled : logit;
-      Acc total = Acc(0);
-      for (int64_t r = 0; r < n_rows; ++r) total += spread[r * batch + j];
-      const Acc mean = total / static_cast<Acc>(n_rows);
-      Acc dev2 = Acc(0);
-      for (int64_t r = 0; r < n_rows; ++r) {
-        const Acc dev = spread[r * batch + j] - mean;
-        dev2 += dev * dev;
-      }
-      const Acc var = dev2 / static_cast<Acc>(n_rows - 1);
-      if (preset == 0) {
-        const Acc std_dev = std::sqrt(var);
-        stability[j] = std_dev > one ? one : std_dev;  // min(std, 1) keeping NaN
-      } else {
-        stability[j] = var;
-      }
-    } else {
-      stability[j] = one;
-    }
-    u[j] = confidence[j] * stability[j];
-  }
+  const Acc c2 = has_c2 ? static_cast<Acc>(settings[4]) : head::batch_mean(l_theta, batch);
 
-  // W and Gamma (docs/spec.md §4).
-  Acc c2 = static_cast<Acc>(has_c2 ? settings[4] : 0.0);
-  if (!has_c2) {
-    Acc total = Acc(0);
-    for (int64_t j = 0; j < batch; ++j) total += l_theta[j];
-    c2 = total / static_cast<Acc>(batch);
-  }
-  for (int64_t j = 0; j < batch; ++j) {
-    const Acc uj = u[j];
-    switch (weighting) {
-      case 0:
-        weight[j] = one / (one + k1 * uj);
-        break;
-      case 1:
-        weight[j] = one / (one + k1 * uj * uj);
-        break;
-      case 2:
-        weight[j] = one / (one + k1 * std::sqrt(uj));
-        break;
-      case 3:
-        weight[j] = one / (one + std::exp(k1 * uj));
-        break;
-      default:
-        weight[j] = one;
-    }
-    switch (margin_mode) {
-      case 0:
-        margin[j] = k2 * uj * uj + c2;
-        break;
-      case 1:
-        margin[j] = k2 * uj + c2;
-        break;
-      default:
-        margin[j] = Acc(0);
-    }
-  }
-
-  // Loss heads and a_j = dLoss/dl_theta[j] (docs/spec.md §5, §5b, §6).
+  // Pair by pair: u, W, Gamma, the loss and a_j, the stats.
   Acc loss_total = Acc(0);
   Acc wins = Acc(0), ties = Acc(0);
+  Acc* stats = out.pair_stats;
   for (int64_t j = 0; j < batch; ++j) {
-    const Acc w = weight[j];
-    const Acc z = beta * l_theta[j];
-    const Acc y = z - margin[j];
-    Acc per_pair, coef;
-    switch (loss_type) {
-      case 0:  // sigmoid (DPO)
-        per_pair = w * stable_softplus(-y);
-        coef = -w * beta * stable_sigmoid(-y);
-        break;
-      case 1: {  // ipo
-        const Acc resid = l_theta[j] - margin[j] / beta - one / (Acc(2) * tau);
-        per_pair = w * resid * resid;
-        coef = Acc(2) * w * resid;
-        break;
-      }
-      case 2: {  // hinge; relu written so that NaN propagates
-        const Acc gap = one - y;
-        per_pair = w * (gap < Acc(0) ? Acc(0) : gap);
-        coef = -w * beta * (gap > Acc(0) ? one : Acc(0));
-        break;
-      }
-      case 3:  // robust
-        per_pair = w * ((one - eps) * stable_softplus(-y) - eps * stable_softplus(y)) / (one - Acc(2) * eps);
-        coef = -w * beta * ((one - eps) * stable_sigmoid(-y) + eps * stable_sigmoid(y)) / (one - Acc(2) * eps);
-        break;
-      case 4:  // cdpo
-        per_pair = w * ((one - eps) * stable_softplus(-y) + eps * stable_softplus(y));
-        coef = w * beta * (eps * stable_sigmoid(y) - (one - eps) * stable_sigmoid(-y));
-        break;
-      default: {  // dedpo
-        const Acc label = soft[j * soft_stride];
-        per_pair = w * (stable_softplus(-y) + (one - label) * y);
-        coef = w * beta * (stable_sigmoid(y) - label);
-      }
-    }
-    if (reduction == 0) {
-      coef = coef / static_cast<Acc>(batch);
-    }
-    if (reduction == 2) {
-      out.loss[j] = per_pair;
+    const head::Metric<Acc> metric = head::pair_metric(preset, &scaled[j], &logit[j], n_rows, batch);
+    const Acc weight = head::pair_weight(weighting, k1, metric.u);
+    const Acc margin = head::pair_margin(margin_mode, k2, c2, metric.u);
+    const Acc label = loss_type == LossType::kDedpo ? soft[j * soft_stride] : Acc(0);
+    const head::PairLoss<Acc> pair = head::pair_loss(loss_type, beta, eps, tau, l_theta[j], weight, margin, label);
+    if (reduction == Reduction::kNone) {
+      out.loss[j] = pair.loss;
     } else {
-      loss_total += per_pair;
+      loss_total += pair.loss;
     }
-    out.coef[j] = coef;
-    Acc* stats = out.pair_stats;
+    out.coef[j] = head::reduced_coef(reduction, pair.coef, batch);
+    const Acc z = beta * l_theta[j];
     stats[0 * batch + j] = z;
     stats[1 * batch + j] = l_theta[j];
-    stats[2 * batch + j] = u[j];
-    stats[3 * batch + j] = confidence[j];
-    stats[4 * batch + j] = stability[j];
-    stats[5 * batch + j] = w;
-    stats[6 * batch + j] = margin[j];
-    wins += z > Acc(0) ? one : Acc(0);
-    ties += z == Acc(0) ? one : Acc(0);
+    stats[2 * batch + j] = metric.u;
+    stats[3 * batch + j] = metric.confidence;
+    stats[4 * batch + j] = metric.stability;
+    stats[5 * batch + j] = weight;
+    stats[6 * batch + j] = margin;
+    wins += z > Acc(0) ? Acc(1) : Acc(0);
+    ties += z == Acc(0) ? Acc(1) : Acc(0);
   }
-  if (reduction == 0) {
-    out.loss[0] = loss_total / static_cast<Acc>(batch);
-  } else if (reduction == 1) {
-    out.loss[0] = loss_total;
+  if (reduction != Reduction::kNone) {
+    out.loss[0] = head::reduced_loss(reduction, loss_total, batch);
   }
   for (int64_t j = 0; j < batch; ++j) {
     out.sample_err[j] = err_w[j];
@@ -443,7 +318,7 @@ void pair_head(const Acc* partial, int64_t models, int64_t batch, int64_t n_chun
     out.sample_err[2 * batch + j] = ref_w[j];
     out.sample_err[3 * batch + j] = ref_l[j];
   }
-  out.accuracy[0] = (wins + Acc(0.5) * ties) / static_cast<Acc>(batch);
+  out.accuracy[0] = head::implicit_accuracy(wins, ties, batch);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -472,11 +347,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_forward(const Tensor& mod
                                                                at::ArrayRef<double> settings, at::IntArrayRef modes) {
   TORCH_CHECK(settings.size() == 7, "fastpref cpp: settings must be (beta, rho, k1, k2, c2, eps, tau); got ",
               settings.size(), " values");
-  TORCH_CHECK(modes.size() == 5, "fastpref cpp: modes must be (preset, weighting, margin, loss_type, reduction); got ",
+  TORCH_CHECK(modes.size() == kNumModes,
+              "fastpref cpp: modes must be (preset, weighting, margin, loss_type, reduction); got ",
               modes.size(), " values");
-  const int64_t limits[5] = {2, 5, 3, 6, 3};
-  for (int i = 0; i < 5; ++i) {
-    TORCH_CHECK(modes[i] >= 0 && modes[i] < limits[i], "fastpref cpp: modes[", i, "] = ", modes[i], " out of range");
+  for (int i = 0; i < kNumModes; ++i) {
+    TORCH_CHECK(is_option_code(i, modes[i]), "fastpref cpp: modes[", i, "] = ", modes[i], " is not a code of ",
+                kModeNames[i]);
   }
   TORCH_CHECK(model_pred.dim() >= 2, "fastpref cpp: model_pred must be [2B, *S]; got ", model_pred.sizes());
   const int64_t rows = model_pred.size(0);
@@ -514,7 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_forward(const Tensor& mod
   for (const Strided& p : preds) any_f64 = any_f64 || p.dtype == DType::F64;
   const at::ScalarType acc = any_f64 ? at::kDouble : at::kFloat;
   const auto options = model_pred.options().dtype(acc);
-  const bool per_pair_loss = modes[kReduction] == 2;
+  const bool per_pair_loss = static_cast<Reduction>(modes[kReductionMode]) == Reduction::kNone;
   Tensor loss = per_pair_loss ? at::empty({batch}, options) : at::empty(at::IntArrayRef{}, options);
   Tensor coef = at::empty({batch}, options);
   Tensor pair_stats = at::empty({7, batch}, options);
@@ -523,7 +399,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_forward(const Tensor& mod
 
   Tensor soft;
   int64_t soft_stride = 0;
-  if (modes[kLossType] == 5) {
+  if (static_cast<LossType>(modes[kLossTypeMode]) == LossType::kDedpo) {
     TORCH_CHECK(soft_label.has_value(), "fastpref cpp: loss_type dedpo needs soft_label");
     soft = soft_label->to(acc);
     check_cpu(soft, "soft_label");
@@ -589,82 +465,33 @@ Tensor cpp_backward(const Tensor& grad_loss, const Tensor& coef, const Tensor& m
 }
 
 }  // namespace
+
+// The instruction-set variants, for the Python module (library.cpp).
+
+const char* active_isa() { return kernels().name; }
+
+std::vector<const char*> supported_isas() {
+  std::vector<const char*> names;
+  for (int i = 0; i < kNumTables; ++i) {
+    if (table_supported(i)) names.push_back(kTables[i].name);
+  }
+  return names;
+}
+
+bool use_isa(const char* name) {
+  const int index = find_table(name);
+  if (index < 0 || !table_supported(index)) return false;
+  active_table_slot().store(&kTables[index], std::memory_order_relaxed);
+  return true;
+}
+
 }  // namespace fastpref::cpu
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
 
-// Other translation units of fastpref._C (fastpref_autograd.cpp, CUDA kernels) must use
-// TORCH_LIBRARY_FRAGMENT.
-TORCH_LIBRARY(fastpref, m) {
-  m.set_python_module("fastpref.cpp_backend");  // where the fake (meta) implementations live
-  m.def(
-      "cpp_forward(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor[] ema_preds, Tensor? soft_label, "
-      "float[] settings, int[] modes) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag});
-  m.def("cpp_backward(Tensor grad_loss, Tensor coef, Tensor model_pred, Tensor target) -> Tensor",
-        {at::Tag::pt2_compliant_tag});
-}
-
 TORCH_LIBRARY_IMPL(fastpref, CPU, m) {
   m.impl("cpp_forward", &fastpref::cpu::cpp_forward);
   m.impl("cpp_backward", &fastpref::cpu::cpp_backward);
 }
-
-// ---------------------------------------------------------------------------------------------
-// The Python module fastpref._C: importing it loads this library (and so registers the ops).
-// ---------------------------------------------------------------------------------------------
-
-namespace {
-
-PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fastpref::cpu::kernels().name); }
-
-PyObject* py_cpu_isas(PyObject*, PyObject*) {
-  PyObject* names = PyList_New(0);
-  if (names == nullptr) return nullptr;
-  for (int i = 0; i < fastpref::cpu::kNumTables; ++i) {
-    if (!fastpref::cpu::table_supported(i)) continue;
-    PyObject* name = PyUnicode_FromString(fastpref::cpu::kTables[i].name);
-    if (name == nullptr || PyList_Append(names, name) != 0) {
-      Py_XDECREF(name);
-      Py_DECREF(names);
-      return nullptr;
-    }
-    Py_DECREF(name);
-  }
-  return names;
-}
-
-PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
-  const char* name = PyUnicode_AsUTF8(arg);
-  if (name == nullptr) return nullptr;
-  const int index = fastpref::cpu::find_table(name);
-  if (index < 0 || !fastpref::cpu::table_supported(index)) {
-    PyErr_Format(PyExc_ValueError, "instruction set %s is not built or not supported by this CPU", name);
-    return nullptr;
-  }
-  fastpref::cpu::active_table_slot().store(&fastpref::cpu::kTables[index], std::memory_order_relaxed);
-  Py_RETURN_NONE;
-}
-
-PyMethodDef kMethods[] = {
-    {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'base', 'avx2' or 'avx512'."},
-    {"cpu_isas", py_cpu_isas, METH_NOARGS, "Instruction sets built into fastpref._C that this CPU supports."},
-    {"_set_cpu_isa", py_set_cpu_isa, METH_O,
-     "Use the kernels of another supported instruction set (for tests; results are bitwise identical)."},
-    {nullptr, nullptr, 0, nullptr},
-};
-
-PyModuleDef kModule = {
-    PyModuleDef_HEAD_INIT,
-    "fastpref._C",
-    "fastpref's native CPU kernels: importing this module registers the ops fastpref::cpp_forward, "
-    "fastpref::cpp_backward and fastpref::cpp_loss.",
-    -1,
-    kMethods,
-};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }

@@ -1,36 +1,42 @@
-// fastpref::cpp_loss: the cpp backend's forward op with its hand-written backward attached in C++,
-// so that an eager call neither runs a Python autograd.Function nor has the autograd engine call
-// back into Python for the backward.
+// The fastpref op library, device-agnostic: the schemas of every op (TORCH_LIBRARY), the op
+// fastpref::cpp_loss (the forward op with its hand-written backward attached in C++), and the
+// Python module fastpref._C whose import loads the library. The ops' CPU kernels are in cpu/ops.cpp.
 //
 //   cpp_loss(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes)
 //       -> (loss, pair_stats, sample_err, accuracy)
 //
 // takes cpp_forward's arguments and returns its outputs without `coef`, which it keeps for the
-// backward (cpp_backward). It mirrors fastpref.fused.FusedAdaptiveDPO exactly: the same two ops,
-// only model_pred gets a gradient, `coef`, model_pred and target are saved, the stats never get a
-// gradient, an undefined incoming gradient gives no gradient, and the gradient itself is not
-// differentiable (a second backward through it raises, like @once_differentiable).
+// backward (cpp_backward), so that an eager call neither runs a Python autograd.Function nor has
+// the autograd engine call back into Python for the backward. It mirrors
+// fastpref.loss.autograd.FusedAdaptiveDPO exactly: the same two ops, only model_pred gets a
+// gradient, `coef`, model_pred and target are saved, the stats never get a gradient, an undefined
+// incoming gradient gives no gradient, and the gradient itself is not differentiable (a second
+// backward through it raises, like @once_differentiable).
 //
 // Kernels: Autograd (the torch::autograd::Function below) and CPU (no graph, for calls that skip
-// autograd: torch.inference_mode). The fake implementation is registered in Python
-// (fastpref/cpp_backend.py). torch.compile traces the op too: AOTAutograd runs this autograd
+// autograd: torch.inference_mode). The fake implementations are registered in Python
+// (fastpref/loss/native.py). torch.compile traces the op too: AOTAutograd runs this autograd
 // kernel on fake tensors, so its graphs hold cpp_forward (forward) and cpp_backward (backward),
 // the same ops the Python FusedAdaptiveDPO path gives.
 //
-// This translation unit adds to the `fastpref` library that fastpref_cpu.cpp owns, hence
-// TORCH_LIBRARY_FRAGMENT. It is the only one that includes the autograd headers: they make it
-// about as slow to compile as the kernels' unit (~17 s of CPU), and ninja builds the two in
-// parallel.
+// This is the only translation unit that includes the autograd headers: they make it about as
+// slow to compile as the kernels' unit (~17 s of CPU), and ninja builds the two in parallel.
+
+#include <Python.h>
 
 #include <array>
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
+
+#include "cpu/kernels.h"
+#include "fastpref/options.h"
 
 namespace fastpref::cpu {
 namespace {
@@ -45,7 +51,7 @@ using ForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tens
 using BackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
 using LossOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
-// The two ops of fastpref_cpu.cpp, called through the dispatcher (looked up once, on first use).
+// The two ops (CPU kernels in cpu/ops.cpp), called through the dispatcher (looked up once, on first use).
 const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpref::cpp_forward", "").typed<ForwardSig>();
   return op;
@@ -131,8 +137,15 @@ LossOutputs cpp_loss_plain(const Tensor& model_pred, const Tensor& ref_pred, con
 }  // namespace
 }  // namespace fastpref::cpu
 
-TORCH_LIBRARY_FRAGMENT(fastpref, m) {
-  m.set_python_module("fastpref.cpp_backend");  // where the fake implementation lives
+// Other translation units (the CPU kernels, CUDA kernels) add kernels with TORCH_LIBRARY_IMPL.
+TORCH_LIBRARY(fastpref, m) {
+  m.set_python_module("fastpref.loss.native");  // where the fake (meta) implementations live
+  m.def(
+      "cpp_forward(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor[] ema_preds, Tensor? soft_label, "
+      "float[] settings, int[] modes) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def("cpp_backward(Tensor grad_loss, Tensor coef, Tensor model_pred, Tensor target) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
   m.def(
       "cpp_loss(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor[] ema_preds, Tensor? soft_label, "
       "float[] settings, int[] modes) -> (Tensor, Tensor, Tensor, Tensor)",
@@ -142,3 +155,85 @@ TORCH_LIBRARY_FRAGMENT(fastpref, m) {
 TORCH_LIBRARY_IMPL(fastpref, Autograd, m) { m.impl("cpp_loss", &fastpref::cpu::cpp_loss_autograd); }
 
 TORCH_LIBRARY_IMPL(fastpref, CPU, m) { m.impl("cpp_loss", &fastpref::cpu::cpp_loss_plain); }
+
+// ---------------------------------------------------------------------------------------------
+// The Python module fastpref._C: importing it loads this library (and so registers the ops).
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fastpref::cpu::active_isa()); }
+
+PyObject* py_cpu_isas(PyObject*, PyObject*) {
+  PyObject* names = PyList_New(0);
+  if (names == nullptr) return nullptr;
+  for (const char* isa : fastpref::cpu::supported_isas()) {
+    PyObject* name = PyUnicode_FromString(isa);
+    if (name == nullptr || PyList_Append(names, name) != 0) {
+      Py_XDECREF(name);
+      Py_DECREF(names);
+      return nullptr;
+    }
+    Py_DECREF(name);
+  }
+  return names;
+}
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  if (!fastpref::cpu::use_isa(name)) {
+    PyErr_Format(PyExc_ValueError, "instruction set %s is not built or not supported by this CPU", name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+// {option: {member: code}} of fastpref/options.h, options in `modes` order.
+PyObject* py_option_codes(PyObject*, PyObject*) {
+  PyObject* options = PyDict_New();
+  if (options == nullptr) return nullptr;
+  for (int mode = 0; mode < fastpref::kNumModes; ++mode) {
+    PyObject* codes = PyDict_New();
+    if (codes == nullptr || PyDict_SetItemString(options, fastpref::kModeNames[mode], codes) != 0) {
+      Py_XDECREF(codes);
+      Py_DECREF(options);
+      return nullptr;
+    }
+    Py_DECREF(codes);  // `options` holds it
+    for (const fastpref::OptionCode& entry : fastpref::kOptionCodes) {
+      if (entry.mode != mode) continue;
+      PyObject* code = PyLong_FromLongLong(entry.code);
+      if (code == nullptr || PyDict_SetItemString(codes, entry.name, code) != 0) {
+        Py_XDECREF(code);
+        Py_DECREF(options);
+        return nullptr;
+      }
+      Py_DECREF(code);
+    }
+  }
+  return options;
+}
+
+PyMethodDef kMethods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'base', 'avx2' or 'avx512'."},
+    {"cpu_isas", py_cpu_isas, METH_NOARGS, "Instruction sets built into fastpref._C that this CPU supports."},
+    {"_set_cpu_isa", py_set_cpu_isa, METH_O,
+     "Use the kernels of another supported instruction set (for tests; results are bitwise identical)."},
+    {"option_codes", py_option_codes, METH_NOARGS,
+     "The option codes the kernels read, {option: {member: code}}, as in fastpref.loss.options."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef kModule = {
+    PyModuleDef_HEAD_INIT,
+    "fastpref._C",
+    "fastpref's native CPU kernels: importing this module registers the ops fastpref::cpp_forward, "
+    "fastpref::cpp_backward and fastpref::cpp_loss.",
+    -1,
+    kMethods,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }

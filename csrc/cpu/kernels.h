@@ -1,9 +1,10 @@
 // Plain-C++ side of fastpref's CPU kernels: the description of a strided [N, D] input that the
 // passes read, the arguments of the two parallel passes, and the table of compiled instruction-set
-// variants. No ATen here: cpu_kernels_impl.h is compiled once per instruction set from these.
+// variants. No ATen here: kernels_impl.h is compiled once per instruction set from these.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fastpref::cpu {
 
@@ -74,5 +75,11 @@ struct KernelTable {
   BackwardFn backward_f32;
   BackwardFn backward_f64;
 };
+
+// The variants built into fastpref._C ("base", "avx2", "avx512"; ops.cpp). All give bitwise-identical
+// results; the best one this CPU runs is used unless FASTPREF_CPU_ISA names another.
+const char* active_isa();                   // the variant in use
+std::vector<const char*> supported_isas();  // the built variants this CPU runs
+bool use_isa(const char* name);             // switch to `name`; false if it is not built or not supported
 
 }  // namespace fastpref::cpu

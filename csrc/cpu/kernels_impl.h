@@ -1,5 +1,5 @@
 // The two parallel passes of fastpref's CPU backend (per-sample errors, gradient), written as
-// plain loops that the compiler vectorizes. No include guard on purpose: fastpref_cpu.cpp
+// plain loops that the compiler vectorizes. No include guard on purpose: ops.cpp
 // includes this file once per instruction set, inside `namespace fastpref::cpu::<isa>` and under
 // `#pragma GCC target(...)`, with FASTPREF_ISA set to
 //   0  baseline of the build target (SSE2 on x86-64, NEON on aarch64),
@@ -9,7 +9,7 @@
 // per-lane sums see the same operations in the same order whatever the vector width.
 //
 // Prerequisites (included by the caller first): <algorithm>, <cmath>, <cstdint>, <cstring>,
-// <type_traits>, <vector>, <c10/util/Half.h>, cpu_kernels.h and, for FASTPREF_ISA >= 1,
+// <type_traits>, <vector>, <c10/util/Half.h>, kernels.h and, for FASTPREF_ISA >= 1,
 // <immintrin.h>.
 
 // Accumulator lanes: 128 bytes (two AVX-512 or four AVX2 registers) of independent partial sums,

@@ -1,0 +1,202 @@
+// The per-pair head of the loss (docs/spec.md §2-§6) as named steps over one pair j, shared by
+// the kernels of every device: errors -> l -> metric u -> weight W, margin Gamma -> per-pair loss
+// and its derivative a_j -> reduction. Plain inline functions of the accumulation type Acc (float
+// or double), no ATen, FASTPREF_HOST_DEVICE so that a CUDA kernel can include them.
+//
+// Each step keeps the association order of pair_head_kernel in fastpref/loss/triton/kernels.py,
+// NaN-preserving min/max/relu and stable sigmoid/softplus, so that the backends round alike.
+// Include this header where FMA contraction is off (cpu/ops.cpp: fp-contract=off), or the
+// compiler may fuse a multiply and an add into one rounding.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fastpref/options.h"
+
+#if defined(__CUDACC__)
+#define FASTPREF_HOST_DEVICE __host__ __device__
+#else
+#define FASTPREF_HOST_DEVICE
+#endif
+
+namespace fastpref::head {
+
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc stable_sigmoid(Acc x) {  // exp of a non-positive number: no overflow
+  const Acc e = std::exp(-std::abs(x));
+  return x >= Acc(0) ? Acc(1) / (Acc(1) + e) : e / (Acc(1) + e);
+}
+
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc stable_softplus(Acc x) {  // max(x, 0) + log1p(exp(-|x|)); NaN stays NaN
+  return (x > Acc(0) ? x : Acc(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+// Errors (§2): e[i] = (sum of row i's chunk partial sums, in chunk order) / D.
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc sample_error(const Acc* partial, int64_t n_chunks, int64_t features) {
+  Acc sum = Acc(0);
+  for (int64_t c = 0; c < n_chunks; ++c) sum += partial[c];
+  return sum / static_cast<Acc>(features);
+}
+
+// l (§2) of one model for pair j: (e_ref[j] - e_m[j]) - (e_ref[j+B] - e_m[j+B]).
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc pair_logit(Acc ref_w, Acc ref_l, Acc err_w, Acc err_l) {
+  return (ref_w - err_w) - (ref_l - err_l);
+}
+
+// Metric (§3), official preset: the norm that divides one model's l over the batch,
+// max(||l_m||, 1e-12) keeping NaN.
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc logit_norm(const Acc* logit, int64_t batch) {
+  Acc sq = Acc(0);
+  for (int64_t j = 0; j < batch; ++j) sq += logit[j] * logit[j];
+  const Acc norm = std::sqrt(sq);
+  return norm < static_cast<Acc>(1e-12) ? static_cast<Acc>(1e-12) : norm;
+}
+
+// Metric (§3): rho * l, divided by logit_norm under the official preset.
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc scaled_logit(Preset preset, Acc rho, Acc logit, Acc norm) {
+  return preset == Preset::kOfficial ? rho * logit / norm : rho * logit;
+}
+
+template <class Acc>
+struct Metric {
+  Acc confidence;  // c
+  Acc stability;   // s
+  Acc u;           // c * s
+};
+
+// Metric (§3) of one pair from the M = n_rows models' scaled and raw l (policy first, then the
+// EMA models), element r at [r * stride].
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Metric<Acc> pair_metric(Preset preset, const Acc* scaled, const Acc* logit,
+                                                    int64_t n_rows, int64_t stride) {
+  const Acc one = Acc(1);
+  Metric<Acc> out;
+  Acc sig = Acc(0);
+  for (int64_t r = 0; r < n_rows; ++r) sig += stable_sigmoid(scaled[r * stride]);
+  out.confidence = one - sig / static_cast<Acc>(n_rows);
+  out.stability = one;
+  if (n_rows > 1) {
+    const Acc* spread = preset == Preset::kOfficial ? scaled : logit;
+    Acc total = Acc(0);
+    for (int64_t r = 0; r < n_rows; ++r) total += spread[r * stride];
+    const Acc mean = total / static_cast<Acc>(n_rows);
+    Acc dev2 = Acc(0);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const Acc dev = spread[r * stride] - mean;
+      dev2 += dev * dev;
+    }
+    const Acc var = dev2 / static_cast<Acc>(n_rows - 1);
+    if (preset == Preset::kOfficial) {
+      const Acc std_dev = std::sqrt(var);
+      out.stability = std_dev > one ? one : std_dev;  // min(std, 1) keeping NaN
+    } else {
+      out.stability = var;
+    }
+  }
+  out.u = out.confidence * out.stability;
+  return out;
+}
+
+// Weight W (§4).
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc pair_weight(Weighting weighting, Acc k1, Acc u) {
+  const Acc one = Acc(1);
+  switch (weighting) {
+    case Weighting::kLinear:
+      return one / (one + k1 * u);
+    case Weighting::kSquare:
+      return one / (one + k1 * u * u);
+    case Weighting::kSqrt:
+      return one / (one + k1 * std::sqrt(u));
+    case Weighting::kSigmoid:
+      return one / (one + std::exp(k1 * u));
+    case Weighting::kNone:
+      break;
+  }
+  return one;
+}
+
+// The default margin offset c2 (§4): the batch mean of l_theta.
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc batch_mean(const Acc* values, int64_t batch) {
+  Acc total = Acc(0);
+  for (int64_t j = 0; j < batch; ++j) total += values[j];
+  return total / static_cast<Acc>(batch);
+}
+
+// Margin Gamma (§4).
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc pair_margin(Margin margin, Acc k2, Acc c2, Acc u) {
+  switch (margin) {
+    case Margin::kQuadratic:
+      return k2 * u * u + c2;
+    case Margin::kLinear:
+      return k2 * u + c2;
+    case Margin::kNone:
+      break;
+  }
+  return Acc(0);
+}
+
+template <class Acc>
+struct PairLoss {
+  Acc loss;  // L_j
+  Acc coef;  // a_j = dL_j / dl_theta[j]
+};
+
+// Per-pair loss (§5, §5b) with y = beta * l_theta - Gamma, and its derivative in l_theta (§6; the
+// table of a_j is on pair_head_kernel). `soft_label` (y~) is read by "dedpo" only.
+template <class Acc>
+FASTPREF_HOST_DEVICE inline PairLoss<Acc> pair_loss(LossType loss_type, Acc beta, Acc eps, Acc tau, Acc l_theta,
+                                                    Acc weight, Acc margin, Acc soft_label) {
+  const Acc one = Acc(1);
+  const Acc w = weight;
+  const Acc y = beta * l_theta - margin;
+  switch (loss_type) {
+    case LossType::kSigmoid:  // DPO
+      return {w * stable_softplus(-y), -w * beta * stable_sigmoid(-y)};
+    case LossType::kIpo: {
+      const Acc resid = l_theta - margin / beta - one / (Acc(2) * tau);
+      return {w * resid * resid, Acc(2) * w * resid};
+    }
+    case LossType::kHinge: {  // relu written so that NaN propagates
+      const Acc gap = one - y;
+      return {w * (gap < Acc(0) ? Acc(0) : gap), -w * beta * (gap > Acc(0) ? one : Acc(0))};
+    }
+    case LossType::kRobust:
+      return {w * ((one - eps) * stable_softplus(-y) - eps * stable_softplus(y)) / (one - Acc(2) * eps),
+              -w * beta * ((one - eps) * stable_sigmoid(-y) + eps * stable_sigmoid(y)) / (one - Acc(2) * eps)};
+    case LossType::kCdpo:
+      return {w * ((one - eps) * stable_softplus(-y) + eps * stable_softplus(y)),
+              w * beta * (eps * stable_sigmoid(y) - (one - eps) * stable_sigmoid(-y))};
+    case LossType::kDedpo:
+      break;
+  }
+  return {w * (stable_softplus(-y) + (one - soft_label) * y), w * beta * (stable_sigmoid(y) - soft_label)};
+}
+
+// Reduction (§5): a_j of the reduced loss (the mean divides by B) ...
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc reduced_coef(Reduction reduction, Acc coef, int64_t batch) {
+  return reduction == Reduction::kMean ? coef / static_cast<Acc>(batch) : coef;
+}
+
+// ... and the loss from the sum of the per-pair losses ("none" keeps them per pair instead).
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc reduced_loss(Reduction reduction, Acc total, int64_t batch) {
+  return reduction == Reduction::kMean ? total / static_cast<Acc>(batch) : total;
+}
+
+// Implicit accuracy (§8): the share of pairs with z > 0, ties counted half.
+template <class Acc>
+FASTPREF_HOST_DEVICE inline Acc implicit_accuracy(Acc wins, Acc ties, int64_t batch) {
+  return (wins + Acc(0.5) * ties) / static_cast<Acc>(batch);
+}
+
+}  // namespace fastpref::head
