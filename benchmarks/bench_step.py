@@ -1,61 +1,10 @@
 """Step benchmark of the preference trainer: ``python benchmarks/bench_step.py [--quick] [--model tiny|sd15-random]``.
 
-Wall time of one optimizer step (one micro-batch of B pairs = 2B images, gradient accumulation
-1) of :class:`fastpref.train.trainer.PreferenceTrainer`, and samples/s = 2B / step time, for:
-
-=====================  =======================================================================
-variant                what runs each step
-=====================  =======================================================================
-``dpo/cached``         Diffusion-DPO on cached latents and text embeddings (the trainer's batch
-                       holds them; ``--cache_latents``): reference forward + policy fwd/bwd.
-``dpo/uncached``       the same, but the VAE encodes the 2B images (``fastpref.train.data.encode_images``)
-                       and the text encoder the B captions (``encode_prompts``) every step, as
-                       diffusers' ``train_diffusion_dpo.py`` does: "diffusers' script".
-``fastpref/cached``    Adaptive-DPO, K = 2 EMA footprints (decays 0.9999, 0.5) kept on the device
-                       by fastpref (LoRA: peft adapters switched for the no-grad forwards and
-                       updated by a foreach lerp; full fine-tune: on-device copies).
-``fastpref/uncached``  the same with the per-step VAE + text encoding.
-``authors/uncached``   Adaptive-DPO, K = 2, the authors' way (``dpo_train_un.py`` of
-                       fanfanffff1/Adaptive-DPO), *re-implemented here*: one diffusers
-                       ``EMAModel`` per decay over ALL UNet parameters (base weights and LoRA),
-                       shadow weights on the device in the weight dtype; per EMA per step
-                       ``store(unet.parameters())`` (a copy into CPU memory), ``copy_to``, a
-                       no-grad forward, ``restore`` (back from CPU memory); ``ema.step(...)``
-                       after the optimizer step; VAE + text re-encoded every step.
-``authors/cached``     the authors' footprint handling on cached latents: isolates the cost of
-                       the footprints from that of the encoding.
-=====================  =======================================================================
-
-The authors' variants are :class:`AuthorsTrainer`, a ``PreferenceTrainer`` whose footprints
-object is :class:`AuthorsEMAFootprints` (same ``update()`` / ``use(k)`` interface): the noise,
-reference forward, loss (``fastpref.adaptive_dpo_loss``), backward, clipping and optimizer are
-the trainer's own code, so the only differences between rows are the footprint handling and the
-caching. The metric warm-up is 0 micro-steps, so every timed Adaptive step runs the K footprint
-forwards (checked: ``metric_on`` of every timed step is recorded).
-
-Method: all variants of a mode (LoRA rank r, or full fine-tune) are built first (one trainer per
-method, shared by its cached and uncached variants; one VAE and text encoder shared by all), run
-``--warmup`` untimed steps each, then ``--steps`` timed rounds in which every variant runs one step,
-in an order rotated from round to round, so that machine noise hits every variant alike. The
-step time is the median over the rounds (``perf_counter`` around the step, with a device
-synchronize on both sides on CUDA). Batches are tensors in host memory, as a DataLoader hands
-them over (pixels ``[2B, 3, R, R]`` in [-1, 1] and captions, or latents and text embeddings);
-image decoding and data loading are not timed, in any variant. Then ``--breakdown_rounds``
-more rounds with per-phase timers (encode, reference forward, footprint forwards and inside them
-EMA store/copy_to/restore (the authors'), backward, clipping, optimizer, footprint update;
-the remainder is the policy forward, the loss and the trainer's bookkeeping) -- these add device
-syncs, so they are reported apart from the step times -- and a probe of whether one batched
-no-grad forward of 6B samples beats three of 2B (the reference + K = 2 footprint forwards).
-
-Models: ``tiny`` (default) is ``fastpref.testing.tiny_model.make_tiny_model``'s SD1.5 pipeline written to
-a temporary folder, 64 px, 4 pairs, fp32; ``sd15-random`` is a UNet, VAE and CLIP text encoder of
-Stable Diffusion 1.5's published sizes (configs below) with random weights, 512 px, 8 pairs, bf16
--- meant for a GPU. The goals of issue 5 are stated for SD1.5 on an H100; the script says whether
-they are met by the run it just made, on whatever machine and model that was.
-
-Output: a markdown table per mode, the goals, the breakdown; JSON with every raw timing to
-``benchmarks/results/step-<machine>.json`` (``step-<model>-<machine>.json`` for a non-default
-model, ``quick-step-...`` with ``--quick``) or ``--out``.
+Times one optimizer step of :class:`fastpref.train.PreferenceTrainer` for DPO and Adaptive-DPO
+(K = 2) with fastpref's on-device footprints and with the authors' footprint handling
+re-implemented on the same trainer, each with latents cached or encoded every step (see
+:data:`VARIANTS`, :func:`run_mode` for the method, :func:`build_components` for the models), and
+writes a markdown report and a JSON file of every raw timing.
 """
 
 from __future__ import annotations
@@ -84,13 +33,14 @@ from bench_loss import _slug, markdown  # noqa: E402
 
 import fastpref  # noqa: E402
 from fastpref.machine import device_name  # noqa: E402
-from fastpref.train import data  # noqa: E402
-from fastpref.train.trainer import PreferenceTrainer, TrainConfig  # noqa: E402
+from fastpref.train import PreferenceTrainer, TrainConfig, data  # noqa: E402
+from fastpref.train.files import write_atomic  # noqa: E402
 
 DECAYS = (0.9999, 0.5)  # the authors' (and fastpref train's default) EMA decays, K = 2
+# The targets, stated for SD1.5 on an H100; the script says whether the run it made meets them.
 GOAL_ADAPTIVE = 1.5  # Adaptive (K=2) step <= 1.5x the latent-cached DPO step
 GOAL_DPO = 1.3  # DPO samples/s >= 1.3x diffusers' script (the uncached DPO row)
-AUTHORS_H100 = "6-11x"  # the authors' Adaptive step over a DPO step, H100 SD1.5 (issue 5)
+AUTHORS_H100 = "6-11x"  # the authors' Adaptive step costs about 6-11x a DPO step on H100, SD1.5
 
 MODELS = {
     "tiny": dict(resolution=64, batch=4, dtype="fp32"),
@@ -102,13 +52,27 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 SD15_LOSS = dict(beta=1000.0, k1=10.0)  # the paper's SD1.5 settings (fastpref train's defaults)
 
 METHODS = ("dpo", "fastpref", "authors")
+# What runs each step, per variant (one micro-batch of B pairs = 2B images, no accumulation):
+# - dpo/cached: Diffusion-DPO on cached latents and text embeddings (``--cache_latents``):
+#   reference forward + policy forward/backward.
+# - dpo/uncached: the same, but the VAE encodes the 2B images and the text encoder the B captions
+#   every step (``fastpref.train.data.encode_images`` / ``encode_prompts``), as diffusers'
+#   ``train_diffusion_dpo.py`` does: "diffusers' script".
+# - fastpref/cached, fastpref/uncached: Adaptive-DPO, K = 2 EMA footprints kept on the device by
+#   fastpref (LoRA: peft adapters switched for the no-grad forwards and updated by a foreach
+#   lerp; full fine-tune: on-device copies).
+# - authors/uncached, authors/cached: Adaptive-DPO, K = 2, the authors' footprint handling
+#   (:class:`AuthorsEMAFootprints`), VAE + text every step as their script, or on cached latents
+#   to isolate the cost of the footprints from that of the encoding.
 VARIANTS = ("dpo/cached", "dpo/uncached", "fastpref/cached", "fastpref/uncached", "authors/uncached", "authors/cached")
 LABELS = {
     "dpo/cached": "DPO, latents cached",
     "dpo/uncached": "DPO, VAE+text each step (diffusers' script)",
     "fastpref/cached": "Adaptive K=2, fastpref on-device footprints, latents cached",
     "fastpref/uncached": "Adaptive K=2, fastpref on-device footprints, VAE+text each step",
-    "authors/uncached": "Adaptive K=2, authors' method, re-implemented (EMAModel store/copy_to/restore, VAE+text each step)",
+    "authors/uncached": (
+        "Adaptive K=2, authors' method, re-implemented (EMAModel store/copy_to/restore, VAE+text each step)"
+    ),
     "authors/cached": "Adaptive K=2, authors' EMAModel store/copy_to/restore, latents cached",
 }
 
@@ -178,7 +142,8 @@ CAPTIONS = (
 
 
 class AuthorsEMAFootprints:
-    """The Adaptive-DPO authors' EMA footprints (``dpo_train_un.py``), re-implemented for timing.
+    """The Adaptive-DPO authors' EMA footprints (``dpo_train_un.py`` of fanfanffff1/Adaptive-DPO),
+    re-implemented for timing.
 
     One diffusers ``EMAModel`` per decay over *all* parameters of the UNet (the frozen base
     weights and the LoRA tensors; in a full fine-tune, all of them), its shadow weights moved to
@@ -232,7 +197,9 @@ class AuthorsTrainer(PreferenceTrainer):
 
     Built as a trainer whose loss needs no footprints (so that fastpref's footprints are never
     created: no extra adapters or model copies), then given the full Adaptive-DPO config and the
-    authors' footprints. ``train_step`` is the trainer's, unchanged.
+    authors' footprints. ``train_step`` is the trainer's, unchanged: the noise, reference
+    forward, loss (``fastpref.adaptive_dpo_loss``), backward, clipping and optimizer are the
+    trainer's own code, so the rows differ only in the footprint handling and the caching.
     """
 
     def __init__(self, unet, noise_scheduler, config: TrainConfig, accelerator=None):
@@ -263,6 +230,10 @@ class Components:
 def build_components(
     model: str, device: torch.device, weight_dtype: torch.dtype, workdir: Path, seed: int
 ) -> Components:
+    """The models of ``model``: ``tiny`` (default) is ``fastpref.testing.tiny_model``'s SD1.5
+    pipeline written to ``workdir`` (64 px, 4 pairs, fp32 by default); ``sd15-random`` is a UNet,
+    VAE and CLIP text encoder of Stable Diffusion 1.5's published sizes with random weights
+    (512 px, 8 pairs, bf16), meant for a GPU."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     if model == "tiny":
@@ -565,9 +536,17 @@ def batched_probe(trainer, batches, sync, reps: int) -> Dict[str, float]:
 
 
 def run_mode(args, lora_rank: int, keys, components, batches, accelerator, sync) -> dict:
+    """Time the variants ``keys`` in one mode (LoRA rank ``lora_rank``, or a full fine-tune at 0).
+
+    All variants are built first (one trainer per method, shared by its cached and uncached
+    variants; one VAE and text encoder shared by all) and run ``--warmup`` untimed rounds; then
+    ``--steps`` timed rounds in which every variant runs one step, in an order rotated from round
+    to round so that machine noise hits every variant alike. A step's time is ``perf_counter``
+    around it, with a device synchronize on both sides on CUDA; batches are tensors in host
+    memory, as a DataLoader hands them over, so image decoding and loading are never timed.
+    Then ``--breakdown_rounds`` more rounds with per-phase timers (they add device syncs, so
+    they are reported apart from the step times) and :func:`batched_probe`."""
     mode = f"lora-r{lora_rank}" if lora_rank > 0 else "full"
-    pairs = batches[1]["encoder_hidden_states"].shape[0]
-    samples = 2 * pairs
     print(f"\n## {mode}: building {len(keys)} variants", flush=True)
     encoding = Encoding(components, batches[0])
     variants = build_variants(
@@ -588,6 +567,21 @@ def run_mode(args, lora_rank: int, keys, components, batches, accelerator, sync)
         probe = batched_probe(prober, batches, sync, reps=max(1, args.breakdown_rounds))
 
     median = {v.key: statistics.median(v.times_ms) for v in variants}
+    pairs = batches[1]["encoder_hidden_states"].shape[0]
+    return {
+        "mode": mode,
+        "lora_rank": lora_rank,
+        "interleaved": True,
+        "rows": mode_rows(mode, lora_rank, variants, median, samples=2 * pairs),
+        "goals": goals(median),
+        "breakdown": mode_breakdown(variants),
+        "batched_probe": probe,
+    }
+
+
+def mode_rows(mode: str, lora_rank: int, variants: List[Variant], median: Dict[str, float], samples: int) -> List[dict]:
+    """One row per variant: median step time, samples/s, ratios to the cached DPO step and to the
+    authors' row with the same caching, and the raw timings."""
     rows = []
     for v in variants:
         ms = median[v.key]
@@ -618,24 +612,23 @@ def run_mode(args, lora_rank: int, keys, components, batches, accelerator, sync)
                 "skipped_steps": v.skipped,
             }
         )
+    return rows
+
+
+def mode_breakdown(variants: List[Variant]) -> Dict[str, dict]:
+    """Per variant, the median ms of each phase over the breakdown rounds."""
     breakdown = {}
     for v in variants:
         if v.breakdown:
             names = [p for p in ("step", *TOP_PHASES, REST, *SUB_PHASES) if any(p in b for b in v.breakdown)]
             breakdown[v.key] = {p: statistics.median(b.get(p, 0.0) for b in v.breakdown) for p in names}
             breakdown[v.key]["rounds"] = len(v.breakdown)
-    return {
-        "mode": mode,
-        "lora_rank": lora_rank,
-        "interleaved": True,
-        "rows": rows,
-        "goals": goals(median),
-        "breakdown": breakdown,
-        "batched_probe": probe,
-    }
+    return breakdown
 
 
 def goals(median: Dict[str, float]) -> dict:
+    """The targets (:data:`GOAL_ADAPTIVE`, :data:`GOAL_DPO`) checked on one mode's median step
+    times, and fastpref's speed-up over the authors' footprint handling."""
     out = {}
     if "dpo/cached" in median and "fastpref/cached" in median:
         ratio = median["fastpref/cached"] / median["dpo/cached"]
@@ -649,7 +642,7 @@ def goals(median: Dict[str, float]) -> dict:
             "authors_cached_vs_dpo_cached": median["authors/cached"] / median["dpo/cached"]
             if "authors/cached" in median
             else None,
-            "authors_reference": f"about {AUTHORS_H100} on H100, SD1.5 (issue 5)",
+            "authors_reference": f"the authors' Adaptive step costs about {AUTHORS_H100} a DPO step on H100, SD1.5",
         }
     if "dpo/cached" in median and "dpo/uncached" in median:
         ratio = median["dpo/uncached"] / median["dpo/cached"]  # = samples/s cached / samples/s uncached
@@ -685,7 +678,8 @@ def parse_args(argv=None):
         "--steps",
         type=int,
         default=None,
-        help=f"timed interleaved rounds, one step per variant each (default {DEFAULTS['steps']}; quick {QUICK['steps']})",
+        help="timed interleaved rounds, one step per variant each "
+        f"(default {DEFAULTS['steps']}; quick {QUICK['steps']})",
     )
     parser.add_argument(
         "--warmup",
@@ -697,7 +691,8 @@ def parse_args(argv=None):
         "--breakdown_rounds",
         type=int,
         default=None,
-        help=f"extra rounds with per-phase timers; 0 = none (default {DEFAULTS['breakdown_rounds']}; quick {QUICK['breakdown_rounds']})",
+        help="extra rounds with per-phase timers; 0 = none "
+        f"(default {DEFAULTS['breakdown_rounds']}; quick {QUICK['breakdown_rounds']})",
     )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
@@ -723,7 +718,8 @@ def parse_args(argv=None):
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: torch's choice); 1 avoids the OpenMP oversubscription stalls of a CPU shared with other jobs",
+        help="torch CPU threads (default: torch's choice); "
+        "1 avoids the OpenMP oversubscription stalls of a CPU shared with other jobs",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few rounds of 2 pairs: a smoke run")
@@ -766,63 +762,164 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    import accelerate
-    import diffusers
-    import peft
-    import transformers
-    from accelerate import Accelerator
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     machine = device_name(device)
     load_start = os.getloadavg()
-    print(
-        f"# fastpref step benchmark on {machine}: model {args.model}, {args.batch} pairs ({2 * args.batch} samples) at {args.resolution} px, "
-        f"{args.dtype}, LoRA rank(s) {args.lora_ranks} (0 = full fine-tune), {torch.get_num_threads()} CPU thread(s)\n"
-        f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}; "
-        f"load average {load_start[0]:.2f}",
-        flush=True,
-    )
-    if device.type == "cpu" and load_start[0] > 1.5 and torch.get_num_threads() > 1:
-        print(
-            f"(load average {load_start[0]:.2f}: other jobs share the CPU; with {torch.get_num_threads()} threads OpenMP stalls may dominate -- consider --threads 1)",
-            flush=True,
-        )
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
-    sync = synchronizer(device)
-
-    def new_accelerator():
-        accelerator = Accelerator(mixed_precision=MIXED_PRECISION[args.dtype], cpu=device.type == "cpu")
-        if accelerator.device.type != device.type or (accelerator.device.index or 0) != (device.index or 0):
-            raise RuntimeError(f"accelerate chose {accelerator.device}, the benchmark asked for {device}")
-        return accelerator
-
-    modes = []
+    print_header(args, machine, device, load_start)
     with tempfile.TemporaryDirectory(prefix="fastpref-bench-step-") as tmp:
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
         components = build_components(args.model, device, weight_dtype, Path(tmp), args.seed)
         batches = make_batches(components, args.batch, args.resolution, args.seed)
-        for rank in args.lora_ranks:
-            accelerator = new_accelerator()  # one per mode: its references to the mode's models are dropped after it
-            try:
-                modes.append(run_mode(args, rank, args.variant_keys, components, batches, accelerator, sync))
-            except torch.cuda.OutOfMemoryError as error:  # record it and go on with the next mode
-                mode = f"lora-r{rank}" if rank > 0 else "full"
-                print(
-                    f"{mode}: out of device memory with the variants {args.variant_keys} alive ({error}); run fewer with --variants",
-                    flush=True,
-                )
-                modes.append({"mode": mode, "lora_rank": rank, "error": f"CUDA out of memory: {error}"})
-            finally:
-                accelerator.free_memory()
-                del accelerator
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    load_end = os.getloadavg()
+        modes = [run_mode_on_fresh_accelerator(args, rank, components, batches, device) for rank in args.lora_ranks]
+    load = {"start": list(load_start), "end": list(os.getloadavg()), "cpu_count": os.cpu_count()}
+    load["under_load"] = device.type == "cpu" and max(load["start"][0], load["end"][0]) > 1.5
     wall = time.perf_counter() - started
-    under_load = device.type == "cpu" and max(load_start[0], load_end[0]) > 1.5
 
+    print_report(args, modes, f"{args.model} at {args.resolution} px on {machine}")
+    if load["under_load"]:
+        print(
+            f"\nNOTE: load average {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end "
+            f"(> 1.5 on {os.cpu_count()} cores): figures taken under load from other processes."
+        )
+    print(f"\nwall time {wall:.1f} s")
+
+    report = {
+        "benchmark": "step",
+        "device": machine,
+        "command": " ".join(
+            ["python", "benchmarks/bench_step.py", *argv] if argv is not None else ["python", *sys.argv]
+        ),
+        "versions": versions(),
+        "config": run_config(args, components, batches, device),
+        "load_average": load,
+        "wall_s": wall,
+        "modes": modes,
+    }
+    output = output_path(args, machine)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=1)
+    write_atomic(output, lambda tmp: tmp.write_text(text))
+    print(f"wrote {output}")
+    return 0
+
+
+def run_mode_on_fresh_accelerator(args, rank: int, components: Components, batches, device: torch.device) -> dict:
+    """:func:`run_mode` with an accelerator of its own, released afterwards (its references to
+    the mode's models go with it); out of device memory is recorded and the next mode goes on."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[args.dtype], cpu=device.type == "cpu")
+    if accelerator.device.type != device.type or (accelerator.device.index or 0) != (device.index or 0):
+        raise RuntimeError(f"accelerate chose {accelerator.device}, the benchmark asked for {device}")
+    try:
+        return run_mode(args, rank, args.variant_keys, components, batches, accelerator, synchronizer(device))
+    except torch.cuda.OutOfMemoryError as error:
+        mode = f"lora-r{rank}" if rank > 0 else "full"
+        print(
+            f"{mode}: out of device memory with the variants {args.variant_keys} alive ({error}); "
+            "run fewer with --variants",
+            flush=True,
+        )
+        return {"mode": mode, "lora_rank": rank, "error": f"CUDA out of memory: {error}"}
+    finally:
+        accelerator.free_memory()
+        del accelerator
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def versions() -> Dict[str, str]:
+    """The versions of the libraries a step runs through."""
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "fastpref": fastpref.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def run_config(args, components: Components, batches, device: torch.device) -> dict:
+    """The run's settings, for the JSON report."""
+    return {
+        "model": args.model,
+        "model_description": components.description,
+        "resolution": args.resolution,
+        "latent_shape": list(batches[1]["latents"].shape[1:]),
+        "pairs_per_step": args.batch,
+        "samples_per_step": 2 * args.batch,
+        "dtype": args.dtype,
+        "device": str(device),
+        "lora_ranks": args.lora_ranks,
+        "variants": args.variant_keys,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "breakdown_rounds": args.breakdown_rounds,
+        "ema_decays": list(DECAYS),
+        "metric_warmup_steps": 0,
+        "loss_backend": "auto",
+        "beta": SD15_LOSS["beta"],
+        "k1": SD15_LOSS["k1"],
+        "seed": args.seed,
+        "quick": args.quick,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def output_path(args, machine: str) -> Path:
+    """``--out``, else ``benchmarks/results/[quick-]step[-<model>]-<machine>.json``."""
+    if args.out:
+        return Path(args.out)
+    stem = "step" if args.model == "tiny" else f"step-{args.model}"
+    return Path("benchmarks/results") / f"{'quick-' if args.quick else ''}{stem}-{_slug(machine)}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# the printed report
+# --------------------------------------------------------------------------------------------
+
+
+def print_header(args, machine: str, device: torch.device, load_start) -> None:
+    """What is measured, on what, with which versions; a warning when other jobs load the CPU."""
+    import accelerate
+    import diffusers
+    import peft
+
+    threads = torch.get_num_threads()
+    print(
+        f"# fastpref step benchmark on {machine}: model {args.model}, {args.batch} pairs "
+        f"({2 * args.batch} samples) at {args.resolution} px, {args.dtype}, LoRA rank(s) {args.lora_ranks} "
+        f"(0 = full fine-tune), {threads} CPU thread(s)\n"
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
+        f"accelerate {accelerate.__version__}; load average {load_start[0]:.2f}",
+        flush=True,
+    )
+    if device.type == "cpu" and load_start[0] > 1.5 and threads > 1:
+        print(
+            f"(load average {load_start[0]:.2f}: other jobs share the CPU; with {threads} threads "
+            "OpenMP stalls may dominate -- consider --threads 1)",
+            flush=True,
+        )
+
+
+def print_report(args, modes: List[dict], context: str) -> None:
+    """The step-time table, the targets checked on this run, and where the time goes."""
+    print_step_table(args, modes)
+    print_goals(modes, context)
+    print_breakdowns(args, modes)
+
+
+def print_step_table(args, modes: List[dict]) -> None:
     rows = [row for m in modes for row in m.get("rows", [])]
     print(f"\n## Step time, median of {args.steps} interleaved rounds ({2 * args.batch} samples per step)\n")
     columns = ["mode", "label", "ms", "samples_per_s", "vs_dpo_cached", "fastpref_over_authors"]
@@ -834,11 +931,18 @@ def main(argv=None) -> int:
     }
     print(markdown(rows, columns, formats))
     print(
-        "\n(vs_dpo_cached: step time over the latent-cached DPO step of the same mode; fastpref_over_authors: the fastpref row's step time over the authors' row with the same caching)"
+        "\n(vs_dpo_cached: step time over the latent-cached DPO step of the same mode; fastpref_over_authors: "
+        "the fastpref row's step time over the authors' row with the same caching)"
     )
 
-    print("\n## Goals of issue 5 (stated for SD1.5 on an H100), on this run\n")
-    context = f"{args.model} at {args.resolution} px on {machine}"
+
+def _met(goal: dict) -> str:
+    return "MET" if goal["met"] else "NOT MET"
+
+
+def print_goals(modes: List[dict], context: str) -> None:
+    """Each mode's ratios against the targets (stated for SD1.5 on an H100) on this run."""
+    print("\n## Targets (stated for SD1.5 on an H100), on this run\n")
     for m in modes:
         g = m.get("goals", {})
         if "error" in m:
@@ -849,105 +953,53 @@ def main(argv=None) -> int:
             authors = (
                 ""
                 if a["authors_uncached_vs_dpo_cached"] is None
-                else f"; the authors' method here: {a['authors_uncached_vs_dpo_cached']:.2f}x (their reference: {AUTHORS_H100} on H100)"
+                else f"; the authors' method here: {a['authors_uncached_vs_dpo_cached']:.2f}x "
+                f"(their reference: {AUTHORS_H100} on H100)"
             )
             print(
-                f"- {m['mode']}: Adaptive K=2 / DPO cached = {a['value']:.2f}x, goal <= {GOAL_ADAPTIVE}x: {'MET' if a['met'] else 'NOT MET'} ({context}){authors}"
+                f"- {m['mode']}: Adaptive K=2 / DPO cached = {a['value']:.2f}x, goal <= {GOAL_ADAPTIVE}x: "
+                f"{_met(a)} ({context}){authors}"
             )
         if "dpo_samples_per_s_vs_diffusers_script" in g:
             d = g["dpo_samples_per_s_vs_diffusers_script"]
             print(
-                f"- {m['mode']}: DPO samples/s cached / diffusers' script = {d['value']:.2f}x, goal >= {GOAL_DPO}x: {'MET' if d['met'] else 'NOT MET'} ({context})"
+                f"- {m['mode']}: DPO samples/s cached / diffusers' script = {d['value']:.2f}x, "
+                f"goal >= {GOAL_DPO}x: {_met(d)} ({context})"
             )
         if "fastpref_speedup_over_authors" in g:
             s = g["fastpref_speedup_over_authors"]
             extra = (
                 ""
                 if s["fastpref_cached_vs_authors_way"] is None
-                else f"; fastpref cached vs the authors' way (uncached): {s['fastpref_cached_vs_authors_way']:.2f}x faster"
+                else "; fastpref cached vs the authors' way (uncached): "
+                f"{s['fastpref_cached_vs_authors_way']:.2f}x faster"
             )
             print(
-                f"- {m['mode']}: fastpref Adaptive vs the authors', both uncached: {s['same_caching_uncached']:.2f}x faster{extra}"
+                f"- {m['mode']}: fastpref Adaptive vs the authors', both uncached: "
+                f"{s['same_caching_uncached']:.2f}x faster{extra}"
             )
 
+
+def print_breakdowns(args, modes: List[dict]) -> None:
+    """Per mode, the median ms of each phase per variant, and the batched-forward probe."""
     for m in modes:
         if not m.get("breakdown"):
             continue
         names = ["step", *TOP_PHASES, REST, *SUB_PHASES]
         present = [n for n in names if any(n in b for b in m["breakdown"].values())]
         print(
-            f"\n## {m['mode']}: where the time goes (ms, median of {args.breakdown_rounds} rounds with a device sync around each phase)\n"
+            f"\n## {m['mode']}: where the time goes (ms, median of {args.breakdown_rounds} rounds "
+            "with a device sync around each phase)\n"
         )
         table = [{"variant": k, **{n: b.get(n) for n in present}} for k, b in m["breakdown"].items()]
         print(markdown(table, ["variant", *present], {n: "{:.1f}" for n in present}))
         p = m.get("batched_probe")
         if p:
             print(
-                f"\nno-grad forwards: 3 x {2 * args.batch} samples {p['three_fwd_2B_ms']:.1f} ms vs 1 x {6 * args.batch} samples {p['one_fwd_6B_ms']:.1f} ms (saving {p['saving_ms']:.1f} ms per step at most)"
+                f"\nno-grad forwards: 3 x {2 * args.batch} samples {p['three_fwd_2B_ms']:.1f} ms vs "
+                f"1 x {6 * args.batch} samples {p['one_fwd_6B_ms']:.1f} ms "
+                f"(saving {p['saving_ms']:.1f} ms per step at most)"
             )
-
-    if under_load:
-        print(
-            f"\nNOTE: load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end (> 1.5 on {os.cpu_count()} cores): figures taken under load from other processes."
-        )
-    print(f"\nwall time {wall:.1f} s")
-
-    if args.out:
-        output = Path(args.out)
-    else:
-        stem = "step" if args.model == "tiny" else f"step-{args.model}"
-        output = Path("benchmarks/results") / f"{'quick-' if args.quick else ''}{stem}-{_slug(machine)}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "step",
-        "device": machine,
-        "command": " ".join(
-            ["python", "benchmarks/bench_step.py", *argv] if argv is not None else ["python", *sys.argv]
-        ),
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "accelerate": accelerate.__version__,
-            "fastpref": fastpref.__version__,
-            "python": sys.version.split()[0],
-        },
-        "config": {
-            "model": args.model,
-            "model_description": components.description,
-            "resolution": args.resolution,
-            "latent_shape": list(batches[1]["latents"].shape[1:]),
-            "pairs_per_step": args.batch,
-            "samples_per_step": 2 * args.batch,
-            "dtype": args.dtype,
-            "device": str(device),
-            "lora_ranks": args.lora_ranks,
-            "variants": args.variant_keys,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "breakdown_rounds": args.breakdown_rounds,
-            "ema_decays": list(DECAYS),
-            "metric_warmup_steps": 0,
-            "loss_backend": "auto",
-            "beta": SD15_LOSS["beta"],
-            "k1": SD15_LOSS["k1"],
-            "seed": args.seed,
-            "quick": args.quick,
-            "torch_threads": torch.get_num_threads(),
-        },
-        "load_average": {
-            "start": list(load_start),
-            "end": list(load_end),
-            "cpu_count": os.cpu_count(),
-            "under_load": under_load,
-        },
-        "wall_s": wall,
-        "modes": modes,
-    }
-    output.write_text(json.dumps(report, indent=1))
-    print(f"wrote {output}")
-    return 0
 
 
 if __name__ == "__main__":
