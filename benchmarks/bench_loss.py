@@ -33,6 +33,8 @@ from typing import Callable, Dict, List, Optional
 from fastpref.machine import device_name
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+# The module of each fast backend; its OPS are the (forward, backward) ops timed bare.
+BACKEND_MODULES = {"triton": "fastpref.loss.triton.ops", "cpp": "fastpref.loss.native"}
 
 
 def _prepare_environment():
@@ -196,7 +198,7 @@ def loss_callables(case: Case, device, backends: List[str]):
     import torch
 
     import fastpref
-    from fastpref.loss import autograd as fused
+    from fastpref.loss import autograd
     from fastpref.loss.api import scalar_keywords
     from fastpref.loss.options import make_config
 
@@ -209,9 +211,9 @@ def loss_callables(case: Case, device, backends: List[str]):
         impls[f"fastpref-{backend}"] = lambda mp, rp, t, e, b=backend: fastpref.adaptive_dpo_loss(
             mp, rp, t, ema_preds=e, backend=b
         )
-    settings, modes = fused.encode(make_config(**scalar_keywords(fastpref.adaptive_dpo_loss)))
+    settings, modes = autograd.encode(make_config(**scalar_keywords(fastpref.adaptive_dpo_loss)))
     for backend in backends:
-        forward_op, backward_op = importlib.import_module(f"fastpref.{backend}_backend").OPS
+        forward_op, backward_op = importlib.import_module(BACKEND_MODULES[backend]).OPS
         impls[f"{backend} ops"] = _BareOps(forward_op, backward_op, settings, modes)
     return impls
 

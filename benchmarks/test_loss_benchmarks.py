@@ -1,10 +1,10 @@
 """pytest-benchmark suite of the loss: ``.venv/bin/python -m pytest benchmarks/ --benchmark-only``.
 
-Forward, backward and forward+backward of the eager reference, ``torch.compile`` of the
-reference, every fast backend available on the device and its bare ops, on the shapes of
-``fastpref.bench`` (``--quick`` cases by default; ``FASTPREF_BENCH_FULL=1`` for all). Speed is
-reported here, never asserted. ``benchmarks/bench_loss.py`` prints the same comparison as one
-interleaved table with bandwidth figures.
+Forward, backward and forward+backward of the implementations that ``benchmarks/bench_loss.py``
+times (eager reference, ``torch.compile`` of it, each fast backend available on the device and its
+bare ops), on its shapes (``--quick`` cases by default; ``FASTPREF_BENCH_FULL=1`` for all). Speed
+is reported here, never asserted; ``bench_loss.py`` prints the same comparison as one interleaved
+table with bandwidth figures.
 """
 
 import os

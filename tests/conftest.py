@@ -58,10 +58,10 @@ MULTI_CHUNK = 128
 
 
 def multi_chunk_config(features: int, batch: int, device) -> "object":
-    from fastpref.loss.triton import ops as triton_backend
+    from fastpref.loss.triton import ops as triton_ops
 
     n_chunks = -(-features // MULTI_CHUNK)
-    return triton_backend.LaunchConfig(block=MULTI_BLOCK, chunk_size=MULTI_CHUNK, n_chunks=n_chunks)
+    return triton_ops.LaunchConfig(block=MULTI_BLOCK, chunk_size=MULTI_CHUNK, n_chunks=n_chunks)
 
 
 def pytest_report_header(config):
@@ -95,9 +95,9 @@ def apply_tiling(monkeypatch, backend: str, mode: str) -> None:
     """Install tiling ``mode`` for ``backend``: ``"multi"`` patches the Triton launch heuristic."""
     if mode == "multi":
         assert backend in TILED_BACKENDS, backend
-        from fastpref.loss.triton import ops as triton_backend
+        from fastpref.loss.triton import ops as triton_ops
 
-        monkeypatch.setattr(triton_backend, "launch_config", multi_chunk_config)
+        monkeypatch.setattr(triton_ops, "launch_config", multi_chunk_config)
 
 
 @pytest.fixture

@@ -21,13 +21,15 @@ needs_triton = pytest.mark.skipif(
 COMPILE_BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"] + [
     b for b in BACKENDS if b not in ("triton", "torch")
 ]
-# Backends made of a forward and a backward torch.library op, fastpref::{name}_forward/_backward.
+# Backends made of a forward and a backward torch.library op, fastpref::{name}_forward/_backward,
+# registered by importing the backend's module.
 FUSED_BACKENDS = [b for b in BACKENDS if b != "torch"]
+BACKEND_MODULES = {"triton": "fastpref.loss.triton.ops", "cpp": "fastpref.loss.native"}
 
 
 def fused_op(backend: str, which: str):
     """``torch.ops.fastpref.{backend}_{which}``, registered by importing the backend's module."""
-    importlib.import_module(f"fastpref.{backend}_backend")
+    importlib.import_module(BACKEND_MODULES[backend])
     return getattr(torch.ops.fastpref, f"{backend}_{which}").default
 
 

@@ -297,13 +297,13 @@ def test_tiling_changes_the_launch():
         pytest.skip("no tiled backend on this device")
     from conftest import multi_chunk_config
 
-    from fastpref.loss.triton import ops as triton_backend
+    from fastpref.loss.triton import ops as triton_ops
 
     for features in (189, 1024):
         cfg = multi_chunk_config(features, 2, DEVICE)
         assert cfg.n_chunks >= 2 and cfg.chunk_size >= 2 * cfg.block and cfg.chunk_size % cfg.block == 0
         assert cfg.n_chunks * cfg.chunk_size >= features > (cfg.n_chunks - 1) * cfg.chunk_size
-        assert cfg != triton_backend.launch_config(features, 2, DEVICE)
+        assert cfg != triton_ops.launch_config(features, 2, DEVICE)
 
 
 def test_backends_cover_availability():

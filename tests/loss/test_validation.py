@@ -353,11 +353,11 @@ class Spy:
 @needs_triton
 def test_triton_interpreter_flag_is_read_at_call_time(monkeypatch):
     """The dispatch reads TRITON_INTERPRET per call: set, the call reaches the Triton backend."""
-    from fastpref.loss.triton import ops as triton_backend
+    from fastpref.loss.triton import ops as triton_ops
 
     (model_pred, ref_pred, target), _ = good()
     spy = Spy(result=lambda inputs, config, return_stats: (torch.zeros(()), None))
-    monkeypatch.setattr(triton_backend, "run", spy)
+    monkeypatch.setattr(triton_ops, "run", spy)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, backend="triton")
     assert spy.calls == 1
@@ -370,13 +370,13 @@ def test_triton_interpreter_flag_is_read_at_call_time(monkeypatch):
 @needs_triton
 def test_env_torch_makes_auto_use_torch(monkeypatch):
     import fastpref.loss.dispatch as dispatch
-    from fastpref.loss.triton import ops as triton_backend
+    from fastpref.loss.triton import ops as triton_ops
 
     (model_pred, ref_pred, target), emas = good()
     # Pretend "auto" picks the Triton kernels on this device (as on CUDA); the override must bypass that.
     spy = Spy()
     monkeypatch.setattr(dispatch, "auto_backend", lambda device: "triton")
-    monkeypatch.setattr(triton_backend, "run", spy)
+    monkeypatch.setattr(triton_ops, "run", spy)
     with pytest.raises(AssertionError, match="backend launched"):
         fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas)
     assert spy.calls == 1
@@ -442,11 +442,11 @@ def test_validation_before_backend_selection(monkeypatch, case, backend):
 @pytest.mark.parametrize("case", list(EARLY_CASES))
 def test_validation_before_kernel_launch(monkeypatch, case):
     """With the Triton backend selectable, a malformed call never reaches it."""
-    from fastpref.loss.triton import ops as triton_backend
+    from fastpref.loss.triton import ops as triton_ops
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     spy = Spy()
-    monkeypatch.setattr(triton_backend, "run", spy)
+    monkeypatch.setattr(triton_ops, "run", spy)
     (m, r, tg), e = good()
     call = lambda *a, **kw: fastpref.adaptive_dpo_loss(*a, backend="triton", **kw)  # noqa: E731
     with pytest.raises(BAD, match=case):
