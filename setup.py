@@ -1,14 +1,6 @@
-"""Build script for fastpref's optional native extension ``fastpref._C``.
-
-All metadata lives in ``pyproject.toml``. This file only adds the extension built from
-``csrc/`` (layout in ``csrc/README.md``): the device-agnostic units ``csrc/*.cpp`` and the CPU
-kernels ``csrc/cpu/*.cpp`` always, the CUDA kernels ``csrc/cuda/*`` only when the installed torch
-has CUDA; every unit sees the shared headers of ``csrc/include``. With no sources in ``csrc/``
-(or ``FASTPREF_NO_EXT=1``) fastpref installs as pure Python and every call runs on the Triton or
-eager PyTorch backends; ``fastpref info`` says which.
-
-Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already in
-the environment instead of downloading another one into an isolated build environment.
+"""Build script of fastpref's optional native extension ``fastpref._C`` (``csrc/``); all metadata
+lives in ``pyproject.toml``. Install with ``pip install --no-build-isolation -e .`` so the build
+uses the torch already in the environment rather than downloading another one.
 """
 
 import glob
@@ -20,6 +12,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def native_extensions():
+    """The extension (layout in ``csrc/README.md``): the device-agnostic units ``csrc/*.cpp`` and
+    the CPU kernels ``csrc/cpu/*.cpp`` always, the CUDA kernels ``csrc/cuda/*`` only when the
+    installed torch has CUDA, every unit with the shared headers of ``csrc/include``. With no
+    sources (or ``FASTPREF_NO_EXT=1``) fastpref installs as pure Python and every call runs on
+    the Triton or eager PyTorch backends; ``fastpref info`` says which."""
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if os.environ.get("FASTPREF_NO_EXT") == "1" or not cpp_sources:
         return [], {}

@@ -1,19 +1,7 @@
 """Parity check and timing table of the fastpref loss against eager PyTorch and torch.compile.
 
-Run as ``python benchmarks/bench_loss.py [--quick]``. It prints
-two markdown tables and writes JSON to ``benchmarks/results/<device>.json``:
-
-1. parity: each available backend against the float64 reference, per dtype, with the bound
-   ``|backend - ref64| <= 2 * |eager - ref64| + atol`` of the test suite;
-2. timing: forward, backward and forward+backward of the eager reference, ``torch.compile`` of
-   the reference and each fast backend, interleaved round-robin in one process (median of
-   rounds), with speedups over eager and compile, achieved bandwidth of the minimal traffic
-   (read every input once, write the gradient once) against a copy of the same number of bytes
-   measured in the same run, and (fwd+bwd rows) the peak memory allocated above the inputs, in
-   MiB and as a multiple of the gradient's size.
-
-Without CUDA, the Triton kernels run under Triton's CPU interpreter for the parity check only
-(they are far too slow there to time); this module sets ``TRITON_INTERPRET=1`` for that.
+Run as ``python benchmarks/bench_loss.py [--quick]``: prints two markdown tables (what they hold:
+``main``) and writes JSON to ``benchmarks/results/<device>.json``.
 """
 
 from __future__ import annotations
@@ -350,6 +338,20 @@ def markdown(rows: List[dict], columns: List[str], formats: Dict[str, str]) -> s
 
 
 def main(argv=None) -> int:
+    """Print and record two tables:
+
+    1. parity: each available backend against the float64 reference, per dtype, with the bound
+       ``|backend - ref64| <= 2 * |eager - ref64| + atol`` of the test suite;
+    2. timing: forward, backward and forward+backward of the eager reference, ``torch.compile`` of
+       the reference and each fast backend, interleaved round-robin in one process (median of
+       rounds), with speedups over eager and compile, achieved bandwidth of the minimal traffic
+       (read every input once, write the gradient once) against a copy of the same number of
+       bytes measured in the same run, and (fwd+bwd rows) the peak memory allocated above the
+       inputs, in MiB and as a multiple of the gradient's size.
+
+    Without CUDA, the Triton kernels run under Triton's CPU interpreter for the parity check only
+    (they are far too slow there to time); ``TRITON_INTERPRET=1`` is set for that.
+    """
     parser = argparse.ArgumentParser(prog="benchmarks/bench_loss.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="two SD1.5 cases (fp32, bf16, K=2): under a minute")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -386,7 +388,8 @@ def main(argv=None) -> int:
         rounds = args.rounds or (5 if args.quick else 7)
         reps = 5 if device.type == "cpu" else 20
         print(
-            f"\n## Timing, Adaptive-DPO (preset official, linear W, quadratic margin), median of {rounds} interleaved rounds\n"
+            "\n## Timing, Adaptive-DPO (preset official, linear W, quadratic margin), "
+            f"median of {rounds} interleaved rounds\n"
         )
         for case in cases:
             timing += time_case(case, device, timed_backends, rounds, reps)

@@ -1,17 +1,6 @@
-"""Where the fixed cost of one loss call goes: ``python benchmarks/bench_overhead.py``.
-
-Times each stage of a call on a tiny input (B=2, S=(1,2,2), K=2, fp32), where the kernels' own
-work is negligible, so what remains is per-call overhead: argument checks, dispatch, the
-autograd plumbing and the autograd engine running the backward. Uses the native CPU backend
-(``cpp``) when it is built, else stops with the reason.
-
-The public call runs twice: through ``fastpref::cpp_loss`` (the C++ autograd kernel, the eager
-default) and through ``fastpref.loss.autograd.FusedAdaptiveDPO`` (the Python autograd.Function the
-Triton backend uses; here ``fastpref.loss.native.run`` is swapped for ``autograd.run(native.OPS,
-...)``). Stages are timed in
-interleaved rounds (every stage once per round), so that load from other processes spreads over
-all stages alike; the median and the fastest round are reported (on a busy machine the fastest
-is the better estimate of the cost itself). Compare ratios within one run.
+"""Where the fixed cost of one loss call goes: ``python benchmarks/bench_overhead.py`` times each
+stage of a call of the native CPU backend on a tiny input, where what remains is per-call
+overhead (stages and method: ``main``).
 """
 
 import statistics
@@ -41,6 +30,19 @@ def interleaved_us(stages, calls=500, rounds=25, warmup=200):
 
 
 def main():
+    """Time each stage of a call on a tiny input (B=2, S=(1,2,2), K=2, fp32), where the kernels'
+    own work is negligible: argument checks, dispatch, the autograd plumbing and the autograd
+    engine running the backward. Needs the native CPU backend (``cpp``); stops with the reason
+    when it is not built.
+
+    The public call runs twice: through ``fastpref::cpp_loss`` (the C++ autograd kernel, the
+    eager default) and through ``fastpref.loss.autograd.FusedAdaptiveDPO`` (the Python
+    autograd.Function the Triton backend uses; here ``fastpref.loss.native.run`` is swapped for
+    ``autograd.run(native.OPS, ...)``). Stages are timed in interleaved rounds (every stage once
+    per round), so that load from other processes spreads over all stages alike; the median and
+    the fastest round are reported (on a busy machine the fastest is the better estimate of the
+    cost itself). Compare ratios within one run.
+    """
     reason = fastpref.availability("cpu")["cpp"]
     if reason is not None:
         raise SystemExit(f"the cpp backend is unavailable: {reason}")

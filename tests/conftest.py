@@ -1,20 +1,6 @@
-"""Shared setup of the fastpref tests: the Triton interpreter, the backends under test, and a
-seeded factory of loss inputs (shapes, dtypes, layouts) with their float64 oracle values.
-
-Triton decides between compiled and interpreted kernels when ``@triton.jit`` runs, i.e. when
-``fastpref.loss.triton.kernels`` is imported, so ``TRITON_INTERPRET=1`` is set here, before anything
-imports ``fastpref`` or ``triton``, whenever no CUDA device is present. ``import torch`` does not
-import triton.
-
-Fixtures and hooks:
-
-- ``backend``: any test that takes it runs once per backend that ``fastpref.availability``
-  reports available on ``DEVICE``, plus ``"torch"`` (so a built ``"cpp"`` backend is picked up
-  with no change here).
-- ``backend`` + ``tiling``: the same, plus a ``"multi"`` tiling for the Triton backend, which
-  monkeypatches ``fastpref.loss.triton.ops.launch_config`` to small blocks and several chunks so
-  that the multi-chunk and multi-iteration paths of the kernels run even for tiny inputs.
-- ``make_case``: the :func:`make_case` factory.
+"""Shared setup of the fastpref tests: the Triton interpreter, the backends under test (the
+``backend`` and ``tiling`` parameters), and a seeded factory of loss inputs (shapes, dtypes,
+layouts) with their float64 oracle values.
 """
 
 from __future__ import annotations
@@ -28,7 +14,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 if not torch.cuda.is_available():
-    # Must precede the first import of triton (fastpref imports it lazily, through dispatch).
+    # Triton decides between compiled and interpreted kernels when @triton.jit runs (when
+    # fastpref.loss.triton.kernels is imported): this must precede the first import of triton
+    # (fastpref imports it lazily, through dispatch; import torch does not).
     assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could set TRITON_INTERPRET"
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -81,6 +69,11 @@ def _explicitly_parametrized(metafunc, name: str) -> bool:
 
 
 def pytest_generate_tests(metafunc):
+    """A test taking ``backend`` runs once per backend that ``fastpref.availability`` reports
+    available on ``DEVICE``, plus ``"torch"`` (so a built ``"cpp"`` backend is picked up with no
+    change here). With ``tiling`` too, the Triton backend also runs with the ``"multi"`` tiling,
+    which patches ``fastpref.loss.triton.ops.launch_config`` to small blocks and several chunks so
+    that the multi-chunk and multi-iteration paths of the kernels run even for tiny inputs."""
     names = metafunc.fixturenames
     if "backend" not in names or _explicitly_parametrized(metafunc, "backend"):
         return

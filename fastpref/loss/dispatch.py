@@ -1,10 +1,5 @@
-"""Backend selection (docs/spec.md §8): one place that decides which implementation serves a call and,
-when the requested one cannot, raises ``RuntimeError`` saying why.
-
-``"auto"`` (or ``$FASTPREF_BACKEND``): on CUDA the Triton kernels; on CPU the native kernel when
-it is built, else the eager reference. Every fallback of ``"auto"`` is a backend held to the
-same parity bounds, so falling back never changes results beyond them.
-"""
+"""Backend selection (docs/spec.md §8): the one place that decides which implementation serves a
+call and, when the requested one cannot, raises ``RuntimeError`` saying why."""
 
 from __future__ import annotations
 
@@ -92,7 +87,9 @@ def availability(device) -> dict:
 
 
 def auto_backend(device: torch.device) -> str:
-    """The backend ``"auto"`` picks on ``device``."""
+    """The backend ``"auto"`` picks on ``device``: on CUDA the Triton kernels; on CPU the native
+    kernel when it is built, else the eager reference. Every fallback is a backend held to the
+    same parity bounds, so falling back never changes results beyond them."""
     for name in ("triton", "torch") if device.type == "cuda" else ("cpp", "torch"):
         if unavailable_reason(name, device) is None:
             return name

@@ -1,13 +1,6 @@
-"""An independent float64 reading of the loss spec (docs/spec.md §2-§6).
-
-Written from the spec text alone (it imports nothing from ``fastpref``), so that the tests compare
-two readings of the spec rather than one implementation with itself. NumPy float64 throughout; the
-gradient in ``model_pred`` uses the closed form of §6 with ``a_j = dLoss/dl_theta[j]`` derived
-here per loss head (u, W, Gamma and c2 are constants, as §6 says).
-
-Reading of an ambiguity (§5b): ``y~_j = yhat_j + (R_j / pi_j) * (y_j - yhat_j)`` with ``R_j = 0``
-would be ``0 * NaN = NaN`` for a NaN human label, yet §5b explicitly allows NaN labels where
-``human_mask`` is False; the term is taken as absent (exactly 0) on unmasked pairs.
+"""An independent float64 reading of the loss spec (docs/spec.md §2-§6) in NumPy, written from the
+spec text alone (it imports nothing from ``fastpref``), so that the tests compare two readings of
+the spec rather than one implementation with itself.
 """
 
 from __future__ import annotations
@@ -32,13 +25,13 @@ def sigmoid(x):
     return np.where(x >= 0, 1.0 / (1.0 + ex), ex / (1.0 + ex))
 
 
-def head(l, W, gamma, *, loss_type, beta, eps, tau, soft_label=None):
+def head(l_theta, W, gamma, *, loss_type, beta, eps, tau, soft_label=None):
     """Per-pair loss L_j (§5, §5b) as a function of l_theta with W and Gamma held fixed."""
-    y = beta * l - gamma
+    y = beta * l_theta - gamma
     if loss_type == "sigmoid":
         return W * softplus(-y)  # -log(sigmoid(y))
     if loss_type == "ipo":
-        return W * (l - gamma / beta - 1.0 / (2.0 * tau)) ** 2
+        return W * (l_theta - gamma / beta - 1.0 / (2.0 * tau)) ** 2
     if loss_type == "hinge":
         return W * np.maximum(1.0 - y, 0.0)
     if loss_type == "robust":
@@ -50,13 +43,13 @@ def head(l, W, gamma, *, loss_type, beta, eps, tau, soft_label=None):
     raise ValueError(loss_type)
 
 
-def head_grad(l, W, gamma, *, loss_type, beta, eps, tau, soft_label=None):
+def head_grad(l_theta, W, gamma, *, loss_type, beta, eps, tau, soft_label=None):
     """dL_j/dl_theta[j] in closed form (d/dl = beta * d/dy for every head but IPO)."""
-    y = beta * l - gamma
+    y = beta * l_theta - gamma
     if loss_type == "sigmoid":
         return beta * W * -sigmoid(-y)
     if loss_type == "ipo":
-        return 2.0 * W * (l - gamma / beta - 1.0 / (2.0 * tau))
+        return 2.0 * W * (l_theta - gamma / beta - 1.0 / (2.0 * tau))
     if loss_type == "hinge":
         return beta * W * -(1.0 - y > 0).astype(np.float64)
     if loss_type == "robust":
@@ -69,7 +62,12 @@ def head_grad(l, W, gamma, *, loss_type, beta, eps, tau, soft_label=None):
 
 
 def soft_label(batch, synthetic_label, human_label, human_mask, propensity):
-    """y~ of §5b; each input a float or a [B] array."""
+    """y~ of §5b; each input a float or a [B] array.
+
+    Reading of an ambiguity: ``y~_j = yhat_j + (R_j / pi_j) * (y_j - yhat_j)`` with ``R_j = 0``
+    would be ``0 * NaN = NaN`` for a NaN human label, yet §5b explicitly allows NaN labels where
+    ``human_mask`` is False; the term is taken as absent (exactly 0) on unmasked pairs.
+    """
     yhat, y, pi = (np.broadcast_to(_f64(v), (batch,)) for v in (synthetic_label, human_label, propensity))
     mask = np.broadcast_to(_f64(human_mask), (batch,)) != 0
     correction = np.zeros(batch)
@@ -127,9 +125,9 @@ def oracle(
     def pair_l(e):  # §2 l_m
         return (e_ref[:B] - e[:B]) - (e_ref[B:] - e[B:])
 
-    l = pair_l(e_theta)
-    z = beta * l
-    L = np.stack([l] + [pair_l(err(e)) for e in emas])  # [M, B]
+    l_theta = pair_l(e_theta)
+    z = beta * l_theta
+    L = np.stack([l_theta] + [pair_l(err(e)) for e in emas])  # [M, B]
     M = L.shape[0]
 
     # §3
@@ -154,15 +152,15 @@ def oracle(
         "none": lambda: np.ones(B),
     }[weighting]()
     k2 = -1.0 / beta if k2 is None else float(k2)
-    c2 = l.mean() if c2 is None else float(c2)
+    c2 = l_theta.mean() if c2 is None else float(c2)
     gamma = {"quadratic": lambda: k2 * u**2 + c2, "linear": lambda: k2 * u + c2, "none": lambda: np.zeros(B)}[margin]()
 
     # §5, §5b
     options = dict(loss_type=loss_type, beta=beta, eps=eps, tau=beta if ipo_tau is None else float(ipo_tau))
     if loss_type == "dedpo":
         options["soft_label"] = soft_label(B, synthetic_label, human_label, human_mask, propensity)
-    per_pair = head(l, W, gamma, **options)
-    dper_pair = head_grad(l, W, gamma, **options)
+    per_pair = head(l_theta, W, gamma, **options)
+    dper_pair = head_grad(l_theta, W, gamma, **options)
     if reduction == "none":
         loss = per_pair
         upstream = np.ones(B) if grad_output is None else _f64(grad_output)
@@ -179,7 +177,7 @@ def oracle(
 
     stats = dict(
         logits=z,
-        l_theta=l,
+        l_theta=l_theta,
         u=u,
         confidence=c,
         stability=s,

@@ -1,19 +1,7 @@
-"""The native CPU backend ``"cpp"`` (``csrc/``, ``fastpref._C``): what the generic parity tests
-do not cover.
-
-- bitwise reproducibility: across thread counts, repeated calls and the instruction-set variants
-  of the kernels (baseline, AVX2, AVX-512), and between a strided layout and the same values
-  stored contiguously (a column lands in the same accumulator lane whatever the layout);
-- the multi-chunk path (D larger than one parallel chunk) against the float64 reference;
-- correctly rounded float16/bfloat16 gradients, also from a float64 accumulator;
-- gradcheck, ``torch.library.opcheck`` of the three ops, ``torch.compile(fullgraph=True)``;
-- the C++ autograd op ``fastpref::cpp_loss`` (every call's path) against the Python
-  ``autograd.FusedAdaptiveDPO`` path over the same two ops: bitwise-equal losses, stats and
-  gradients, and the same autograd behaviour (no graph, retain_graph, double backward, in-place
-  changes of saved inputs, inputs other than model_pred requiring grad);
-- the dispatch: ``"auto"`` picks ``"cpp"`` on CPU, and says why it cannot run elsewhere.
-
-Skipped as a whole when the extension is not built (``fastpref.availability`` says why).
+"""The native CPU backend ``"cpp"`` (``csrc/``, ``fastpref._C``) where the generic parity tests do
+not reach: bitwise reproducibility, multi-chunk inputs, rounding of 16-bit gradients, the ops'
+contracts, the C++ autograd op against the Python one, the dispatch. Skipped as a whole when the
+extension is not built (``fastpref.availability`` says why).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``fastpref.reference`` against the independent float64 oracle of ``tests/oracle.py`` (docs/spec.md §2-§6).
+"""``fastpref.reference`` against the independent float64 oracle of ``tests/loss/oracle.py`` (docs/spec.md §2-§6).
 
 Every case runs in float64 on CPU; the reference's gradient comes from ``torch.autograd.grad`` and
 the oracle's from the closed form of docs/spec.md §6, so a match also checks that u, W, Gamma and c2 are
@@ -131,16 +131,16 @@ def check(fn, model, ref, target, *, seed=0, oracle_extra=None, **kw):
 def test_oracle_head_grad_matches_finite_differences(loss_type):
     rng = np.random.default_rng(0)
     beta, eps, tau = 700.0, 0.2, 300.0
-    l = rng.normal(scale=2e-3, size=64)
+    l_theta = rng.normal(scale=2e-3, size=64)
     W = rng.uniform(0.1, 1.0, size=64)
     gamma = rng.normal(scale=0.5, size=64)
     soft = rng.uniform(-0.5, 1.5, size=64)
     kw = dict(loss_type=loss_type, beta=beta, eps=eps, tau=tau, soft_label=soft)
-    y = beta * l - gamma
+    y = beta * l_theta - gamma
     keep = np.abs(1 - y) > 1e-3  # hinge kink
     h = 1e-8
-    numeric = (head(l + h, W, gamma, **kw) - head(l - h, W, gamma, **kw)) / (2 * h)
-    closed = head_grad(l, W, gamma, **kw)
+    numeric = (head(l_theta + h, W, gamma, **kw) - head(l_theta - h, W, gamma, **kw)) / (2 * h)
+    closed = head_grad(l_theta, W, gamma, **kw)
     np.testing.assert_allclose(closed[keep], numeric[keep], rtol=1e-5, atol=1e-6 * np.abs(numeric).max())
 
 

@@ -1,15 +1,6 @@
-"""Parity of every backend with the float64 eager reference (docs/spec.md §2-§6, §8).
-
-The oracle is ``fastpref.reference`` run on the same input values upcast to float64. Compared:
-the loss, the gradient of ``model_pred`` (under a random upstream gradient, a strided one for
-``reduction="none"``) and every stats entry.
-
-- float64 inputs: tight tolerances, the full preset x weighting x margin x loss_type x reduction
-  grid, EMA counts K = 0..5 and 10 (K > 4 takes two or more launches of the Triton error kernel),
-  shared/per-sample target, stacked/list EMA, non-contiguous layouts, odd D and batch sizes.
-- float32/bfloat16/float16 and mixes: the flash-attention rule
-  ``max|backend - ref64| <= 2 * max|eager_same_dtype - ref64| + atol`` (eager_same_dtype is the
-  reference on the low-precision inputs), plus an absolute backstop.
+"""Parity of every backend with ``fastpref.reference`` run on the same input values upcast to
+float64 (docs/spec.md §2-§6, §8): the loss, the gradient of ``model_pred`` (under a random upstream
+gradient, a strided one for ``reduction="none"``) and every stats entry.
 """
 
 from __future__ import annotations
@@ -75,6 +66,9 @@ def check_float64(case, config, backend, *, seed=0, **kw):
 # ---------------------------------------------------------------------------------------------
 # float64: the full option grid
 # ---------------------------------------------------------------------------------------------
+# Tight tolerances over preset x weighting x margin x loss_type x reduction; below, EMA counts
+# K = 0..5 and 10 (K > 4 takes two or more launches of the Triton error kernel), shared and
+# per-sample targets, stacked and list EMA inputs, non-contiguous layouts, odd D and batch sizes.
 
 GRID = list(itertools.product(PRESETS, WEIGHTINGS, MARGINS, LOSS_TYPES, REDUCTIONS))
 # The other dimensions cycle along the grid (every option of each meets many grid points):
@@ -90,7 +84,8 @@ def _grid_params():
         shared = index % 2 == 1
         form = "list" if (index // 2) % 2 else "stacked"
         variant = dict(k=k, batch=batch, shared_target=shared, ema_form=form, seed=index % 7)
-        ident = f"{preset}-{weighting}-{margin}-{loss_type}-{reduction}-K{k}-B{batch}-{'shared' if shared else 'full'}-{form}"
+        target = "shared" if shared else "full"
+        ident = f"{preset}-{weighting}-{margin}-{loss_type}-{reduction}-K{k}-B{batch}-{target}-{form}"
         params.append(pytest.param(preset, weighting, margin, loss_type, reduction, variant, id=ident))
     return params
 
@@ -262,8 +257,8 @@ def test_reference_matches_spec_formula():
     B, D = case.batch, case.features
     e_pol = ((model.detach() - target) ** 2).flatten(1).mean(1)
     e_ref = ((ref - target) ** 2).flatten(1).mean(1)
-    l = (e_ref[:B] - e_pol[:B]) - (e_ref[B:] - e_pol[B:])
-    z = BETA * l
+    l_theta = (e_ref[:B] - e_pol[:B]) - (e_ref[B:] - e_pol[B:])
+    z = BETA * l_theta
     torch.testing.assert_close(stats["logits"], z)
     torch.testing.assert_close(loss, -torch.log(torch.sigmoid(z)).mean())
     a = -(1.0 / B) * BETA * torch.sigmoid(-z)
@@ -276,6 +271,9 @@ def test_reference_matches_spec_formula():
 # ---------------------------------------------------------------------------------------------
 # Low precision and mixed dtypes: the flash-attention rule
 # ---------------------------------------------------------------------------------------------
+# float32/bfloat16/float16 and mixes: max|backend - ref64| <= 2 * max|eager_same_dtype - ref64|
+# + atol, where eager_same_dtype is the reference on the low-precision inputs, plus an absolute
+# backstop (conftest.flash_check).
 
 f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 DTYPE_CASES = {
