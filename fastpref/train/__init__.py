@@ -6,7 +6,8 @@ accelerate and peft. It uses the loss only through fastpref's public API.
 the loss only; diffusers, accelerate and peft load when a trainer is built.
 """
 
+from .config import TrainConfig
 from .data import PairSampler
-from .trainer import NonFiniteLossError, PreferenceTrainer, TrainConfig
+from .trainer import NonFiniteLossError, PreferenceTrainer
 
 __all__ = ["TrainConfig", "PreferenceTrainer", "PairSampler", "NonFiniteLossError"]

@@ -1,413 +1,225 @@
-"""``fastpref train``: Diffusion-DPO / Adaptive-DPO fine-tuning of SD 1.5 and SDXL on Pick-a-Pic data.
+"""``fastpref train``: the command that fine-tunes SD 1.5 / SDXL on Pick-a-Pic preference pairs.
 
     fastpref train --pretrained_model_name_or_path MODEL --dataset_name DATA --output_dir OUT [...]
     accelerate launch -m fastpref.train ...          # several processes (DDP)
 
-Flags follow diffusers' ``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py``
-where the concept is the same (``--beta_dpo`` has the same scale there and here). The loop:
-load the pipeline folder (SDXL is detected from it), read the parquet data
-(:class:`fastpref.train.data.PreferenceDataset`: winner first, ties dropped unless ``--keep_ties``,
-seeded ``--flip_rate`` flips, bad rows skipped and counted), optionally encode it once into a
-latent cache (``--cache_latents``), and run :class:`fastpref.train.trainer.PreferenceTrainer` for
-``--max_train_steps`` optimizer steps. Outputs in ``--output_dir``:
-
-- ``pytorch_lora_weights.safetensors`` (LoRA; ``pipe.load_lora_weights(output_dir)`` loads it)
-  or ``unet/`` (full fine-tune, safetensors);
-- ``checkpoint-N/`` every ``--checkpointing_steps`` steps and at the end (accelerate state:
-  weights, optimizer, LR schedule, RNG; plus the trainer's counters and EMA footprints). Each
-  is written to ``checkpoint-N.partial`` and renamed when complete, so a run killed mid-save
-  leaves the previous checkpoint intact. ``--resume_from_checkpoint latest`` continues bit for
-  bit (the data order and the noise are functions of the step);
-- ``logs/`` (TensorBoard with ``--report_to tensorboard``) and ``train_log.jsonl`` (one line per
-  optimizer step): loss, implicit accuracy, mean u, W, Gamma, u on flipped vs kept pairs, LR,
-  skipped steps; ``train_summary.json`` at the end.
+Its flags are generated from :class:`DataArguments`, ``TrainConfig`` and :class:`RunArguments`
+(names as diffusers' ``train_diffusion_dpo.py`` where the concept is the same); :func:`train`
+runs the steps below them.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
 import time
+from dataclasses import field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
+from . import data
+from .arch import detect_arch
+from .checkpoints import install_lora_hooks, resume, save_checkpoint, save_weights
+from .config import ARCH_DEFAULTS, TrainConfig
+from .files import write_atomic
+from .trainer import NonFiniteLossError, PreferenceTrainer
+
 logger = logging.getLogger("fastpref.train")
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+LOG_FILE = "train_log.jsonl"
+SUMMARY_FILE = "train_summary.json"
 DEFAULT_CACHE = Path(os.environ.get("FASTPREF_CACHE", Path.home() / ".cache" / "fastpref")) / "latents"
-# The paper's per-architecture settings (Adaptive-DPO, SD1.5 / SDXL), used when not given.
-ARCH_DEFAULTS = {"sd15": {"beta_dpo": 1000.0, "k1": 10.0}, "sdxl": {"beta_dpo": 2500.0, "k1": 1.0}}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fastpref train",
-        description="Preference fine-tuning (Diffusion-DPO, Adaptive-DPO, IPO, robust DPO, cDPO, SFT, DeDPO) of SD 1.5 / SDXL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    a = p.add_argument_group("model and data")
-    a.add_argument(
-        "--pretrained_model_name_or_path",
-        required=True,
-        help="local diffusers pipeline folder (or a hub id where the hub is reachable); SDXL is detected from it",
-    )
-    a.add_argument(
-        "--dataset_name",
-        required=True,
-        help="a parquet file or a folder of *.parquet in the Pick-a-Pic v2 schema (caption, jpg_0, jpg_1, label_0)",
-    )
-    a.add_argument("--output_dir", required=True, help="where weights, checkpoints and logs go")
-    a.add_argument(
-        "--resolution", type=int, default=None, help="training resolution in pixels; default 512 (sd15) / 1024 (sdxl)"
-    )
-    a.add_argument("--max_train_samples", type=int, default=None, help="use only the first N valid pairs")
-    a.add_argument("--keep_ties", action="store_true", help="keep pairs with label_0 == 0.5 (dropped by default)")
-    a.add_argument(
-        "--flip_rate",
-        type=float,
-        default=0.0,
-        help="flip the labels of this share of pairs (a seeded random subset), to study label noise",
-    )
-    a.add_argument("--flip_seed", type=int, default=0, help="seed of the flipped subset")
-    a.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="encode VAE latents and text embeddings once (reused across runs and resumes)",
-    )
-    a.add_argument(
-        "--cache_dir", default=str(DEFAULT_CACHE), help="where the latent cache lives ($FASTPREF_CACHE/latents)"
-    )
-    a.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes")
-    a.add_argument(
-        "--human_fraction",
-        type=float,
-        default=None,
-        help="dedpo: share of pairs that keep their human label (the rest use the judge's synthetic_label_0)",
-    )
-    a.add_argument("--human_seed", type=int, default=0, help="dedpo: seed of which pairs keep their human label")
+@dataclasses.dataclass
+class DataArguments:
+    """What to train on: the pipeline folder and the preference data."""
 
-    t = p.add_argument_group("optimization")
-    t.add_argument("--train_batch_size", type=int, default=4, help="pairs per process per micro-step")
-    t.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
-    t.add_argument(
-        "--max_train_steps", type=int, default=None, help="optimizer steps; default: --num_train_epochs over the data"
-    )
-    t.add_argument("--num_train_epochs", type=int, default=1, help="epochs, when --max_train_steps is not given")
-    t.add_argument("--learning_rate", type=float, default=1e-5, help="peak learning rate")
-    t.add_argument(
-        "--scale_lr", action="store_true", help="multiply the learning rate by batch size x accumulation x processes"
-    )
-    t.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
-    )
-    t.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps of the LR schedule")
-    t.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    t.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    t.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
-    t.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    t.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    t.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
-    t.add_argument(
-        "--lora_rank", type=int, default=8, help="LoRA rank on the attention projections; 0 = full fine-tune"
-    )
-    t.add_argument(
-        "--mixed_precision",
-        default=None,
-        choices=["no", "fp16", "bf16"],
-        help="default: accelerate's configuration, else no",
-    )
-    t.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for UNet activation memory")
-    t.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and noise")
+    _argument_group_name = "model and data"
 
-    l = p.add_argument_group("loss")  # noqa: E741
-    l.add_argument(
-        "--loss_type",
-        default="adaptive",
-        choices=["dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo"],
-        help="the objective",
-    )
-    l.add_argument(
-        "--beta_dpo",
-        type=float,
-        default=None,
-        help="beta, diffusers' scale (z = beta * difference of per-sample mean squared errors); default 1000 (sd15) / 2500 (sdxl), the paper's",
-    )
-    l.add_argument("--rho", type=float, default=15.0, help="scale of l inside the metric u")
-    l.add_argument("--k1", type=float, default=None, help="weight strength; default 10 (sd15) / 1 (sdxl), the paper's")
-    l.add_argument("--k2", type=float, default=None, help="margin slope; default -1/beta")
-    l.add_argument("--c2", type=float, default=None, help="margin offset; default the detached batch mean of l")
-    l.add_argument("--ipo_tau", type=float, default=None, help="tau of the IPO heads; default beta")
-    l.add_argument(
-        "--weighting",
-        default=None,
-        choices=["linear", "square", "sqrt", "sigmoid", "none"],
-        help="W; default linear for the adaptive types, none otherwise",
-    )
-    l.add_argument(
-        "--margin",
-        default=None,
-        choices=["quadratic", "linear", "none"],
-        help="Gamma; default quadratic for the adaptive types, none otherwise",
-    )
-    l.add_argument(
-        "--metric_preset",
-        default="official",
-        choices=["official", "paper"],
-        help="u as the authors' code (official) or as the paper's equations print it",
-    )
-    l.add_argument(
-        "--label_noise", "--eps", dest="eps", type=float, default=0.1, help="noise rate of robust / smoothing of cdpo"
-    )
-    l.add_argument(
-        "--ema_decays", default="0.9999,0.5", help="comma-separated decays of the EMA footprints (the authors')"
-    )
-    l.add_argument(
-        "--metric_warmup_steps",
-        type=int,
-        default=None,
-        help="micro-steps with u := 0 (default 2 x gradient_accumulation_steps, the authors')",
-    )
-    l.add_argument(
-        "--global_metric",
-        action="store_true",
-        help="u's batch statistics over the global batch of all processes (default: per process, as the authors)",
-    )
-    l.add_argument(
-        "--loss_backend", default="auto", choices=["auto", "triton", "cpp", "torch"], help="fastpref loss backend"
-    )
-    l.add_argument(
-        "--max_nonfinite_steps",
-        type=int,
-        default=10,
-        help="abort (after saving a checkpoint) after this many non-finite steps in a row",
-    )
-
-    o = p.add_argument_group("checkpoints and logs")
-    o.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every N optimizer steps")
-    o.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
-    o.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output_dir")
-    o.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
-    o.add_argument("--logging_dir", default="logs", help="TensorBoard folder inside --output_dir")
-    o.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def checkpoints(output_dir) -> List[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first."""
-    found = [
-        (int(m.group(1)), d)
-        for d in Path(output_dir).glob("checkpoint-*")
-        if (m := CHECKPOINT.match(d.name)) and d.is_dir()
-    ]
-    return [d for _, d in sorted(found)]
-
-
-def resolve_resume(value: Optional[str], output_dir) -> Optional[Path]:
-    if not value:
-        return None
-    if value == "latest":
-        found = checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(value)
-    if not path.is_dir():
-        path = Path(output_dir) / value
-    if not path.is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a checkpoint folder")
-    return path
-
-
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int]) -> Path:
-    """``accelerator.save_state`` into ``checkpoint-<step>.partial``, then renamed."""
-    final = Path(output_dir) / f"checkpoint-{step}"
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        if total_limit is not None:
-            for old in checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def install_lora_hooks(accelerator, unet_type) -> None:
-    """Checkpoints of a LoRA run hold the policy adapter only (not the frozen base UNet)."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        for model in models:
-            if not isinstance(model, unet_type):
-                raise ValueError(f"unexpected model in the checkpoint: {type(model).__name__}")
-            if accelerator.is_main_process:
-                state = {
-                    k: v.detach().cpu().contiguous()
-                    for k, v in get_peft_model_state_dict(model, adapter_name="default").items()
-                }
-                save_file(state, os.path.join(output_dir, "policy_lora.safetensors"))
-            if weights:
-                weights.pop()  # accelerate must not also save the whole (frozen) UNet
-
-    def load_hook(models, input_dir):
-        while models:
-            model = models.pop()
-            if isinstance(model, unet_type):
-                state = load_file(os.path.join(input_dir, "policy_lora.safetensors"))
-                result = set_peft_model_state_dict(model, state, adapter_name="default")
-                if getattr(result, "unexpected_keys", None):
-                    raise RuntimeError(f"checkpoint LoRA keys do not match the model: {result.unexpected_keys[:5]}")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-# --------------------------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------------------------
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """This process's share of a global stream: global micro-batch ``g`` is positions
-    ``[g*P*B, (g+1)*P*B)`` of the :class:`fastpref.train.data.PairSampler`; process ``p`` takes
-    ``[p*B, (p+1)*B)`` of it. One process with batch ``P*B`` sees the same pairs in the same order."""
-
-    def __init__(self, sampler, batch_size: int, num_processes: int, process_index: int):
-        self.sampler, self.batch_size = sampler, batch_size
-        self.num_processes, self.process_index = num_processes, process_index
-
-    def __iter__(self):
-        chunk = self.batch_size * self.num_processes
-        lo, hi = self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size
-        for position, index in enumerate(self.sampler):
-            if lo <= position % chunk < hi:
-                yield index
-
-
-def time_ids(batch: dict, resolution: int) -> torch.Tensor:
-    """SDXL ``add_time_ids [2B, 6]``: (original h, w, crop top, left, target h, w) per image."""
-    target = torch.tensor([resolution, resolution], dtype=torch.int64).expand(batch["original_sizes"].shape[0], 2)
-    return torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=-1).float()
-
-
-class Encoder:
-    """Turns a collated batch (pixels and captions, or cached latents and embeddings) into the
-    trainer's batch (:mod:`fastpref.train.trainer`)."""
-
-    def __init__(self, vae, tokenizers, text_encoders, resolution: int, device):
-        self.vae, self.tokenizers, self.text_encoders = vae, tokenizers, text_encoders
-        self.resolution, self.device = resolution, device
-
-    def __call__(self, batch: dict) -> dict:
-        from .data import encode_images, encode_prompts
-
-        out = {
-            k: batch[k] for k in ("flipped", "synthetic_label", "human_label", "human_mask", "propensity") if k in batch
+    pretrained_model_name_or_path: str = field(
+        metadata={
+            "help": "local diffusers pipeline folder (or a hub id where the hub is reachable); SDXL is detected from it"
         }
-        if "latents" in batch:
-            out["latents"] = batch["latents"]
-            out["encoder_hidden_states"] = batch["prompt_embeds"]
-            pooled = batch.get("pooled_prompt_embeds")
-        else:
-            pixels = batch["pixel_values"]  # [2B, 3, R, R], winners then losers
-            out["latents"] = encode_images(self.vae, pixels.to(self.device)).float()
-            out["encoder_hidden_states"], pooled = encode_prompts(
-                batch["captions"], self.tokenizers, self.text_encoders
-            )
-        if pooled is not None:
-            out["pooled_prompt_embeds"] = pooled
-            out["add_time_ids"] = time_ids(batch, self.resolution)
-        return out
+    )
+    dataset_name: str = field(
+        metadata={
+            "help": "a parquet file or a folder of *.parquet in the Pick-a-Pic v2 schema "
+            "(caption, jpg_0, jpg_1, label_0)"
+        }
+    )
+    resolution: Optional[int] = field(
+        default=None, metadata={"help": "training resolution in pixels; default 512 (sd15) / 1024 (sdxl)"}
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N valid pairs"})
+    keep_ties: bool = field(default=False, metadata={"help": "keep pairs with label_0 == 0.5 (dropped by default)"})
+    flip_rate: float = field(
+        default=0.0,
+        metadata={"help": "flip the labels of this share of pairs (a seeded random subset), to study label noise"},
+    )
+    flip_seed: int = field(default=0, metadata={"help": "seed of the flipped subset"})
+    cache_latents: bool = field(
+        default=False,
+        metadata={"help": "encode VAE latents and text embeddings once (reused across runs and resumes)"},
+    )
+    cache_dir: str = field(
+        default=str(DEFAULT_CACHE), metadata={"help": "where the latent cache lives ($FASTPREF_CACHE/latents)"}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    human_fraction: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "dedpo: share of pairs that keep their human label (the rest use the judge's synthetic_label_0)"
+        },
+    )
+    human_seed: int = field(default=0, metadata={"help": "dedpo: seed of which pairs keep their human label"})
+
+
+@dataclasses.dataclass
+class RunArguments:
+    """How the run goes: batch size and length, checkpoints, logs."""
+
+    _argument_group_name = "run: batches, checkpoints and logs"
+
+    output_dir: str = field(metadata={"help": "where weights, checkpoints and logs go"})
+    train_batch_size: int = field(default=4, metadata={"help": "pairs per process per micro-step"})
+    num_train_epochs: int = field(default=1, metadata={"help": "epochs, when --max_train_steps is not given"})
+    scale_lr: bool = field(
+        default=False, metadata={"help": "multiply the learning rate by batch size x accumulation x processes"}
+    )
+    checkpointing_steps: int = field(default=500, metadata={"help": "save a checkpoint every N optimizer steps"})
+    checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "keep at most N checkpoints"})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "a checkpoint folder, or 'latest' in --output_dir"}
+    )
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
+    logging_dir: str = field(default="logs", metadata={"help": "TensorBoard folder inside --output_dir"})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
+
+
+# TrainConfig fields whose command-line default depends on the run: not given, they are resolved
+# from the model's architecture, the data or accelerate (what the help says).
+RUN_DEFAULTS = {
+    "beta": "the paper's {sd15[beta]:g} (sd15) / {sdxl[beta]:g} (sdxl)".format(**ARCH_DEFAULTS),
+    "k1": "the paper's {sd15[k1]:g} (sd15) / {sdxl[k1]:g} (sdxl)".format(**ARCH_DEFAULTS),
+    "max_train_steps": "--num_train_epochs over the data",
+    "mixed_precision": "accelerate's configuration, else no",
+}
+
+
+def build_parser():
+    """The flags of :class:`DataArguments`, :class:`~fastpref.train.config.TrainConfig` and
+    :class:`RunArguments`, with their defaults, choices and help (``fastpref train --help``)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        (DataArguments, TrainConfig, RunArguments),
+        prog="fastpref train",
+        description="Preference fine-tuning (Diffusion-DPO, Adaptive-DPO, IPO, robust DPO, cDPO, SFT, DeDPO) "
+        "of SD 1.5 / SDXL.",
+    )
+    parser.set_defaults(**dict.fromkeys(RUN_DEFAULTS))
+    for action in parser._actions:
+        if action.dest in RUN_DEFAULTS:
+            action.help = f"{action.help}; fastpref train's default: {RUN_DEFAULTS[action.dest]}"
+    return parser
+
+
+def parse_args(argv=None) -> Tuple[DataArguments, dict, RunArguments]:
+    """``(data, settings, run)``: ``settings`` are the TrainConfig fields as given (``None`` for
+    the :data:`RUN_DEFAULTS` not given); :func:`train_config` resolves them."""
+    values = vars(build_parser().parse_args(argv))
+
+    def take(cls) -> dict:
+        return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
+
+    return DataArguments(**take(DataArguments)), take(TrainConfig), RunArguments(**take(RunArguments))
 
 
 # --------------------------------------------------------------------------------------------
-# main
+# the run, step by step
 # --------------------------------------------------------------------------------------------
 
 
-def train(args) -> dict:
+def model_arch(model_path: str) -> str:
+    """``"sd15"`` or ``"sdxl"``: read from a local pipeline folder, else guessed from a hub id."""
+    if Path(model_path).is_dir():
+        return detect_arch(model_path)
+    return "sdxl" if "xl" in model_path.lower() else "sd15"
+
+
+def make_accelerator(run: RunArguments, mixed_precision: Optional[str]):
+    """The run's ``Accelerator`` (trackers, project folders) and its logging."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from tqdm.auto import tqdm
+    from accelerate.utils import ProjectConfiguration
 
-    from . import data
-    from .arch import detect_arch
-    from .trainer import NonFiniteLossError, PreferenceTrainer, TrainConfig
-
-    output_dir = Path(args.output_dir)
-    model_path = args.pretrained_model_name_or_path
-    arch = detect_arch(model_path) if Path(model_path).is_dir() else ("sdxl" if "xl" in model_path.lower() else "sd15")
-    resolution = args.resolution or (1024 if arch == "sdxl" else 512)
-    beta = args.beta_dpo if args.beta_dpo is not None else ARCH_DEFAULTS[arch]["beta_dpo"]
-    k1 = args.k1 if args.k1 is not None else ARCH_DEFAULTS[arch]["k1"]
-    decays = tuple(float(d) for d in args.ema_decays.split(",") if d.strip()) if args.ema_decays else ()
-    if args.loss_type == "dedpo" and args.human_fraction is None:
-        raise ValueError(
-            "human_fraction: --loss_type dedpo needs --human_fraction (the share of pairs that keep a human label)"
-        )
-
-    report_to = None if args.report_to == "none" else args.report_to
+    output_dir = Path(run.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=1,  # the trainer accumulates itself (it needs the window for skips)
-        mixed_precision=args.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
+        mixed_precision=mixed_precision,
+        log_with=None if run.report_to == "none" else run.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / run.logging_dir)),
     )
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    return accelerator
 
-    # data
-    dedpo = args.loss_type == "dedpo"
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype of the frozen weights (encoders, a LoRA run's base UNet): the mixed precision's."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+@dataclasses.dataclass
+class TrainData:
+    """What :func:`load_data` prepared: the dataset served (pixels, or latents from the cache),
+    the batch encoder, the data summary and, for dedpo, the judge's agreement with the humans."""
+
+    dataset: torch.utils.data.Dataset
+    encode: data.BatchEncoder
+    summary: dict
+    judge: Optional[dict]
+
+
+def load_data(data_args: DataArguments, loss_type: str, arch: str, resolution: int, accelerator) -> TrainData:
+    """Read the preference pairs and either encode them once into the latent cache
+    (``--cache_latents``; on the main process first) or load the encoders for every batch."""
+    dedpo = loss_type == "dedpo"
     dataset_kwargs = dict(
-        keep_ties=args.keep_ties, flip_rate=args.flip_rate, flip_seed=args.flip_seed, max_pairs=args.max_train_samples
+        keep_ties=data_args.keep_ties,
+        flip_rate=data_args.flip_rate,
+        flip_seed=data_args.flip_seed,
+        max_pairs=data_args.max_train_samples,
     )
     if dedpo:
-        dataset_kwargs.update(synthetic_labels=True, human_fraction=args.human_fraction, human_seed=args.human_seed)
+        dataset_kwargs.update(
+            synthetic_labels=True, human_fraction=data_args.human_fraction, human_seed=data_args.human_seed
+        )
     dataset = data.PreferenceDataset(
-        args.dataset_name, resolution, check_images=not args.cache_latents, **dataset_kwargs
+        data_args.dataset_name, resolution, check_images=not data_args.cache_latents, **dataset_kwargs
     )
     if len(dataset) == 0:
-        raise ValueError(f"dataset_name: no usable pairs in {args.dataset_name} ({dataset.summary()})")
-    encoder_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        raise ValueError(f"dataset_name: no usable pairs in {data_args.dataset_name} ({dataset.summary()})")
+    model_path = data_args.pretrained_model_name_or_path
     vae = tokenizers = text_encoders = None
-    if args.cache_latents:
+    if data_args.cache_latents:
         with accelerator.main_process_first():
             cache = data.LatentCache.build(
-                dataset, args.cache_dir, model_path, dtype=encoder_dtype, device=accelerator.device
+                dataset, data_args.cache_dir, model_path, dtype=weight_dtype(accelerator), device=accelerator.device
             )
         train_set = cache.view(dataset)
         logger.info("latent cache %s: %s", "hit" if cache.hit else "built", cache.path)
     else:
         vae, tokenizers, text_encoders = data.load_encoders(
-            model_path, arch, dtype=encoder_dtype, device=accelerator.device
+            model_path, arch, dtype=weight_dtype(accelerator), device=accelerator.device
         )
         train_set = dataset
     summary = getattr(train_set, "dataset", dataset).summary()  # the cache view knows the undecodable rows
@@ -420,169 +232,61 @@ def train(args) -> dict:
             judge["accuracy"],
             judge["mean_abs_error"],
         )
+    encode = data.BatchEncoder(vae, tokenizers, text_encoders, resolution, accelerator.device)
+    return TrainData(train_set, encode, summary, judge)
 
+
+def train_config(settings: dict, arch: str, num_pairs: int, run: RunArguments, accelerator) -> TrainConfig:
+    """The :class:`TrainConfig` of the parsed ``settings``, the :data:`RUN_DEFAULTS` resolved:
+    beta and k1 from ``arch``, the step count from the epochs, the mixed precision from
+    accelerate; ``--scale_lr`` applied."""
+    values = dict(settings)
+    for name in ("beta", "k1"):
+        if values[name] is None:
+            values[name] = ARCH_DEFAULTS[arch][name]
     world = accelerator.num_processes
-    steps_per_epoch = max(
-        1, math.ceil(len(train_set) / (args.train_batch_size * world * args.gradient_accumulation_steps))
-    )
-    max_steps = args.max_train_steps if args.max_train_steps is not None else args.num_train_epochs * steps_per_epoch
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * world
+    if values["max_train_steps"] is None:
+        pairs_per_step = run.train_batch_size * world * values["gradient_accumulation_steps"]
+        values["max_train_steps"] = run.num_train_epochs * max(1, math.ceil(num_pairs / pairs_per_step))
+    if run.scale_lr:
+        values["learning_rate"] *= run.train_batch_size * values["gradient_accumulation_steps"] * world
+    values["mixed_precision"] = accelerator.mixed_precision
+    return TrainConfig(**values)
 
-    # model
+
+def build_trainer(model_path: str, config: TrainConfig, accelerator) -> PreferenceTrainer:
+    """The UNet and noise schedule of the pipeline folder in a :class:`PreferenceTrainer`; a LoRA
+    run checkpoints its adapter only."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
     # LoRA keeps the frozen base in the mixed-precision dtype; a full fine-tune trains float32 weights
     unet = UNet2DConditionModel.from_pretrained(
-        model_path, subfolder="unet", torch_dtype=encoder_dtype if args.lora_rank > 0 else torch.float32
+        model_path, subfolder="unet", torch_dtype=weight_dtype(accelerator) if config.lora_rank > 0 else torch.float32
     )
     noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
-    config = TrainConfig(
-        loss_type=args.loss_type,
-        beta=beta,
-        rho=args.rho,
-        k1=k1,
-        k2=args.k2,
-        c2=args.c2,
-        ipo_tau=args.ipo_tau,
-        weighting=args.weighting,
-        margin=args.margin,
-        metric_preset=args.metric_preset,
-        eps=args.eps,
-        ema_decays=decays,
-        metric_warmup_steps=args.metric_warmup_steps,
-        global_metric=args.global_metric,
-        lora_rank=args.lora_rank,
-        learning_rate=learning_rate,
-        lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps,
-        max_train_steps=max_steps,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_grad_norm=args.max_grad_norm,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_weight_decay=args.adam_weight_decay,
-        adam_epsilon=args.adam_epsilon,
-        use_8bit_adam=args.use_8bit_adam,
-        mixed_precision=accelerator.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed,
-        max_nonfinite_steps=args.max_nonfinite_steps,
-        loss_backend=args.loss_backend,
-    )
     trainer = PreferenceTrainer(unet, noise_scheduler, config, accelerator)
     if config.lora_rank > 0:
         install_lora_hooks(accelerator, type(trainer.base_unet))
+    return trainer
 
-    resume = resolve_resume(args.resume_from_checkpoint, output_dir)
-    if args.resume_from_checkpoint and resume is None:
-        logger.warning(
-            "resume_from_checkpoint=%s: no checkpoint in %s, starting a new run",
-            args.resume_from_checkpoint,
-            output_dir,
-        )
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        logger.info("resumed from %s at step %d", resume, trainer.global_step)
-        log_file = output_dir / "train_log.jsonl"
-        if accelerator.is_main_process and log_file.exists():  # drop the lines of steps that are redone
-            lines = [
-                line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= trainer.global_step
-            ]
-            log_file.write_text("".join(line + "\n" for line in lines))
 
-    if accelerator.is_main_process and report_to:
-        hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("fastpref", config=hparams)
+def make_loader(dataset, batch_size: int, num_workers: int, trainer: PreferenceTrainer, accelerator):
+    """Batches of this process: the global batch (``batch_size`` x processes) is consecutive
+    positions of one seeded :class:`~fastpref.train.data.PairSampler` stream, started where the
+    trainer's step left it, and accelerate's ``BatchSamplerShard`` gives each process its slice."""
+    from accelerate.data_loader import BatchSamplerShard
 
-    batch_size = args.train_batch_size
-    sampler = data.PairSampler(
-        len(train_set), seed=args.seed, start=trainer.micro_step * batch_size * world, infinite=True
+    world = accelerator.num_processes
+    start = trainer.micro_step * batch_size * world
+    order = data.PairSampler(len(dataset), seed=trainer.config.seed, start=start, infinite=True)
+    global_batches = torch.utils.data.BatchSampler(order, batch_size * world, drop_last=True)
+    shard = BatchSamplerShard(global_batches, world, accelerator.process_index, split_batches=True)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=shard, collate_fn=data.collate_pairs, num_workers=num_workers
     )
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=batch_size,
-        sampler=ShardSampler(sampler, batch_size, world, accelerator.process_index),
-        collate_fn=data.collate_pairs,
-        num_workers=args.dataloader_num_workers,
-        drop_last=True,
-    )
-    encode = Encoder(vae, tokenizers, text_encoders, resolution, accelerator.device)
-
-    progress = tqdm(
-        total=max_steps,
-        initial=trainer.global_step,
-        desc="steps",
-        disable=args.no_progress or not accelerator.is_local_main_process,
-    )
-    window: List[dict] = []
-    started = time.perf_counter()
-    status = "finished"
-    batches = iter(loader)
-    try:
-        while trainer.global_step < max_steps:
-            out = trainer.train_step(encode(next(batches)))
-            window.append(out)
-            if not out["stepped"]:
-                continue
-            logs = window_logs(window, trainer)
-            window = []
-            if world > 1 and not config.global_metric:  # log the global batch's loss, not this process's
-                logs["loss"] = float(
-                    accelerator.reduce(torch.tensor(logs["loss"], device=accelerator.device), reduction="mean")
-                )
-            if accelerator.is_main_process:
-                with open(output_dir / "train_log.jsonl", "a") as handle:
-                    handle.write(json.dumps({"step": trainer.global_step, **logs}) + "\n")
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}" if "implicit_acc" in logs else "-"
-            )
-            accelerator.log(logs, step=trainer.global_step)
-            if (
-                args.checkpointing_steps
-                and trainer.global_step % args.checkpointing_steps == 0
-                and trainer.global_step < max_steps
-            ):
-                save_checkpoint(accelerator, output_dir, trainer.global_step, args.checkpoints_total_limit)
-    except NonFiniteLossError:
-        status = "aborted: non-finite loss"
-        path = save_checkpoint(accelerator, output_dir, trainer.global_step, args.checkpoints_total_limit)
-        logger.error("%s; saved %s", status, path)
-        raise
-    except KeyboardInterrupt:
-        status = "interrupted"
-        if trainer.micro_step % config.gradient_accumulation_steps == 0:
-            path = save_checkpoint(accelerator, output_dir, trainer.global_step, args.checkpoints_total_limit)
-            logger.warning("interrupted; saved %s (resume with --resume_from_checkpoint latest)", path)
-        raise
-    finally:
-        progress.close()
-        if status != "finished":
-            accelerator.end_training()
-
-    save_checkpoint(accelerator, output_dir, trainer.global_step, args.checkpoints_total_limit)
-    save_weights(accelerator, trainer, arch, output_dir)
-    result = {
-        "status": status,
-        "arch": arch,
-        "global_step": trainer.global_step,
-        "skipped_steps": trainer.skipped_steps,
-        "seconds": time.perf_counter() - started,
-        "data": summary,
-        "loss_type": args.loss_type,
-        "beta": beta,
-        "k1": k1,
-        "processes": world,
-    }
-    if judge is not None:
-        result["judge_agreement"] = judge
-    if accelerator.is_main_process:
-        (output_dir / "train_summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    accelerator.end_training()
-    return result
 
 
-def window_logs(window: List[dict], trainer) -> dict:
+def window_logs(window: List[dict], trainer: PreferenceTrainer) -> dict:
     """Means over the micro-steps of one optimizer step."""
     logs = {}
     for key in ("loss", "implicit_acc", "u_mean", "weight_mean", "margin_mean", "u_flipped", "u_kept"):
@@ -594,40 +298,150 @@ def window_logs(window: List[dict], trainer) -> dict:
     return logs
 
 
-def save_weights(accelerator, trainer, arch: str, output_dir: Path) -> None:
-    """LoRA: ``pytorch_lora_weights.safetensors`` (diffusers' saver); full: ``unet/``."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    unet = trainer.base_unet
-    if trainer.config.lora_rank > 0:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
+def run_steps(trainer: PreferenceTrainer, batches, encode, run: RunArguments, accelerator) -> None:
+    """Train until ``max_train_steps``: log each optimizer step (``train_log.jsonl``, trackers,
+    progress bar) and checkpoint every ``--checkpointing_steps``. A non-finite abort saves a
+    checkpoint and re-raises; so does an interrupt at a window boundary."""
+    from tqdm.auto import tqdm
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="default"))
-        pipeline = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-        pipeline.save_lora_weights(
-            str(output_dir), unet_lora_layers={k: v.detach().float().cpu() for k, v in layers.items()}
+    config, output_dir = trainer.config, Path(run.output_dir)
+    max_steps = config.max_train_steps
+
+    def checkpoint() -> Path:
+        return save_checkpoint(accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit)
+
+    progress = tqdm(
+        total=max_steps,
+        initial=trainer.global_step,
+        desc="steps",
+        disable=run.no_progress or not accelerator.is_local_main_process,
+    )
+    window: List[dict] = []
+    try:
+        while trainer.global_step < max_steps:
+            out = trainer.train_step(encode(next(batches)))
+            window.append(out)
+            if not out["stepped"]:
+                continue
+            logs = window_logs(window, trainer)
+            window = []
+            if accelerator.num_processes > 1 and not config.global_metric:  # the global batch's loss
+                loss = torch.tensor(logs["loss"], device=accelerator.device)
+                logs["loss"] = float(accelerator.reduce(loss, reduction="mean"))
+            if accelerator.is_main_process:
+                with open(output_dir / LOG_FILE, "a") as handle:
+                    handle.write(json.dumps({"step": trainer.global_step, **logs}) + "\n")
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_acc']:.2f}" if "implicit_acc" in logs else "-"
+            )
+            accelerator.log(logs, step=trainer.global_step)
+            step = trainer.global_step
+            if run.checkpointing_steps and step % run.checkpointing_steps == 0 and step < max_steps:
+                checkpoint()
+    except NonFiniteLossError:
+        logger.error("aborted: non-finite loss; saved %s", checkpoint())
+        accelerator.end_training()
+        raise
+    except KeyboardInterrupt:
+        if trainer.micro_step % config.gradient_accumulation_steps == 0:
+            logger.warning("interrupted; saved %s (resume with --resume_from_checkpoint latest)", checkpoint())
+        accelerator.end_training()
+        raise
+    finally:
+        progress.close()
+
+
+def hparams(*groups) -> dict:
+    """The run's settings as tracker hyper-parameters (scalars and strings only)."""
+    values = {}
+    for group in groups:
+        values.update(group if isinstance(group, dict) else dataclasses.asdict(group))
+    values = {k: str(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
+
+
+def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
+    """One ``fastpref train`` run (``settings``: the TrainConfig fields as parsed); returns the
+    summary written to ``train_summary.json``.
+
+    Detects the architecture from the pipeline folder, reads the parquet pairs
+    (:class:`~fastpref.train.data.PreferenceDataset`: winner first, ties dropped unless
+    ``--keep_ties``, seeded ``--flip_rate`` flips, bad rows skipped and counted), optionally
+    encodes them once into the latent cache, and runs a
+    :class:`~fastpref.train.trainer.PreferenceTrainer` for ``max_train_steps`` optimizer steps.
+    Outputs in ``--output_dir``:
+
+    - ``pytorch_lora_weights.safetensors`` (LoRA; ``pipe.load_lora_weights(output_dir)``) or
+      ``unet/`` (full fine-tune, safetensors);
+    - ``checkpoint-N/`` every ``--checkpointing_steps`` steps and at the end (accelerate state
+      plus the trainer's counters and EMA footprints; saved whole or not at all);
+      ``--resume_from_checkpoint latest`` continues bit for bit (the data order and the noise
+      are functions of the step);
+    - ``logs/`` (TensorBoard with ``--report_to tensorboard``), ``train_log.jsonl`` (one line per
+      optimizer step: loss, implicit accuracy, mean u, W, Gamma, u on flipped vs kept pairs, LR,
+      skipped steps) and ``train_summary.json``.
+    """
+    from accelerate.utils import set_seed
+
+    output_dir = Path(run.output_dir)
+    model_path = data_args.pretrained_model_name_or_path
+    arch = model_arch(model_path)
+    resolution = data_args.resolution or (1024 if arch == "sdxl" else 512)
+    if settings["loss_type"] == "dedpo" and data_args.human_fraction is None:
+        raise ValueError(
+            "human_fraction: --loss_type dedpo needs --human_fraction (the share of pairs that keep a human label)"
         )
-    else:
-        unet.save_pretrained(str(output_dir / "unet"), safe_serialization=True)
+    accelerator = make_accelerator(run, settings["mixed_precision"])
+    set_seed(settings["seed"])
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    inputs = load_data(data_args, settings["loss_type"], arch, resolution, accelerator)
+    config = train_config(settings, arch, len(inputs.dataset), run, accelerator)
+    trainer = build_trainer(model_path, config, accelerator)
+    resume(accelerator, trainer, run.resume_from_checkpoint, output_dir, output_dir / LOG_FILE)
+    if accelerator.is_main_process and run.report_to != "none":
+        accelerator.init_trackers("fastpref", config=hparams(data_args, settings, run))
+
+    loader = make_loader(inputs.dataset, run.train_batch_size, data_args.dataloader_num_workers, trainer, accelerator)
+    started = time.perf_counter()
+    run_steps(trainer, iter(loader), inputs.encode, run, accelerator)
+
+    save_checkpoint(accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit)
+    save_weights(accelerator, trainer, arch, output_dir)
+    result = {
+        "status": "finished",
+        "arch": arch,
+        "global_step": trainer.global_step,
+        "skipped_steps": trainer.skipped_steps,
+        "seconds": time.perf_counter() - started,
+        "data": inputs.summary,
+        "loss_type": config.loss_type,
+        "beta": config.beta,
+        "k1": config.k1,
+        "processes": accelerator.num_processes,
+    }
+    if inputs.judge is not None:
+        result["judge_agreement"] = inputs.judge
+    if accelerator.is_main_process:
+        text = json.dumps(result, indent=2) + "\n"
+        write_atomic(output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+    accelerator.end_training()
+    return result
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """``fastpref train``; exit code 2 for bad arguments or data, 3 for a non-finite abort."""
+    data_args, settings, run = parse_args(argv)
     try:
-        train(args)
+        train(data_args, settings, run)
     except (ValueError, FileNotFoundError) as error:
         print(f"fastpref train: error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # NonFiniteLossError and friends: the message says what to do
-        from .trainer import NonFiniteLossError
-
-        if isinstance(error, NonFiniteLossError):
-            print(f"fastpref train: {error}", file=sys.stderr)
-            return 3
-        raise
+    except NonFiniteLossError as error:  # the message says what to do
+        print(f"fastpref train: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -803,6 +803,38 @@ def load_encoders(model_path, arch: Optional[str] = None, dtype: torch.dtype = t
     return vae, tokenizers, text_encoders
 
 
+def time_ids(batch: dict, resolution: int) -> torch.Tensor:
+    """SDXL ``add_time_ids [2B, 6]``: (original h, w, crop top, left, target h, w) per image."""
+    target = torch.tensor([resolution, resolution], dtype=torch.int64).expand(batch["original_sizes"].shape[0], 2)
+    return torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=-1).float()
+
+
+class BatchEncoder:
+    """Turns a collated batch (pixels and captions, or cached latents and embeddings) into the
+    trainer's batch (:mod:`fastpref.train.trainer`); the encoders are needed for pixels only."""
+
+    def __init__(self, vae, tokenizers, text_encoders, resolution: int, device):
+        self.vae, self.tokenizers, self.text_encoders = vae, tokenizers, text_encoders
+        self.resolution, self.device = resolution, device
+
+    def __call__(self, batch: dict) -> dict:
+        labels = ("flipped", "synthetic_label", "human_label", "human_mask", "propensity")
+        out = {k: batch[k] for k in labels if k in batch}
+        if "latents" in batch:
+            out["latents"] = batch["latents"]
+            out["encoder_hidden_states"] = batch["prompt_embeds"]
+            pooled = batch.get("pooled_prompt_embeds")
+        else:
+            out["latents"] = encode_images(self.vae, batch["pixel_values"].to(self.device)).float()
+            out["encoder_hidden_states"], pooled = encode_prompts(
+                batch["captions"], self.tokenizers, self.text_encoders
+            )
+        if pooled is not None:
+            out["pooled_prompt_embeds"] = pooled
+            out["add_time_ids"] = time_ids(batch, self.resolution)
+        return out
+
+
 # --------------------------------------------------------------------------------------------
 # the latent cache
 # --------------------------------------------------------------------------------------------

@@ -37,168 +37,18 @@ mean of l), computed without the footprint forwards.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Optional, Tuple
 
 import torch
 
 from .. import adaptive_dpo_loss
+from .config import TrainConfig
 from .footprints import AdapterFootprints, ModelFootprints, adapters_disabled, lora_layers
 
-LOSS_TYPES = ("dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo")
-ADAPTIVE_TYPES = ("adaptive", "adaptive-ipo")
-# trainer loss type -> the loss head of fastpref.adaptive_dpo_loss
-HEADS = {
-    "dpo": "sigmoid",
-    "adaptive": "sigmoid",
-    "ipo": "ipo",
-    "adaptive-ipo": "ipo",
-    "robust": "robust",
-    "cdpo": "cdpo",
-    "hinge": "hinge",
-    "dedpo": "dedpo",
-}
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything the training step needs. Loss keywords follow ``fastpref.adaptive_dpo_loss``.
-
-    Attributes:
-        loss_type: ``dpo``, ``adaptive`` (Adaptive-DPO), ``ipo``, ``adaptive-ipo``, ``robust``
-            (rDPO), ``cdpo``, ``hinge``, ``sft`` (MSE on the preferred images only) or ``dedpo``.
-        beta: fastpref's beta (``z = beta * l``, l a difference of per-sample *mean* squared
-            errors; the same scale as diffusers' ``--beta_dpo``).
-        rho, k1, k2, c2, ipo_tau, metric_preset, eps: as the loss (``metric_preset`` is its
-            ``preset``; ``None`` for k2, c2, ipo_tau means the loss's defaults).
-        weighting, margin: ``None`` means the loss type's default: ``linear``/``quadratic`` for
-            the adaptive types, ``none`` otherwise (a dedpo run may set them to compose with
-            Adaptive-DPO). Any non-``none`` value needs the footprints.
-        ema_decays: one EMA footprint per decay (used only when weighting or margin is on).
-        ema_warmup: diffusers ``EMAModel``'s decay schedule (update n >= 1: ``min(decay, (1+n)/(10+n))``).
-        metric_warmup_steps: micro-steps with u := 0; ``None`` = ``2 * gradient_accumulation_steps``.
-        global_metric: with several processes, compute the loss (u's batch statistics, c2, the
-            mean) over the global batch instead of each process's.
-        lora_rank: LoRA rank on the attention projections; 0 = full fine-tune.
-        mixed_precision: ``no``, ``fp16`` or ``bf16`` (autocast; frozen weights stored in it).
-        use_8bit_adam: bitsandbytes' AdamW8bit instead of torch's AdamW.
-        loss_backend: the loss's ``backend`` (``auto``, ``triton``, ``cpp``, ``torch``).
-    """
-
-    loss_type: str = "adaptive"
-    beta: float = 1000.0
-    rho: float = 15.0
-    k1: float = 10.0
-    k2: Optional[float] = None
-    c2: Optional[float] = None
-    ipo_tau: Optional[float] = None
-    weighting: Optional[str] = None
-    margin: Optional[str] = None
-    metric_preset: str = "official"
-    eps: float = 0.1
-    ema_decays: Tuple[float, ...] = (0.9999, 0.5)
-    ema_warmup: bool = True
-    metric_warmup_steps: Optional[int] = None
-    global_metric: bool = False
-    lora_rank: int = 8
-    learning_rate: float = 1e-5
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_train_steps: int = 1000
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    max_nonfinite_steps: int = 10
-    loss_backend: str = "auto"
-
-    def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        self.ema_decays = tuple(float(d) for d in self.ema_decays)
-        for name in (
-            "lora_rank",
-            "max_train_steps",
-            "gradient_accumulation_steps",
-            "lr_warmup_steps",
-            "max_nonfinite_steps",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (
-                1 if name in ("gradient_accumulation_steps", "max_nonfinite_steps") else 0
-            ):
-                raise ValueError(
-                    f"{name} must be a {'positive' if name in ('gradient_accumulation_steps', 'max_nonfinite_steps') else 'non-negative'} int, got {value!r}"
-                )
-        if self.metric_warmup_steps is not None and self.metric_warmup_steps < 0:
-            raise ValueError(f"metric_warmup_steps must be >= 0, got {self.metric_warmup_steps}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.uses_footprints and not self.ema_decays:
-            raise ValueError(
-                f"loss_type {self.loss_type!r} with weighting/margin needs at least one EMA decay (ema_decays)"
-            )
-        if self.loss_type != "sft":  # fail now, not at the first batch: the loss checks its keywords
-            from ..loss.api import scalar_keywords
-            from ..loss.options import make_config
-
-            make_config(**scalar_keywords(adaptive_dpo_loss, **self.loss_keywords(metric_on=True)))
-
-    @property
-    def resolved_weighting(self) -> str:
-        if self.weighting is not None:
-            return self.weighting
-        return "linear" if self.loss_type in ADAPTIVE_TYPES else "none"
-
-    @property
-    def resolved_margin(self) -> str:
-        if self.margin is not None:
-            return self.margin
-        return "quadratic" if self.loss_type in ADAPTIVE_TYPES else "none"
-
-    @property
-    def uses_footprints(self) -> bool:
-        """Whether the loss needs u, hence the EMA footprints."""
-        return self.loss_type != "sft" and (self.resolved_weighting != "none" or self.resolved_margin != "none")
-
-    @property
-    def warmup_micro_steps(self) -> int:
-        return 2 * self.gradient_accumulation_steps if self.metric_warmup_steps is None else self.metric_warmup_steps
-
-    def loss_keywords(self, metric_on: bool) -> dict:
-        """Keywords of ``fastpref.adaptive_dpo_loss`` (without the per-batch tensors).
-        ``metric_on=False`` is the warm-up: u := 0, i.e. W = 1 and Gamma = c2."""
-        keywords = dict(
-            beta=self.beta,
-            rho=self.rho,
-            k1=self.k1,
-            k2=self.k2,
-            c2=self.c2,
-            ipo_tau=self.ipo_tau,
-            preset=self.metric_preset,
-            eps=self.eps,
-            weighting=self.resolved_weighting,
-            margin=self.resolved_margin,
-            loss_type=HEADS[self.loss_type],
-            backend=self.loss_backend,
-        )
-        if not metric_on:
-            keywords.update(weighting="none", k2=0.0)  # u only enters through W and k2 * u^p
-        return keywords
 
 
 def step_seed(seed: int, micro_step: int) -> int:

@@ -1,0 +1,222 @@
+"""The trainer's settings: :class:`TrainConfig`, one dataclass whose fields carry their default,
+choices and help text once. ``PreferenceTrainer`` reads it; ``fastpref train`` generates its
+loss and optimization flags from it (``transformers.HfArgumentParser``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Literal, Optional, get_args
+
+import fastpref
+
+LossType = Literal["dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Weighting = Literal["linear", "square", "sqrt", "sigmoid", "none"]
+Margin = Literal["quadratic", "linear", "none"]
+MetricPreset = Literal["official", "paper"]
+LossBackend = Literal["auto", "triton", "cpp", "torch"]
+
+LOSS_TYPES = get_args(LossType)
+MIXED_PRECISION = get_args(MixedPrecision)
+ADAPTIVE_TYPES = ("adaptive", "adaptive-ipo")
+# trainer loss type -> the loss head of fastpref.adaptive_dpo_loss
+HEADS = {
+    "dpo": "sigmoid",
+    "adaptive": "sigmoid",
+    "ipo": "ipo",
+    "adaptive-ipo": "ipo",
+    "robust": "robust",
+    "cdpo": "cdpo",
+    "hinge": "hinge",
+    "dedpo": "dedpo",
+}
+# The paper's per-architecture settings (Adaptive-DPO, SD1.5 / SDXL); TrainConfig's defaults are SD1.5's.
+ARCH_DEFAULTS = {"sd15": {"beta": 1000.0, "k1": 10.0}, "sdxl": {"beta": 2500.0, "k1": 1.0}}
+# Integer settings and their least valid value.
+_INT_BOUNDS = {
+    "lora_rank": 0,
+    "max_train_steps": 0,
+    "gradient_accumulation_steps": 1,
+    "lr_warmup_steps": 0,
+    "max_nonfinite_steps": 1,
+}
+
+
+class Decays(tuple):
+    """EMA decays as a tuple of floats, from any iterable of numbers or from the command line's
+    comma-separated form (``"0.9999,0.5"``; ``""`` for none)."""
+
+    def __new__(cls, values=()):
+        if isinstance(values, str):
+            values = [value for value in values.split(",") if value.strip()]
+        return super().__new__(cls, (float(value) for value in values))
+
+    def __str__(self) -> str:
+        return ",".join(str(value) for value in self)
+
+
+def _help(text: str, **metadata) -> dict:
+    return {"help": text, **metadata}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything the training step needs; each field's ``help`` says what it does. Loss
+    keywords follow ``fastpref.adaptive_dpo_loss``; a bad value raises ``ValueError`` naming the
+    field when the config is built (the loss's own checks run here, not at the first batch)."""
+
+    _argument_group_name = "training step (TrainConfig)"
+
+    loss_type: LossType = field(
+        default="adaptive",
+        metadata=_help(
+            "the objective: dpo, adaptive (Adaptive-DPO), ipo, adaptive-ipo, robust (rDPO), cdpo, hinge, "
+            "sft (MSE on the preferred images only) or dedpo"
+        ),
+    )
+    beta: float = field(
+        default=ARCH_DEFAULTS["sd15"]["beta"],
+        metadata=_help(
+            "beta on diffusers' --beta_dpo scale (z = beta * l, l a difference of per-sample mean squared errors)",
+            aliases=["--beta_dpo"],
+        ),
+    )
+    rho: float = field(default=15.0, metadata=_help("scale of l inside the metric u"))
+    k1: float = field(default=ARCH_DEFAULTS["sd15"]["k1"], metadata=_help("weight strength of the metric u"))
+    k2: Optional[float] = field(default=None, metadata=_help("margin slope; None: -1/beta"))
+    c2: Optional[float] = field(default=None, metadata=_help("margin offset; None: the detached batch mean of l"))
+    ipo_tau: Optional[float] = field(default=None, metadata=_help("tau of the IPO heads; None: beta"))
+    weighting: Optional[Weighting] = field(
+        default=None,
+        metadata=_help(
+            "W; None: linear for the adaptive types, none otherwise (a dedpo run may set it to compose with "
+            "Adaptive-DPO); anything but none needs the EMA footprints"
+        ),
+    )
+    margin: Optional[Margin] = field(
+        default=None,
+        metadata=_help("Gamma; None: quadratic for the adaptive types, none otherwise (as weighting)"),
+    )
+    metric_preset: MetricPreset = field(
+        default="official",
+        metadata=_help("u as the authors' code (official) or as the paper's equations print it (the loss's preset)"),
+    )
+    eps: float = field(
+        default=0.1,
+        metadata=_help("noise rate of robust / smoothing of cdpo", aliases=["--label_noise"]),
+    )
+    ema_decays: Decays = field(
+        default=Decays((0.9999, 0.5)),
+        metadata=_help(
+            "comma-separated decays of the EMA footprints of the metric u, one footprint each (the authors'); "
+            "used only when weighting or margin is on"
+        ),
+    )
+    ema_warmup: bool = field(
+        default=True,
+        metadata=_help("diffusers EMAModel's decay schedule: update n >= 1 uses min(decay, (1+n)/(10+n))"),
+    )
+    metric_warmup_steps: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "micro-steps with u := 0 (W = 1, Gamma = c2); None: 2 x gradient_accumulation_steps, the authors'"
+        ),
+    )
+    global_metric: bool = field(
+        default=False,
+        metadata=_help(
+            "with several processes, compute the loss (u's batch statistics, c2, the mean) over the global batch "
+            "instead of each process's (the authors' choice)"
+        ),
+    )
+    lora_rank: int = field(default=8, metadata=_help("LoRA rank on the attention projections; 0 = full fine-tune"))
+    learning_rate: float = field(default=1e-5, metadata=_help("peak learning rate"))
+    lr_scheduler: str = field(
+        default="constant",
+        metadata=_help(
+            "diffusers' get_scheduler: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial"
+        ),
+    )
+    lr_warmup_steps: int = field(default=0, metadata=_help("warm-up steps of the LR schedule"))
+    max_train_steps: int = field(default=1000, metadata=_help("optimizer steps"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-steps per optimizer step"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping (0 = off)"))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
+    adam_weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay"))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    use_8bit_adam: bool = field(default=False, metadata=_help("bitsandbytes' AdamW8bit instead of torch's AdamW"))
+    mixed_precision: MixedPrecision = field(
+        default="no", metadata=_help("autocast dtype; the frozen weights are stored in it")
+    )
+    gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for UNet activation memory"))
+    seed: int = field(default=0, metadata=_help("seed of the model init, data order and noise"))
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata=_help("abort after this many optimizer steps in a row with a non-finite loss"),
+    )
+    loss_backend: LossBackend = field(default="auto", metadata=_help("the loss's backend"))
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        self.ema_decays = tuple(Decays(self.ema_decays))
+        for name, least in _INT_BOUNDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be a {'positive' if least else 'non-negative'} int, got {value!r}")
+        if self.metric_warmup_steps is not None and self.metric_warmup_steps < 0:
+            raise ValueError(f"metric_warmup_steps must be >= 0, got {self.metric_warmup_steps}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.uses_footprints and not self.ema_decays:
+            raise ValueError(
+                f"loss_type {self.loss_type!r} with weighting/margin needs at least one EMA decay (ema_decays)"
+            )
+        if self.loss_type != "sft":  # fail now, not at the first batch: the loss module checks its keywords
+            fastpref.AdaptiveDPOLoss(**self.loss_keywords(metric_on=True))
+
+    @property
+    def resolved_weighting(self) -> str:
+        if self.weighting is not None:
+            return self.weighting
+        return "linear" if self.loss_type in ADAPTIVE_TYPES else "none"
+
+    @property
+    def resolved_margin(self) -> str:
+        if self.margin is not None:
+            return self.margin
+        return "quadratic" if self.loss_type in ADAPTIVE_TYPES else "none"
+
+    @property
+    def uses_footprints(self) -> bool:
+        """Whether the loss needs u, hence the EMA footprints."""
+        return self.loss_type != "sft" and (self.resolved_weighting != "none" or self.resolved_margin != "none")
+
+    @property
+    def warmup_micro_steps(self) -> int:
+        return 2 * self.gradient_accumulation_steps if self.metric_warmup_steps is None else self.metric_warmup_steps
+
+    def loss_keywords(self, metric_on: bool) -> dict:
+        """Keywords of ``fastpref.adaptive_dpo_loss`` (without the per-batch tensors).
+        ``metric_on=False`` is the warm-up: u := 0, i.e. W = 1 and Gamma = c2."""
+        keywords = dict(
+            beta=self.beta,
+            rho=self.rho,
+            k1=self.k1,
+            k2=self.k2,
+            c2=self.c2,
+            ipo_tau=self.ipo_tau,
+            preset=self.metric_preset,
+            eps=self.eps,
+            weighting=self.resolved_weighting,
+            margin=self.resolved_margin,
+            loss_type=HEADS[self.loss_type],
+            backend=self.loss_backend,
+        )
+        if not metric_on:
+            keywords.update(weighting="none", k2=0.0)  # u only enters through W and k2 * u^p
+        return keywords
