@@ -1,5 +1,5 @@
 """The toy preference world (``fastpref.demo.world``) and the ``fastpref demo`` study
-(``fastpref.demo``): determinism, the reward on hand-built images, the AUROC against a
+(``fastpref.demo.study`` and the modules it runs): determinism, the reward on hand-built images, the AUROC against a
 brute-force count, the labels, and one ``--quick`` run end to end (shape and finiteness of
 ``results.json``)."""
 
@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("diffusers", reason="the toy world needs the train extra (diffusers)")
 pytest.importorskip("accelerate", reason="the trainer needs the train extra (accelerate)")
 
-from fastpref.demo import study as demo  # noqa: E402
+from fastpref.demo import config, runs, stats, study  # noqa: E402
 from fastpref.demo import world as tw  # noqa: E402
 
 
@@ -157,8 +157,8 @@ def test_labels():
 
 def test_dedpo_run_data_is_relative_to_the_presented_order(tmp_path):
     world = tw.load_or_build(TINY, tmp_path)
-    study = demo.StudyConfig(world=TINY, human_fraction=0.5)
-    data = demo.run_data(world, demo.RunSpec("dedpo", "dedpo", 0, 0), study)
+    study = config.StudyConfig(world=TINY, human_fraction=0.5)
+    data = runs.run_data(world, runs.RunSpec("dedpo", "dedpo", 0, 0), study)
     judge, _ = tw.synthetic_judge(world.pairs, TINY, biased_colours=study.judge_biased_colours, seed=0)
     assert torch.equal(data["swap"], judge < 0.5)
     assert (data["synthetic_label"] >= 0.5).all()  # the judge's preferred image is presented first
@@ -168,7 +168,7 @@ def test_dedpo_run_data_is_relative_to_the_presented_order(tmp_path):
         data["human_label"][human], (~data["swap"][human]).float()
     )  # 1 = presented first is the reward's winner
     assert torch.allclose(data["propensity"], torch.full((TINY.num_pairs,), 0.5))
-    only = demo.run_data(world, demo.RunSpec("dedpo", "human-only", 0, 0), study)
+    only = runs.run_data(world, runs.RunSpec("dedpo", "human-only", 0, 0), study)
     assert torch.equal(only["indices"], torch.nonzero(human).flatten()) and not only["swap"].any()
 
 
@@ -191,25 +191,25 @@ def test_auroc_matches_brute_force_with_ties(seed):
     scores = np.round(rng.normal(size=n), int(rng.integers(0, 2)))  # coarse rounding: many ties
     positive = rng.random(n) < 0.3
     positive[0], positive[1] = True, False
-    assert demo.auroc(scores, positive) == pytest.approx(_auroc_brute_force(scores, positive), abs=1e-12)
+    assert stats.auroc(scores, positive) == pytest.approx(_auroc_brute_force(scores, positive), abs=1e-12)
 
 
 def test_auroc_edges():
-    assert demo.auroc([0.1, 0.2, 0.9, 0.8], [False, False, True, True]) == 1.0
-    assert demo.auroc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
-    assert demo.auroc([0.5] * 4, [True, False, True, False]) == 0.5
+    assert stats.auroc([0.1, 0.2, 0.9, 0.8], [False, False, True, True]) == 1.0
+    assert stats.auroc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert stats.auroc([0.5] * 4, [True, False, True, False]) == 0.5
     with pytest.raises(ValueError):
-        demo.auroc([0.1, 0.2], [True, True])
-    assert demo.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+        stats.auroc([0.1, 0.2], [True, True])
+    assert stats.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
 
 
 def test_flipped_ratio_per_bin():
     u = np.array([0.0, 0.1, 0.2, 0.5, 0.6, 0.99, 1.0])
     flipped = np.array([0, 0, 1, 0, 1, 1, 1], dtype=bool)
-    counts, ratios = demo.flipped_ratio_per_bin(u, flipped, np.array([0.0, 0.5, 1.0]))
+    counts, ratios = stats.flipped_ratio_per_bin(u, flipped, np.array([0.0, 0.5, 1.0]))
     assert counts == [3, 4]  # the last bin is closed
     assert ratios == pytest.approx([1 / 3, 3 / 4])
-    counts, ratios = demo.flipped_ratio_per_bin(u, flipped, np.array([0.0, 0.05, 2.0, 3.0]))
+    counts, ratios = stats.flipped_ratio_per_bin(u, flipped, np.array([0.0, 0.05, 2.0, 3.0]))
     assert counts == [1, 6, 0] and ratios[2] is None
 
 
@@ -232,22 +232,22 @@ def _numbers(obj, path=""):
 @pytest.mark.timeout(300)
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert demo.main(["--quick", "--output_dir", str(out)]) == 0
+    assert study.main(["--quick", "--output_dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["flip_rates"] == [0, 10, 20, 30]
     assert isinstance(results["seeds"], int) and results["seeds"] >= 1
     assert isinstance(results["base_reward"], float)
     rates = {"0", "10", "20", "30"}
     for key in ("reward", "reward_std", "gain"):
-        assert set(results[key]) == set(demo.METHODS), key
-        for method in demo.METHODS:
+        assert set(results[key]) == set(config.METHODS), key
+        for method in config.METHODS:
             assert set(results[key][method]) == rates, (key, method)
             assert all(isinstance(v, float) for v in results[key][method].values()), (key, method)
     assert set(results["auroc_u_flipped"]) == {"10", "20", "30"}
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in results["auroc_u_flipped"].values())
     structured = results["structured"]
-    assert set(structured["reward"]) == set(demo.STRUCTURED_METHODS)
-    assert set(results["dedpo"]["reward"]) == set(demo.DEDPO_ARMS)
+    assert set(structured["reward"]) == set(config.STRUCTURED_METHODS)
+    assert set(results["dedpo"]["reward"]) == set(config.DEDPO_ARMS)
     for key in ("machine", "torch", "wall_seconds", "hyperparameters"):
         assert key in results, key
     assert results["hyperparameters"]["study"]["world"]["pretrain_steps"] > 0
