@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-if not torch.cuda.is_available():  # as fastpref.bench: must precede any import of triton
+if not torch.cuda.is_available():  # as benchmarks/bench_loss.py: must precede any import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench_loss import _slug, markdown  # noqa: E402
