@@ -28,6 +28,7 @@ from .arch import detect_arch
 from .checkpoints import install_lora_hooks, resume, save_checkpoint, save_weights
 from .config import ARCH_DEFAULTS, TrainConfig
 from .files import write_atomic
+from .latent_cache import LatentCache
 from .trainer import NonFiniteLossError, PreferenceTrainer
 
 logger = logging.getLogger("fastpref.train")
@@ -212,7 +213,7 @@ def load_data(data_args: DataArguments, loss_type: str, arch: str, resolution: i
     vae = tokenizers = text_encoders = None
     if data_args.cache_latents:
         with accelerator.main_process_first():
-            cache = data.LatentCache.build(
+            cache = LatentCache.build(
                 dataset, data_args.cache_dir, model_path, dtype=weight_dtype(accelerator), device=accelerator.device
             )
         train_set = cache.view(dataset)

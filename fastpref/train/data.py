@@ -1,72 +1,20 @@
-"""Preference pairs for the trainer: Pick-a-Pic v2 parquet in, ``[2B, ...]`` batches out.
+"""Preference pairs for the trainer: Pick-a-Pic v2 parquet in, the trainer's ``[2B, ...]`` batches out.
 
-Pieces (each usable on its own):
-
-- :class:`PreferenceDataset` reads a parquet file, or every ``*.parquet`` under a folder (sorted
-  by path), with the Pick-a-Pic v2 columns ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image
-  bytes, or the ``{"bytes": ...}`` struct of a Hugging Face ``Image`` feature) and ``label_0``
-  in {1, 0, 0.5}. Other columns are ignored.
-
-  * **Winner first.** Item ``i`` is ``pixel_values [2, 3, R, R]`` in [-1, 1], index 0 the
-    preferred image: ``jpg_0`` first when ``label_0 == 1``, ``jpg_1`` first when ``label_0 == 0``.
-  * **Ties** (``label_0 == 0.5``) are dropped unless ``keep_ties=True``; a kept tie keeps the
-    stored order and has ``human_label == 0.5``.
-  * **Skipped rows.** A row whose caption is not a string, whose label is not 1, 0 or 0.5, or
-    whose image cell is empty is *malformed*; one with an image PIL cannot decode is
-    *undecodable*. Both are skipped and counted (``num_malformed``, ``num_undecodable``, the rows
-    in ``skipped``), and logged once on the ``fastpref.train.data`` logger; nothing raises. Images are
-    decoded once while the dataset is built (``check_images=True``) so that every row that
-    survives is known to decode; with ``check_images=False`` only the cheap checks run there (use
-    it with :class:`LatentCache`, which records the undecodable rows when it encodes them).
-  * **Label flips.** ``flip_rate`` in [0, 1] swaps the two images of exactly
-    ``round(flip_rate * n)`` of the ``n`` non-tie pairs, chosen by ``flip_seed`` (NumPy
-    ``default_rng([flip_seed, ...])``). ``flipped`` is recorded per item (and ``flipped_rows``
-    lists the source rows, logged) so that the trainer can report the metric on flipped vs kept
-    pairs; ``human_label`` is the probability that the *returned first* image is the human's
-    choice (1, 0 for a flipped pair, 0.5 for a tie).
-  * **DeDPO mode** (``synthetic_labels=True``, docs/spec.md §5b): the column ``synthetic_label_0`` holds
-    an AI judge's probability in [0, 1] that ``jpg_0`` is preferred, and only a seeded share
-    ``human_fraction`` of the pairs keep their human label. Then the *judge* orders every pair
-    (``jpg_0`` first when ``p >= 0.5``), never ``label_0``, so that the order of a pair without
-    a human label does not leak that label; the human label of a labelled pair is expressed
-    relative to that order (it may say the second image won). Items carry ``synthetic_label``,
-    ``human_label`` (NaN where unlabelled), ``human_mask`` and ``propensity``; ties are dropped,
-    ``flip_rate`` flips human labels only. See :class:`PreferenceDataset`.
-  * **Preprocessing** is deterministic: shorter side resized to ``R`` (PIL bilinear), centre crop
-    to ``R x R``, ``x / 127.5 - 1``. Each item also carries ``original_sizes [2, 2]`` (h, w before
-    resizing) and ``crop_top_lefts [2, 2]`` (top, left of the crop) for SDXL's ``add_time_ids``.
-
-- :class:`PairSampler`: a seeded permutation per epoch (``default_rng([seed, epoch])``) that
-  starts at any global position ``start = samples already consumed`` and so resumes bit for bit;
-  ``infinite=True`` streams epoch after epoch.
-
-- :func:`collate_pairs`: the trainer's batches, per-image tensors in the ``[2B, ...]``
-  winners-then-losers layout of the loss (``pixel_values [2B, 3, R, R]``, or ``latents
-  [2B, C, h, w]`` from the cache, ``original_sizes``, ``crop_top_lefts [2B, 2]``), per-pair
-  ones ``[B, ...]``, plus ``captions`` (list), ``flipped`` (bool), ``tie`` (bool),
-  ``human_label`` (float), ``index`` and ``row`` (int64); in DeDPO mode also
-  ``synthetic_label``, ``propensity`` (float32) and ``human_mask`` (bool).
-  :func:`shared_noise_and_timesteps` draws one noise tensor and one timestep per pair and repeats
-  them for both images.
-
-- :class:`LatentCache`: VAE latents and text embeddings encoded once into
-  ``cache_dir/<key>/``, keyed by the dataset files, the model and the resolution, reused by every
-  later run and resume (see the class). ``cache.view(dataset)`` is the dataset that yields cached
-  latents in place of pixels, with the same winner-first order, flips and ties.
+:class:`PreferenceDataset` serves winner-first pairs (ties, flips, bad rows, DeDPO labels),
+:class:`PairSampler` their seeded, resumable order and :func:`collate_pairs` the batch layout;
+:func:`encode_images`, :func:`encode_prompts` and :class:`BatchEncoder` make the latents and text
+embeddings the trainer takes (the latent cache encodes with them too, so both paths agree).
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
-import hashlib
 import io
-import json
 import logging
 import math
-import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -80,7 +28,6 @@ VALID_LABELS = (0.0, 0.5, 1.0)
 _FLIP_STREAM = 0xF11B
 # Likewise for the choice of the pairs that keep their human label (human_seed).
 _HUMAN_STREAM = 0xDED0
-CACHE_FORMAT = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +94,33 @@ def preprocess(image, resolution: int) -> Tuple[torch.Tensor, Tuple[int, int], T
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Pick-a-Pic v2 preference pairs from a parquet file or folder (see the module docstring).
+    """Pick-a-Pic v2 preference pairs from a parquet file, or every ``*.parquet`` under a folder
+    (sorted by path), with the columns ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image
+    bytes, or the ``{"bytes": ...}`` struct of a Hugging Face ``Image`` feature) and ``label_0``
+    in {1, 0, 0.5}. Other columns are ignored.
+
+    * **Winner first.** Item ``i`` holds ``pixel_values [2, 3, R, R]`` in [-1, 1], index 0 the
+      preferred image: ``jpg_0`` first when ``label_0 == 1``, ``jpg_1`` first when ``label_0 == 0``.
+    * **Ties** (``label_0 == 0.5``) are dropped unless ``keep_ties=True``; a kept tie keeps the
+      stored order and has ``human_label == 0.5``.
+    * **Skipped rows.** A row whose caption is not a string, whose label is not 1, 0 or 0.5, or
+      whose image cell is empty is *malformed*; one with an image PIL cannot decode is
+      *undecodable*. Both are skipped and counted (``num_malformed``, ``num_undecodable``, the
+      rows in ``skipped``) and logged once on the ``fastpref.train.data`` logger; nothing
+      raises. Images are decoded once while the dataset is built (``check_images=True``) so that
+      every row that survives is known to decode; with ``check_images=False`` only the cheap
+      checks run there (use it with the latent cache, which records the undecodable rows when it
+      encodes them).
+    * **Label flips.** ``flip_rate`` in [0, 1] swaps the two images of exactly
+      ``round(flip_rate * n)`` of the ``n`` non-tie pairs, chosen by ``flip_seed`` (NumPy
+      ``default_rng([flip_seed, ...])``). ``flipped`` is recorded per item (``flipped_rows``
+      lists the source rows, logged) so that the trainer can report the metric on flipped vs
+      kept pairs; ``human_label`` is the probability that the *returned first* image is the
+      human's choice (1, 0 for a flipped pair, 0.5 for a tie).
+    * **Preprocessing** is deterministic (:func:`preprocess`): shorter side resized to ``R`` (PIL
+      bilinear), centre crop to ``R x R``, ``x / 127.5 - 1``; ``original_sizes [2, 2]`` (h, w
+      before resizing) and ``crop_top_lefts [2, 2]`` (top, left of the crop) feed SDXL's
+      ``add_time_ids``.
 
     ``dataset[i]`` is a dict: ``pixel_values [2, 3, R, R]`` float32 (winner first; in DeDPO mode
     the judge's preferred image first), ``caption`` (str), ``flipped``, ``tie`` (bool),
@@ -226,32 +199,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         human_seed: int = 0,
         judge_column: str = JUDGE,
     ):
-        import pyarrow.parquet as pq
-
-        if not isinstance(resolution, int) or resolution < 1:
-            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
-        if not (isinstance(flip_rate, (int, float)) and 0.0 <= flip_rate <= 1.0):
-            raise ValueError(f"flip_rate must be in [0, 1], got {flip_rate!r}")
-        if max_pairs is not None and max_pairs < 0:
-            raise ValueError(f"max_pairs must be >= 0, got {max_pairs}")
-        if human_fraction is not None:
-            if not synthetic_labels:
-                raise ValueError(
-                    "human_fraction needs synthetic_labels=True (DeDPO mode): without a judge's label every pair keeps its human label"
-                )
-            if (
-                isinstance(human_fraction, bool)
-                or not isinstance(human_fraction, (int, float))
-                or not 0.0 < human_fraction <= 1.0
-            ):
-                raise ValueError(f"human_fraction must be in (0, 1], got {human_fraction!r}")
-        if synthetic_labels and keep_ties:
-            raise ValueError(
-                "keep_ties=True cannot be used with synthetic_labels=True: a tie (label_0 = 0.5) has no 0/1 human label, "
-                "which the DeDPO estimator needs, so DeDPO mode always drops ties"
-            )
-        if isinstance(human_seed, bool) or not isinstance(human_seed, (int, np.integer)):
-            raise ValueError(f"human_seed must be an int, got {human_seed!r}")
+        _check_arguments(resolution, flip_rate, max_pairs, keep_ties, synthetic_labels, human_fraction, human_seed)
         self.source = Path(source)
         self.files = parquet_files(source, pattern)
         self.resolution = resolution
@@ -273,60 +221,61 @@ class PreferenceDataset(torch.utils.data.Dataset):
         )
         self.human_seed = int(human_seed)
         self.judge_column = judge_column
+        captions, labels, judges = self._read_tables()
+        self._scan_rows(captions, labels, judges)
+        self._select()
 
-        needed = [caption_column, image_columns[0], image_columns[1], label_column]
-        if self.synthetic_labels:
-            needed.append(judge_column)
+    # -- construction steps --------------------------------------------------------------------
+
+    def _read_tables(self) -> Tuple[list, list, list]:
+        """Read the needed columns of every file (a missing one raises ``ValueError``); returns
+        the captions, labels and (DeDPO mode) judge values of all rows, in order."""
+        import pyarrow.parquet as pq
+
+        needed = list(self.columns.values()) + ([self.judge_column] if self.synthetic_labels else [])
         self._tables = []
         for file in self.files:
             names = pq.read_schema(file).names
             missing = [c for c in needed if c not in names]
             if missing:
-                hint = (
-                    " (synthetic_labels=True reads the judge's column)"
-                    if judge_column in missing and self.synthetic_labels
-                    else ""
-                )
+                hint = ""
+                if self.judge_column in missing and self.synthetic_labels:
+                    hint = " (synthetic_labels=True reads the judge's column)"
                 raise ValueError(f"dataset_name: {file} has no column(s) {missing} (has {names}){hint}")
             self._tables.append(pq.read_table(file, columns=needed))
         self._offsets = np.cumsum([0] + [t.num_rows for t in self._tables]).tolist()
         self.num_rows = self._offsets[-1]
-
         captions: List = []
         labels: List = []
         judges: List = []
         for table in self._tables:
-            captions += table.column(caption_column).to_pylist()
-            labels += table.column(label_column).to_pylist()
+            captions += table.column(self.columns["caption"]).to_pylist()
+            labels += table.column(self.columns["label"]).to_pylist()
             if self.synthetic_labels:
-                judges += table.column(judge_column).to_pylist()
+                judges += table.column(self.judge_column).to_pylist()
         self._captions = captions
+        return captions, labels, judges
 
+    def _scan_rows(self, captions: list, labels: list, judges: list) -> None:
+        """Sort every row into malformed, undecodable (decoded only with ``check_images``) or
+        valid; keep the valid rows' labels and judge values."""
         skipped: Dict[str, List[int]] = {"malformed": [], "undecodable": []}
         judge_malformed: List[int] = []
-        valid, tie = [], []
+        valid = []
         for row in range(self.num_rows):
             label = _label_value(labels[row])
-            if not isinstance(captions[row], str) or label is None:
-                skipped["malformed"].append(row)
-                continue
             cells = [image_bytes(self._cell(row, 0)), image_bytes(self._cell(row, 1))]
-            if cells[0] is None or cells[1] is None:
+            if not isinstance(captions[row], str) or label is None or None in cells:
                 skipped["malformed"].append(row)
                 continue
             if self.synthetic_labels and _judge_value(judges[row]) is None:
                 skipped["malformed"].append(row)
                 judge_malformed.append(row)
                 continue
-            if self.check_images:
-                try:
-                    for data in cells:
-                        decode_image(data)
-                except Exception:  # noqa: BLE001 - any decoder failure means "skip this row"
-                    skipped["undecodable"].append(row)
-                    continue
+            if self.check_images and not _decodes(cells):
+                skipped["undecodable"].append(row)
+                continue
             valid.append(row)
-            tie.append(label == 0.5)
         self.skipped = skipped
         self.judge_malformed_rows = judge_malformed
         self.valid_rows = np.asarray(valid, dtype=np.int64)
@@ -334,9 +283,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self._judge = (
             np.asarray([_judge_value(judges[r]) for r in valid], dtype=np.float64) if self.synthetic_labels else None
         )
-        self._select()
-
-    # -- construction helpers ------------------------------------------------------------------
 
     def _cell(self, row: int, which: int):
         file = bisect.bisect_right(self._offsets, row) - 1
@@ -422,11 +368,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if self.num_malformed or self.num_undecodable:
             logger.warning(
                 "skipped rows: malformed %s, undecodable %s",
-                _head(self.skipped["malformed"]),
-                _head(self.skipped["undecodable"]),
+                format_rows(self.skipped["malformed"]),
+                format_rows(self.skipped["undecodable"]),
             )
         if self.num_flipped:
-            logger.info("flipped rows: %s", _head(self.flipped_rows))
+            logger.info("flipped rows: %s", format_rows(self.flipped_rows))
 
     def without_rows(self, rows: Sequence[int], reason: str = "undecodable") -> "PreferenceDataset":
         """A copy with the given source rows skipped (counted under ``reason``); ties, truncation
@@ -569,6 +515,44 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return item
 
 
+def _check_arguments(resolution, flip_rate, max_pairs, keep_ties, synthetic_labels, human_fraction, human_seed):
+    """``ValueError`` for a bad argument of :class:`PreferenceDataset`, before any file is read."""
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+    if not (isinstance(flip_rate, (int, float)) and 0.0 <= flip_rate <= 1.0):
+        raise ValueError(f"flip_rate must be in [0, 1], got {flip_rate!r}")
+    if max_pairs is not None and max_pairs < 0:
+        raise ValueError(f"max_pairs must be >= 0, got {max_pairs}")
+    if human_fraction is not None:
+        if not synthetic_labels:
+            raise ValueError(
+                "human_fraction needs synthetic_labels=True (DeDPO mode): without a judge's label every pair keeps "
+                "its human label"
+            )
+        if (
+            isinstance(human_fraction, bool)
+            or not isinstance(human_fraction, (int, float))
+            or not 0.0 < human_fraction <= 1.0
+        ):
+            raise ValueError(f"human_fraction must be in (0, 1], got {human_fraction!r}")
+    if synthetic_labels and keep_ties:
+        raise ValueError(
+            "keep_ties=True cannot be used with synthetic_labels=True: a tie (label_0 = 0.5) has no 0/1 human "
+            "label, which the DeDPO estimator needs, so DeDPO mode always drops ties"
+        )
+    if isinstance(human_seed, bool) or not isinstance(human_seed, (int, np.integer)):
+        raise ValueError(f"human_seed must be an int, got {human_seed!r}")
+
+
+def _decodes(cells: Sequence[bytes]) -> bool:
+    try:
+        for data in cells:
+            decode_image(data)
+    except Exception:  # noqa: BLE001 - any decoder failure means "skip this row"
+        return False
+    return True
+
+
 def _label_value(value) -> Optional[float]:
     """1.0, 0.0 or 0.5 for a valid ``label_0`` cell, else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -586,7 +570,7 @@ def _judge_value(value) -> Optional[float]:
     return value if 0.0 <= value <= 1.0 else None  # NaN fails both comparisons
 
 
-def _head(rows: Sequence[int], n: int = 20) -> str:
+def format_rows(rows: Sequence[int], n: int = 20) -> str:
     rows = list(rows)
     return str(rows[:n])[:-1] + (f", ... ({len(rows)} in all)]" if len(rows) > n else "]")
 
@@ -833,351 +817,3 @@ class BatchEncoder:
             out["pooled_prompt_embeds"] = pooled
             out["add_time_ids"] = time_ids(batch, self.resolution)
         return out
-
-
-# --------------------------------------------------------------------------------------------
-# the latent cache
-# --------------------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _file_fingerprint(path: Path, window: int = 1 << 20) -> dict:
-    """Size, mtime and a hash of the first and last ``window`` bytes (cheap for huge files)."""
-    stat = path.stat()
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        digest.update(handle.read(window))
-        if stat.st_size > window:
-            handle.seek(max(window, stat.st_size - window))
-            digest.update(handle.read(window))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head_tail_sha256": digest.hexdigest()}
-
-
-def dataset_fingerprint(dataset: PreferenceDataset) -> dict:
-    """What the cached rows depend on: the files (relative name, size, mtime, head/tail hash)
-    and the columns read. Not ties, flips or max_pairs: those apply on top of the cache."""
-    root = dataset.source if dataset.source.is_dir() else dataset.source.parent
-    files = []
-    for file in dataset.files:
-        try:
-            name = str(file.relative_to(root))
-        except ValueError:
-            name = file.name
-        files.append(dict(name=name, **_file_fingerprint(file)))
-    return {"files": files, "columns": dataset.columns}
-
-
-_MODEL_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-
-
-def model_fingerprint(model_path, modules: Sequence = ()) -> dict:
-    """What the encodings depend on. For a local pipeline folder: its resolved path and, for the
-    VAE, text encoder and tokenizer folders, a content hash of every small config/vocabulary file
-    and size + mtime of every weight file. Otherwise: the name and the passed modules' configs."""
-    path = Path(model_path)
-    if path.is_dir():
-        parts = {}
-        for part in _MODEL_PARTS:
-            folder = path / part
-            if not folder.is_dir():
-                continue
-            entries = {}
-            for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-                stat = file.stat()
-                if file.suffix in (".json", ".txt") and stat.st_size < (16 << 20):
-                    entries[str(file.relative_to(folder))] = _sha256_file(file)
-                else:
-                    entries[str(file.relative_to(folder))] = [stat.st_size, stat.st_mtime_ns]
-            parts[part] = entries
-        return {"path": str(path.resolve()), "parts": parts}
-    configs = []
-    for module in modules:
-        config = getattr(module, "config", None)
-        config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-        configs.append(json.loads(json.dumps(config, sort_keys=True, default=str)))
-    if not configs:
-        raise ValueError(f"model_path {model_path} is not a local folder: pass vae and text_encoders to key the cache")
-    return {"path": str(model_path), "configs": configs}
-
-
-def cache_key(
-    dataset: PreferenceDataset, model_path, *, dtype: torch.dtype = torch.float32, modules: Sequence = ()
-) -> Tuple[str, dict]:
-    """``(key, components)``: the key is the first 24 hex digits of the SHA-256 of the JSON of
-    ``components`` (format version, dataset and model fingerprints, resolution, latent choice,
-    encoding dtype)."""
-    components = {
-        "format": CACHE_FORMAT,
-        "dataset": dataset_fingerprint(dataset),
-        "model": model_fingerprint(model_path, modules),
-        "resolution": dataset.resolution,
-        "preprocess": "resize-shorter-bilinear+center-crop",
-        "latents": "posterior-mean",
-        "dtype": str(dtype).replace("torch.", ""),
-    }
-    blob = json.dumps(components, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:24], components
-
-
-def _save_atomic(tensors: Dict[str, torch.Tensor], file: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, file)
-
-
-def _write_json_atomic(obj, file: Path) -> None:
-    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, file)
-
-
-class LatentCache:
-    """VAE latents and text embeddings of a :class:`PreferenceDataset`, encoded once.
-
-    ``LatentCache.build(dataset, cache_dir, model_path)`` looks for ``cache_dir/<key>/meta.json``
-    and loads it (``hit=True``); otherwise it encodes and writes it (``hit=False``). The key is
-    :func:`cache_key`: a hash of the dataset files (size, mtime and a head/tail content hash of
-    each), the model (its path, config/tokenizer file hashes, weight sizes and mtimes), the
-    resolution and the encoding dtype -- so a changed file, model or resolution gets a new
-    folder, and anything else (another run, a resume, other ``keep_ties``/``flip_rate``/
-    ``max_pairs``) reuses it.
-
-    Contents, per source row that passes the dataset's cheap checks (ties included, and in DeDPO
-    mode the rows skipped only for a malformed judge value; a row that does not decode is
-    listed in ``undecodable_rows`` instead), in stored order
-    (``jpg_0``, ``jpg_1``; :meth:`view` puts the winner first): ``latents [N, 2, 4, R/8, R/8]``
-    = :func:`encode_images` (posterior mean x scaling factor), ``original_sizes``,
-    ``crop_top_lefts [N, 2, 2]``; per unique caption: ``prompt_embeds [U, 77, D]`` and for SDXL
-    ``pooled_prompt_embeds [U, P]`` (:func:`encode_prompts`), ``caption_index [N]``; and the
-    encoding of the empty caption (``empty_prompt_embeds``...) for caption dropout. All float32
-    by default, safetensors files: ``text.safetensors``, ``latents-00000.safetensors`` ... (one
-    per ``shard_size`` rows; an interrupted build resumes at the first missing shard) and
-    ``meta.json`` (written last; its presence marks the cache complete). Files are written
-    atomically, so a reader never sees half a file.
-
-    The VAE and text encoders are loaded from ``model_path`` only on a miss, unless passed in.
-    With several processes (accelerate), build on the main process first, then on the others
-    (they hit).
-    """
-
-    def __init__(self, path: Path, meta: dict, hit: bool):
-        from safetensors.torch import load_file
-
-        self.path = Path(path)
-        self.meta = meta
-        self.key = meta["key"]
-        self.hit = hit
-        text = load_file(str(self.path / "text.safetensors"))
-        self.prompt_embeds = text["prompt_embeds"]
-        self.pooled_prompt_embeds = text.get("pooled_prompt_embeds")
-        self.empty_prompt_embeds = text["empty_prompt_embeds"][0]
-        self.empty_pooled_prompt_embeds = (
-            text["empty_pooled_prompt_embeds"][0] if "empty_pooled_prompt_embeds" in text else None
-        )
-        text_rows = text["rows"]
-        caption_index = text["caption_index"]
-        shards = [load_file(str(self.path / name)) for name in meta["shards"]]
-        self.rows = torch.cat([s["rows"] for s in shards])
-        self.latents = torch.cat([s["latents"] for s in shards])
-        self.original_sizes = torch.cat([s["original_sizes"] for s in shards])
-        self.crop_top_lefts = torch.cat([s["crop_top_lefts"] for s in shards])
-        self.undecodable_rows = torch.cat([s["undecodable_rows"] for s in shards]).tolist()
-        self.caption_index = caption_index[torch.searchsorted(text_rows, self.rows)]
-        self.arch = meta["arch"]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @classmethod
-    def build(
-        cls,
-        dataset: PreferenceDataset,
-        cache_dir,
-        model_path,
-        *,
-        vae=None,
-        tokenizers: Optional[Sequence] = None,
-        text_encoders: Optional[Sequence] = None,
-        dtype: torch.dtype = torch.float32,
-        device: Union[str, torch.device] = "cpu",
-        batch_size: int = 8,
-        shard_size: int = 1024,
-    ) -> "LatentCache":
-        from .arch import detect_arch
-
-        given = [m for m in [vae, *(text_encoders or [])] if m is not None]
-        if given:
-            dtype = next(given[0].parameters()).dtype
-        key, components = cache_key(dataset, model_path, dtype=dtype, modules=given)
-        folder = Path(cache_dir) / key
-        meta_file = folder / "meta.json"
-        if meta_file.exists():
-            meta = json.loads(meta_file.read_text())
-            logger.info("latent cache hit: %s (%d rows)", folder, meta["num_cached"])
-            return cls(folder, meta, hit=True)
-
-        if Path(model_path).is_dir():
-            arch = detect_arch(model_path)
-        else:
-            arch = "sdxl" if text_encoders is not None and len(text_encoders) == 2 else "sd15"
-        if vae is None or text_encoders is None or tokenizers is None:
-            loaded_vae, loaded_tok, loaded_te = load_encoders(model_path, arch, dtype=dtype, device=device)
-            vae = vae if vae is not None else loaded_vae
-            tokenizers = tokenizers if tokenizers is not None else loaded_tok
-            text_encoders = text_encoders if text_encoders is not None else loaded_te
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(components, folder / "key.json")
-        # Every row that passed the cheap checks, whether or not the dataset decoded it up front
-        # (check_images), so that the cache's contents do not depend on that switch: the rows
-        # that do not decode are recorded here as undecodable. Rows skipped only for a malformed
-        # judge value (DeDPO mode) are encoded too: the key does not depend on the mode, so a
-        # cache built in DeDPO mode must serve a plain dataset of the same files as well.
-        rows = np.union1d(dataset.valid_rows, np.asarray(dataset.skipped["undecodable"], dtype=np.int64))
-        rows = np.union1d(rows, np.asarray(dataset.judge_malformed_rows, dtype=np.int64)).astype(np.int64)
-        logger.info("latent cache miss: encoding %d rows into %s", len(rows), folder)
-        # text: one embedding per unique caption, in order of first appearance
-        text_file = folder / "text.safetensors"
-        if not text_file.exists():
-            unique: Dict[str, int] = {}
-            index = [unique.setdefault(dataset.caption(int(r)), len(unique)) for r in rows]
-            captions = list(unique)
-            embeds, pooled = [], []
-            for start in range(0, len(captions), batch_size):
-                e, p = encode_prompts(captions[start : start + batch_size], tokenizers, text_encoders)
-                embeds.append(e.float().cpu())
-                if p is not None:
-                    pooled.append(p.float().cpu())
-            empty, empty_pooled = encode_prompts([""], tokenizers, text_encoders)
-            tensors = {
-                "rows": torch.as_tensor(rows, dtype=torch.int64),
-                "caption_index": torch.tensor(index, dtype=torch.int64),
-                "prompt_embeds": torch.cat(embeds) if embeds else empty.float().cpu()[:0],
-                "empty_prompt_embeds": empty.float().cpu(),
-            }
-            if empty_pooled is not None:
-                tensors["pooled_prompt_embeds"] = torch.cat(pooled) if pooled else empty_pooled.float().cpu()[:0]
-                tensors["empty_pooled_prompt_embeds"] = empty_pooled.float().cpu()
-            _save_atomic(tensors, text_file)
-
-        # images: one shard per shard_size rows
-        shards = []
-        for number, start in enumerate(range(0, max(len(rows), 1), shard_size)):
-            name = f"latents-{number:05d}.safetensors"
-            shards.append(name)
-            if (folder / name).exists():
-                continue
-            _save_atomic(cls._encode_rows(dataset, rows[start : start + shard_size], vae, batch_size), folder / name)
-
-        meta = {
-            "key": key,
-            "arch": arch,
-            "resolution": dataset.resolution,
-            "num_rows": int(len(rows)),
-            "shards": shards,
-            "scaling_factor": float(vae.config.scaling_factor),
-            "latents": "posterior mean x scaling_factor",
-        }
-        cache = cls(folder, dict(meta, num_cached=0), hit=False)
-        meta["num_cached"] = len(cache)
-        meta["undecodable_rows"] = cache.undecodable_rows
-        _write_json_atomic(meta, meta_file)
-        cache.meta = meta
-        return cache
-
-    @staticmethod
-    def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: int) -> Dict[str, torch.Tensor]:
-        kept, failed, latents, sizes, crops = [], [], [], [], []
-        batch: List[torch.Tensor] = []
-
-        def flush():
-            if batch:
-                encoded = encode_images(vae, torch.cat(batch)).float().cpu()
-                latents.append(encoded.reshape(-1, 2, *encoded.shape[1:]))
-                batch.clear()
-
-        for row in rows.tolist():
-            try:
-                pair = [
-                    preprocess(decode_image(image_bytes(dataset._cell(row, w))), dataset.resolution) for w in (0, 1)
-                ]
-            except Exception:  # noqa: BLE001 - undecodable rows are recorded, not fatal
-                failed.append(row)
-                continue
-            kept.append(row)
-            batch.append(torch.stack([p[0] for p in pair]))
-            sizes.append([p[1] for p in pair])
-            crops.append([p[2] for p in pair])
-            if len(batch) == batch_size:
-                flush()
-        flush()
-        if failed:
-            logger.warning("latent cache: %d undecodable rows skipped: %s", len(failed), _head(failed))
-        if latents:
-            stacked = torch.cat(latents)
-        else:
-            probe = encode_images(vae, torch.zeros(1, 3, dataset.resolution, dataset.resolution)).float().cpu()
-            stacked = probe.new_zeros((0, 2, *probe.shape[1:]))
-        return {
-            "rows": torch.tensor(kept, dtype=torch.int64),
-            "latents": stacked,
-            "original_sizes": torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2, 2),
-            "crop_top_lefts": torch.tensor(crops, dtype=torch.int64).reshape(-1, 2, 2),
-            "undecodable_rows": torch.tensor(failed, dtype=torch.int64),
-        }
-
-    def view(self, dataset: PreferenceDataset) -> "CachedPreferenceDataset":
-        """The dataset serving cached latents in place of pixels (see :class:`CachedPreferenceDataset`)."""
-        return CachedPreferenceDataset(dataset, self)
-
-
-class CachedPreferenceDataset(torch.utils.data.Dataset):
-    """``dataset`` with :class:`LatentCache` tensors in place of decoded pixels.
-
-    Same length, order, winner-first rule, ties and flips as ``dataset`` (rows the cache found
-    undecodable are dropped first, as :meth:`PreferenceDataset.without_rows` does, when the
-    dataset was built with ``check_images=False``). Item: ``latents [2, C, h, w]`` (winner
-    first), ``prompt_embeds [L, D]``, for SDXL ``pooled_prompt_embeds [P]``, ``original_sizes``,
-    ``crop_top_lefts [2, 2]``, and the fields of :meth:`PreferenceDataset.item_info` (``caption``,
-    ``flipped``, ``tie``, ``human_label``, ``index``, ``row``; in DeDPO mode also
-    ``synthetic_label``, ``human_mask``, ``propensity``, and the judge's order).
-    """
-
-    def __init__(self, dataset: PreferenceDataset, cache: LatentCache):
-        if cache.meta.get("resolution", dataset.resolution) != dataset.resolution:
-            raise ValueError(f"cache is for resolution {cache.meta['resolution']}, dataset for {dataset.resolution}")
-        if cache.undecodable_rows:
-            dataset = dataset.without_rows(cache.undecodable_rows, "undecodable")
-        self.dataset = dataset
-        self.cache = cache
-        rows = torch.as_tensor(dataset.rows, dtype=torch.int64)
-        position = torch.searchsorted(cache.rows, rows).clamp(max=max(len(cache.rows) - 1, 0))
-        if len(rows) and (len(cache.rows) == 0 or not torch.equal(cache.rows[position], rows)):
-            missing = rows[cache.rows[position] != rows] if len(cache.rows) else rows
-            raise KeyError(f"rows {_head(missing.tolist())} are not in the latent cache {cache.path}")
-        self._position = position
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.dataset.item_info(index)
-        position = int(self._position[item["index"]])
-        order = [1, 0] if item.pop("swap") else [0, 1]
-        cache = self.cache
-        item["latents"] = cache.latents[position][order]
-        item["original_sizes"] = cache.original_sizes[position][order]
-        item["crop_top_lefts"] = cache.crop_top_lefts[position][order]
-        text = int(cache.caption_index[position])
-        item["prompt_embeds"] = cache.prompt_embeds[text]
-        if cache.pooled_prompt_embeds is not None:
-            item["pooled_prompt_embeds"] = cache.pooled_prompt_embeds[text]
-        return item

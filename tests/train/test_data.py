@@ -26,16 +26,16 @@ from fastpref import cli  # noqa: E402
 from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, judge_probabilities, make_rows, write_parquet  # noqa: E402
 from fastpref.train import data  # noqa: E402
 from fastpref.train.arch import detect_arch  # noqa: E402
+from fastpref.train import latent_cache  # noqa: E402
 from fastpref.train.data import (  # noqa: E402
-    LatentCache,
     PairSampler,
     PreferenceDataset,
-    cache_key,
     collate_pairs,
     encode_images,
     encode_prompts,
     shared_noise_and_timesteps,
 )
+from fastpref.train.latent_cache import LatentCache, cache_key  # noqa: E402
 
 RES = 32
 PAIRS, TIES, CORRUPT = 24, 3, 1
@@ -349,7 +349,7 @@ def test_latent_cache_hit_reuses_and_matches(models, encoders, toy, tmp_path, mo
     assert second.key == first.key and torch.equal(second.latents, first.latents)
     assert torch.equal(second.prompt_embeds, first.prompt_embeds)
     # A hit never loads the models either.
-    monkeypatch.setattr(data, "load_encoders", lambda *a, **k: pytest.fail("models loaded on a cache hit"))
+    monkeypatch.setattr(latent_cache, "load_encoders", lambda *a, **k: pytest.fail("models loaded on a cache hit"))
     assert LatentCache.build(dataset, tmp_path, models[arch]).hit
 
     # The view serves what the pixel path encodes: winner first, flips applied, same captions.
