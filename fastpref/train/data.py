@@ -625,12 +625,6 @@ class PairSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.start = int(epoch) * self.num_pairs
 
-    def resume(self, position: int) -> None:
-        """Begin the next iteration at global position ``position``."""
-        if position < 0:
-            raise ValueError(f"position must be >= 0, got {position}")
-        self.start = int(position)
-
     def state_dict(self) -> dict:
         return {"seed": self.seed, "start": self.start, "num_pairs": self.num_pairs, "shuffle": self.shuffle}
 
@@ -694,24 +688,6 @@ def collate_pairs(items: Sequence[dict]) -> dict:
         else:
             batch[name] = list(values)
     return batch
-
-
-def shared_noise_and_timesteps(
-    latents: torch.Tensor, num_train_timesteps: int, generator: Optional[torch.Generator] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One noise draw and one timestep per pair, repeated for both images.
-
-    ``latents`` is ``[2B, *S]`` winners then losers (:func:`collate_pairs`); returns
-    ``noise [2B, *S]`` with ``noise[:B] == noise[B:]`` and int64 ``timesteps [2B]`` likewise.
-    """
-    if latents.shape[0] % 2:
-        raise ValueError(f"latents must be [2B, ...], got an odd first dimension {latents.shape[0]}")
-    half = latents.shape[0] // 2
-    device = generator.device if generator is not None else latents.device
-    noise = torch.randn((half, *latents.shape[1:]), generator=generator, device=device, dtype=torch.float32)
-    timesteps = torch.randint(0, num_train_timesteps, (half,), generator=generator, device=device)
-    noise = noise.to(device=latents.device, dtype=latents.dtype).repeat(2, *([1] * (latents.dim() - 1)))
-    return noise, timesteps.to(latents.device).repeat(2)
 
 
 # --------------------------------------------------------------------------------------------

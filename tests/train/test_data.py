@@ -24,16 +24,17 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from fastpref import cli  # noqa: E402
 from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, judge_probabilities, make_rows, write_parquet  # noqa: E402
-from fastpref.train import data  # noqa: E402
+from fastpref.train import (
+    data,  # noqa: E402
+    latent_cache,  # noqa: E402
+)
 from fastpref.train.arch import detect_arch  # noqa: E402
-from fastpref.train import latent_cache  # noqa: E402
 from fastpref.train.data import (  # noqa: E402
     PairSampler,
     PreferenceDataset,
     collate_pairs,
     encode_images,
     encode_prompts,
-    shared_noise_and_timesteps,
 )
 from fastpref.train.latent_cache import LatentCache, cache_key  # noqa: E402
 
@@ -301,13 +302,10 @@ def test_dataloader_batches_resume_bitwise(toy):
         assert torch.equal(ours["index"], theirs["index"]) and ours["captions"] == theirs["captions"]
 
 
-def test_pair_layout_and_shared_noise():
+def test_pair_layout():
     pairs = torch.arange(3 * 2 * 5, dtype=torch.float32).reshape(3, 2, 5)
     batch = collate_pairs([{"latents": pair} for pair in pairs])["latents"]
     assert torch.equal(batch[:3], pairs[:, 0]) and torch.equal(batch[3:], pairs[:, 1])
-    noise, timesteps = shared_noise_and_timesteps(batch, 1000, torch.Generator().manual_seed(0))
-    assert noise.shape == batch.shape and torch.equal(noise[:3], noise[3:])
-    assert timesteps.shape == (6,) and torch.equal(timesteps[:3], timesteps[3:])
 
 
 # --------------------------------------------------------------------------------------------

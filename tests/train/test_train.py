@@ -225,10 +225,13 @@ def test_full_finetune_reference_is_frozen_initial_weights():
 
 
 def test_noise_is_shared_within_a_pair_and_sliced_from_the_global_batch():
+    from fastpref.train.data import collate_pairs
+
     trainer = make_trainer(loss_type="dpo")
-    latents = torch.zeros(6, 4, 8, 8)  # 3 pairs
+    latents = collate_pairs([{"latents": torch.zeros(2, 4, 8, 8)}] * 3)["latents"]  # 3 pairs, [2B, ...]
     noise, timesteps = trainer._noise(latents)
-    assert torch.equal(noise[:3], noise[3:]) and torch.equal(timesteps[:3], timesteps[3:])
+    assert noise.shape == latents.shape and torch.equal(noise[:3], noise[3:])
+    assert timesteps.shape == (6,) and torch.equal(timesteps[:3], timesteps[3:])
     # the same draw as process 0 of a 1-process run of the global batch, from (seed, micro_step)
     g = torch.Generator().manual_seed(step_seed(trainer.config.seed, trainer.micro_step))
     torch.testing.assert_close(noise[:3], torch.randn(3, 4, 8, 8, generator=g))
