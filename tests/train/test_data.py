@@ -1,13 +1,13 @@
-"""The offline tiny model, the toy data and the preference data pipeline (fastpref.train.data).
+"""The preference data pipeline: ``fastpref.train.data`` (dataset, sampler, batches, DeDPO
+labels) and ``fastpref.train.latent_cache``.
 
-Everything is built here from configs and generated data; nothing is downloaded
-(HF_HUB_OFFLINE=1, and every path is a local folder). Sizes are tiny: the whole file runs in
-seconds on two CPU cores.
+Everything is built from the offline tiny models and toy data (``fastpref.testing``); nothing is
+downloaded (HF_HUB_OFFLINE=1, and every path is a local folder). Sizes are tiny: the whole file
+runs in seconds on two CPU cores.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 
@@ -23,12 +23,8 @@ pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
 from fastpref import cli  # noqa: E402
-from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, judge_probabilities, make_rows, write_parquet  # noqa: E402
-from fastpref.train import (
-    data,  # noqa: E402
-    latent_cache,  # noqa: E402
-)
-from fastpref.train.arch import detect_arch  # noqa: E402
+from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, make_rows, write_parquet  # noqa: E402
+from fastpref.train import data, latent_cache  # noqa: E402
 from fastpref.train.data import (  # noqa: E402
     PairSampler,
     PreferenceDataset,
@@ -85,97 +81,6 @@ def solid(color, size=RES) -> bytes:
     from PIL import Image
 
     return encode_jpeg(Image.new("RGB", (size, size), color))
-
-
-# --------------------------------------------------------------------------------------------
-# tiny model
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' Euler scheduler vs NumPy 2
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-def test_tiny_model_loads_offline_and_runs(models, arch):
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    path = models[arch]
-    assert detect_arch(path) == arch
-    expected = {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
-    expected |= {"text_encoder_2", "tokenizer_2"} if arch == "sdxl" else set()
-    assert expected <= {p.name for p in path.iterdir()}
-    assert (path / "tokenizer" / "vocab.json").exists() and (path / "tokenizer" / "merges.txt").exists()
-    assert list((path / "unet").glob("*.safetensors"))
-
-    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    pipe = cls.from_pretrained(path, local_files_only=True)
-    tokens = pipe.tokenizer("a red circle").input_ids
-    assert len(tokens) == 5 and pipe.tokenizer.model_max_length == 77  # bos, 3 whole words, eos
-
-    # Components load on their own too; one UNet forward with the pipeline's own conditioning.
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-    DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if arch == "sdxl" else [])
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
-    embeds, pooled = encode_prompts(["a red circle", "a blue square"], tokenizers, encoders)
-    assert embeds.shape == (2, 77, unet.config.cross_attention_dim)
-    extra = {}
-    if arch == "sdxl":
-        time_ids = torch.tensor([[RES, RES, 0, 0, RES, RES]] * 2, dtype=torch.float32)
-        extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-    latents = torch.randn(2, 4, RES // 8, RES // 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        out = unet(latents, torch.tensor([10, 500]), encoder_hidden_states=embeds, **extra).sample
-    assert out.shape == latents.shape and torch.isfinite(out).all()
-
-    image = pipe(
-        "a red circle",
-        num_inference_steps=1,
-        height=RES,
-        width=RES,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert image.shape == (1, RES, RES, 3)
-
-
-def test_tiny_model_is_seeded(models, tmp_path):
-    from safetensors.torch import load_file
-
-    from fastpref.testing.tiny_model import make_tiny_model
-
-    again = make_tiny_model(tmp_path / "again", "sd15", seed=0)
-    other = make_tiny_model(tmp_path / "other", "sd15", seed=1)
-    weights = lambda p: load_file(str(p / "unet" / "diffusion_pytorch_model.safetensors"))  # noqa: E731
-    first, second, third = weights(models["sd15"]), weights(again), weights(other)
-    assert all(torch.equal(first[k], second[k]) for k in first)
-    assert not all(torch.equal(first[k], third[k]) for k in first)
-    with pytest.raises(FileExistsError):
-        make_tiny_model(again, "sd15")
-
-
-# --------------------------------------------------------------------------------------------
-# toy data
-# --------------------------------------------------------------------------------------------
-
-
-def test_toy_data_schema_and_content(toy):
-    from PIL import Image
-
-    table = pq.read_table(toy)
-    assert {"caption", "jpg_0", "jpg_1", "label_0"} <= set(table.column_names)
-    assert table.num_rows == PAIRS
-    labels = table.column("label_0").to_pylist()
-    assert labels.count(0.5) == TIES and {0.0, 1.0} <= set(labels) <= {0.0, 0.5, 1.0}
-    bad = 0
-    for row in range(PAIRS):
-        for col in ("jpg_0", "jpg_1"):
-            try:
-                assert Image.open(io.BytesIO(table.column(col)[row].as_py())).convert("RGB").size == (RES, RES)
-            except (OSError, SyntaxError):
-                bad += 1
-    assert bad == CORRUPT
-    # Same seed, same rows; another seed, other rows.
-    assert make_rows(6, seed=3) == make_rows(6, seed=3)
-    assert make_rows(6, seed=3)["caption"] != make_rows(6, seed=4)["caption"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,32 +336,6 @@ def judged_file(path, label_0, judge, colors=None):
 
 def redness(pixels):
     return (pixels[0] - pixels[2]).mean().item()  # red minus blue channel
-
-
-def test_toy_judge_is_seeded_biased_and_leaves_rows_alone(toy, toy_judge):
-    plain, judged = pq.read_table(toy), pq.read_table(toy_judge)
-    assert judged.column_names == plain.column_names + [JUDGE_COLUMN]
-    assert judged.select(plain.column_names).equals(plain)  # the judge draws from its own stream
-    p = np.asarray(judged.column(JUDGE_COLUMN).to_pylist())
-    assert p.dtype == np.float64 and ((p >= 0) & (p <= 1)).all()
-    rows = make_rows(300, resolution=8, seed=5, judge=True)
-    assert rows == make_rows(300, resolution=8, seed=5, judge=True)
-    assert rows[JUDGE_COLUMN] != make_rows(300, resolution=8, seed=6, judge=True)[JUDGE_COLUMN]
-    p, label = np.asarray(rows[JUDGE_COLUMN]), np.asarray(rows["label_0"])
-    right = (p > 0.5) == (label == 1.0)
-    red = np.asarray([caption.startswith("a red ") for caption in rows["caption"]])
-    assert 20 < red.sum() < 80
-    assert right[~red].mean() > 0.75 and right[red].mean() < 0.3  # Phi(1) ~ 0.84 off red, ~ 0.16 on red
-    # Without noise the judge is exactly right off the bias colour and exactly wrong on it.
-    exact = judge_probabilities(
-        [True, False, True, None], ["blue", "blue", "red", "red"], bias_color="red", strength=2.0, noise=0.0
-    )
-    sig = 1 / (1 + math.exp(-2.0))
-    assert exact == pytest.approx([sig, 1 - sig, 1 - sig, 0.5], abs=1e-15)
-    with pytest.raises(ValueError, match="judge_bias_color"):
-        make_rows(3, resolution=8, judge=True, judge_bias_color="mauve")
-    with pytest.raises(ValueError, match="judge_noise"):
-        make_rows(3, resolution=8, judge=True, judge_noise=-1.0)
 
 
 def test_plain_mode_ignores_the_judge_column(toy, toy_judge):
