@@ -5,8 +5,9 @@
 //
 // Each step keeps the association order of pair_head_kernel in fastpref/loss/triton/kernels.py,
 // NaN-preserving min/max/relu and stable sigmoid/softplus, so that the backends round alike.
-// Include this header where FMA contraction is off (cpu/ops.cpp: fp-contract=off), or the
-// compiler may fuse a multiply and an add into one rounding.
+// Every unit that includes this header must compile it with FMA contraction off (cpu/ops.cpp:
+// fp-contract=off; nvcc: --fmad=false), or the compiler may fuse a multiply and an add into one
+// rounding (and the linker keeps one copy of each inline function for all units).
 #pragma once
 
 #include <cmath>
