@@ -49,7 +49,8 @@ def resolve_resume(value: Optional[str], output_dir) -> Optional[Path]:
 def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int]) -> Path:
     """``accelerator.save_state`` into ``checkpoint-<step>.partial``, renamed to
     ``checkpoint-<step>`` when complete (a run killed mid-save keeps the previous checkpoint);
-    then the oldest checkpoints beyond ``total_limit`` are removed."""
+    then the oldest checkpoints beyond ``total_limit`` are removed. Hand-written around
+    ``save_state`` because accelerate's own checkpoint naming writes in place."""
     final = Path(output_dir) / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process and partial.exists():

@@ -341,7 +341,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         level = logging.WARNING if (self.num_malformed or self.num_undecodable) else logging.INFO
         logger.log(
             level,
-            "%s: %d rows read, %d pairs served; skipped %d malformed, %d undecodable; %d ties %s; %d flipped (flip_rate=%g, flip_seed=%d)",
+            "%s: %d rows read, %d pairs served; skipped %d malformed, %d undecodable; %d ties %s; "
+            "%d flipped (flip_rate=%g, flip_seed=%d)",
             self.source,
             self.num_rows,
             len(self),
@@ -355,8 +356,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         )
         if self.synthetic_labels:
             logger.info(
-                "DeDPO mode: pairs ordered by the judge (%s); %d of %d pairs keep their human label (human_fraction=%g, "
-                "human_seed=%d, propensity=%.6g); %d rows with a malformed judge value skipped",
+                "DeDPO mode: pairs ordered by the judge (%s); %d of %d pairs keep their human label "
+                "(human_fraction=%g, human_seed=%d, propensity=%.6g); %d rows with a malformed judge value skipped",
                 self.judge_column,
                 self.num_human_labelled,
                 len(self),
@@ -581,7 +582,8 @@ def format_rows(rows: Sequence[int], n: int = 20) -> str:
 
 
 class PairSampler(torch.utils.data.Sampler):
-    """Seeded, resumable order over ``num_pairs`` items.
+    """Seeded, resumable order over ``num_pairs`` items. Hand-written because torch's samplers
+    cannot start mid-epoch without replaying it: this one starts at any sample position.
 
     Epoch ``e`` visits ``permutation(e)`` (NumPy ``default_rng([seed, e]).permutation``, or
     ``arange`` with ``shuffle=False``). Global position ``p`` (samples consumed since the very

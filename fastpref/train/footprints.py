@@ -1,18 +1,6 @@
-"""EMA "footprints" of the policy, kept on the device (Adaptive-DPO's metric u needs K of them).
-
-Two kinds, one interface (``update()``, ``use(k)``, ``state_dict()``/``load_state_dict()``):
-
-- :class:`AdapterFootprints` (LoRA): each footprint is another peft adapter of the *same* UNet
-  (``ema_0``, ``ema_1``, ...), a copy of the policy adapter ``default``. ``update()`` is one
-  ``torch._foreach_lerp_`` per footprint over the adapter tensors; ``use(k)`` switches the active
-  adapter for a no-grad forward and switches back. No second UNet, no CPU round trip.
-- :class:`ModelFootprints` (full fine-tune): each footprint is a frozen on-device copy of the
-  UNet, updated by ``torch._foreach_lerp_`` over all parameters; ``use(k)`` yields that copy.
-
-The update follows diffusers' ``EMAModel`` (what the Adaptive-DPO authors use, with decays
-0.9999 and 0.5): after the n-th optimizer step (n = 0, 1, ...) the footprint moves by
-``1 - d_n`` towards the policy, ``d_0 = 0`` (a copy) and ``d_n = min(decay, (1 + n) / (10 + n))``
-when ``warmup`` is on (``EMAModel``'s default schedule), else ``d_n = decay``. The footprints start equal to the policy.
+"""EMA "footprints" of the policy, kept on the device (Adaptive-DPO's metric u needs K of them):
+:class:`AdapterFootprints` for LoRA runs, :class:`ModelFootprints` for full fine-tunes, one
+interface (``update()``, ``use(k)``, ``state_dict()``/``load_state_dict()``).
 """
 
 from __future__ import annotations
@@ -66,7 +54,16 @@ def _check_decays(decays: Sequence[float]) -> List[float]:
 
 
 class _Footprints:
-    """Shared bookkeeping: decays, the update counter, the foreach lerp."""
+    """Shared bookkeeping: decays, the update counter, the foreach lerp. Hand-written instead of
+    diffusers' ``EMAModel``, which keeps its copies apart from the model and is applied by
+    copying all weights in and out: here each footprint is evaluated in place on the device.
+
+    The update follows ``EMAModel`` (what the Adaptive-DPO authors use, with decays 0.9999 and
+    0.5): after the n-th optimizer step (n = 0, 1, ...) the footprint moves by ``1 - d_n``
+    towards the policy, ``d_0 = 0`` (a copy) and ``d_n = min(decay, (1 + n) / (10 + n))`` when
+    ``warmup`` is on (``EMAModel``'s default schedule), else ``d_n = decay``. The footprints
+    start equal to the policy.
+    """
 
     def __init__(self, decays: Sequence[float], warmup: bool):
         self.decays = _check_decays(decays)
@@ -114,11 +111,15 @@ class _Footprints:
 class AdapterFootprints(_Footprints):
     """K EMA copies of the LoRA adapter ``default`` of a diffusers UNet, as adapters ``ema_k``.
 
+    ``update()`` is one ``torch._foreach_lerp_`` per footprint over the adapter tensors;
+    ``use(k)`` switches the active adapter of the cached peft layers for a no-grad forward and
+    switches back: no second UNet, no CPU round trip.
+
     Args:
         unet: a diffusers model with a peft LoRA adapter named ``"default"`` (``unet.add_adapter``);
             not wrapped by DDP (pass ``accelerator.unwrap_model(unet)``).
         decays: one decay per footprint, each in [0, 1).
-        warmup: diffusers ``EMAModel``'s decay warm-up (see the module docstring).
+        warmup: diffusers ``EMAModel``'s decay warm-up (see :class:`_Footprints`).
 
     The footprint adapters hold float32 tensors (the policy's LoRA tensors are float32 too),
     never require grad, and are not seen by the optimizer or DDP as long as the footprints are
@@ -163,7 +164,8 @@ class AdapterFootprints(_Footprints):
 
 
 class ModelFootprints(_Footprints):
-    """K EMA copies of a fully fine-tuned UNet, each a frozen float32 module on the same device.
+    """K EMA copies of a fully fine-tuned UNet, each a frozen float32 module on the same device,
+    updated by ``torch._foreach_lerp_`` over all parameters; ``use(k)`` yields that copy.
 
     Args:
         unet: the policy (not wrapped by DDP); its trainable parameters are the ones tracked,

@@ -1,37 +1,7 @@
 """The preference-training step: policy, reference and EMA footprints of a diffusers UNet, the
-optimizer and schedule, and ``fastpref.adaptive_dpo_loss`` -- everything but data loading.
-
-``fastpref train`` (``fastpref.train``) feeds it encoded batches from a Pick-a-Pic dataset; the
-toy-world demo (``fastpref.demo``) feeds it toy latents. Both run this same code.
-
-    trainer = PreferenceTrainer(unet, noise_scheduler, TrainConfig(loss_type="adaptive", ...))
-    for batch in batches:                       # per process: B pairs
-        out = trainer.train_step(batch)         # one micro-batch; out["stepped"] at the last of
-                                                # gradient_accumulation_steps micro-batches
-
-A batch is a dict of tensors (any device; moved to the accelerator's). Per-image tensors come
-in the ``[2B, ...]`` layout of the loss: the B preferred images (as labelled), then the B
-rejected ones, pair i at rows i and B + i (``fastpref.train.data.collate_pairs`` makes it):
-
-    latents                [2B, C, h, w]    float, winners then losers
-    encoder_hidden_states  [B, L, D]        text conditioning, one per pair
-    pooled_prompt_embeds   [B, P]           SDXL only (text_embeds of added_cond_kwargs)
-    add_time_ids           [2B, 6]          SDXL only, per image (original size, crop, target size)
-    flipped                [B] bool         optional: pairs whose label was flipped on purpose
-    synthetic_label, human_label, propensity  [B] float, human_mask [B] bool: loss_type "dedpo"
-
-Per step: one noise draw and one timestep per pair, shared by both images (the same for a pair
-on any number of processes: drawn for the global batch from ``(seed, micro-step)``, so a resumed
-or a distributed run sees the same noise); the reference forward (LoRA: the same UNet with its
-adapters disabled; full fine-tune: a frozen copy in the weight dtype) and the K footprint
-forwards, without grad; the policy forward; the loss; backward; and at the end of each
-accumulation window gradient clipping, the optimizer and LR-schedule steps and the footprint
-update. A non-finite loss (or gradient norm) skips its whole window (no optimizer or footprint
-update; checked once per window, the step's only host sync besides logging) and is counted; ``max_nonfinite_steps`` skipped windows in a row raise :class:`NonFiniteLossError`.
-
-The metric warm-up follows the authors' code: for the first ``metric_warmup_steps`` micro-steps
-(default ``2 * gradient_accumulation_steps``) u is taken as 0 -- W = 1 and Gamma = c2 (the batch
-mean of l), computed without the footprint forwards.
+optimizer and LR schedule, and ``fastpref.adaptive_dpo_loss`` -- everything but data loading.
+``fastpref train`` feeds it encoded Pick-a-Pic batches, the toy-world demo toy latents; both run
+this same :class:`PreferenceTrainer`.
 """
 
 from __future__ import annotations
@@ -58,6 +28,36 @@ def step_seed(seed: int, micro_step: int) -> int:
 
 class PreferenceTrainer:
     """Policy, reference, footprints, optimizer and LR schedule of one preference-training run.
+
+        trainer = PreferenceTrainer(unet, noise_scheduler, TrainConfig(loss_type="adaptive", ...))
+        for batch in batches:                       # per process: B pairs
+            out = trainer.train_step(batch)         # one micro-batch; out["stepped"] at the last of
+                                                    # gradient_accumulation_steps micro-batches
+
+    A batch is a dict of tensors (any device; moved to the accelerator's). Per-image tensors come
+    in the ``[2B, ...]`` layout of the loss: the B preferred images (as labelled), then the B
+    rejected ones, pair i at rows i and B + i (``fastpref.train.data.collate_pairs`` makes it)::
+
+        latents                [2B, C, h, w]    float, winners then losers
+        encoder_hidden_states  [B, L, D]        text conditioning, one per pair
+        pooled_prompt_embeds   [B, P]           SDXL only (text_embeds of added_cond_kwargs)
+        add_time_ids           [2B, 6]          SDXL only, per image (original size, crop, target size)
+        flipped                [B] bool         optional: pairs whose label was flipped on purpose
+        synthetic_label, human_label, propensity  [B] float, human_mask [B] bool: loss_type "dedpo"
+
+    Per step: one noise draw and one timestep per pair, shared by both images (the same for a
+    pair on any number of processes: drawn for the global batch from ``(seed, micro-step)``, so a
+    resumed or a distributed run sees the same noise); the reference forward (LoRA: the same UNet
+    with its adapters disabled; full fine-tune: a frozen copy in the weight dtype) and the K
+    footprint forwards, without grad; the policy forward; the loss; backward; and at the end of
+    each accumulation window gradient clipping, the optimizer and LR-schedule steps and the
+    footprint update. A non-finite loss (or gradient norm) skips its whole window (no optimizer
+    or footprint update; checked once per window, the step's only host sync besides logging) and
+    is counted; ``max_nonfinite_steps`` skipped windows in a row raise :class:`NonFiniteLossError`.
+
+    The metric warm-up follows the authors' code: for the first ``metric_warmup_steps``
+    micro-steps (default ``2 * gradient_accumulation_steps``) u is taken as 0 -- W = 1 and
+    Gamma = c2 (the batch mean of l), computed without the footprint forwards.
 
     Args:
         unet: a diffusers ``UNet2DConditionModel`` holding the initial policy (= the reference).
@@ -141,7 +141,7 @@ class PreferenceTrainer:
         )
         self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
         accelerator.register_for_checkpointing(self.lr_scheduler)
-        accelerator.register_for_checkpointing(_TrainerState(self))
+        accelerator.register_for_checkpointing(self)  # state_dict(): counters and footprints
 
         self.micro_step = 0
         self.global_step = 0
@@ -222,7 +222,7 @@ class PreferenceTrainer:
         return torch.cat(every), gather(ref_pred), shared, [gather(p) for p in ema_preds]
 
     def train_step(self, batch: dict) -> dict:
-        """Run one micro-batch (see the module docstring for ``batch``); returns logs: floats
+        """Run one micro-batch (see the class docstring for ``batch``); returns logs: floats
         ``loss``, ``implicit_acc``, ``u_mean``, ``weight_mean``, ``margin_mean`` (and ``u_flipped``
         / ``u_kept`` when the batch says which pairs were flipped), ``lr``, ``stepped`` (bool: an
         optimizer step ended here), ``skipped`` (bool: this window was skipped), ``metric_on``;
@@ -314,8 +314,8 @@ class PreferenceTrainer:
         self.micro_step += 1
         if self.nonfinite_in_a_row >= config.max_nonfinite_steps:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (last at step {self.global_step}); "
-                "lower the learning rate or beta, or check the data"
+                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss "
+                f"(last at step {self.global_step}); lower the learning rate or beta, or check the data"
             )
         return self._logs(loss, stats, batch, pairs, metric_on, last_of_window, skipped)
 
@@ -370,19 +370,6 @@ class PreferenceTrainer:
             )
         if self.footprints is not None:
             self.footprints.load_state_dict(state["footprints"])
-
-
-class _TrainerState:
-    """The trainer's own state as an accelerate checkpointing object."""
-
-    def __init__(self, trainer: PreferenceTrainer):
-        self.trainer = trainer
-
-    def state_dict(self) -> dict:
-        return self.trainer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.trainer.load_state_dict(state)
 
 
 def _move(module, device, dtype: torch.dtype) -> None:
