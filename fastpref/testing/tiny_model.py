@@ -1,30 +1,5 @@
-"""A tiny random-weight Stable Diffusion 1.5 / SDXL pipeline, written from configs, for tests and offline use.
-
-``make_tiny_model(path, arch="sd15"|"sdxl", seed=0)`` writes a diffusers-format folder::
-
-    model_index.json
-    unet/            UNet2DConditionModel   (config.json + diffusion_pytorch_model.safetensors)
-    vae/             AutoencoderKL          (4 blocks: the real 8x spatial downsampling, 4 latent channels)
-    text_encoder/    CLIPTextModel
-    tokenizer/       CLIPTokenizer          (built from a vocab.json + merges.txt written here)
-    scheduler/       PNDMScheduler (sd15) / EulerDiscreteScheduler (sdxl), the SD noise schedule
-    text_encoder_2/  CLIPTextModelWithProjection   (sdxl only)
-    tokenizer_2/     CLIPTokenizer                 (sdxl only)
-    fastpref_tiny.json  what wrote it (arch, seed)
-
-Nothing is downloaded: every component is built from a config written here and initialised from
-``seed``, so the folder loads offline with ``StableDiffusionPipeline.from_pretrained(path)`` /
-``StableDiffusionXLPipeline.from_pretrained(path)`` or by component
-(``UNet2DConditionModel.from_pretrained(path, subfolder="unet")``). The shapes follow the real
-models where the trainer can depend on them (latent channels 4, VAE factor 8, text length 77,
-SDXL's two text encoders whose hidden states are concatenated, its pooled embedding and the six
-``add_time_ids``); the widths are tiny (32/64 channels, 32-wide text encoders) so that a UNet
-forward takes milliseconds on a CPU.
-
-The tokenizer is byte-level BPE like CLIP's: the 256 byte symbols (and their word-final ``</w>``
-forms), merges for the words of :mod:`fastpref.testing.toy_data` captions, and CLIP's two special tokens
-last (``<|startoftext|>``, ``<|endoftext|>``), so any text tokenizes (unknown words fall back to
-bytes).
+"""Tiny random-weight Stable Diffusion 1.5 / SDXL pipelines, written from configs for tests and
+offline use (:func:`make_tiny_model`, ``fastpref make-tiny-model``); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -107,6 +82,9 @@ def byte_symbols() -> List[str]:
 def build_vocab(words: Sequence[str] = VOCAB_WORDS) -> Tuple[Dict[str, int], List[str]]:
     """A CLIP-style byte-level BPE vocabulary and merge list covering ``words`` as single tokens.
 
+    The 256 byte symbols (and their word-final ``</w>`` forms), merges for ``words`` (the words
+    of the toy data's captions), and CLIP's two special tokens last (``<|startoftext|>``,
+    ``<|endoftext|>``), so any text tokenizes (unknown words fall back to bytes).
     Each word's merges join its symbols left to right (``r e`` -> ``re``, ``re d</w>`` ->
     ``red</w>``); every merge result is a vocabulary entry, so whatever order BPE applies them in,
     it only produces known tokens.
@@ -238,6 +216,26 @@ SCHEDULER_CONFIG = dict(
 
 def make_tiny_model(path, arch: str = "sd15", seed: int = 0, overwrite: bool = False) -> Path:
     """Write a tiny random-weight ``arch`` pipeline ("sd15" or "sdxl") into ``path``; returns it.
+
+    The diffusers-format folder::
+
+        model_index.json
+        unet/            UNet2DConditionModel   (config.json + diffusion_pytorch_model.safetensors)
+        vae/             AutoencoderKL          (4 blocks: the real 8x downsampling, 4 latent channels)
+        text_encoder/    CLIPTextModel
+        tokenizer/       CLIPTokenizer          (built from a vocab.json + merges.txt written here)
+        scheduler/       PNDMScheduler (sd15) / EulerDiscreteScheduler (sdxl), the SD noise schedule
+        text_encoder_2/  CLIPTextModelWithProjection   (sdxl only)
+        tokenizer_2/     CLIPTokenizer                 (sdxl only)
+        fastpref_tiny.json  what wrote it (arch, seed)
+
+    It loads offline with ``StableDiffusionPipeline.from_pretrained(path)`` /
+    ``StableDiffusionXLPipeline.from_pretrained(path)`` or by component
+    (``UNet2DConditionModel.from_pretrained(path, subfolder="unet")``). The shapes follow the
+    real models where the trainer can depend on them (latent channels 4, VAE factor 8, text
+    length 77, SDXL's two text encoders whose hidden states are concatenated, its pooled
+    embedding and the six ``add_time_ids``); the widths are tiny (32/64 channels, 32-wide text
+    encoders) so that a UNet forward takes milliseconds on a CPU.
 
     Weights are initialised under ``torch.manual_seed(seed)`` (the global RNG state is restored
     afterwards), so a given seed writes the same weights. ``path`` may exist if it holds no

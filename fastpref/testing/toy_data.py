@@ -1,38 +1,6 @@
-"""Generated preference pairs in the Pick-a-Pic v2 schema, for tests and offline use.
-
-``make_toy_data(path, pairs, resolution=32, seed=0, ties=0, corrupt=0, *, judge=False, ...)`` writes
-``path/train.parquet`` with ``pairs`` rows and the Pick-a-Pic v2 columns the trainer reads:
-
-===========  ========  =================================================================
-column       type      value
-===========  ========  =================================================================
-caption      string    "a red circle on a blue background"
-jpg_0        binary    JPEG bytes of the first image
-jpg_1        binary    JPEG bytes of the second image
-label_0      float64   1.0 (jpg_0 preferred), 0.0 (jpg_1 preferred) or 0.5 (tie)
-label_1      float64   1 - label_0
-===========  ========  =================================================================
-
-With ``judge=True`` one more column, ``synthetic_label_0`` (float64, in [0, 1]), holds a
-simulated AI judge's probability that ``jpg_0`` is preferred (the input of ``fastpref``'s DeDPO
-mode, ``PreferenceDataset(..., synthetic_labels=True)``). The judge is biased and noisy, and
-deterministic for a seed (see :func:`judge_probabilities`): ``p = sigmoid(s * strength +
-noise * z)`` with ``s = +1`` when ``jpg_0`` is the faithful image, ``-1`` when ``jpg_1`` is,
-``0`` for a tie, ``s`` negated on every pair whose caption names the shape colour
-``judge_bias_color`` (the judge is *systematically wrong* there), and ``z`` standard normal from
-its own stream (``default_rng([seed, 0x7D6E])``). With the defaults (``strength = noise = 1``,
-bias colour ``"red"``) the judge prefers the faithful image with probability Phi(1) ~ 0.84 on
-the other colours and ~ 0.16 on red ones, ~ 0.76 overall. The other columns are the same with
-or without the judge.
-
-Each caption names a shape, its colour and the background colour. The preferred image draws
-exactly that; the rejected one gets one attribute wrong (the shape, its colour, or the
-background), so the preference is learnable and checkable. Which side the preferred image is on
-is random (both ``label_0`` values occur). ``ties`` rows (label 0.5) show two faithful drawings;
-``corrupt`` rows carry bytes that start like a JPEG and do not decode, in ``jpg_0`` or ``jpg_1``.
-Ties and corrupt rows sit at seeded random positions among the ``pairs`` rows.
-
-Everything derives from ``seed`` (NumPy ``default_rng``): the same call writes the same rows.
+"""Generated preference pairs in the Pick-a-Pic v2 parquet schema, for tests and offline use
+(:func:`make_toy_data`, ``fastpref make-toy-data``): captioned shapes whose preferred image
+draws the caption, seeded, with optional ties, corrupt rows and a biased AI judge's column.
 """
 
 from __future__ import annotations
@@ -132,9 +100,11 @@ def judge_probabilities(
         strength: the size of the judge's signal on the logit scale (>= 0).
         noise: the standard deviation of its logit noise (>= 0).
 
-    Returns the list of ``sigmoid(s * strength + noise * z)`` (floats in [0, 1]), ``s`` as in
-    the module docstring. The judge prefers the faithful image with probability
-    ``Phi(strength / noise)`` off the bias colour and ``1 - Phi(strength / noise)`` on it.
+    Returns the list of ``sigmoid(s * strength + noise * z)`` (floats in [0, 1]): ``s = +1`` when
+    ``jpg_0`` is the faithful image, ``-1`` when ``jpg_1`` is, ``0`` for a tie, negated on every
+    row whose shape colour is ``bias_color`` (the judge is *systematically wrong* there). The
+    judge prefers the faithful image with probability ``Phi(strength / noise)`` off the bias
+    colour and ``1 - Phi(strength / noise)`` on it.
     """
     if len(good_first) != len(colors):
         raise ValueError(f"colors must have one entry per row ({len(good_first)}), got {len(colors)}")
@@ -264,7 +234,34 @@ def make_toy_data(
 ) -> Path:
     """Write ``pairs`` generated rows (``ties`` of them ties, ``corrupt`` undecodable; with
     ``judge`` the ``synthetic_label_0`` column too) to ``path/train.parquet``; returns the file's
-    path."""
+    path. The columns the trainer reads:
+
+    ===========  ========  =================================================================
+    column       type      value
+    ===========  ========  =================================================================
+    caption      string    "a red circle on a blue background"
+    jpg_0        binary    JPEG bytes of the first image
+    jpg_1        binary    JPEG bytes of the second image
+    label_0      float64   1.0 (jpg_0 preferred), 0.0 (jpg_1 preferred) or 0.5 (tie)
+    label_1      float64   1 - label_0
+    ===========  ========  =================================================================
+
+    Each caption names a shape, its colour and the background colour. The preferred image draws
+    exactly that; the rejected one gets one attribute wrong (the shape, its colour, or the
+    background), so the preference is learnable and checkable. Which side the preferred image is
+    on is random (both ``label_0`` values occur). ``ties`` rows (label 0.5) show two faithful
+    drawings; ``corrupt`` rows carry bytes that start like a JPEG and do not decode, in ``jpg_0``
+    or ``jpg_1``. Ties and corrupt rows sit at seeded random positions.
+
+    With ``judge=True``, ``synthetic_label_0`` (float64 in [0, 1]) holds a simulated AI judge's
+    probability that ``jpg_0`` is preferred (the input of DeDPO mode,
+    ``PreferenceDataset(..., synthetic_labels=True)``): biased, noisy and seeded
+    (:func:`judge_probabilities`). With the defaults the judge prefers the faithful image with
+    probability Phi(1) ~ 0.84 on the other colours and ~ 0.16 on red ones, ~ 0.76 overall. The
+    other columns are the same with or without the judge.
+
+    Everything derives from ``seed`` (NumPy ``default_rng``): the same call writes the same rows.
+    """
     columns = make_rows(
         pairs,
         resolution=resolution,
@@ -293,7 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--judge",
         action="store_true",
-        help="also write synthetic_label_0: a seeded, biased, noisy AI judge's probability that jpg_0 is preferred (for DeDPO)",
+        help="also write synthetic_label_0: a seeded, biased, noisy AI judge's probability that jpg_0 is "
+        "preferred (for DeDPO)",
     )
     parser.add_argument(
         "--judge_bias_color",
