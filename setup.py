@@ -14,16 +14,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def native_extensions():
     """The extension (layout in ``csrc/README.md``): the device-agnostic units ``csrc/*.cpp`` and
     the CPU kernels ``csrc/cpu/*.cpp`` always, the CUDA kernels ``csrc/cuda/*`` only when the
-    installed torch has CUDA, every unit with the shared headers of ``csrc/include``. With no
-    sources (or ``FASTPREF_NO_EXT=1``) fastpref installs as pure Python and every call runs on
-    the Triton or eager PyTorch backends; ``fastpref info`` says which."""
+    installed torch has CUDA, every unit with ``csrc`` on its include path (for the shared
+    headers of ``csrc/common``). With no sources (or ``FASTPREF_NO_EXT=1``) fastpref installs as
+    pure Python and every call runs on the Triton or eager PyTorch backends; ``fastpref info``
+    says which."""
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if os.environ.get("FASTPREF_NO_EXT") == "1" or not cpp_sources:
         return [], {}
     import torch
     from torch.utils import cpp_extension
 
-    include_dirs = [os.path.join(HERE, "csrc", "include")]
+    include_dirs = [os.path.join(HERE, "csrc")]  # "common/options.h", "cpu/kernels.h"
     cxx_flags = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     if torch.version.cuda is not None and cuda_sources:

@@ -36,7 +36,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
-#include "fastpref/options.h"
+#include "common/options.h"
 
 namespace fastpref::cpu {
 namespace {
@@ -189,7 +189,7 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-// {option: {member: code}} of fastpref/options.h, options in `modes` order.
+// {option: {member: code}} of common/options.h, options in `modes` order.
 PyObject* py_option_codes(PyObject*, PyObject*) {
   PyObject* options = PyDict_New();
   if (options == nullptr) return nullptr;

@@ -3,7 +3,7 @@
 //
 // forward: one parallel pass over every prediction and the target (tasks = pairs x chunks of D,
 //   per-task partial sums written to a small [M, 2B, n_chunks] buffer), then the per-pair head
-//   (the steps of fastpref/pair_head.h) on one thread.
+//   (the steps of common/pair_head.h) on one thread.
 // backward: one parallel pass (tasks = rows x chunks of D) writing the gradient.
 // Both passes are bitwise reproducible: every partial sum has a fixed set of elements and a
 // fixed order whatever the number of threads, and chunk partials are added in chunk order.
@@ -33,7 +33,7 @@
 #include <immintrin.h>
 #endif
 
-#include "fastpref/options.h"
+#include "common/options.h"
 #include "kernels.h"
 
 // Compile the passes once per instruction set and pick one at run time (GCC on x86-64 only;
@@ -53,7 +53,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-#include "fastpref/pair_head.h"  // after the pragma: the head's steps are compiled without contraction
+#include "common/pair_head.h"  // after the pragma: the head's steps are compiled without contraction
 
 namespace fastpref::cpu::base {
 namespace {  // internal linkage: no PLT calls, free inlining
@@ -220,7 +220,7 @@ int64_t grain_for(int64_t features, int64_t elements_per_column) {
 
 // ---------------------------------------------------------------------------------------------
 // Per-pair head (docs/spec.md §2-§5) on one thread, in the accumulation dtype Acc: the steps of
-// fastpref/pair_head.h, pair by pair.
+// common/pair_head.h, pair by pair.
 // ---------------------------------------------------------------------------------------------
 
 template <class Acc>

@@ -16,7 +16,7 @@ import torch
 
 # The string options of the public API. A choice is a member's name in lower case; its value is
 # the code the fused kernels read (the ``modes`` op argument; the Triton kernels' constexprs and
-# csrc/include/fastpref/options.h hold the same values).
+# csrc/common/options.h hold the same values).
 
 
 class Preset(IntEnum):

@@ -169,7 +169,7 @@ def test_bitwise_across_instruction_sets(dtype_name, layout):
 
 
 def test_option_codes_match_the_python_enums():
-    """The C++ enums of csrc/include/fastpref/options.h hold the codes of fastpref.loss.options,
+    """The C++ enums of csrc/common/options.h hold the codes of fastpref.loss.options,
     options in the order of the ops' ``modes``."""
     expected = {option.__name__: {member.name: member.value for member in option} for option in MODE_OPTIONS}
     codes = _C.option_codes()

@@ -13,7 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "fastpref/options.h"
+#include "options.h"
 
 #if defined(__CUDACC__)
 #define FASTPREF_HOST_DEVICE __host__ __device__
