@@ -1,8 +1,9 @@
 """fastpref: fused Diffusion-DPO / Adaptive-DPO losses for preference fine-tuning of diffusion models.
 
-The public API of docs/spec.md §8 (``adaptive_dpo_loss``, ``diffusion_dpo_loss``, ``AdaptiveDPOLoss``,
-``reference``, ``availability``) comes from the room ``fastpref.loss``, which imports only torch,
-triton and numpy; the other rooms are ``fastpref.train``, ``fastpref.demo`` and ``fastpref.testing``.
+The public API of docs/spec.md §8: ``adaptive_dpo_loss``, ``diffusion_dpo_loss``, ``AdaptiveDPOLoss`` and
+``availability`` from the room ``fastpref.loss`` (which imports only torch, triton and numpy), and
+``reference``, the same three loss names on eager PyTorch. The other rooms are ``fastpref.train``,
+``fastpref.demo`` and ``fastpref.testing``.
 """
 
 from . import reference
