@@ -8,21 +8,25 @@ import inspect
 from .loss import api
 
 
-def _torch_only(backend) -> str:
+def _check_backend(backend) -> None:
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'torch' (or 'auto') for fastpref.reference; got {backend!r}")
-    return "torch"
 
 
 # The two functions take fastpref's docstrings and signatures (with backend="torch"): see _document.
+# The backend is checked after the call, so that a malformed argument is named first, as in fastpref.
 
 
 def adaptive_dpo_loss(model_pred, ref_pred, target, *, backend="torch", **keywords):
-    return api.adaptive_dpo_loss(model_pred, ref_pred, target, backend=_torch_only(backend), **keywords)
+    result = api.adaptive_dpo_loss(model_pred, ref_pred, target, backend="torch", **keywords)
+    _check_backend(backend)
+    return result
 
 
 def diffusion_dpo_loss(model_pred, ref_pred, target, *, backend="torch", **keywords):
-    return api.diffusion_dpo_loss(model_pred, ref_pred, target, backend=_torch_only(backend), **keywords)
+    result = api.diffusion_dpo_loss(model_pred, ref_pred, target, backend="torch", **keywords)
+    _check_backend(backend)
+    return result
 
 
 class AdaptiveDPOLoss(api.AdaptiveDPOLoss):
