@@ -15,6 +15,7 @@ from .config import TrainConfig
 from .footprints import AdapterFootprints, ModelFootprints, adapters_disabled, lora_layers
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+DEDPO_LABELS = ("synthetic_label", "human_label", "human_mask", "propensity")  # the batch's loss keywords
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,10 +86,39 @@ class PreferenceTrainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             accelerator.mixed_precision, torch.float32
         )
-        device = accelerator.device
 
+        self.reference = self._prepare_policy(unet, accelerator.device)
+        self.footprints = None
+        if config.uses_footprints:
+            kind = AdapterFootprints if config.lora_rank > 0 else ModelFootprints
+            self.footprints = kind(unet, config.ema_decays, warmup=config.ema_warmup)
+        self._lora_layers = lora_layers(unet) if config.lora_rank > 0 else []
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = self._make_optimizer()
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_train_steps,
+        )
+        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+        accelerator.register_for_checkpointing(self)  # state_dict(): counters and footprints
+
+        self.micro_step = 0
+        self.global_step = 0
+        self.skipped_steps = 0
+        self.nonfinite_in_a_row = 0
+        self._window_finite = None  # device bool: every loss of the accumulation window was finite
+
+    def _prepare_policy(self, unet, device):
+        """Make ``unet`` the trainable policy on ``device``; returns the reference module, or
+        ``None`` for LoRA (the reference is then the UNet with its adapters disabled). LoRA: the
+        frozen base in the weight dtype, float32 adapters on the attention projections; full
+        fine-tune: float32 weights and a frozen copy in the weight dtype."""
+        config = self.config
         unet.requires_grad_(False)
-        self.reference = None
+        reference = None
         if config.lora_rank > 0:
             from peft import LoraConfig
 
@@ -106,19 +136,16 @@ class PreferenceTrainer:
                     param.data = param.data.float()
         else:
             _move(unet, device, torch.float32)
-            self.reference = _frozen_copy(unet, self.weight_dtype)
+            reference = _frozen_copy(unet, self.weight_dtype)
             unet.requires_grad_(True)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
+        return reference
 
-        self.footprints = None
-        if config.uses_footprints:
-            kind = AdapterFootprints if config.lora_rank > 0 else ModelFootprints
-            self.footprints = kind(unet, config.ema_decays, warmup=config.ema_warmup)
-
-        self._lora_layers = lora_layers(unet) if config.lora_rank > 0 else []
-        self.params = [p for p in unet.parameters() if p.requires_grad]
+    def _make_optimizer(self):
+        """AdamW (bitsandbytes' AdamW8bit with ``use_8bit_adam``) over the trainable tensors."""
+        config = self.config
         optimizer_class = torch.optim.AdamW
         if config.use_8bit_adam:
             try:
@@ -126,28 +153,13 @@ class PreferenceTrainer:
             except ImportError as error:
                 raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
             optimizer_class = bnb.optim.AdamW8bit
-        optimizer = optimizer_class(
+        return optimizer_class(
             self.params,
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay,
             eps=config.adam_epsilon,
         )
-        self.lr_scheduler = get_scheduler(
-            config.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=config.lr_warmup_steps,
-            num_training_steps=config.max_train_steps,
-        )
-        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
-        accelerator.register_for_checkpointing(self.lr_scheduler)
-        accelerator.register_for_checkpointing(self)  # state_dict(): counters and footprints
-
-        self.micro_step = 0
-        self.global_step = 0
-        self.skipped_steps = 0
-        self.nonfinite_in_a_row = 0
-        self._window_finite = None  # device bool: every loss of the accumulation window was finite
 
     # -- forwards --------------------------------------------------------------------------
 
@@ -228,8 +240,7 @@ class PreferenceTrainer:
         optimizer step ended here), ``skipped`` (bool: this window was skipped), ``metric_on``;
         and detached ``[B]`` tensors ``u``, ``weight``, ``margin``, ``l_theta``, ``flipped``."""
         config, acc = self.config, self.accelerator
-        device = acc.device
-        latents = batch["latents"].to(device, torch.float32)
+        latents = batch["latents"].to(acc.device, torch.float32)
         pairs = batch["encoder_hidden_states"].shape[0]
         if latents.shape[0] != 2 * pairs:
             raise ValueError(
@@ -238,13 +249,8 @@ class PreferenceTrainer:
             )
         noise, timesteps = self._noise(latents)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
-        if self.noise_scheduler.config.prediction_type == "epsilon":
-            target = noise[:pairs]  # shared by both halves
-        elif self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction_type {self.noise_scheduler.config.prediction_type!r}")
-        cond, added = self._conditioning(batch, device)
+        target = self._target(latents, noise, timesteps)
+        cond, added = self._conditioning(batch, acc.device)
 
         metric_on = self.footprints is not None and self.micro_step >= config.warmup_micro_steps
         last_of_window = (self.micro_step + 1) % config.gradient_accumulation_steps == 0
@@ -255,62 +261,14 @@ class PreferenceTrainer:
         with sync:
             with acc.autocast():
                 model_pred = self._call(self.unet, noisy, timesteps, cond, added)
-            stats = None
-            if config.loss_type == "sft":
-                loss = torch.nn.functional.mse_loss(model_pred[:pairs].float(), target[:pairs].float())  # winners only
-                backward_loss = loss
-            else:
-                labels = {}
-                if config.loss_type == "dedpo":
-                    labels = {
-                        k: batch[k].to(device) for k in ("synthetic_label", "human_label", "human_mask", "propensity")
-                    }
-                scale = 1.0
-                inputs = (model_pred, ref_pred, target, ema_preds)
-                if config.global_metric and acc.num_processes > 1:
-                    inputs = self._gather_global(*inputs)
-                    labels = {k: acc.gather(v) for k, v in labels.items()}
-                    scale = float(acc.num_processes)  # DDP averages grads; each process holds the global loss
-                loss, stats = adaptive_dpo_loss(
-                    inputs[0],
-                    inputs[1],
-                    inputs[2],
-                    ema_preds=inputs[3],
-                    return_stats=True,
-                    **config.loss_keywords(metric_on),
-                    **labels,
-                )
-                backward_loss = loss * scale
+            loss, stats, backward_loss = self._loss(batch, model_pred, ref_pred, target, ema_preds, metric_on)
             # No host sync here: the window's finiteness is collected on the device and read once,
             # at the window's end, after the backward passes are queued.
             finite = torch.isfinite(loss.detach()).all()
             self._window_finite = finite if self._window_finite is None else self._window_finite & finite
             acc.backward(backward_loss / config.gradient_accumulation_steps)
 
-        skipped = False
-        if last_of_window:
-            grad_norm = acc.clip_grad_norm_(self.params, config.max_grad_norm) if config.max_grad_norm > 0 else None
-            if grad_norm is None:
-                grads = [p.grad for p in self.params if p.grad is not None]
-                grad_norm = (
-                    torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-                )
-            ok = (self._window_finite & torch.isfinite(grad_norm).to(self._window_finite.device)).to(torch.float32)
-            if acc.num_processes > 1:  # every process skips together (a loss can be non-finite on one only)
-                ok = acc.reduce(ok, reduction="sum") / acc.num_processes
-            if bool(ok.item() == 1.0):  # the one host sync of the window
-                self.optimizer.step()
-                if self.footprints is not None:
-                    self.footprints.update()
-                self.nonfinite_in_a_row = 0
-            else:
-                skipped = True
-                self.skipped_steps += 1
-                self.nonfinite_in_a_row += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step()
-            self.global_step += 1
-            self._window_finite = None
+        skipped = self._end_window() if last_of_window else False
         self.micro_step += 1
         if self.nonfinite_in_a_row >= config.max_nonfinite_steps:
             raise NonFiniteLossError(
@@ -318,6 +276,71 @@ class PreferenceTrainer:
                 f"(last at step {self.global_step}); lower the learning rate or beta, or check the data"
             )
         return self._logs(loss, stats, batch, pairs, metric_on, last_of_window, skipped)
+
+    def _target(self, latents, noise, timesteps):
+        """The regression target: the noise (``[B, ...]``, shared by both images of a pair) or
+        the velocity (``[2B, ...]``)."""
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise[: latents.shape[0] // 2]
+        if prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+    def _loss(self, batch, model_pred, ref_pred, target, ema_preds, metric_on):
+        """``(loss, stats, loss to backpropagate)``: SFT's MSE on the winners, or
+        ``fastpref.adaptive_dpo_loss`` (over the global batch with ``global_metric``)."""
+        config, acc = self.config, self.accelerator
+        pairs = model_pred.shape[0] // 2
+        if config.loss_type == "sft":
+            loss = torch.nn.functional.mse_loss(model_pred[:pairs].float(), target[:pairs].float())  # winners only
+            return loss, None, loss
+        labels = {}
+        if config.loss_type == "dedpo":
+            labels = {k: batch[k].to(acc.device) for k in DEDPO_LABELS}
+        scale = 1.0
+        inputs = (model_pred, ref_pred, target, ema_preds)
+        if config.global_metric and acc.num_processes > 1:
+            inputs = self._gather_global(*inputs)
+            labels = {k: acc.gather(v) for k, v in labels.items()}
+            scale = float(acc.num_processes)  # DDP averages grads; each process holds the global loss
+        loss, stats = adaptive_dpo_loss(
+            inputs[0],
+            inputs[1],
+            inputs[2],
+            ema_preds=inputs[3],
+            return_stats=True,
+            **config.loss_keywords(metric_on),
+            **labels,
+        )
+        return loss, stats, loss * scale
+
+    def _end_window(self) -> bool:
+        """The end of an accumulation window: clip, then step the optimizer and the footprints if
+        every loss and the gradient norm were finite on every process, else skip; step the LR
+        schedule either way. Returns whether the window was skipped."""
+        config, acc = self.config, self.accelerator
+        grad_norm = acc.clip_grad_norm_(self.params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+        if grad_norm is None:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        ok = (self._window_finite & torch.isfinite(grad_norm).to(self._window_finite.device)).to(torch.float32)
+        if acc.num_processes > 1:  # every process skips together (a loss can be non-finite on one only)
+            ok = acc.reduce(ok, reduction="sum") / acc.num_processes
+        skipped = not bool(ok.item() == 1.0)  # the one host sync of the window
+        if skipped:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+        else:
+            self.optimizer.step()
+            if self.footprints is not None:
+                self.footprints.update()
+            self.nonfinite_in_a_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.global_step += 1
+        self._window_finite = None
+        return skipped
 
     def _logs(self, loss, stats, batch, pairs, metric_on, stepped, skipped) -> dict:
         logs = {
