@@ -264,7 +264,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         valid = []
         for row in range(self.num_rows):
             label = _label_value(labels[row])
-            cells = [image_bytes(self._cell(row, 0)), image_bytes(self._cell(row, 1))]
+            cells = [self.image_data(row, 0), self.image_data(row, 1)]
             if not isinstance(captions[row], str) or label is None or None in cells:
                 skipped["malformed"].append(row)
                 continue
@@ -284,10 +284,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
             np.asarray([_judge_value(judges[r]) for r in valid], dtype=np.float64) if self.synthetic_labels else None
         )
 
-    def _cell(self, row: int, which: int):
+    def image_data(self, row: int, which: int) -> Optional[bytes]:
+        """The encoded bytes of image ``which`` (0: ``jpg_0``, 1: ``jpg_1``) of source ``row``
+        (``None`` for an empty cell)."""
         file = bisect.bisect_right(self._offsets, row) - 1
         column = self.columns["image_0" if which == 0 else "image_1"]
-        return self._tables[file].column(column)[row - self._offsets[file]].as_py()
+        return image_bytes(self._tables[file].column(column)[row - self._offsets[file]].as_py())
 
     def _select(self) -> None:
         """Drop ties (unless kept), truncate to max_pairs, order the pairs, pick the human-labelled
@@ -498,7 +500,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         row = item["row"]
         pixels, sizes, crops = [], [], []
         for which in (1, 0) if item.pop("swap") else (0, 1):
-            data = image_bytes(self._cell(row, which))
+            data = self.image_data(row, which)
             try:
                 image = decode_image(data)
             except Exception as error:  # only reachable with check_images=False

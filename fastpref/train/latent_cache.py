@@ -20,7 +20,6 @@ from .data import (
     encode_images,
     encode_prompts,
     format_rows,
-    image_bytes,
     load_encoders,
     preprocess,
 )
@@ -193,7 +192,7 @@ def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: 
 
     for row in rows.tolist():
         try:
-            pair = [preprocess(decode_image(image_bytes(dataset._cell(row, w))), dataset.resolution) for w in (0, 1)]
+            pair = [preprocess(decode_image(dataset.image_data(row, w)), dataset.resolution) for w in (0, 1)]
         except Exception:  # noqa: BLE001 - undecodable rows are recorded, not fatal
             failed.append(row)
             continue
