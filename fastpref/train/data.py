@@ -622,10 +622,6 @@ class PairSampler(torch.utils.data.Sampler):
         epoch, offset = divmod(int(position), self.num_pairs)
         return int(self.permutation(epoch)[offset])
 
-    @property
-    def epoch(self) -> int:
-        return self.start // self.num_pairs
-
     def set_epoch(self, epoch: int) -> None:
         self.start = int(epoch) * self.num_pairs
 
