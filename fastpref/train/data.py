@@ -19,6 +19,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .arch import detect_arch
+
 logger = logging.getLogger("fastpref.train.data")
 
 CAPTION, IMAGE_0, IMAGE_1, LABEL = "caption", "jpg_0", "jpg_1", "label_0"
@@ -574,6 +576,7 @@ def _judge_value(value) -> Optional[float]:
 
 
 def format_rows(rows: Sequence[int], n: int = 20) -> str:
+    """The first ``n`` of ``rows`` as a list, for log lines (with the count when cut)."""
     rows = list(rows)
     return str(rows[:n])[:-1] + (f", ... ({len(rows)} in all)]" if len(rows) > n else "]")
 
@@ -744,8 +747,6 @@ def load_encoders(model_path, arch: Optional[str] = None, dtype: torch.dtype = t
     """``(vae, tokenizers, text_encoders)`` of a diffusers pipeline folder, in eval mode."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from .arch import detect_arch
 
     arch = arch or detect_arch(model_path)
     vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype).to(device).eval()
