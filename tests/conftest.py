@@ -24,6 +24,9 @@ import pytest  # noqa: E402
 
 import fastpref  # noqa: E402
 
+# The offline tiny models and toy data of the trainer's and the fixtures' tests.
+pytest_plugins = ["offline"]
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

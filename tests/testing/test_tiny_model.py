@@ -3,39 +3,17 @@ pipelines that load offline and run, seeded."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("diffusers")
 
-from fastpref import cli  # noqa: E402
+from offline import RES  # noqa: E402
+
 from fastpref.train.arch import detect_arch  # noqa: E402
 from fastpref.train.data import encode_prompts  # noqa: E402
 
-RES = 32
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Both tiny pipelines, written through the CLI."""
-    root = tmp_path_factory.mktemp("models")
-    paths = {}
-    for arch in ("sd15", "sdxl"):
-        paths[arch] = root / arch
-        assert cli.main(["make-tiny-model", str(paths[arch]), "--arch", arch, "--seed", "0"]) == 0
-    return paths
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' Euler scheduler vs NumPy 2

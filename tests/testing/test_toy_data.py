@@ -12,31 +12,9 @@ import pytest
 pytest.importorskip("pyarrow")
 
 import pyarrow.parquet as pq  # noqa: E402
+from offline import CORRUPT, PAIRS, RES, TIES  # noqa: E402
 
-from fastpref import cli  # noqa: E402
 from fastpref.testing.toy_data import JUDGE_COLUMN, judge_probabilities, make_rows  # noqa: E402
-
-RES = 32
-PAIRS, TIES, CORRUPT = 24, 3, 1
-
-
-def write_toy(root, *extra) -> str:
-    """Toy pairs with ties and one corrupt row, written through the CLI (``extra``: more flags)."""
-    args = ["make-toy-data", str(root), "--pairs", str(PAIRS), "--resolution", str(RES)]
-    args += ["--ties", str(TIES), "--corrupt", str(CORRUPT), *extra]
-    assert cli.main(args) == 0
-    return root / "train.parquet"
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return write_toy(tmp_path_factory.mktemp("toy"))
-
-
-@pytest.fixture(scope="module")
-def toy_judge(tmp_path_factory):
-    """The ``toy`` rows plus the judge's column."""
-    return write_toy(tmp_path_factory.mktemp("toy_judge"), "--judge")
 
 
 def test_toy_data_schema_and_content(toy):

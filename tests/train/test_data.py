@@ -9,9 +9,6 @@ runs in seconds on two CPU cores.
 from __future__ import annotations
 
 import math
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -21,8 +18,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("pyarrow")
 
 import pyarrow.parquet as pq  # noqa: E402
+from offline import CORRUPT, PAIRS, RES, TIES  # noqa: E402
 
-from fastpref import cli  # noqa: E402
 from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, make_rows, write_parquet  # noqa: E402
 from fastpref.train import data, latent_cache  # noqa: E402
 from fastpref.train.data import (  # noqa: E402
@@ -34,47 +31,7 @@ from fastpref.train.data import (  # noqa: E402
 )
 from fastpref.train.latent_cache import LatentCache, cache_key  # noqa: E402
 
-RES = 32
-PAIRS, TIES, CORRUPT = 24, 3, 1
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Both tiny pipelines, written through the CLI."""
-    root = tmp_path_factory.mktemp("models")
-    paths = {}
-    for arch in ("sd15", "sdxl"):
-        paths[arch] = root / arch
-        assert cli.main(["make-tiny-model", str(paths[arch]), "--arch", arch, "--seed", "0"]) == 0
-    return paths
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """Toy pairs with ties and one corrupt row, written through the CLI."""
-    root = tmp_path_factory.mktemp("toy")
-    args = [
-        "make-toy-data",
-        str(root),
-        "--pairs",
-        str(PAIRS),
-        "--resolution",
-        str(RES),
-        "--ties",
-        str(TIES),
-        "--corrupt",
-        str(CORRUPT),
-    ]
-    assert cli.main(args) == 0
-    return root / "train.parquet"
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 def solid(color, size=RES) -> bytes:
@@ -297,27 +254,6 @@ def test_cache_key_depends_on_dataset_model_and_resolution(models, toy, tmp_path
 # --------------------------------------------------------------------------------------------
 # DeDPO mode: the judge's column, the human-labelled subset, propensity (docs/spec.md §5b)
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def toy_judge(tmp_path_factory):
-    """The ``toy`` rows plus the judge's column, written through the CLI."""
-    root = tmp_path_factory.mktemp("toy_judge")
-    args = [
-        "make-toy-data",
-        str(root),
-        "--pairs",
-        str(PAIRS),
-        "--resolution",
-        str(RES),
-        "--ties",
-        str(TIES),
-        "--corrupt",
-        str(CORRUPT),
-        "--judge",
-    ]
-    assert cli.main(args) == 0
-    return root / "train.parquet"
 
 
 def judged_file(path, label_0, judge, colors=None):
