@@ -10,6 +10,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from enum import IntEnum
+from types import MappingProxyType
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -78,6 +79,18 @@ MARGINS = choices(Margin)
 LOSS_TYPES = choices(LossType)
 REDUCTIONS = choices(Reduction)
 BACKENDS = ("auto", "triton", "cpp", "torch")
+# The string choices of each option keyword of the public API (``fastpref.CHOICES``), for callers
+# that build their own interface over the loss, such as ``fastpref train``'s flags.
+CHOICES = MappingProxyType(
+    {
+        "preset": PRESETS,
+        "weighting": WEIGHTINGS,
+        "margin": MARGINS,
+        "loss_type": LOSS_TYPES,
+        "reduction": REDUCTIONS,
+        "backend": BACKENDS,
+    }
+)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKEND_ENV = "FASTPREF_BACKEND"
 DEDPO_ARGS = ("synthetic_label", "human_label", "human_mask", "propensity")

@@ -12,10 +12,12 @@ import fastpref
 
 LossType = Literal["dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
-Weighting = Literal["linear", "square", "sqrt", "sigmoid", "none"]
-Margin = Literal["quadratic", "linear", "none"]
-MetricPreset = Literal["official", "paper"]
-LossBackend = Literal["auto", "triton", "cpp", "torch"]
+# The loss's own options, with the loss's choices (Literal of a tuple: the choices are written once,
+# in fastpref.loss.options).
+Weighting = Literal[fastpref.CHOICES["weighting"]]
+Margin = Literal[fastpref.CHOICES["margin"]]
+MetricPreset = Literal[fastpref.CHOICES["preset"]]
+LossBackend = Literal[fastpref.CHOICES["backend"]]
 
 LOSS_TYPES = get_args(LossType)
 MIXED_PRECISION = get_args(MixedPrecision)

@@ -211,6 +211,24 @@ def test_malformed_keywords_diffusion_dpo(fn, keywords, name):
         fn(model_pred, ref_pred, target, **keywords)
 
 
+def test_choices_are_the_accepted_values():
+    """``fastpref.CHOICES`` names keywords of the API, and every listed value is accepted."""
+    import inspect
+
+    keywords = inspect.signature(fastpref.adaptive_dpo_loss).parameters
+    assert set(fastpref.CHOICES) <= set(keywords)
+    (model_pred, ref_pred, target), emas = good()
+    for name, values in fastpref.CHOICES.items():
+        assert keywords[name].default in values
+        for value in values:
+            if name == "backend" and fastpref.availability(model_pred.device).get(value, None) is not None:
+                continue  # a backend this machine lacks raises RuntimeError (its own test)
+            extra = dedpo_labels() if value == "dedpo" else {}
+            fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas, **{name: value, **extra})
+    with pytest.raises(TypeError):
+        fastpref.CHOICES["weighting"] = ("linear",)
+
+
 @pytest.mark.parametrize("fn", ENTRY_POINTS)
 @pytest.mark.parametrize("backend", ["bogus", "cuda", "triton_backend", ""])
 def test_unknown_backend(fn, backend):
