@@ -10,8 +10,9 @@
 // the autograd engine call back into Python for the backward. It mirrors
 // fastpref.loss.autograd.FusedAdaptiveDPO exactly: the same two ops, only model_pred gets a
 // gradient, `coef`, model_pred and target are saved, the stats never get a gradient, an undefined
-// incoming gradient gives no gradient, and the gradient itself is not differentiable (a second
-// backward through it raises, like @once_differentiable).
+// incoming gradient gives no gradient, and the gradient itself is not differentiable (under
+// create_graph=True it comes back with a node that raises when differentiated, like
+// @once_differentiable, but whether or not the incoming gradient requires grad).
 //
 // Kernels: Autograd (the torch::autograd::Function below) and CPU (no graph, for calls that skip
 // autograd: torch.inference_mode). The fake implementations are registered in Python
@@ -104,14 +105,16 @@ struct LossFunction : public torch::autograd::Function<LossFunction> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // records no graph, as under no_grad
       grads[0] = backward_op().call(grad_loss, saved[0], saved[1], saved[2]);
     }
-    // @once_differentiable, as in Python: when the engine records a graph of this backward
-    // (create_graph=True) and the incoming gradient requires grad, the result gets a node that
-    // raises if differentiated (the result is re-marked as requiring grad first, else the node
-    // would not be attached).
-    if (torch::autograd::GradMode::is_enabled() && grad_loss.requires_grad()) {
-      Tensor alias = grads[0].detach();
-      alias.set_requires_grad(true);
-      grads[0] = std::make_shared<torch::autograd::DelayedError>(kTwiceMessage, 1)->apply({alias})[0];
+    // Not differentiable: when the engine records a graph of this backward (create_graph=True),
+    // the gradient becomes the output of a node that raises if differentiated (DelayedError, what
+    // @once_differentiable uses), with edges to model_pred and grad_loss, the tensors the true
+    // gradient depends on. Unlike @once_differentiable it is attached whether or not grad_loss
+    // requires grad (the gradient always depends on model_pred), and a path from a function of the
+    // gradient (a gradient penalty) to model_pred goes through it: double backward raises, it never
+    // silently drops the term. Without create_graph (grad mode off) this costs nothing.
+    if (torch::autograd::GradMode::is_enabled()) {
+      auto error = std::make_shared<torch::autograd::DelayedError>(kTwiceMessage, 3);
+      grads[0] = error->apply({grads[0], saved[1], grad_loss})[0];
     }
     return grads;
   }

@@ -8,11 +8,16 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .options import LossConfig, LossInputs, Reduction, acc_dtype
 
 STAT_NAMES = ("logits", "l_theta", "u", "confidence", "stability", "weight", "margin")
+
+# The error of a double backward through a fused backend (the C++ autograd op raises the same words).
+TWICE_MESSAGE = (
+    "fastpref: trying to differentiate twice: the gradient of the fused loss is not differentiable "
+    "(double backward is not supported; backend='torch' supports it)"
+)
 
 
 def encode(config: LossConfig):
@@ -48,8 +53,9 @@ def fake_backward(grad_loss, coef, model_pred, target):
 class FusedAdaptiveDPO(torch.autograd.Function):
     """Forward: a backend's forward op; backward: its backward op with the saved ``a_j``
     (docs/spec.md §6). Saves only ``a_j`` and the inputs; only ``model_pred`` gets a gradient. The
-    gradient is not differentiable: differentiating it (double backward) raises a RuntimeError
-    ("trying to differentiate twice"), where the backward op alone would silently give none."""
+    gradient is not differentiable: under ``create_graph=True`` it comes back with a node that raises a
+    RuntimeError (``TWICE_MESSAGE``) when differentiated (double backward, e.g. a gradient penalty),
+    where the backward op alone would silently give no second-order term."""
 
     @staticmethod
     def forward(ctx, ops, model_pred, ref_pred, target, soft_label, settings, modes, *ema_preds):
@@ -64,12 +70,25 @@ class FusedAdaptiveDPO(torch.autograd.Function):
         return loss, pair_stats, sample_err, accuracy
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _pair_stats, _sample_err, _accuracy):
         coef, model_pred, target = ctx.saved_tensors
-        needed = ctx.needs_input_grad[1] and grad_loss is not None
-        grad = ctx.backward_op(grad_loss, coef, model_pred, target) if needed else None
+        grad = None
+        if ctx.needs_input_grad[1] and grad_loss is not None:
+            with torch.no_grad():
+                grad = ctx.backward_op(grad_loss, coef, model_pred, target)
+            if torch.is_grad_enabled():  # create_graph=True: the gradient raises if differentiated
+                grad = not_differentiable(grad, model_pred, grad_loss)
         return (None, grad) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+def not_differentiable(grad: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """``grad`` (its values, no copy) as the output of a graph node that raises ``TWICE_MESSAGE``
+    when differentiated, with an edge to each of ``inputs`` (those it depends on). Like
+    ``@once_differentiable``, but attached whether or not the incoming gradient requires grad (the
+    true gradient depends on ``model_pred``, so under ``create_graph=True`` it always requires grad),
+    and linked to ``model_pred``: differentiating a function of the gradient (a gradient penalty)
+    with respect to ``model_pred`` reaches the node and raises, never silently drops the term."""
+    return torch._C._functions.DelayedError(TWICE_MESSAGE, 1 + len(inputs))(grad.detach(), *inputs)[0]
 
 
 def run(ops, inputs: LossInputs, config: LossConfig, return_stats: bool):

@@ -584,23 +584,35 @@ def test_saved_input_modified_in_place(path):
         loss.backward()
 
 
+# Ways of differentiating the gradient: a gradient penalty on its own, added to the loss (so the
+# loss alone reaches model_pred), and backward() over both.
+PENALTY_USES = {
+    "grad_of_penalty": lambda loss, grad, model: torch.autograd.grad(grad.square().sum(), model),
+    "grad_of_loss_plus_penalty": lambda loss, grad, model: torch.autograd.grad(loss + grad.square().sum(), model),
+    "backward_of_loss_plus_penalty": lambda loss, grad, model: (loss + grad.square().sum()).backward(),
+}
+
+
+@pytest.mark.parametrize("use", sorted(PENALTY_USES))
+@pytest.mark.parametrize("upstream", ["plain", "requires_grad"])
 @pytest.mark.parametrize("path", sorted(AUTOGRAD_PATHS))
-def test_double_backward_raises(path):
-    """The gradient is not differentiable: with create_graph=True and an upstream gradient that
-    requires grad, differentiating the gradient raises "differentiate twice" (never a silent
-    zero); with an upstream that does not, the gradient comes back detached."""
+def test_double_backward_raises(path, upstream, use):
+    """The gradient is not differentiable: with create_graph=True it comes back (the bits of a
+    plain backward) requiring grad, and differentiating it raises "differentiate twice", whether
+    or not the upstream gradient requires grad and whichever way a gradient penalty is used: the
+    penalty is never silently dropped."""
     tensors = _path_case(torch.float32).build()
     model = tensors[0]
     scale = torch.tensor(2.0, requires_grad=True)
     with python_autograd(AUTOGRAD_PATHS[path]):
         loss, _ = _loss(tensors)
     (want,) = torch.autograd.grad(loss, model, retain_graph=True)
-    (grad,) = torch.autograd.grad(loss * scale, model, create_graph=True)
+    (grad,) = torch.autograd.grad(loss if upstream == "plain" else loss * scale, model, create_graph=True)
     assert grad.requires_grad
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad.square().sum().backward()
-    (plain,) = torch.autograd.grad(loss, model, create_graph=True)
-    assert not plain.requires_grad and torch.equal(_bits(plain), _bits(want))
+    if upstream == "plain":
+        assert torch.equal(_bits(grad), _bits(want))
+    with pytest.raises(RuntimeError, match="differentiate twice: the gradient of the fused loss is not differentiable"):
+        PENALTY_USES[use](loss, grad, model)
 
 
 @pytest.mark.parametrize("path", sorted(AUTOGRAD_PATHS))

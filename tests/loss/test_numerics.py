@@ -86,6 +86,33 @@ def test_gradcheck(backend, name, reduction):
 
 
 # ---------------------------------------------------------------------------------------------
+# Double backward
+# ---------------------------------------------------------------------------------------------
+
+
+def test_double_backward(backend):
+    """``create_graph=True`` (a gradient penalty): ``"torch"`` differentiates its gradient; the fused
+    backends' gradient comes back with the bits of a plain backward, and differentiating it raises
+    a RuntimeError saying it is not differentiable (never a silently dropped penalty)."""
+    case = make_case(batch=2, shape=(3, 4), k=2, dtype=torch.float32, seed=5)
+    model, ref, target, ema = case.build()
+
+    def loss_of(pred):
+        return fastpref.adaptive_dpo_loss(pred, ref, target, ema_preds=ema, beta=5.0, backend=backend)
+
+    (want,) = torch.autograd.grad(loss_of(model), model)
+    (grad,) = torch.autograd.grad(loss_of(model), model, create_graph=True)
+    assert grad.requires_grad and torch.equal(grad.detach(), want)
+    penalty = grad.square().sum()
+    if backend == "torch":
+        (second,) = torch.autograd.grad(penalty, model)
+        assert torch.isfinite(second).all() and second.abs().max() > 0
+    else:
+        with pytest.raises(RuntimeError, match="differentiate twice: the gradient of the fused loss is not"):
+            torch.autograd.grad(penalty, model)
+
+
+# ---------------------------------------------------------------------------------------------
 # Extreme logits
 # ---------------------------------------------------------------------------------------------
 
