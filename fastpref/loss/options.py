@@ -92,6 +92,7 @@ CHOICES = MappingProxyType(
     }
 )
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 BACKEND_ENV = "FASTPREF_BACKEND"
 DEDPO_ARGS = ("synthetic_label", "human_label", "human_mask", "propensity")
 
@@ -115,6 +116,10 @@ class LossConfig:
     tau: float
     reduction: str
     modes: Tuple[int, ...]
+    # The ValueError message when a scalar the loss uses overflows float32 (None when all fit):
+    # finite as Python floats, they must also be finite in the accumulation dtype, which only the
+    # inputs give (``make_inputs`` raises it for a float32 accumulation).
+    float32_error: Optional[str] = None
 
 
 class LossInputs(NamedTuple):
@@ -213,6 +218,7 @@ def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, 
     k1 = _check_real("k1", k1)
     if not k1 >= 0 or math.isinf(k1):
         raise ValueError(f"k1 must be a finite number >= 0; got {k1}")
+    k2_note = " (k2 = -1/beta by default)" if k2 is None else ""
     k2 = -1.0 / beta if k2 is None else _check_real("k2", k2)
     if not math.isfinite(k2):
         raise ValueError(f"k2 must be finite; got {k2}")
@@ -233,6 +239,13 @@ def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, 
         check_choice("loss_type", loss_type, LOSS_TYPES),
         check_choice("reduction", reduction, REDUCTIONS),
     )
+    # In float32 (the accumulation dtype unless an input is float64) the kernels and the reference
+    # would turn a larger scalar into inf. k2 and c2 matter only where the margin uses them (the
+    # default k2 = -1/beta overflows for a tiny beta, which Diffusion-DPO's margin="none" never reads).
+    scalars = [("beta", beta, ""), ("rho", rho, ""), ("k1", k1, "")]
+    if chosen[2] != "none":
+        scalars += [("k2", k2, k2_note), ("c2", c2, "")]
+    scalars.append(("ipo_tau", tau, ""))
     return LossConfig(
         beta=beta,
         rho=rho,
@@ -247,7 +260,20 @@ def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, 
         tau=tau,
         reduction=chosen[4],
         modes=tuple(option[choice.upper()].value for option, choice in zip(MODE_OPTIONS, chosen)),
+        float32_error=_float32_error(scalars),
     )
+
+
+def _float32_error(scalars) -> Optional[str]:
+    """The message for the first ``(name, value, note)`` whose finite float ``value`` overflows
+    float32 (``|value| > FLOAT32_MAX``), or ``None``; a ``None`` value (c2) fits."""
+    for name, value, note in scalars:
+        if value is not None and abs(value) > FLOAT32_MAX:
+            return (
+                f"{name} must be finite in the accumulation dtype float32 (|{name}| <= {FLOAT32_MAX:.4e}); "
+                f"got {value!r}{note}"
+            )
+    return None
 
 
 def _is_float_tensor(value) -> bool:
@@ -354,6 +380,8 @@ def make_inputs(model_pred, ref_pred, target, ema_preds, config: LossConfig, lab
     if features == 0:
         raise ValueError(f"model_pred must have D = prod(S) > 0; got shape {list(shape)}")
     acc = torch.float64 if any_f64 else torch.float32
+    if config.float32_error is not None and not any_f64:
+        raise ValueError(config.float32_error)
 
     if config.loss_type == "dedpo":
         soft_label = _dedpo_soft_label(labels, batch, device, acc)

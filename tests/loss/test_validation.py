@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 
 import numpy as np
 import pytest
@@ -190,11 +191,77 @@ def test_module_construction_checks_keywords(module_cls, case):
         module_cls(**keywords)
 
 
+# Scalars finite as Python floats but not in float32, the accumulation dtype of float32 / 16-bit
+# inputs (docs/spec.md §1, §7): the kernels and the reference would make them inf. k2 and c2 count
+# where the margin uses them (the default k2 = -1/beta included).
+FLOAT32_CASES = {
+    "beta": (dict(beta=1e300), "beta"),
+    "beta_negative_overflow": (dict(beta=-1e300), "beta"),  # the sign check comes first
+    "rho": (dict(rho=1e39), "rho"),
+    "k1": (dict(k1=1e39), "k1"),
+    "k2": (dict(k2=-1e39), "k2"),
+    "k2_default_of_tiny_beta": (dict(beta=1e-39), "k2"),
+    "c2": (dict(c2=1e39), "c2"),
+    "c2_linear_margin": (dict(c2=-1e39, margin="linear"), "c2"),
+    "ipo_tau": (dict(ipo_tau=1e39, loss_type="ipo"), "ipo_tau"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(FLOAT32_CASES))
+@pytest.mark.parametrize("fn", ENTRY_POINTS)
+def test_scalars_finite_in_accumulation_dtype(fn, case, dtype):
+    keywords, name = FLOAT32_CASES[case]
+    (model_pred, ref_pred, target), emas = good()
+    model_pred = model_pred.to(dtype)
+    message = "must be a finite number > 0" if case == "beta_negative_overflow" else "must be finite in the"
+    with pytest.raises(ValueError, match=f"^{name} {message}"):
+        fn(model_pred, ref_pred, target, ema_preds=emas, **keywords)
+
+
+def test_scalar_overflow_message():
+    (model_pred, ref_pred, target), _ = good()
+    message = "beta must be finite in the accumulation dtype float32 (|beta| <= 3.4028e+38); got 1e+300"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, beta=1e300)
+    with pytest.raises(ValueError, match=re.escape("got -1.0000000000000001e+39 (k2 = -1/beta by default)")):
+        fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, beta=1e-39)
+
+
+@pytest.mark.parametrize("case", [case for case in FLOAT32_CASES if case != "beta_negative_overflow"])
+@pytest.mark.parametrize("fn", ENTRY_POINTS)
+def test_scalars_beyond_float32_pass_in_float64(fn, case):
+    """The same scalars are finite in float64: a float64 input makes it the accumulation dtype."""
+    keywords, _ = FLOAT32_CASES[case]
+    (model_pred, ref_pred, target), emas = good()
+    loss = fn(model_pred.double(), ref_pred, target, ema_preds=emas, **keywords)
+    assert loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "keywords",
+    [dict(beta=1e-39), dict(k2=1e39), dict(c2=-1e39)],
+    ids=["k2_default_of_tiny_beta", "k2", "c2"],
+)
+def test_unused_margin_scalars_may_overflow_float32(keywords):
+    """margin="none" reads neither k2 nor c2 (Diffusion-DPO's default k2 of a tiny beta)."""
+    (model_pred, ref_pred, target), emas = good()
+    for backend in ("auto", "torch"):
+        loss = fastpref.adaptive_dpo_loss(
+            model_pred, ref_pred, target, ema_preds=emas, margin="none", backend=backend, **keywords
+        )
+        assert torch.isfinite(loss)
+    beta = keywords.get("beta", 1000.0)
+    assert torch.isfinite(fastpref.diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta))
+
+
 @pytest.mark.parametrize(
     "keywords,name",
     [
         (dict(beta=0.0), "beta"),
         (dict(beta=math.nan), "beta"),
+        (dict(beta=1e300), "beta"),
+        (dict(ipo_tau=1e39, loss_type="ipo"), "ipo_tau"),
         (dict(eps=0.5, loss_type="robust"), "eps"),
         (dict(ipo_tau=0.0, loss_type="ipo"), "ipo_tau"),
         (dict(loss_type="kto"), "loss_type"),
