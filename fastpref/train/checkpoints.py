@@ -1,6 +1,27 @@
-"""What a run writes and resumes from: ``checkpoint-N/`` folders (accelerate state, saved whole or
-not at all, at most ``total_limit`` kept), the LoRA hooks that keep the frozen base out of them,
-and the final weights in diffusers' formats."""
+"""What a run writes and resumes from: ``checkpoint-N/`` folders (accelerate state plus a
+manifest), the LoRA hooks that keep the frozen base out of them, and the final weights in
+diffusers' formats.
+
+Crash safety. These hold at every instant, whatever kills the process:
+
+- The newest complete checkpoint on disk is intact. A checkpoint is complete when its folder
+  is named ``checkpoint-N`` and its manifest (``checkpoint.json``: step, run id, the size of
+  every file) matches its files. :func:`save_checkpoint` writes ``checkpoint-N.partial``, writes
+  the manifest, fsyncs every file and the folder, and only then renames it to ``checkpoint-N``.
+- Re-saving a step renames the old ``checkpoint-N`` to ``checkpoint-N.old`` first (never a
+  delete before the new one is in place); :func:`recover` renames it back if the process died
+  between the two renames.
+- Only after the new checkpoint is in place does rotation delete anything, and it deletes only
+  checkpoints of this run (the manifest's run id: written by this run, or by the run it resumed
+  from). A folder is renamed ``*.deleting`` before it is removed, so a half-deleted folder never
+  carries a checkpoint's name.
+- Resuming ``latest`` validates the newest checkpoint (manifest, file sizes, then loading) and
+  falls back to the previous one, with a warning naming the file, when it fails.
+
+Test hook: ``FASTPREF_FAULT=save:<point>[:<step>]`` makes the process SIGKILL itself at
+``<point>`` of the save sequence (:data:`SAVE_POINTS`; of the save of ``<step>`` only, when
+given). It is read in :func:`save_checkpoint` only; the fault-injection tests use it.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +30,190 @@ import logging
 import os
 import re
 import shutil
+import signal
+import uuid
 from pathlib import Path
 from typing import List, Optional
 
-from .files import write_atomic
+from .files import fsync_dir, write_atomic, write_json_atomic
 
 logger = logging.getLogger("fastpref.train")
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 POLICY_LORA_FILE = "policy_lora.safetensors"
+MANIFEST = "checkpoint.json"
+FAULT_ENV = "FASTPREF_FAULT"
+# The save sequence, in order; FASTPREF_FAULT can kill the process right after each of them.
+SAVE_POINTS = (
+    "written",  # accelerate's state is in checkpoint-N.partial, no manifest yet
+    "synced",  # the manifest is written and every file and the folder fsynced
+    "aside",  # re-saving a step: the old checkpoint-N renamed to checkpoint-N.old
+    "renamed",  # checkpoint-N.partial renamed to checkpoint-N
+    "rotating",  # the first checkpoint beyond the limit renamed to *.deleting, not yet removed
+    "saved",  # the whole save done
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or does not load; the message names the file."""
+
+
+def new_run_id() -> str:
+    """The id a fresh run writes into its checkpoints' manifests (rotation keeps to it)."""
+    return uuid.uuid4().hex[:12]
 
 
 def checkpoints(output_dir) -> List[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first."""
+    """Folders named ``checkpoint-N`` in ``output_dir``, oldest first (unvalidated)."""
     found = [
         (int(m.group(1)), d)
         for d in Path(output_dir).glob("checkpoint-*")
         if (m := CHECKPOINT.match(d.name)) and d.is_dir()
     ]
     return [d for _, d in sorted(found)]
+
+
+def step_of(path) -> int:
+    """N of a ``checkpoint-N`` folder."""
+    return int(CHECKPOINT.match(Path(path).name).group(1))
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------
+
+
+def fault(point: str, step: int) -> None:
+    """The test hook: SIGKILL this process if ``$FASTPREF_FAULT`` names ``point`` (and ``step``)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec.startswith("save:"):
+        return
+    name, _, at = spec[len("save:") :].partition(":")
+    if name == point and (not at or int(at) == step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def discard(path: Path, point: Optional[str] = None, step: int = 0) -> None:
+    """Remove a folder: renamed to ``*.deleting`` first, so that a removal cut short leaves no
+    folder with a checkpoint's name (``point``: the :func:`fault` point between the two)."""
+    doomed = path.with_name(path.name + ".deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(path, doomed)
+    fsync_dir(path.parent)
+    if point is not None:
+        fault(point, step)
+    shutil.rmtree(doomed)
+
+
+def write_manifest(folder: Path, step: int, run_id: str) -> None:
+    """``checkpoint.json`` in ``folder``: the step, the run id and every file's size; every file
+    and the folder are fsynced first, so the manifest never describes data still in flight."""
+    sizes = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+        sizes[file.relative_to(folder).as_posix()] = file.stat().st_size
+    for sub in {p.parent for p in folder.rglob("*")} | {folder}:
+        fsync_dir(sub)
+    write_json_atomic({"step": step, "run_id": run_id, "files": sizes}, folder / MANIFEST)
+    fsync_dir(folder)
+
+
+def read_manifest(folder) -> dict:
+    """The manifest of a checkpoint folder; :class:`CheckpointError` naming it if missing or torn."""
+    file = Path(folder) / MANIFEST
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{file}: unreadable manifest ({error})") from None
+
+
+def rotate(output_dir, total_limit: Optional[int], run_id: str, step: int) -> None:
+    """Delete this run's oldest checkpoints beyond ``total_limit`` (others' are never touched)."""
+    if total_limit is None:
+        return
+    ours = []
+    for folder in checkpoints(output_dir):
+        try:
+            if read_manifest(folder).get("run_id") == run_id:
+                ours.append(folder)
+        except CheckpointError:
+            continue  # not this run's (or not a checkpoint at all): left alone
+    for old in ours[:-total_limit]:
+        discard(old, "rotating", step)
+
+
+def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int], run_id: str) -> Path:
+    """Save the accelerator's state as ``checkpoint-<step>`` in the order of :data:`SAVE_POINTS`
+    (see the module docstring); returns the folder. Hand-written around ``save_state`` because
+    accelerate's own checkpoint naming writes in place."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    partial = final.with_name(final.name + ".partial")
+    old = final.with_name(final.name + ".old")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        fault("written", step)
+        write_manifest(partial, step, run_id)
+        fault("synced", step)
+        if final.exists():
+            if old.exists():
+                discard(old)
+            os.replace(final, old)
+            fsync_dir(output_dir)
+            fault("aside", step)
+        os.replace(partial, final)
+        fsync_dir(output_dir)
+        fault("renamed", step)
+        if old.exists():
+            discard(old)
+        rotate(output_dir, total_limit, run_id, step)
+        fault("saved", step)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# resuming
+# --------------------------------------------------------------------------------------------
+
+
+def recover(output_dir) -> None:
+    """Undo what a killed save left behind: a ``checkpoint-N.old`` whose replacement never got
+    its name is renamed back; other ``.old``, ``.partial`` and ``.deleting`` folders are removed."""
+    output_dir = Path(output_dir)
+    for old in sorted(output_dir.glob("checkpoint-*.old")):
+        final = old.with_name(old.name[: -len(".old")])
+        if CHECKPOINT.match(final.name) and not final.exists():
+            os.replace(old, final)
+            fsync_dir(output_dir)
+            logger.warning("restored %s (a re-save of it was interrupted)", final)
+        else:
+            discard(old)
+    for leftover in sorted(output_dir.glob("checkpoint-*.partial")) + sorted(output_dir.glob("*.deleting")):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+
+
+def validate(folder) -> dict:
+    """The manifest of ``folder`` if every file it lists is there with the size recorded at save
+    time; :class:`CheckpointError` naming the first file that is not."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest.get("step") != step_of(folder):
+        raise CheckpointError(f"{folder / MANIFEST}: records step {manifest.get('step')}, not {step_of(folder)}")
+    for name, size in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, {size} when saved (truncated?)")
+    return manifest
 
 
 def resolve_resume(value: Optional[str], output_dir) -> Optional[Path]:
@@ -41,50 +227,61 @@ def resolve_resume(value: Optional[str], output_dir) -> Optional[Path]:
     path = Path(value)
     if not path.is_dir():
         path = Path(output_dir) / value
-    if not path.is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a checkpoint folder")
+    if not path.is_dir() or not CHECKPOINT.match(path.name):
+        raise FileNotFoundError(f"--resume_from_checkpoint: {value} is not a checkpoint folder")
     return path
 
 
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int]) -> Path:
-    """``accelerator.save_state`` into ``checkpoint-<step>.partial``, renamed to
-    ``checkpoint-<step>`` when complete (a run killed mid-save keeps the previous checkpoint);
-    then the oldest checkpoints beyond ``total_limit`` are removed. Hand-written around
-    ``save_state`` because accelerate's own checkpoint naming writes in place."""
-    final = Path(output_dir) / f"checkpoint-{step}"
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        if total_limit is not None:
-            for old in checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
+def truncate_log(log_file: Path, step: int) -> None:
+    """Keep the lines of ``log_file`` up to ``step`` (the later ones are redone); a torn line (a
+    run killed mid-write) is dropped with a warning naming the file."""
+    if not log_file.exists():
+        return
+    kept = []
+    for number, line in enumerate(log_file.read_text().splitlines(), 1):
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s: line %d is torn or not a log record; dropped", log_file, number)
+            continue
+        if record_step <= step:
+            kept.append(line + "\n")
+    text = "".join(kept)
+    write_atomic(log_file, lambda tmp: tmp.write_text(text))
 
 
-def resume(accelerator, trainer, value: Optional[str], output_dir, log_file: Path) -> Optional[Path]:
+def resume(accelerator, trainer, value: Optional[str], output_dir, log_file: Path) -> Optional[dict]:
     """Load the checkpoint ``value`` names (see :func:`resolve_resume`) into the accelerator's
     registered objects -- the policy, optimizer, LR schedule, RNG and the trainer's counters and
-    footprints -- and drop the lines of ``log_file`` after its step (they are redone)."""
-    path = resolve_resume(value, output_dir)
-    if value and path is None:
-        logger.warning("resume_from_checkpoint=%s: no checkpoint in %s, starting a new run", value, output_dir)
-    if path is None:
+    footprints -- and cut ``log_file`` back to its step. ``"latest"`` falls back to the previous
+    checkpoint when the newest fails :func:`validate` or does not load, and starts a new run
+    (an empty log) when there is none. Returns the loaded checkpoint's manifest, or ``None``."""
+    if not value:
         return None
-    accelerator.load_state(str(path))
-    logger.info("resumed from %s at step %d", path, trainer.global_step)
-    if accelerator.is_main_process and log_file.exists():
-        lines = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= trainer.global_step]
-        text = "".join(line + "\n" for line in lines)
-        write_atomic(log_file, lambda tmp: tmp.write_text(text))
-    return path
+    if accelerator.is_main_process:
+        recover(output_dir)
+    accelerator.wait_for_everyone()
+    candidates = list(reversed(checkpoints(output_dir))) if value == "latest" else [resolve_resume(value, output_dir)]
+    if not candidates:
+        logger.warning("resume_from_checkpoint=latest: no checkpoint in %s, starting a new run", output_dir)
+    for path in candidates:
+        try:
+            manifest = validate(path)
+            accelerator.load_state(str(path))
+        except Exception as error:  # any failure to read the files: a torn or foreign checkpoint
+            if value != "latest":
+                raise CheckpointError(f"--resume_from_checkpoint {value}: {error}") from error
+            logger.warning("checkpoint %s is unusable (%s); trying the previous one", path, error)
+            continue
+        logger.info("resumed from %s at step %d", path, trainer.global_step)
+        if accelerator.is_main_process:
+            truncate_log(log_file, trainer.global_step)
+        return manifest
+    if candidates:
+        raise CheckpointError(f"--resume_from_checkpoint latest: no usable checkpoint in {output_dir} (see above)")
+    if accelerator.is_main_process:
+        truncate_log(log_file, 0)
+    return None
 
 
 def install_lora_hooks(accelerator, unet_type) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from . import data
 from .arch import detect_arch
-from .checkpoints import install_lora_hooks, resume, save_checkpoint, save_weights
+from .checkpoints import install_lora_hooks, new_run_id, resume, save_checkpoint, save_weights
 from .config import ARCH_DEFAULTS, TrainConfig
 from .files import write_atomic
 from .latent_cache import LatentCache
@@ -299,7 +299,7 @@ def window_logs(window: List[dict], trainer: PreferenceTrainer) -> dict:
     return logs
 
 
-def run_steps(trainer: PreferenceTrainer, batches, encode, run: RunArguments, accelerator) -> None:
+def run_steps(trainer: PreferenceTrainer, batches, encode, run: RunArguments, run_id: str, accelerator) -> None:
     """Train until ``max_train_steps``: log each optimizer step (``train_log.jsonl``, trackers,
     progress bar) and checkpoint every ``--checkpointing_steps``. A non-finite abort saves a
     checkpoint and re-raises; so does an interrupt at a window boundary."""
@@ -309,7 +309,7 @@ def run_steps(trainer: PreferenceTrainer, batches, encode, run: RunArguments, ac
     max_steps = config.max_train_steps
 
     def checkpoint() -> Path:
-        return save_checkpoint(accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit)
+        return save_checkpoint(accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit, run_id)
 
     progress = tqdm(
         total=max_steps,
@@ -401,15 +401,16 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
     inputs = load_data(data_args, settings["loss_type"], arch, resolution, accelerator)
     config = train_config(settings, arch, len(inputs.dataset), run, accelerator)
     trainer = build_trainer(model_path, config, accelerator)
-    resume(accelerator, trainer, run.resume_from_checkpoint, output_dir, output_dir / LOG_FILE)
+    resumed = resume(accelerator, trainer, run.resume_from_checkpoint, output_dir, output_dir / LOG_FILE)
+    run_id = resumed["run_id"] if resumed else new_run_id()
     if accelerator.is_main_process and run.report_to != "none":
         accelerator.init_trackers("fastpref", config=hparams(data_args, settings, run))
 
     loader = make_loader(inputs.dataset, run.train_batch_size, data_args.dataloader_num_workers, trainer, accelerator)
     started = time.perf_counter()
-    run_steps(trainer, iter(loader), inputs.encode, run, accelerator)
+    run_steps(trainer, iter(loader), inputs.encode, run, run_id, accelerator)
 
-    save_checkpoint(accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit)
+    save_checkpoint(accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit, run_id)
     save_weights(accelerator, trainer, arch, output_dir)
     result = {
         "status": "finished",

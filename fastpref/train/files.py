@@ -30,3 +30,16 @@ def write_json_atomic(obj, file) -> Path:
     """``obj`` as indented, key-sorted JSON, written with :func:`write_atomic`."""
     text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
     return write_atomic(file, lambda tmp: tmp.write_text(text))
+
+
+def fsync_dir(folder) -> None:
+    """fsync a folder, so that the renames and new entries in it survive a power cut (POSIX; a
+    no-op where folders cannot be opened, as on Windows)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
