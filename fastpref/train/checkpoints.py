@@ -129,19 +129,20 @@ def read_manifest(folder) -> dict:
         raise CheckpointError(f"{file}: unreadable manifest ({error})") from None
 
 
-def rotate(output_dir, total_limit: Optional[int], run_id: str, step: int) -> None:
-    """Delete this run's oldest checkpoints beyond ``total_limit`` (others' are never touched)."""
+def rotate(output_dir, total_limit: Optional[int], run_id: str, saved: Path) -> None:
+    """Keep ``saved`` (just written) and this run's newest other checkpoints, ``total_limit`` in
+    all; delete this run's older ones. Other runs' checkpoints are never touched."""
     if total_limit is None:
         return
     ours = []
     for folder in checkpoints(output_dir):
         try:
-            if read_manifest(folder).get("run_id") == run_id:
+            if folder != saved and read_manifest(folder).get("run_id") == run_id:
                 ours.append(folder)
         except CheckpointError:
             continue  # not this run's (or not a checkpoint at all): left alone
-    for old in ours[:-total_limit]:
-        discard(old, "rotating", step)
+    for old in ours[: max(0, len(ours) - (total_limit - 1))]:
+        discard(old, "rotating", step_of(saved))
 
 
 def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int], run_id: str) -> Path:
@@ -172,7 +173,7 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[in
         fault("renamed", step)
         if old.exists():
             discard(old)
-        rotate(output_dir, total_limit, run_id, step)
+        rotate(output_dir, total_limit, run_id, final)
         fault("saved", step)
     accelerator.wait_for_everyone()
     return final

@@ -111,6 +111,16 @@ def test_rotation_deletes_only_this_runs_checkpoints(tmp_path):
     assert [p.name for p in ckpt.checkpoints(out)] == ["checkpoint-3", "checkpoint-6", "checkpoint-7", "checkpoint-8"]
 
 
+def test_rotation_never_deletes_the_checkpoint_just_saved(tmp_path):
+    """Resumed from an older checkpoint, the new one is kept even where a later one exists."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for step in (4, 8):
+        save(out, step, b"ours")
+    save(out, 5, b"ours again", limit=1)
+    assert [p.name for p in ckpt.checkpoints(out)] == ["checkpoint-5"]
+
+
 def test_validate_names_the_truncated_file(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
