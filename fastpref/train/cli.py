@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import field
 from pathlib import Path
@@ -23,9 +25,18 @@ from typing import List, Optional, Tuple
 
 import torch
 
+import fastpref
+
 from . import data
 from .arch import detect_arch
-from .checkpoints import install_lora_hooks, new_run_id, resume, save_checkpoint, save_weights
+from .checkpoints import (
+    install_lora_hooks,
+    new_run_id,
+    resolve_resume,
+    resume,
+    save_checkpoint,
+    save_weights,
+)
 from .config import ARCH_DEFAULTS, TrainConfig
 from .files import write_atomic
 from .latent_cache import LatentCache
@@ -56,7 +67,8 @@ class DataArguments:
         }
     )
     resolution: Optional[int] = field(
-        default=None, metadata={"help": "training resolution in pixels; default 512 (sd15) / 1024 (sdxl)"}
+        default=None,
+        metadata={"help": "training resolution in pixels, a multiple of 8; default 512 (sd15) / 1024 (sdxl)"},
     )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N valid pairs"})
     keep_ties: bool = field(default=False, metadata={"help": "keep pairs with label_0 == 0.5 (dropped by default)"})
@@ -94,10 +106,23 @@ class RunArguments:
     scale_lr: bool = field(
         default=False, metadata={"help": "multiply the learning rate by batch size x accumulation x processes"}
     )
-    checkpointing_steps: int = field(default=500, metadata={"help": "save a checkpoint every N optimizer steps"})
-    checkpoints_total_limit: Optional[int] = field(default=None, metadata={"help": "keep at most N checkpoints"})
+    checkpointing_steps: int = field(
+        default=500,
+        metadata={"help": "save a checkpoint every N optimizer steps (0: only the final one, always saved)"},
+    )
+    checkpoints_total_limit: Optional[int] = field(
+        default=None, metadata={"help": "keep at most N >= 1 of this run's checkpoints (default: all)"}
+    )
     resume_from_checkpoint: Optional[str] = field(
-        default=None, metadata={"help": "a checkpoint folder, or 'latest' in --output_dir"}
+        default=None,
+        metadata={"help": "a checkpoint folder, or 'latest' in --output_dir (the newest usable one)"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "start a new run in an --output_dir that holds one: its contents are moved aside to "
+            "OUTPUT_DIR.old-N first"
+        },
     )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
     logging_dir: str = field(default="logs", metadata={"help": "TensorBoard folder inside --output_dir"})
@@ -132,15 +157,160 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None) -> Tuple[DataArguments, dict, RunArguments]:
+def parse_args(argv=None, parser=None) -> Tuple[DataArguments, dict, RunArguments]:
     """``(data, settings, run)``: ``settings`` are the TrainConfig fields as given (``None`` for
-    the :data:`RUN_DEFAULTS` not given); :func:`train_config` resolves them."""
-    values = vars(build_parser().parse_args(argv))
+    the :data:`RUN_DEFAULTS` not given); :func:`train_config` resolves them. Unchecked: see
+    :func:`check_arguments`."""
+    values = vars((parser or build_parser()).parse_args(argv))
 
     def take(cls) -> dict:
         return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
 
     return DataArguments(**take(DataArguments)), take(TrainConfig), RunArguments(**take(RunArguments))
+
+
+# --------------------------------------------------------------------------------------------
+# the arguments, checked before any work
+# --------------------------------------------------------------------------------------------
+
+# What a run leaves in its --output_dir: a fresh run stops rather than mix with them.
+RUN_FILES = ("checkpoint-*", "pytorch_lora_weights.safetensors", "unet", LOG_FILE, SUMMARY_FILE)
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ArgumentError(ValueError):
+    """A bad command-line argument; the message starts with the flag."""
+
+
+def check_arguments(data_args: DataArguments, settings: dict, run: RunArguments) -> None:
+    """Every argument of ``fastpref train``, before any heavy import or data read: the paths
+    first (with the path in the message), then the values. :class:`ArgumentError` whose message
+    names the flag and what it allows."""
+    check_model_path(data_args.pretrained_model_name_or_path)
+    check_dataset_path(data_args.dataset_name)
+    check_output_dir(run)
+    check_data_values(data_args, settings["loss_type"])
+    check_run_values(run)
+    check_train_settings(settings)
+
+
+def check_model_path(value: str) -> None:
+    """A local diffusers pipeline folder, or an ``org/name`` Hub id the Hub (or its cache) serves."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise ArgumentError(
+                f"--pretrained_model_name_or_path: {value} is not a diffusers pipeline folder "
+                "(no model_index.json or unet/)"
+            )
+        return
+    if path.exists():
+        raise ArgumentError(f"--pretrained_model_name_or_path: {value} is a file, not a pipeline folder")
+    if not HUB_ID.match(value):
+        raise ArgumentError(f"--pretrained_model_name_or_path: no such folder: {value}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(value, "model_index.json")
+    except Exception as error:  # offline, unknown repository, gated, ...: all mean "not usable here"
+        raise ArgumentError(
+            f"--pretrained_model_name_or_path: {value} is no local folder, and the Hub does not serve it here "
+            f"({type(error).__name__})"
+        ) from None
+
+
+def check_dataset_path(value: str) -> None:
+    """A parquet file or a folder (its ``*.parquet`` are read later)."""
+    if not Path(value).expanduser().exists():
+        raise ArgumentError(f"--dataset_name: no such file or folder: {value}")
+
+
+def check_output_dir(run: RunArguments) -> None:
+    """``--output_dir`` is a folder this process can write in, or can be made in one (nothing is
+    created here); a fresh run needs it unused (or ``--overwrite_output_dir``);
+    ``--resume_from_checkpoint`` names a checkpoint."""
+    output_dir = Path(run.output_dir)
+    existing = next(p for p in (output_dir, *Path(os.path.abspath(output_dir)).parents) if p.exists())
+    if not existing.is_dir():
+        raise ArgumentError(f"--output_dir: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ArgumentError(f"--output_dir: cannot write in {existing} ({error.strerror or error})") from None
+    if run.resume_from_checkpoint:
+        if run.overwrite_output_dir and run.resume_from_checkpoint == "latest":
+            raise ArgumentError("--overwrite_output_dir: cannot be combined with --resume_from_checkpoint latest")
+        try:
+            resolve_resume(run.resume_from_checkpoint, output_dir)
+        except FileNotFoundError as error:
+            raise ArgumentError(str(error)) from None
+        return
+    used = used_by_a_run(output_dir)
+    if used and not run.overwrite_output_dir:
+        raise ArgumentError(
+            f"--output_dir: {output_dir} already holds a run ({', '.join(used)}); continue it with "
+            "--resume_from_checkpoint latest, or start a new run there with --overwrite_output_dir "
+            "(moves the old contents aside)"
+        )
+
+
+def used_by_a_run(output_dir: Path) -> List[str]:
+    """The names in ``output_dir`` that a run wrote (:data:`RUN_FILES`), sorted."""
+    return sorted({path.name for pattern in RUN_FILES for path in output_dir.glob(pattern)})
+
+
+def check_data_values(data_args: DataArguments, loss_type: str) -> None:
+    """The values of :class:`DataArguments` (the dataset's own checks, named by flag)."""
+    resolution = data_args.resolution
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise ArgumentError(f"--resolution must be a positive multiple of 8 (the VAE's downsampling), got {resolution}")
+    if data_args.max_train_samples is not None and data_args.max_train_samples < 1:
+        raise ArgumentError(f"--max_train_samples must be >= 1 (or not given: all), got {data_args.max_train_samples}")
+    if not 0.0 <= data_args.flip_rate <= 1.0:
+        raise ArgumentError(f"--flip_rate must be in [0, 1], got {data_args.flip_rate}")
+    if data_args.dataloader_num_workers < 0:
+        raise ArgumentError(f"--dataloader_num_workers must be >= 0, got {data_args.dataloader_num_workers}")
+    if loss_type == "dedpo" and data_args.human_fraction is None:
+        raise ArgumentError(
+            "--human_fraction: --loss_type dedpo needs it (the share of pairs that keep a human label, in (0, 1])"
+        )
+    if data_args.human_fraction is not None and not 0.0 < data_args.human_fraction <= 1.0:
+        raise ArgumentError(f"--human_fraction must be in (0, 1], got {data_args.human_fraction}")
+
+
+def check_run_values(run: RunArguments) -> None:
+    """The values of :class:`RunArguments` other than the paths."""
+    for name, least in (("train_batch_size", 1), ("num_train_epochs", 1), ("checkpointing_steps", 0)):
+        value = getattr(run, name)
+        if value < least:
+            raise ArgumentError(f"--{name} must be an int >= {least}, got {value}")
+    if run.checkpoints_total_limit is not None and run.checkpoints_total_limit < 1:
+        raise ArgumentError(
+            f"--checkpoints_total_limit must be an int >= 1 (or not given: keep all), got {run.checkpoints_total_limit}"
+        )
+    if run.report_to not in REPORT_TO:
+        raise ArgumentError(f"--report_to must be one of {', '.join(REPORT_TO)}, got {run.report_to!r}")
+
+
+def check_train_settings(settings: dict) -> None:
+    """The :class:`TrainConfig` fields as given, through TrainConfig's own checks (the
+    :data:`RUN_DEFAULTS` not given stand in with valid values until :func:`train_config`)."""
+    stand_ins = {**ARCH_DEFAULTS["sd15"], "max_train_steps": 1, "mixed_precision": "no"}
+    values = {name: stand_ins.get(name) if value is None else value for name, value in settings.items()}
+    try:
+        TrainConfig(**values)
+    except (ValueError, TypeError) as error:
+        raise ArgumentError(flagged(str(error))) from None
+
+
+def flagged(message: str) -> str:
+    """A :class:`TrainConfig` message (it starts with the field's name) with the flag's name."""
+    for field_ in sorted(dataclasses.fields(TrainConfig), key=lambda f: -len(f.name)):
+        if message.startswith(field_.name):
+            return "--" + message
+    return message
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +405,39 @@ def load_data(data_args: DataArguments, loss_type: str, arch: str, resolution: i
         )
     encode = data.BatchEncoder(vae, tokenizers, text_encoders, resolution, accelerator.device)
     return TrainData(train_set, encode, summary, judge)
+
+
+def check_backend(backend: str, device) -> None:
+    """``--loss_backend`` can serve tensors on ``device`` (not only at the first step)."""
+    if backend == "auto":
+        return
+    reason = fastpref.availability(device)[backend]
+    if reason is not None:
+        raise ArgumentError(f"--loss_backend {backend} cannot run on {device}: {reason}")
+
+
+def move_aside(output_dir: Path) -> Optional[Path]:
+    """``--overwrite_output_dir``: rename a used ``output_dir`` to ``<output_dir>.old-N`` (the
+    first N free), so the two runs never mix. Returns the new name."""
+    if not used_by_a_run(output_dir):
+        return None
+    output_dir = Path(os.path.abspath(output_dir))  # "." has no name to add a suffix to
+    number = 1
+    while output_dir.with_name(f"{output_dir.name}.old-{number}").exists():
+        number += 1
+    aside = output_dir.with_name(f"{output_dir.name}.old-{number}")
+    os.replace(output_dir, aside)
+    logger.warning("--overwrite_output_dir: moved the previous contents of %s to %s", output_dir, aside)
+    return aside
+
+
+def check_batch_fits(batch_size: int, processes: int, summary: dict, dataset_name: str) -> None:
+    """A global batch holds distinct pairs: fewer usable pairs than it would repeat some in every batch."""
+    if batch_size * processes > summary["pairs"]:
+        raise ArgumentError(
+            f"--train_batch_size {batch_size} x {processes} process(es) is more than the {summary['pairs']} usable "
+            f"pairs in {dataset_name}: every batch would repeat pairs; lower --train_batch_size"
+        )
 
 
 def train_config(settings: dict, arch: str, num_pairs: int, run: RunArguments, accelerator) -> TrainConfig:
@@ -385,20 +588,22 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
     """
     from accelerate.utils import set_seed
 
+    check_arguments(data_args, settings, run)
     output_dir = Path(run.output_dir)
     model_path = data_args.pretrained_model_name_or_path
     arch = model_arch(model_path)
-    resolution = data_args.resolution or (1024 if arch == "sdxl" else 512)
-    if settings["loss_type"] == "dedpo" and data_args.human_fraction is None:
-        raise ValueError(
-            "human_fraction: --loss_type dedpo needs --human_fraction (the share of pairs that keep a human label)"
-        )
+    resolution = data_args.resolution if data_args.resolution is not None else (1024 if arch == "sdxl" else 512)
     accelerator = make_accelerator(run, settings["mixed_precision"])
+    check_backend(settings["loss_backend"], accelerator.device)
     set_seed(settings["seed"])
     if accelerator.is_main_process:
+        if run.overwrite_output_dir and not run.resume_from_checkpoint:
+            move_aside(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
 
     inputs = load_data(data_args, settings["loss_type"], arch, resolution, accelerator)
+    check_batch_fits(run.train_batch_size, accelerator.num_processes, inputs.summary, data_args.dataset_name)
     config = train_config(settings, arch, len(inputs.dataset), run, accelerator)
     trainer = build_trainer(model_path, config, accelerator)
     resumed = resume(accelerator, trainer, run.resume_from_checkpoint, output_dir, output_dir / LOG_FILE)
@@ -434,8 +639,14 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
 
 
 def main(argv=None) -> int:
-    """``fastpref train``; exit code 2 for bad arguments or data, 3 for a non-finite abort."""
-    data_args, settings, run = parse_args(argv)
+    """``fastpref train``; exit code 2 for bad arguments (argparse's usage and message) or data,
+    3 for a non-finite abort."""
+    parser = build_parser()
+    data_args, settings, run = parse_args(argv, parser)
+    try:
+        check_arguments(data_args, settings, run)
+    except ArgumentError as error:
+        parser.error(str(error))  # exits 2
     try:
         train(data_args, settings, run)
     except (ValueError, FileNotFoundError) as error:

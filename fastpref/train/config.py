@@ -4,6 +4,7 @@ loss and optimization flags from it (``transformers.HfArgumentParser``)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import field
 from typing import Literal, Optional, get_args
@@ -38,11 +39,15 @@ ARCH_DEFAULTS = {"sd15": {"beta": 1000.0, "k1": 10.0}, "sdxl": {"beta": 2500.0, 
 # Integer settings and their least valid value.
 _INT_BOUNDS = {
     "lora_rank": 0,
-    "max_train_steps": 0,
+    "max_train_steps": 1,
     "gradient_accumulation_steps": 1,
     "lr_warmup_steps": 0,
     "max_nonfinite_steps": 1,
 }
+
+
+class DecaysError(argparse.ArgumentTypeError, ValueError):
+    """A value that is not a list of decays; argparse shows its message after the flag."""
 
 
 class Decays(tuple):
@@ -52,7 +57,12 @@ class Decays(tuple):
     def __new__(cls, values=()):
         if isinstance(values, str):
             values = [value for value in values.split(",") if value.strip()]
-        return super().__new__(cls, (float(value) for value in values))
+        try:
+            return super().__new__(cls, (float(value) for value in values))
+        except (TypeError, ValueError):
+            raise DecaysError(
+                f"ema_decays must be comma-separated numbers such as 0.9999,0.5; got {values!r}"
+            ) from None
 
     def __str__(self) -> str:
         return ",".join(str(value) for value in self)
