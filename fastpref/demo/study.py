@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Sequence
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         study = dataclasses.replace(study, seeds=args.seeds)
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_output_dir(parser, output_dir)
     threads = torch.get_num_threads()
     # One thread per process: the tiny UNet's ops are too small to split, and on a shared
     # 2-core machine two threads per process oversubscribe it (measured 2-10x slower under load).
@@ -59,6 +60,19 @@ def main(argv=None) -> int:
         return 0
     finally:
         torch.set_num_threads(threads)
+
+
+def _check_output_dir(parser: argparse.ArgumentParser, output_dir: Path) -> None:
+    """``--output_dir`` is (or is made, here) a folder this process can write in; otherwise
+    argparse's usage and a one-line message, exit code 2, before any work."""
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output_dir: {output_dir} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as error:
+        parser.error(f"--output_dir: cannot write in {output_dir} ({error.strerror or error})")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -257,3 +257,19 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for name in results["plots"]:
         assert (out / name).stat().st_size > 1000, name
     assert "Label-flip rate (%)" in capsys.readouterr().out
+
+
+def test_demo_output_dir_must_be_writable(tmp_path, capsys):
+    """``--output_dir`` that is a file, or inside one, stops with argparse's message (exit 2),
+    not a traceback, before the world is built."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for output_dir, message in (
+        (a_file, f"{a_file} is a file, not a folder"),
+        (a_file / "out", f"cannot write in {a_file / 'out'} (Not a directory)"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            study.main(["--quick", "--output_dir", str(output_dir)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"fastpref demo: error: --output_dir: {message}" in err
+        assert "Traceback" not in err
