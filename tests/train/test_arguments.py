@@ -102,7 +102,7 @@ def test_a_batch_larger_than_the_data_stops(train_main, tmp_path):
 
 def test_the_command_exits_2_without_a_traceback(tiny_run, tmp_path):
     """The real command (a subprocess): argparse's exit, before any model or data is read."""
-    from conftest import ROOT, tiny_args
+    from offline import ROOT, tiny_args
 
     command = [sys.executable, "-m", "fastpref.cli", "train", *tiny_args(tiny_run, tmp_path / "o", "--resolution", 7)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -176,7 +176,7 @@ def reference(tmp_path_factory, tiny_run):
     import subprocess
     import sys
 
-    from conftest import ROOT, tiny_args
+    from offline import ROOT, tiny_args
 
     out = tmp_path_factory.mktemp("reference") / "out"
     command = [sys.executable, "-m", "fastpref.cli", "train", *tiny_args(tiny_run, out, *RUN)]
