@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import List, Optional
 
-from .files import fsync_dir, write_atomic, write_json_atomic
+from .files import fsync_dir, replace_durably, write_atomic, write_json_atomic
 
 logger = logging.getLogger("fastpref.train")
 
@@ -99,8 +99,7 @@ def discard(path: Path, point: Optional[str] = None, step: int = 0) -> None:
     doomed = path.with_name(path.name + ".deleting")
     if doomed.exists():
         shutil.rmtree(doomed)
-    os.replace(path, doomed)
-    fsync_dir(path.parent)
+    replace_durably(path, doomed)
     if point is not None:
         fault(point, step)
     shutil.rmtree(doomed)
@@ -117,7 +116,6 @@ def write_manifest(folder: Path, step: int, run_id: str) -> None:
     for sub in {p.parent for p in folder.rglob("*")} | {folder}:
         fsync_dir(sub)
     write_json_atomic({"step": step, "run_id": run_id, "files": sizes}, folder / MANIFEST)
-    fsync_dir(folder)
 
 
 def read_manifest(folder) -> dict:
@@ -165,11 +163,9 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[in
         if final.exists():
             if old.exists():
                 discard(old)
-            os.replace(final, old)
-            fsync_dir(output_dir)
+            replace_durably(final, old)
             fault("aside", step)
-        os.replace(partial, final)
-        fsync_dir(output_dir)
+        replace_durably(partial, final)
         fault("renamed", step)
         if old.exists():
             discard(old)
@@ -191,8 +187,7 @@ def recover(output_dir) -> None:
     for old in sorted(output_dir.glob("checkpoint-*.old")):
         final = old.with_name(old.name[: -len(".old")])
         if CHECKPOINT.match(final.name) and not final.exists():
-            os.replace(old, final)
-            fsync_dir(output_dir)
+            replace_durably(old, final)
             logger.warning("restored %s (a re-save of it was interrupted)", final)
         else:
             discard(old)

@@ -38,7 +38,7 @@ from .checkpoints import (
     save_weights,
 )
 from .config import ARCH_DEFAULTS, TrainConfig
-from .files import write_atomic
+from .files import replace_durably, write_atomic
 from .latent_cache import LatentCache
 from .trainer import NonFiniteLossError, PreferenceTrainer
 
@@ -426,7 +426,7 @@ def move_aside(output_dir: Path) -> Optional[Path]:
     while output_dir.with_name(f"{output_dir.name}.old-{number}").exists():
         number += 1
     aside = output_dir.with_name(f"{output_dir.name}.old-{number}")
-    os.replace(output_dir, aside)
+    replace_durably(output_dir, aside)
     logger.warning("--overwrite_output_dir: moved the previous contents of %s to %s", output_dir, aside)
     return aside
 

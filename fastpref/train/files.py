@@ -11,15 +11,14 @@ from typing import Callable
 
 def write_atomic(file, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary path beside ``file``, fsync it, then rename it over
-    ``file`` (``os.replace`` is atomic within one file system). The temporary file is removed if
-    ``write`` raises."""
+    ``file`` with :func:`replace_durably`. The temporary file is removed if ``write`` raises."""
     file = Path(file)
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, file)
+        replace_durably(tmp, file)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -30,6 +29,13 @@ def write_json_atomic(obj, file) -> Path:
     """``obj`` as indented, key-sorted JSON, written with :func:`write_atomic`."""
     text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
     return write_atomic(file, lambda tmp: tmp.write_text(text))
+
+
+def replace_durably(source, destination) -> None:
+    """Rename ``source`` to ``destination`` (``os.replace``: atomic within one file system), then
+    fsync the folder that holds it, so that the rename survives a power cut."""
+    os.replace(source, destination)
+    fsync_dir(Path(destination).parent)
 
 
 def fsync_dir(folder) -> None:
