@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..machine import cpu_model
-from ..train.files import write_atomic
+from ..train.files import write_text_atomic
 from . import plots
 from . import world as tw
 from .config import TUNE_BETAS, TUNE_LRS, StudyConfig, full_config, method_defaults, quick_config
@@ -192,7 +192,7 @@ def machine() -> dict:
 
 
 def _write_text(file: Path, text: str) -> None:
-    write_atomic(file, lambda tmp: tmp.write_text(text))
+    write_text_atomic(file, text)
 
 
 def _json_ready(obj):

@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import List, Optional
 
-from .files import fsync_dir, replace_durably, write_atomic, write_json_atomic
+from .files import fsync_dir, replace_durably, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("fastpref.train")
 
@@ -243,7 +243,7 @@ def truncate_log(log_file: Path, step: int) -> None:
         if record_step <= step:
             kept.append(line + "\n")
     text = "".join(kept)
-    write_atomic(log_file, lambda tmp: tmp.write_text(text))
+    write_text_atomic(log_file, text)
 
 
 def resume(accelerator, trainer, value: Optional[str], output_dir, log_file: Path) -> Optional[dict]:

@@ -38,7 +38,7 @@ from .checkpoints import (
     save_weights,
 )
 from .config import ARCH_DEFAULTS, TrainConfig
-from .files import replace_durably, write_atomic
+from .files import replace_durably, write_text_atomic
 from .latent_cache import LatentCache
 from .trainer import NonFiniteLossError, PreferenceTrainer
 
@@ -633,7 +633,7 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
         result["judge_agreement"] = inputs.judge
     if accelerator.is_main_process:
         text = json.dumps(result, indent=2) + "\n"
-        write_atomic(output_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+        write_text_atomic(output_dir / SUMMARY_FILE, text)
     accelerator.end_training()
     return result
 

@@ -25,10 +25,14 @@ def write_atomic(file, write: Callable[[Path], None]) -> Path:
     return file
 
 
+def write_text_atomic(file, text: str) -> Path:
+    """``text`` written with :func:`write_atomic`."""
+    return write_atomic(file, lambda tmp: tmp.write_text(text))
+
+
 def write_json_atomic(obj, file) -> Path:
     """``obj`` as indented, key-sorted JSON, written with :func:`write_atomic`."""
-    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
-    return write_atomic(file, lambda tmp: tmp.write_text(text))
+    return write_text_atomic(file, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def replace_durably(source, destination) -> None:
