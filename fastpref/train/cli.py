@@ -66,6 +66,17 @@ class DataArguments:
             "(caption, jpg_0, jpg_1, label_0)"
         }
     )
+    revision: Optional[str] = field(
+        default=None, metadata={"help": "revision (branch, tag or commit) of the pretrained model on the hub"}
+    )
+    variant: Optional[str] = field(
+        default=None,
+        metadata={"help": "variant of the model files, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)"},
+    )
+    pretrained_vae_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "a VAE to use instead of the pipeline's (e.g. an fp16-safe SDXL VAE); its folder or hub id"},
+    )
     resolution: Optional[int] = field(
         default=None,
         metadata={"help": "training resolution in pixels, a multiple of 8; default 512 (sd15) / 1024 (sdxl)"},
