@@ -1,7 +1,9 @@
 // The per-pair head of the loss (docs/spec.md §2-§6) as named steps over one pair j, shared by
 // the kernels of every device: errors -> l -> metric u -> weight W, margin Gamma -> per-pair loss
-// and its derivative a_j -> reduction. Plain inline functions of the accumulation type Acc (float
-// or double), no ATen, FASTPREF_HOST_DEVICE so that a CUDA kernel can include them.
+// and its derivative a_j -> reduction; and batch_head, the whole batch's head from those steps,
+// which the CPU runs on one thread and CUDA on one block. Plain inline functions of the
+// accumulation type Acc (float or double), no ATen, FASTPREF_HOST_DEVICE so that a CUDA kernel
+// can include them.
 //
 // Each step keeps the association order of pair_head_kernel in fastpref/loss/triton/kernels.py,
 // NaN-preserving min/max/relu and stable sigmoid/softplus, so that the backends round alike.
@@ -198,6 +200,141 @@ FASTPREF_HOST_DEVICE inline Acc reduced_loss(Reduction reduction, Acc total, int
 template <class Acc>
 FASTPREF_HOST_DEVICE inline Acc implicit_accuracy(Acc wins, Acc ties, int64_t batch) {
   return (wins + Acc(0.5) * ties) / static_cast<Acc>(batch);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The head of a whole batch, from the error pass's chunk partial sums to the op's outputs, as
+// steps that one executor runs: `exec.for_each(n, f)` calls f(i) for every i in [0, n) in any
+// order or in parallel (each f(i) writes only its own elements), and `exec.sync()` makes every
+// earlier step's writes visible. The CPU runs it on one thread (SerialExec); a CUDA kernel on the
+// threads of one block (for_each over the threads, sync = __syncthreads). Batch-wide sums (the
+// norms, c2, the loss total, the implicit accuracy) run on one worker in pair order, so both
+// devices add in the same order.
+// ---------------------------------------------------------------------------------------------
+
+template <class Acc>
+struct HeadSettings {
+  Acc beta, rho, k1, k2;
+  Acc c2;  // read when has_c2; otherwise c2 is the batch mean of l_theta
+  bool has_c2;
+  Acc eps, tau;
+  Preset preset;
+  Weighting weighting;
+  Margin margin;
+  LossType loss_type;
+  Reduction reduction;
+};
+
+template <class Acc>
+struct HeadBuffers {
+  // Inputs: the error pass's sums, partial[(m * 2B + i) * n_chunks + c] for model m (0 policy,
+  // 1 reference, 2.. EMA), row i, chunk c; the soft label y~ ([B] with a stride; "dedpo" only).
+  const Acc* partial;
+  int64_t models, batch, n_chunks, features;
+  const Acc* soft;
+  int64_t soft_stride;
+  // Scratch: err [models, 2B], logit and scaled [models - 1, B], pair_loss [B], c2 [1].
+  Acc *err, *logit, *scaled, *pair_loss, *c2;
+  // Outputs: loss [] or [B], coef [B], pair_stats [7, B] (z, l_theta, u, c, s, W, Gamma),
+  // sample_err [2, 2B] (policy, reference), accuracy [].
+  Acc *loss, *coef, *pair_stats, *sample_err, *accuracy;
+  // Scratch elements the buffers above need.
+  static constexpr int64_t scratch_size(int64_t models, int64_t batch) {
+    return models * 2 * batch + 2 * (models - 1) * batch + batch + 1;
+  }
+  // Points err .. c2 into `scratch` (scratch_size elements).
+  FASTPREF_HOST_DEVICE void set_scratch(Acc* scratch) {
+    err = scratch;
+    logit = err + models * 2 * batch;
+    scaled = logit + (models - 1) * batch;
+    pair_loss = scaled + (models - 1) * batch;
+    c2 = pair_loss + batch;
+  }
+};
+
+// The executor of one CPU thread.
+struct SerialExec {
+  template <class F>
+  void for_each(int64_t n, F&& f) const {
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+  void sync() const {}
+};
+
+template <class Acc, class Exec>
+FASTPREF_HOST_DEVICE void batch_head(const Exec& exec, const HeadSettings<Acc>& set, const HeadBuffers<Acc>& buf) {
+  const int64_t batch = buf.batch;
+  const int64_t rows = 2 * batch;
+  const int64_t n_rows = buf.models - 1;  // metric rows: the policy (r = 0), the EMA models (r >= 1)
+  Acc* err = buf.err;
+  Acc* logit = buf.logit;
+  Acc* scaled = buf.scaled;
+
+  // Per-sample errors of every model; the policy's and the reference's are also an output.
+  exec.for_each(buf.models * rows, [&](int64_t k) {
+    err[k] = sample_error(buf.partial + k * buf.n_chunks, buf.n_chunks, buf.features);
+    if (k < 2 * rows) buf.sample_err[k] = err[k];
+  });
+  exec.sync();
+
+  // l of metric row r (model 0 for r = 0, model r + 1 for r >= 1), pair j.
+  const Acc* ref = err + rows;
+  exec.for_each(batch, [&](int64_t j) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const Acc* model = err + (r == 0 ? 0 : r + 1) * rows;
+      logit[r * batch + j] = pair_logit(ref[j], ref[j + batch], model[j], model[j + batch]);
+    }
+  });
+  exec.sync();
+
+  // The metric's scaled l, row by row; the margin offset c2 (worker n_rows).
+  const Acc* l_theta = logit;
+  exec.for_each(n_rows + 1, [&](int64_t r) {
+    if (r == n_rows) {
+      buf.c2[0] = set.has_c2 ? set.c2 : batch_mean(l_theta, batch);
+      return;
+    }
+    const Acc* row = logit + r * batch;
+    const Acc norm = set.preset == Preset::kOfficial ? logit_norm(row, batch) : Acc(1);
+    for (int64_t j = 0; j < batch; ++j) scaled[r * batch + j] = scaled_logit(set.preset, set.rho, row[j], norm);
+  });
+  exec.sync();
+
+  // Pair by pair: u, W, Gamma, the loss and a_j, the stats.
+  const Acc c2 = buf.c2[0];
+  Acc* stats = buf.pair_stats;
+  exec.for_each(batch, [&](int64_t j) {
+    const Metric<Acc> metric = pair_metric(set.preset, scaled + j, logit + j, n_rows, batch);
+    const Acc weight = pair_weight(set.weighting, set.k1, metric.u);
+    const Acc margin = pair_margin(set.margin, set.k2, c2, metric.u);
+    const Acc label = set.loss_type == LossType::kDedpo ? buf.soft[j * buf.soft_stride] : Acc(0);
+    const PairLoss<Acc> pair = pair_loss(set.loss_type, set.beta, set.eps, set.tau, l_theta[j], weight, margin, label);
+    (set.reduction == Reduction::kNone ? buf.loss : buf.pair_loss)[j] = pair.loss;
+    buf.coef[j] = reduced_coef(set.reduction, pair.coef, batch);
+    stats[0 * batch + j] = set.beta * l_theta[j];  // z
+    stats[1 * batch + j] = l_theta[j];
+    stats[2 * batch + j] = metric.u;
+    stats[3 * batch + j] = metric.confidence;
+    stats[4 * batch + j] = metric.stability;
+    stats[5 * batch + j] = weight;
+    stats[6 * batch + j] = margin;
+  });
+  exec.sync();
+
+  // The reduced loss and the implicit accuracy, summed in pair order.
+  exec.for_each(1, [&](int64_t) {
+    if (set.reduction != Reduction::kNone) {
+      Acc total = Acc(0);
+      for (int64_t j = 0; j < batch; ++j) total += buf.pair_loss[j];
+      buf.loss[0] = reduced_loss(set.reduction, total, batch);
+    }
+    Acc wins = Acc(0), ties = Acc(0);
+    for (int64_t j = 0; j < batch; ++j) {
+      wins += stats[j] > Acc(0) ? Acc(1) : Acc(0);
+      ties += stats[j] == Acc(0) ? Acc(1) : Acc(0);
+    }
+    buf.accuracy[0] = implicit_accuracy(wins, ties, batch);
+  });
 }
 
 }  // namespace fastpref::head

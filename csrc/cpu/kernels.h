@@ -1,18 +1,19 @@
-// Plain-C++ side of fastpref's CPU kernels: the description of a strided [N, D] input that the
-// passes read, the arguments of the two parallel passes, and the table of compiled instruction-set
-// variants. No ATen here: kernels_impl.h is compiled once per instruction set from these.
+// Plain-C++ side of fastpref's CPU kernels: the arguments of the two parallel passes and the
+// table of compiled instruction-set variants. No ATen here: kernels_impl.h is compiled once per
+// instruction set from these.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
-namespace fastpref::cpu {
+#include "common/strided.h"
 
-enum class DType : int32_t { F16 = 0, BF16 = 1, F32 = 2, F64 = 3 };
+namespace fastpref::cpu {
 
 // Inner dims (S of [N, *S]) left after coalescing; more than this many (after merging contiguous
 // runs and dropping size-1 dims) makes the host code pass a contiguous copy instead.
 constexpr int kMaxDims = 16;
+using Strided = StridedRows<kMaxDims>;  // common/strided.h
 
 // Columns handled per inner step: the target block is converted once into an accumulator-typed
 // buffer of this many elements (L1-resident) and then reused by every prediction.
@@ -22,19 +23,6 @@ constexpr int64_t kBlock = 1024;
 // (row, chunk) and the chunk partial sums are added in chunk order afterwards, so the result does
 // not depend on how tasks are spread over threads.
 constexpr int64_t kChunk = 4 * kBlock;
-
-// Row r, column d (d in [0, D), the row-major flattening of S) of an [N, *S] tensor lives at
-// element offset r * row_stride + offset(d), where offset(d) = d * col_stride when ndim <= 1 and
-// the usual dot product of d's multi-index (over sizes) with strides otherwise.
-struct Strided {
-  const void* data = nullptr;  // element [0, 0, ...] (storage offset applied)
-  DType dtype = DType::F32;
-  int64_t row_stride = 0;
-  int64_t col_stride = 1;
-  int ndim = 0;
-  int64_t sizes[kMaxDims] = {};
-  int64_t strides[kMaxDims] = {};
-};
 
 // Error pass, one task per (pair, chunk): task t covers pair t / n_chunks, chunk t % n_chunks,
 // and writes partial[(m * 2B + row) * n_chunks + chunk] (accumulator dtype) for both rows of

@@ -53,7 +53,8 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-#include "common/pair_head.h"  // after the pragma: the head's steps are compiled without contraction
+// After the pragma: the head's steps (common/pair_head.h) are compiled without contraction.
+#include "common/op_args.h"
 
 namespace fastpref::cpu::base {
 namespace {  // internal linkage: no PLT calls, free inlining
@@ -146,67 +147,10 @@ std::atomic<const KernelTable*>& active_table_slot() {
 
 const KernelTable& kernels() { return *active_table_slot().load(std::memory_order_relaxed); }
 
-// ---------------------------------------------------------------------------------------------
-// Tensors -> Strided descriptions
-// ---------------------------------------------------------------------------------------------
+constexpr const char* kUnit = "fastpref cpu";
 
-DType dtype_of(const Tensor& tensor, const char* name) {
-  switch (tensor.scalar_type()) {
-    case at::kHalf:
-      return DType::F16;
-    case at::kBFloat16:
-      return DType::BF16;
-    case at::kFloat:
-      return DType::F32;
-    case at::kDouble:
-      return DType::F64;
-    default:
-      TORCH_CHECK_TYPE(false, "fastpref cpp: ", name, " must be float16, bfloat16, float32 or float64; got ",
-                       tensor.scalar_type());
-  }
-  return DType::F32;  // unreachable
-}
-
-// An [N, *S] tensor as rows of D columns, with S's dims coalesced (size-1 dims dropped,
-// contiguous runs merged). Layouts with more than kMaxDims irreducible inner dims are read from
-// a contiguous copy kept alive in `keep` (no real input comes close).
 Strided describe(const Tensor& tensor, const char* name, std::vector<Tensor>& keep) {
-  Tensor src = tensor;
-  c10::SmallVector<int64_t, 8> sizes;
-  c10::SmallVector<int64_t, 8> strides;
-  for (int64_t k = 1; k < src.dim(); ++k) {
-    const int64_t size = src.size(k);
-    const int64_t stride = src.stride(k);
-    if (size == 1) continue;
-    if (!sizes.empty() && strides.back() == size * stride) {
-      sizes.back() *= size;
-      strides.back() = stride;
-    } else {
-      sizes.push_back(size);
-      strides.push_back(stride);
-    }
-  }
-  if (static_cast<int>(sizes.size()) > kMaxDims) {
-    src = tensor.contiguous();
-    keep.push_back(src);
-    sizes.assign(1, 1);
-    strides.assign(1, 1);
-  }
-  Strided out;
-  out.data = src.const_data_ptr();
-  out.dtype = dtype_of(src, name);
-  out.row_stride = src.stride(0);
-  out.ndim = static_cast<int>(sizes.size());
-  out.col_stride = sizes.size() == 1 ? strides[0] : 1;
-  for (size_t k = 0; k < sizes.size(); ++k) {
-    out.sizes[k] = sizes[k];
-    out.strides[k] = strides[k];
-  }
-  return out;
-}
-
-void check_cpu(const Tensor& tensor, const char* name) {
-  TORCH_CHECK(tensor.device().is_cpu(), "fastpref cpp: ", name, " must be a CPU tensor; got ", tensor.device());
+  return op_args::describe<kMaxDims>(kUnit, tensor, name, keep);
 }
 
 int64_t chunk_count(int64_t features) { return (features + kChunk - 1) / kChunk; }
@@ -219,159 +163,15 @@ int64_t grain_for(int64_t features, int64_t elements_per_column) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-pair head (docs/spec.md §2-§5) on one thread, in the accumulation dtype Acc: the steps of
-// common/pair_head.h, pair by pair.
-// ---------------------------------------------------------------------------------------------
-
-template <class Acc>
-struct HeadOut {
-  Acc* loss;        // [] or [B]
-  Acc* coef;        // [B]
-  Acc* pair_stats;  // [7, B]: z, l_theta, u, c, s, W, Gamma
-  Acc* sample_err;  // [2, 2B]: policy, reference
-  Acc* accuracy;    // []
-};
-
-template <class Acc>
-void pair_head(const Acc* partial, int64_t models, int64_t batch, int64_t n_chunks, int64_t features,
-               at::ArrayRef<double> settings, at::IntArrayRef modes, const Acc* soft, int64_t soft_stride,
-               const HeadOut<Acc>& out) {
-  const Acc beta = static_cast<Acc>(settings[0]);
-  const Acc rho = static_cast<Acc>(settings[1]);
-  const Acc k1 = static_cast<Acc>(settings[2]);
-  const Acc k2 = static_cast<Acc>(settings[3]);
-  const bool has_c2 = !std::isnan(settings[4]);
-  const Acc eps = static_cast<Acc>(settings[5]);
-  const Acc tau = static_cast<Acc>(settings[6]);
-  const auto preset = static_cast<Preset>(modes[kPresetMode]);
-  const auto weighting = static_cast<Weighting>(modes[kWeightingMode]);
-  const auto margin_mode = static_cast<Margin>(modes[kMarginMode]);
-  const auto loss_type = static_cast<LossType>(modes[kLossTypeMode]);
-  const auto reduction = static_cast<Reduction>(modes[kReductionMode]);
-  const int64_t rows = 2 * batch;
-
-  // Per-sample errors of every model (m = 0 policy, 1 reference, 2.. EMA models).
-  std::vector<Acc> err_w(static_cast<size_t>(models * batch));
-  std::vector<Acc> err_l(static_cast<size_t>(models * batch));
-  for (int64_t m = 0; m < models; ++m) {
-    for (int64_t j = 0; j < batch; ++j) {
-      err_w[m * batch + j] = head::sample_error(partial + (m * rows + j) * n_chunks, n_chunks, features);
-      err_l[m * batch + j] = head::sample_error(partial + (m * rows + j + batch) * n_chunks, n_chunks, features);
-    }
-  }
-  const Acc* ref_w = &err_w[batch];
-  const Acc* ref_l = &err_l[batch];
-
-  // l of the metric rows r: the policy (r = 0, model 0) and the EMA models (r >= 1, model r + 1).
-  const int64_t n_rows = models - 1;
-  std::vector<Acc> logit(static_cast<size_t>(n_rows * batch));
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const int64_t m = r == 0 ? 0 : r + 1;
-    for (int64_t j = 0; j < batch; ++j) {
-      logit[r * batch + j] = head::pair_logit(ref_w[j], ref_l[j], err_w[m * batch + j], err_l[m * batch + j]);
-    }
-  }
-  const Acc* l_theta = &logit[0];
-
-  // The metric's scaled l, per row; the margin offset.
-  std::vector<Acc> scaled(logit.size());
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const Acc* row = &logit[r * batch];
-    const Acc norm = preset == Preset::kOfficial ? head::logit_norm(row, batch) : Acc(1);
-    for (int64_t j = 0; j < batch; ++j) scaled[r * batch + j] = head::scaled_logit(preset, rho, row[j], norm);
-  }
-  const Acc c2 = has_c2 ? static_cast<Acc>(settings[4]) : head::batch_mean(l_theta, batch);
-
-  // Pair by pair: u, W, Gamma, the loss and a_j, the stats.
-  Acc loss_total = Acc(0);
-  Acc wins = Acc(0), ties = Acc(0);
-  Acc* stats = out.pair_stats;
-  for (int64_t j = 0; j < batch; ++j) {
-    const head::Metric<Acc> metric = head::pair_metric(preset, &scaled[j], &logit[j], n_rows, batch);
-    const Acc weight = head::pair_weight(weighting, k1, metric.u);
-    const Acc margin = head::pair_margin(margin_mode, k2, c2, metric.u);
-    const Acc label = loss_type == LossType::kDedpo ? soft[j * soft_stride] : Acc(0);
-    const head::PairLoss<Acc> pair = head::pair_loss(loss_type, beta, eps, tau, l_theta[j], weight, margin, label);
-    if (reduction == Reduction::kNone) {
-      out.loss[j] = pair.loss;
-    } else {
-      loss_total += pair.loss;
-    }
-    out.coef[j] = head::reduced_coef(reduction, pair.coef, batch);
-    const Acc z = beta * l_theta[j];
-    stats[0 * batch + j] = z;
-    stats[1 * batch + j] = l_theta[j];
-    stats[2 * batch + j] = metric.u;
-    stats[3 * batch + j] = metric.confidence;
-    stats[4 * batch + j] = metric.stability;
-    stats[5 * batch + j] = weight;
-    stats[6 * batch + j] = margin;
-    wins += z > Acc(0) ? Acc(1) : Acc(0);
-    ties += z == Acc(0) ? Acc(1) : Acc(0);
-  }
-  if (reduction != Reduction::kNone) {
-    out.loss[0] = head::reduced_loss(reduction, loss_total, batch);
-  }
-  for (int64_t j = 0; j < batch; ++j) {
-    out.sample_err[j] = err_w[j];
-    out.sample_err[batch + j] = err_l[j];
-    out.sample_err[2 * batch + j] = ref_w[j];
-    out.sample_err[3 * batch + j] = ref_l[j];
-  }
-  out.accuracy[0] = head::implicit_accuracy(wins, ties, batch);
-}
-
-// ---------------------------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------------------------
-
-template <class Acc>
-void run_forward(const ForwardArgs& base_args, const std::vector<Strided>& preds, at::ArrayRef<double> settings,
-                 at::IntArrayRef modes, const Acc* soft, int64_t soft_stride, const HeadOut<Acc>& out) {
-  ForwardArgs args = base_args;
-  std::vector<Acc> partial(static_cast<size_t>(args.n_models * 2 * args.batch * args.n_chunks));
-  args.preds = preds.data();
-  args.partial = partial.data();
-  const ForwardFn fn = std::is_same_v<Acc, float> ? kernels().forward_f32 : kernels().forward_f64;
-  const int64_t tasks = args.batch * args.n_chunks;
-  // Per column of a task: 2 rows of every model and 1-2 target rows.
-  const int64_t grain = grain_for(args.features, 2 * (args.n_models + 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
-  pair_head<Acc>(partial.data(), args.n_models, args.batch, args.n_chunks, args.features, settings, modes, soft,
-                 soft_stride, out);
-}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_forward(const Tensor& model_pred, const Tensor& ref_pred,
                                                                const Tensor& target, at::TensorList ema_preds,
                                                                const std::optional<Tensor>& soft_label,
                                                                at::ArrayRef<double> settings, at::IntArrayRef modes) {
-  TORCH_CHECK(settings.size() == 7, "fastpref cpp: settings must be (beta, rho, k1, k2, c2, eps, tau); got ",
-              settings.size(), " values");
-  TORCH_CHECK(modes.size() == kNumModes,
-              "fastpref cpp: modes must be (preset, weighting, margin, loss_type, reduction); got ",
-              modes.size(), " values");
-  for (int i = 0; i < kNumModes; ++i) {
-    TORCH_CHECK(is_option_code(i, modes[i]), "fastpref cpp: modes[", i, "] = ", modes[i], " is not a code of ",
-                kModeNames[i]);
-  }
-  TORCH_CHECK(model_pred.dim() >= 2, "fastpref cpp: model_pred must be [2B, *S]; got ", model_pred.sizes());
-  const int64_t rows = model_pred.size(0);
-  TORCH_CHECK(rows > 0 && rows % 2 == 0, "fastpref cpp: model_pred's batch 2B must be even and > 0; got ", rows);
-  const int64_t batch = rows / 2;
-  const int64_t features = model_pred.numel() / rows;
-  TORCH_CHECK(features > 0, "fastpref cpp: model_pred must have D = prod(S) > 0");
-  TORCH_CHECK(ref_pred.sizes() == model_pred.sizes(), "fastpref cpp: ref_pred must have model_pred's shape");
-  TORCH_CHECK(target.dim() == model_pred.dim() && target.sizes().slice(1) == model_pred.sizes().slice(1) &&
-                  (target.size(0) == batch || target.size(0) == rows),
-              "fastpref cpp: target must be [2B, *S] or [B, *S]; got ", target.sizes());
-  check_cpu(model_pred, "model_pred");
-  check_cpu(ref_pred, "ref_pred");
-  check_cpu(target, "target");
-  for (const Tensor& ema : ema_preds) {
-    TORCH_CHECK(ema.sizes() == model_pred.sizes(), "fastpref cpp: every ema_preds tensor must have model_pred's shape");
-    check_cpu(ema, "ema_preds");
-  }
-
+  const op_args::Shape shape =
+      op_args::check_forward(kUnit, c10::DeviceType::CPU, model_pred, ref_pred, target, ema_preds, settings, modes);
   std::vector<Tensor> keep;
   std::vector<Strided> preds;
   preds.reserve(2 + ema_preds.size());
@@ -379,69 +179,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_forward(const Tensor& mod
   preds.push_back(describe(ref_pred, "ref_pred", keep));
   for (const Tensor& ema : ema_preds) preds.push_back(describe(ema, "ema_preds", keep));
   ForwardArgs args;
+  args.preds = preds.data();
   args.n_models = static_cast<int64_t>(preds.size());
   args.target = describe(target, "target", keep);
-  args.shared_target = target.size(0) == batch;
-  args.batch = batch;
-  args.features = features;
-  args.n_chunks = chunk_count(features);
+  args.shared_target = shape.shared_target;
+  args.batch = shape.batch;
+  args.features = shape.features;
+  args.n_chunks = chunk_count(shape.features);
 
-  bool any_f64 = args.target.dtype == DType::F64;
-  for (const Strided& p : preds) any_f64 = any_f64 || p.dtype == DType::F64;
-  const at::ScalarType acc = any_f64 ? at::kDouble : at::kFloat;
-  const auto options = model_pred.options().dtype(acc);
-  const bool per_pair_loss = static_cast<Reduction>(modes[kReductionMode]) == Reduction::kNone;
-  Tensor loss = per_pair_loss ? at::empty({batch}, options) : at::empty(at::IntArrayRef{}, options);
-  Tensor coef = at::empty({batch}, options);
-  Tensor pair_stats = at::empty({7, batch}, options);
-  Tensor sample_err = at::empty({2, rows}, options);
-  Tensor accuracy = at::empty(at::IntArrayRef{}, options);
+  const at::ScalarType acc = op_args::accumulation_dtype(args.target, preds);
+  const op_args::ForwardOutputs out = op_args::empty_outputs(shape, modes, model_pred.options().dtype(acc));
+  const Tensor soft = op_args::soft_label_for(kUnit, soft_label, modes, acc, shape, model_pred.device());
+  const Tensor partial = at::empty({args.n_models, shape.rows, args.n_chunks}, model_pred.options().dtype(acc));
+  args.partial = partial.data_ptr();
 
-  Tensor soft;
-  int64_t soft_stride = 0;
-  if (static_cast<LossType>(modes[kLossTypeMode]) == LossType::kDedpo) {
-    TORCH_CHECK(soft_label.has_value(), "fastpref cpp: loss_type dedpo needs soft_label");
-    soft = soft_label->to(acc);
-    check_cpu(soft, "soft_label");
-    TORCH_CHECK(soft.dim() <= 1 && (soft.dim() == 0 || soft.size(0) == batch),
-                "fastpref cpp: soft_label must be [B]; got ", soft.sizes());
-    soft_stride = soft.dim() == 1 ? soft.stride(0) : 0;
-  }
+  // The error pass (parallel): tasks are (pair, chunk); per column of a task, 2 rows of every
+  // model and 1-2 target rows.
+  const ForwardFn fn = acc == at::kDouble ? kernels().forward_f64 : kernels().forward_f32;
+  const int64_t grain = grain_for(args.features, 2 * (args.n_models + 1));
+  at::parallel_for(0, args.batch * args.n_chunks, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
 
-  if (any_f64) {
-    HeadOut<double> out{loss.data_ptr<double>(), coef.data_ptr<double>(), pair_stats.data_ptr<double>(),
-                        sample_err.data_ptr<double>(), accuracy.data_ptr<double>()};
-    run_forward<double>(args, preds, settings, modes, soft.defined() ? soft.const_data_ptr<double>() : nullptr,
-                        soft_stride, out);
+  // The head (docs/spec.md §2-§5) on this thread, in the accumulation dtype.
+  auto run_head = [&](auto zero) {
+    using Acc = decltype(zero);
+    head::HeadBuffers<Acc> buf = op_args::head_buffers<Acc>(partial, args.n_models, shape, args.n_chunks, soft, out);
+    std::vector<Acc> scratch(static_cast<size_t>(head::HeadBuffers<Acc>::scratch_size(args.n_models, shape.batch)));
+    buf.set_scratch(scratch.data());
+    head::batch_head(head::SerialExec{}, op_args::head_settings<Acc>(settings, modes), buf);
+  };
+  if (acc == at::kDouble) {
+    run_head(0.0);
   } else {
-    HeadOut<float> out{loss.data_ptr<float>(), coef.data_ptr<float>(), pair_stats.data_ptr<float>(),
-                       sample_err.data_ptr<float>(), accuracy.data_ptr<float>()};
-    run_forward<float>(args, preds, settings, modes, soft.defined() ? soft.const_data_ptr<float>() : nullptr,
-                       soft_stride, out);
+    run_head(0.0f);
   }
-  return {loss, coef, pair_stats, sample_err, accuracy};
+  return {out.loss, out.coef, out.pair_stats, out.sample_err, out.accuracy};
 }
 
 Tensor cpp_backward(const Tensor& grad_loss, const Tensor& coef, const Tensor& model_pred, const Tensor& target) {
-  TORCH_CHECK(model_pred.dim() >= 2, "fastpref cpp: model_pred must be [2B, *S]; got ", model_pred.sizes());
-  const int64_t rows = model_pred.size(0);
-  TORCH_CHECK(rows > 0 && rows % 2 == 0, "fastpref cpp: model_pred's batch 2B must be even and > 0; got ", rows);
-  const int64_t batch = rows / 2;
-  const int64_t features = model_pred.numel() / rows;
-  TORCH_CHECK(features > 0, "fastpref cpp: model_pred must have D = prod(S) > 0");
-  TORCH_CHECK(target.dim() == model_pred.dim() && target.sizes().slice(1) == model_pred.sizes().slice(1) &&
-                  (target.size(0) == batch || target.size(0) == rows),
-              "fastpref cpp: target must be [2B, *S] or [B, *S]; got ", target.sizes());
+  const op_args::Shape shape =
+      op_args::check_backward(kUnit, c10::DeviceType::CPU, grad_loss, coef, model_pred, target);
   const at::ScalarType acc = coef.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "fastpref cpp: coef must be float32 or float64; got ", acc);
-  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == batch, "fastpref cpp: coef must be [B]; got ", coef.sizes());
-  TORCH_CHECK(grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == batch),
-              "fastpref cpp: grad_loss must be [] or [B]; got ", grad_loss.sizes());
-  check_cpu(grad_loss, "grad_loss");
-  check_cpu(coef, "coef");
-  check_cpu(model_pred, "model_pred");
-  check_cpu(target, "target");
-
   const Tensor coef_acc = coef.contiguous();
   const Tensor grad_acc = grad_loss.to(acc);
   Tensor grad = at::empty(model_pred.sizes(), model_pred.options().memory_format(at::MemoryFormat::Contiguous));
@@ -450,17 +227,17 @@ Tensor cpp_backward(const Tensor& grad_loss, const Tensor& coef, const Tensor& m
   BackwardArgs args;
   args.pred = describe(model_pred, "model_pred", keep);
   args.target = describe(target, "target", keep);
-  args.shared_target = target.size(0) == batch;
-  args.batch = batch;
-  args.features = features;
-  args.n_chunks = chunk_count(features);
+  args.shared_target = shape.shared_target;
+  args.batch = shape.batch;
+  args.features = shape.features;
+  args.n_chunks = chunk_count(shape.features);
   args.coef = coef_acc.const_data_ptr();
   args.grad_loss = grad_acc.const_data_ptr();
   args.grad_stride = grad_acc.dim() == 1 ? grad_acc.stride(0) : 0;
   args.grad = grad.data_ptr();
   const BackwardFn fn = acc == at::kDouble ? kernels().backward_f64 : kernels().backward_f32;
-  const int64_t grain = grain_for(features, 3);  // per column: pred, target, grad
-  at::parallel_for(0, rows * args.n_chunks, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  const int64_t grain = grain_for(shape.features, 3);  // per column: pred, target, grad
+  at::parallel_for(0, shape.rows * args.n_chunks, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
   return grad;
 }
 
