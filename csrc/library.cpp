@@ -1,6 +1,7 @@
 // The fastpref op library, device-agnostic: the schemas of every op (TORCH_LIBRARY), the op
 // fastpref::cpp_loss (the forward op with its hand-written backward attached in C++), and the
-// Python module fastpref._C whose import loads the library. The ops' CPU kernels are in cpu/ops.cpp.
+// Python module fastpref._C whose import loads the library. The ops' CPU kernels are in
+// cpu/ops.cpp, their CUDA kernels (when built) in cuda/ops.cpp; this unit has no device code.
 //
 //   cpp_loss(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes)
 //       -> (loss, pair_stats, sample_err, accuracy)
@@ -14,11 +15,13 @@
 // create_graph=True it comes back with a node that raises when differentiated, like
 // @once_differentiable, but whether or not the incoming gradient requires grad).
 //
-// Kernels: Autograd (the torch::autograd::Function below) and CPU (no graph, for calls that skip
-// autograd: torch.inference_mode). The fake implementations are registered in Python
-// (fastpref/loss/native.py). torch.compile traces the op too: AOTAutograd runs this autograd
-// kernel on fake tensors, so its graphs hold cpp_forward (forward) and cpp_backward (backward),
-// the same ops the Python FusedAdaptiveDPO path gives.
+// Kernels: Autograd (the torch::autograd::Function below) and, for calls that skip autograd
+// (torch.inference_mode), cpp_loss_below_autograd, registered for CPU here and for CUDA by
+// cuda/ops.cpp. Both call cpp_forward / cpp_backward through the dispatcher, which picks the
+// inputs' device; the outputs are allocated by those ops, on that device. The fake
+// implementations are registered in Python (fastpref/loss/native.py). torch.compile traces the
+// op too: AOTAutograd runs this autograd kernel on fake tensors, so its graphs hold cpp_forward
+// (forward) and cpp_backward (backward), the same ops the Python FusedAdaptiveDPO path gives.
 //
 // This is the only translation unit that includes the autograd headers: they make it about as
 // slow to compile as the kernels' unit (~17 s of CPU), and ninja builds the two in parallel.
@@ -36,10 +39,11 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
-#include "cpu/kernels.h"
 #include "common/options.h"
+#include "cpu/kernels.h"
+#include "library.h"
 
-namespace fastpref::cpu {
+namespace fastpref {
 namespace {
 
 using at::Tensor;
@@ -52,7 +56,7 @@ using ForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(const Tens
 using BackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
 using LossOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
-// The two ops (CPU kernels in cpu/ops.cpp), called through the dispatcher (looked up once, on first use).
+// The two ops (kernels in cpu/ops.cpp, cuda/ops.cpp), called through the dispatcher (looked up once, on first use).
 const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpref::cpp_forward", "").typed<ForwardSig>();
   return op;
@@ -128,17 +132,20 @@ LossOutputs cpp_loss_autograd(const Tensor& model_pred, const Tensor& ref_pred, 
   return {loss[0], stats[0], stats[1], stats[2]};
 }
 
-LossOutputs cpp_loss_plain(const Tensor& model_pred, const Tensor& ref_pred, const Tensor& target,
-                           at::TensorList ema_preds, const std::optional<Tensor>& soft_label,
-                           at::ArrayRef<double> settings, at::IntArrayRef modes) {
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpp_loss_below_autograd(const Tensor& model_pred, const Tensor& ref_pred,
+                                                                   const Tensor& target, at::TensorList ema_preds,
+                                                                   const std::optional<Tensor>& soft_label,
+                                                                   at::ArrayRef<double> settings,
+                                                                   at::IntArrayRef modes) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto [loss, coef, pair_stats, sample_err, accuracy] =
       forward_op().call(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes);
   return {loss, pair_stats, sample_err, accuracy};
 }
 
-}  // namespace
-}  // namespace fastpref::cpu
+}  // namespace fastpref
 
 // Other translation units (the CPU kernels, CUDA kernels) add kernels with TORCH_LIBRARY_IMPL.
 TORCH_LIBRARY(fastpref, m) {
@@ -155,9 +162,9 @@ TORCH_LIBRARY(fastpref, m) {
       {at::Tag::pt2_compliant_tag});
 }
 
-TORCH_LIBRARY_IMPL(fastpref, Autograd, m) { m.impl("cpp_loss", &fastpref::cpu::cpp_loss_autograd); }
+TORCH_LIBRARY_IMPL(fastpref, Autograd, m) { m.impl("cpp_loss", &fastpref::cpp_loss_autograd); }
 
-TORCH_LIBRARY_IMPL(fastpref, CPU, m) { m.impl("cpp_loss", &fastpref::cpu::cpp_loss_plain); }
+TORCH_LIBRARY_IMPL(fastpref, CPU, m) { m.impl("cpp_loss", &fastpref::cpp_loss_below_autograd); }
 
 // ---------------------------------------------------------------------------------------------
 // The Python module fastpref._C: importing it loads this library (and so registers the ops).
@@ -231,7 +238,7 @@ PyMethodDef kMethods[] = {
 PyModuleDef kModule = {
     PyModuleDef_HEAD_INIT,
     "fastpref._C",
-    "fastpref's native CPU kernels: importing this module registers the ops fastpref::cpp_forward, "
+    "fastpref's native kernels: importing this module registers the ops fastpref::cpp_forward, "
     "fastpref::cpp_backward and fastpref::cpp_loss.",
     -1,
     kMethods,
