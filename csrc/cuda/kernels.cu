@@ -290,7 +290,8 @@ template <class Acc>
 constexpr int kErrorBlocksPerSM = sizeof(Acc) == 4 ? 3 : 2;
 
 template <class Acc>
-__global__ void __launch_bounds__(kThreads, kErrorBlocksPerSM<Acc>) error_kernel(const __grid_constant__ ErrorArgs args) {
+__global__ void __launch_bounds__(kThreads, kErrorBlocksPerSM<Acc>)
+    error_kernel(const __grid_constant__ ErrorArgs args) {
   __shared__ Acc warp_sums[kMaxModels * 2 * kWarps];  // [model][row of the pair][warp]
   const int64_t pair = blockIdx.x / static_cast<uint32_t>(args.n_chunks);  // 32-bit: no division call
   const int64_t chunk = blockIdx.x % static_cast<uint32_t>(args.n_chunks);
