@@ -1,7 +1,8 @@
 """The CUDA kernels (``csrc/cuda/``) build without a GPU: nvcc compiles every ``.cu`` file for sm_80
 and sm_90 in one invocation with setup.py's flags and torch's, ptxas reports no register spills in
-the float32-accumulation kernels (the register counts are printed: ``pytest -s``), and the host
-units of ``csrc/cuda/`` compile against torch's headers. setup.py builds CUDAExtension exactly
+the float32-accumulation kernels (the register counts are printed: ``pytest -s``), the host
+units of ``csrc/cuda/`` compile against torch's headers, and the kernels' device code gives the
+right errors, head and gradient when run on the CPU over emulated CUDA builtins. setup.py builds CUDAExtension exactly
 when torch has CUDA and nvcc is found. The compile checks report "skipped" with the reason where
 nvcc or the headers are missing.
 """
@@ -129,6 +130,19 @@ def test_cuda_host_unit_compiles_against_torch_headers(nvcc, source, tmp_path):
     )
     out = run(command, ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
+
+
+def test_kernels_run_on_emulated_cuda_builtins(nvcc, tmp_path):
+    """tests/loss/cuda_emulator.cpp runs csrc/cuda/kernels.cuh on the CPU (threads, barriers for
+    __syncthreads and shuffles): errors, head and gradient over dtypes, layouts, K, chunk edges."""
+    emulator = tmp_path / "cuda_emulator"
+    source = Path(__file__).with_name("cuda_emulator.cpp")
+    flags = ["-std=c++20", "-O1", "-Xcompiler", "-pthread", "-cudart", "none", f"-I{ROOT / 'csrc'}"]
+    built = run([nvcc, str(source), "-o", str(emulator)] + flags, ROOT)
+    assert built.returncode == 0, built.stderr[-4000:]
+    out = run([str(emulator)], ROOT)
+    print("\n" + out.stdout)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_cuda_sources_exist():
