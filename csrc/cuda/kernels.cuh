@@ -1,7 +1,28 @@
-// The device code of fastpref's CUDA kernels (launched by kernels.cu): loads and stores of
-// strided rows, the sums, and the three kernels. Only CUDA's own headers and plain structs, so
-// that it compiles quickly for each architecture; CUDA builtins only (the host-side test
-// tests/loss/cuda_emulator.cpp compiles it with g++ over emulated builtins).
+// The device code of fastpref's CUDA kernels (launched by kernels.cu): the same three passes as
+// the CPU kernels (cpu/kernels_impl.h).
+//
+//   error pass  one read of every prediction and the target: per (pair, chunk) block, the sums
+//               of (pred - target)^2 over the chunk's columns for both rows of the pair and every
+//               model, written to a small [M, 2B, n_chunks] buffer;
+//   head        one block: common/pair_head.h's batch_head, the steps the CPU runs, on the
+//               block's threads (chunk sums in chunk order -> errors -> l -> u -> W, Gamma -> loss,
+//               a_j = dLoss/dl_theta[j], stats);
+//   gradient    per (row, chunk) block: grad[i, d] = -+ a_j g_j (2/D) (pred[i, d] - target[i, d]).
+//
+// The gradient (docs/spec.md §6): e_m[i] = (1/D) sum_d (pred_m[i, d] - t[i, d])^2, and only the
+// policy's errors enter l_theta[j] = (e_ref[j] - e_theta[j]) - (e_ref[j+B] - e_theta[j+B]),
+// so dl_theta[j]/dpred[j, d] = -(2/D)(pred[j, d] - t[j, d]) and dl_theta[j]/dpred[j+B, d] =
+// +(2/D)(pred[j+B, d] - t[j+B, d]); with a_j = dLoss/dl_theta[j] (from the head, u, W, Gamma and
+// c2 held constant) and the incoming gradient g_j ([] or [B]) the chain rule gives the formula
+// above. It is evaluated as ((+-(a_j g_j)) * 2) / D, then times the difference, as on the CPU.
+//
+// Determinism: no atomics. A thread sums its kVector columns in order, a warp adds its lanes by a
+// shuffle tree, the block adds its warps by a fixed tree, and the head adds a row's chunk sums in
+// chunk order. Its units compile with --fmad=false (setup.py), as pair_head.h requires.
+//
+// Only CUDA's own headers and builtins, so that it compiles quickly for each architecture (and
+// tests/loss/cuda_emulator.cpp runs it on the CPU over emulated builtins).
+
 #pragma once
 
 #include <cstdint>
