@@ -22,7 +22,7 @@ from fastpref.machine import device_name
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 # The module of each fast backend; its OPS are the (forward, backward) ops timed bare.
-BACKEND_MODULES = {"triton": "fastpref.loss.triton.ops", "cpp": "fastpref.loss.native"}
+BACKEND_MODULES = {"triton": "fastpref.loss.triton.ops", "native": "fastpref.loss.native"}
 
 
 def _prepare_environment():
