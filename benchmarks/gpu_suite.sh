@@ -57,7 +57,12 @@ read -r SLUG ARCH <<<"$PROBE"
 DIR="${OUT:-benchmarks/results}/gpu-$SLUG"
 
 WHEEL_FILES=()
-[ -n "$WHEELS" ] && WHEEL_FILES=("$WHEELS"/*.whl)
+if [ -n "$WHEELS" ]; then
+    shopt -s nullglob
+    WHEEL_FILES=("$WHEELS"/*.whl)
+    shopt -u nullglob
+    [ "${#WHEEL_FILES[@]}" -gt 0 ] || echo "gpu_suite.sh: no .whl files in $WHEELS; installing fastpref only" >&2
+fi
 INSTALL_WHEELS=("$PYTHON" -m pip install -q --no-deps --no-index --no-build-isolation --find-links "$WHEELS" "${WHEEL_FILES[@]}")
 INSTALL_FASTPREF=(env "TORCH_CUDA_ARCH_LIST=$ARCH" "MAX_JOBS=$(nproc)" "$PYTHON" -m pip install -q --no-deps --no-index
     --no-build-isolation -e .)
@@ -83,7 +88,7 @@ quoted() { printf '%q ' "$@"; }
 if [ "$DRY_RUN" = 1 ]; then
     echo "folder: $DIR"
     echo "total budget: $((INSTALL_S + TESTS_S + BENCH_LOSS_S + BENCH_STEP_S)) s"
-    [ -n "$WHEELS" ] && echo "install-wheels $INSTALL_S: $(quoted "${INSTALL_WHEELS[@]}")"
+    [ "${#WHEEL_FILES[@]}" -gt 0 ] && echo "install-wheels $INSTALL_S: $(quoted "${INSTALL_WHEELS[@]}")"
     echo "install $INSTALL_S: $(quoted "${INSTALL_FASTPREF[@]}")"
     echo "tests $TESTS_S: $(quoted "${TESTS[@]}")"
     echo "bench_loss $BENCH_LOSS_S: $(quoted "${BENCH_LOSS[@]}")"
@@ -119,7 +124,8 @@ INSTALL_START=$SECONDS
 if [ "${#WHEEL_FILES[@]}" -gt 0 ]; then
     run_stage install-wheels "$INSTALL_S" "${INSTALL_WHEELS[@]}"
 fi
-run_stage install $((INSTALL_S - (SECONDS - INSTALL_START))) "${INSTALL_FASTPREF[@]}"
+LEFT=$((INSTALL_S - (SECONDS - INSTALL_START)))  # the wheels' time comes out of the install budget
+run_stage install $((LEFT > 30 ? LEFT : 30)) "${INSTALL_FASTPREF[@]}"
 "$PYTHON" -m fastpref.cli info 2>&1 | tee -a "$LOG"
 run_stage tests "$TESTS_S" "${TESTS[@]}"
 run_stage bench_loss "$BENCH_LOSS_S" "${BENCH_LOSS[@]}"
