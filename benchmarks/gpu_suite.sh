@@ -144,7 +144,7 @@ stages = [
     for i in range(0, len(flat), 4)
 ]
 report = {
-    "device": torch.cuda.get_device_name(0),
+    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
     "slug": slug,
     "torch": torch.__version__,
     "fastpref": fastpref.__version__,
