@@ -22,7 +22,7 @@ from fastpref.machine import device_name
 
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 # The module of each fast backend; its OPS are the (forward, backward) ops timed bare.
-BACKEND_MODULES = {"triton": "fastpref.loss.triton.ops", "cpp": "fastpref.loss.native"}
+BACKEND_MODULES = {"triton": "fastpref.loss.triton.ops", "native": "fastpref.loss.native"}
 
 
 def _prepare_environment():
@@ -50,11 +50,14 @@ class Case:
 
 
 def full_cases() -> List[Case]:
+    """SD1.5 B = 8/64 and SDXL B = 8/32 latents, fp32 and bf16, K = 0 and 2; Adaptive K = 2 in
+    bf16 first, then fp32, then K = 0, so that a run cut short by ``--time-budget`` keeps the
+    cases of the issue's goals."""
     cases = []
-    for name, shape, batches in (("SD1.5", (4, 64, 64), (8, 64)), ("SDXL", (4, 128, 128), (8, 32))):
-        for batch in batches:
-            for dtype in ("float32", "bfloat16"):
-                for ema in (0, 2):
+    for ema in (2, 0):
+        for dtype in ("bfloat16", "float32"):
+            for name, shape, batches in (("SD1.5", (4, 64, 64), (8, 64)), ("SDXL", (4, 128, 128), (8, 32))):
+                for batch in batches:
                     cases.append(Case(name, batch, shape, ema, dtype))
     return cases
 
@@ -164,16 +167,57 @@ def peak_extra_bytes(step: Callable[[], None], device) -> int:
     return peak
 
 
-def copy_bandwidth(num_bytes: int, device, timer: Timer, reps: int) -> float:
-    """GB/s of ``dst.copy_(src)`` moving ``num_bytes`` in all (half read, half written)."""
+def copy_bandwidth(num_bytes: int, device, timer: Timer, reps: int, graph: bool = False) -> Optional[float]:
+    """GB/s of ``dst.copy_(src)`` moving ``num_bytes`` in all (half read, half written): per call
+    (``timer``), or with ``graph`` per replay of a CUDA graph of it (:func:`graph_seconds`)."""
     import torch
 
     half = max(1, num_bytes // 2 // 4)
     src = torch.randn(half, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
+    if graph:
+        seconds = graph_seconds(lambda: dst.copy_(src), reps)
+        return None if seconds is None else 2 * half * 4 / seconds / 1e9
     seconds = statistics.median(timer(lambda _: dst.copy_(src), None, reps) for _ in range(5))
     return 2 * half * 4 / seconds / 1e9
+
+
+GRAPH_ERRORS: Dict[str, str] = {}  # what failed to capture in a CUDA graph, and why
+
+
+def graph_seconds(fn: Callable[[], object], reps: int, name: str = "copy") -> Optional[float]:
+    """Device time per call of ``fn`` captured in a CUDA graph and replayed ``reps`` times back
+    to back (median of 3 such runs): the kernels' own time, with no launch overhead between them.
+    ``None`` when capture fails (the reason goes to ``GRAPH_ERRORS[name]``)."""
+    import torch
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as error:  # e.g. a host sync inside fn
+        GRAPH_ERRORS[name] = f"{type(error).__name__}: {error}"[:300]
+        torch.cuda.synchronize()
+        return None
+    runs = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        runs.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(runs)
 
 
 def loss_callables(case: Case, device, backends: List[str]):
@@ -233,6 +277,10 @@ def gradient(loss, model_pred):
 
 
 def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -> List[dict]:
+    """One row per implementation and pass of ``case``: wall time per call (median of
+    ``rounds`` interleaved rounds of ``reps`` calls), bandwidth against a copy, peak memory, and
+    on CUDA the kernel time under graph replay."""
+    import torch
 
     timer = Timer(device)
     mp, rp, t, e = make_inputs(case, device)
@@ -255,6 +303,16 @@ def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -
                 samples[(name, p)].append(timer(make_fn(fn), setup, reps))
     traffic = traffic_bytes(case)
     bandwidth = {p: copy_bandwidth(traffic[p], device, timer, reps) for p in passes}
+    # Kernel time under CUDA-graph replay (forward, forward + backward), against a copy replayed
+    # the same way.
+    graph, graph_copy = {}, {}
+    if torch.device(device).type == "cuda":
+        for name, fn in impls.items():
+            graph[(name, "fwd")] = graph_seconds(lambda f=fn: f(mp, rp, t, e), reps, f"{case.label} {name} fwd")
+            graph[(name, "fwd+bwd")] = graph_seconds(
+                lambda f=fn: gradient(f(mp, rp, t, e), mp), reps, f"{case.label} {name} fwd+bwd"
+            )
+        graph_copy = {p: copy_bandwidth(traffic[p], device, timer, reps, graph=True) for p in ("fwd", "fwd+bwd")}
     # fwd+bwd peak memory above the inputs; the gradient itself (kept until the step ends) counts.
     peak = {name: peak_extra_bytes(lambda f=fn: gradient(f(mp, rp, t, e), mp), device) for name, fn in impls.items()}
     grad_bytes = mp.numel() * mp.element_size()
@@ -262,6 +320,8 @@ def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -
     for (name, p), values in samples.items():
         seconds = statistics.median(values)
         gbps = traffic[p] / seconds / 1e9
+        replay = graph.get((name, p))
+        replay_gbps = traffic[p] / replay / 1e9 if replay else None
         rows.append(
             {
                 "case": case.label,
@@ -276,6 +336,10 @@ def time_case(case: Case, device, backends: List[str], rounds: int, reps: int) -
                 "pct_of_copy": 100 * gbps / bandwidth[p],
                 "peak_extra_MiB": peak[name] / 2**20 if p == "fwd+bwd" else None,
                 "peak_x_grad": peak[name] / grad_bytes if p == "fwd+bwd" else None,
+                "graph_ms": replay * 1e3 if replay else None,
+                "graph_GBps": replay_gbps,
+                "graph_copy_GBps": graph_copy.get(p),
+                "graph_pct_of_copy": 100 * replay_gbps / graph_copy[p] if replay_gbps and graph_copy.get(p) else None,
             }
         )
     return rows
@@ -337,6 +401,28 @@ def markdown(rows: List[dict], columns: List[str], formats: Dict[str, str]) -> s
     return "\n".join(lines)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line of :func:`main` (checked: the GPU suite's dry run parses its arguments here)."""
+    parser = argparse.ArgumentParser(prog="benchmarks/bench_loss.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two SD1.5 cases (fp32, bf16, K=2): under a minute")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (median taken)")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    parser.add_argument("--no-timing", action="store_true", help="parity check only")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: start no new timing case after this (the rest are listed as skipped in the JSON)",
+    )
+    args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error("--time-budget must be > 0 seconds")
+    return args
+
+
 def main(argv=None) -> int:
     """Print and record two tables:
 
@@ -347,18 +433,15 @@ def main(argv=None) -> int:
        rounds), with speedups over eager and compile, achieved bandwidth of the minimal traffic
        (read every input once, write the gradient once) against a copy of the same number of
        bytes measured in the same run, and (fwd+bwd rows) the peak memory allocated above the
-       inputs, in MiB and as a multiple of the gradient's size.
+       inputs, in MiB and as a multiple of the gradient's size. On CUDA also the kernel time
+       under CUDA-graph replay (fwd and fwd+bwd) and its bandwidth against a replayed copy.
+       ``--time-budget`` stops starting new cases (they are listed as skipped).
 
     Without CUDA, the Triton kernels run under Triton's CPU interpreter for the parity check only
     (they are far too slow there to time); ``TRITON_INTERPRET=1`` is set for that.
     """
-    parser = argparse.ArgumentParser(prog="benchmarks/bench_loss.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="two SD1.5 cases (fp32, bf16, K=2): under a minute")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (median taken)")
-    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<device>.json)")
-    parser.add_argument("--no-timing", action="store_true", help="parity check only")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    started = time.perf_counter()
 
     _prepare_environment()
     import torch
@@ -382,7 +465,7 @@ def main(argv=None) -> int:
     fmt = {"loss_err": "{:.2e}", "loss_bound": "{:.2e}", "grad_err": "{:.2e}", "grad_bound": "{:.2e}"}
     print(markdown(parity, ["backend", "dtype", "loss_err", "loss_bound", "grad_err", "grad_bound", "ok"], fmt))
 
-    timing = []
+    timing, skipped = [], []
     if not args.no_timing:
         cases = quick_cases() if args.quick else full_cases()
         rounds = args.rounds or (5 if args.quick else 7)
@@ -392,6 +475,9 @@ def main(argv=None) -> int:
             f"median of {rounds} interleaved rounds\n"
         )
         for case in cases:
+            if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+                skipped.append(case.label)
+                continue
             timing += time_case(case, device, timed_backends, rounds, reps)
         columns = [
             "case",
@@ -406,6 +492,8 @@ def main(argv=None) -> int:
             "peak_extra_MiB",
             "peak_x_grad",
         ]
+        if device.type == "cuda":
+            columns += ["graph_ms", "graph_GBps", "graph_pct_of_copy"]
         fmt = {
             "ms": "{:.3f}",
             "vs_eager": "{:.2f}x",
@@ -415,8 +503,15 @@ def main(argv=None) -> int:
             "pct_of_copy": "{:.0f}%",
             "peak_extra_MiB": "{:.1f}",
             "peak_x_grad": "{:.2f}x",
+            "graph_ms": "{:.4f}",
+            "graph_GBps": "{:.1f}",
+            "graph_pct_of_copy": "{:.0f}%",
         }
         print(markdown(timing, columns, fmt))
+        if skipped:
+            print(f"\nnot timed (--time-budget {args.time_budget:g} s reached): {', '.join(skipped)}")
+        for what, error in GRAPH_ERRORS.items():
+            print(f"- no CUDA graph of {what}: {error}")
 
     output = (
         Path(args.output)
@@ -432,6 +527,9 @@ def main(argv=None) -> int:
         "backends": available,
         "parity": parity,
         "timing": timing,
+        "skipped_cases": skipped,
+        "graph_errors": GRAPH_ERRORS,
+        "wall_s": time.perf_counter() - started,
     }
     output.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {output}")

@@ -32,7 +32,7 @@ def interleaved_us(stages, calls=500, rounds=25, warmup=200):
 def main():
     """Time each stage of a call on a tiny input (B=2, S=(1,2,2), K=2, fp32), where the kernels'
     own work is negligible: argument checks, dispatch, the autograd plumbing and the autograd
-    engine running the backward. Needs the native CPU backend (``cpp``); stops with the reason
+    engine running the backward. Needs the native CPU backend (``native``); stops with the reason
     when it is not built.
 
     The public call runs twice: through ``fastpref::cpp_loss`` (the C++ autograd kernel, the
@@ -43,9 +43,9 @@ def main():
     the fastest round are reported (on a busy machine the fastest is the better estimate of the
     cost itself). Compare ratios within one run.
     """
-    reason = fastpref.availability("cpu")["cpp"]
+    reason = fastpref.availability("cpu")["native"]
     if reason is not None:
-        raise SystemExit(f"the cpp backend is unavailable: {reason}")
+        raise SystemExit(f"the native backend is unavailable: {reason}")
     from fastpref.loss import native
 
     batch, shape = 2, (1, 2, 2)

@@ -447,10 +447,21 @@ def uncached_step(trainer, encoding: Encoding) -> Callable[[], dict]:
     return run
 
 
-def run_rounds(variants: List[Variant], rounds: int, sync, record: bool, phases: Optional[Phases] = None) -> None:
-    """``rounds`` rounds; in each, every variant runs one step, the order rotated by one per round."""
+def run_rounds(
+    variants: List[Variant],
+    rounds: int,
+    sync,
+    record: bool,
+    phases: Optional[Phases] = None,
+    deadline: Optional[float] = None,
+) -> None:
+    """``rounds`` rounds; in each, every variant runs one step, the order rotated by one per round.
+    Past ``deadline`` (a ``perf_counter`` time) no new round starts, after the first."""
     n = len(variants)
     for r in range(rounds):
+        if deadline is not None and r > 0 and time.perf_counter() > deadline:
+            print(f"--time_budget reached: {r} of {rounds} round(s) run", flush=True)
+            break
         for position in range(n):
             variant = variants[(r + position) % n]
             sync()
@@ -555,10 +566,10 @@ def run_mode(args, lora_rank: int, keys, components, batches, accelerator, sync)
     print(f"warm-up: {args.warmup} round(s); timing: {args.steps} interleaved round(s)", flush=True)
     run_rounds(variants, args.warmup, sync, record=False)
     gc.collect()
-    run_rounds(variants, args.steps, sync, record=True)
+    run_rounds(variants, args.steps, sync, record=True, deadline=args.deadline)
 
     probe = None
-    if args.breakdown_rounds > 0:
+    if args.breakdown_rounds > 0 and (args.deadline is None or time.perf_counter() < args.deadline):
         phases = install_phases(variants, encoding, accelerator, sync)
         phases.active = True
         run_rounds(variants, args.breakdown_rounds, sync, record=False, phases=phases)
@@ -724,7 +735,16 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few rounds of 2 pairs: a smoke run")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step-<machine>.json)")
+    parser.add_argument(
+        "--time_budget",
+        type=float,
+        default=None,
+        help="seconds from the start: no new timed round (after the first) nor breakdown begins past it",
+    )
     args = parser.parse_args(argv)
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error("--time_budget must be > 0 seconds")
+    args.deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget
     model = MODELS[args.model]
     preset = QUICK if args.quick else DEFAULTS
     for name in ("steps", "warmup", "breakdown_rounds"):
@@ -863,6 +883,7 @@ def run_config(args, components: Components, batches, device: torch.device) -> d
         "lora_ranks": args.lora_ranks,
         "variants": args.variant_keys,
         "steps": args.steps,
+        "time_budget_s": args.time_budget,
         "warmup": args.warmup,
         "breakdown_rounds": args.breakdown_rounds,
         "ema_decays": list(DECAYS),

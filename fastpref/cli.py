@@ -31,6 +31,12 @@ def _info(argv) -> int:
         print(f"{device}: auto -> {dispatch.auto_backend(torch.device(device))}")
         for name, reason in fastpref.availability(device).items():
             print(f"  {name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    if "cuda" not in devices:
+        native_cuda = dispatch.native_unavailable(torch.device("cuda"))
+        print(
+            f"cuda: no CUDA device here (torch.version.cuda = {torch.version.cuda}); native CUDA kernels "
+            f"{'built' if native_cuda is None else 'unavailable: ' + native_cuda}"
+        )
     return 0
 
 

@@ -73,7 +73,7 @@ def _explicitly_parametrized(metafunc, name: str) -> bool:
 
 def pytest_generate_tests(metafunc):
     """A test taking ``backend`` runs once per backend that ``fastpref.availability`` reports
-    available on ``DEVICE``, plus ``"torch"`` (so a built ``"cpp"`` backend is picked up with no
+    available on ``DEVICE``, plus ``"torch"`` (so a built ``"native"`` backend is picked up with no
     change here). With ``tiling`` too, the Triton backend also runs with the ``"multi"`` tiling,
     which patches ``fastpref.loss.triton.ops.launch_config`` to small blocks and several chunks so
     that the multi-chunk and multi-iteration paths of the kernels run even for tiny inputs."""

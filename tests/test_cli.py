@@ -28,7 +28,7 @@ def test_info_lists_every_backend_with_a_reason():
     out = run_cli("info")
     assert out.returncode == 0, out.stderr
     assert "auto ->" in out.stdout
-    for name in ("triton", "cpp", "torch"):
+    for name in ("native", "triton", "torch"):
         assert re.search(rf"^\s+{name}\s+(available|unavailable: .+)$", out.stdout, re.M), out.stdout
 
 

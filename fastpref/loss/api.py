@@ -11,7 +11,7 @@ import inspect
 import torch
 
 from . import dispatch
-from .options import BACKENDS, CONFIG_KEYS, check_choice, make_config, make_inputs
+from .options import CONFIG_KEYS, check_backend, make_config, make_inputs
 
 
 def adaptive_dpo_loss(
@@ -69,8 +69,11 @@ def adaptive_dpo_loss(
         ipo_tau: tau of ``"ipo"``, > 0; ``None`` means ``beta``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-pair ``[B]``).
         return_stats: also return a dict of detached diagnostics (see below).
-        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``; ``$FASTPREF_BACKEND``
-            overrides ``"auto"``. A backend that cannot serve the call raises ``RuntimeError``
+        backend: ``"auto"``, ``"native"`` (the C++/CUDA kernels of ``fastpref._C``), ``"triton"``
+            or ``"torch"`` (eager PyTorch); ``$FASTPREF_BACKEND`` overrides ``"auto"``, which picks
+            ``"native"`` when it can serve the inputs' device, else ``"triton"`` on CUDA, else
+            ``"torch"``. ``"cpp"`` is a deprecated alias of ``"native"`` (a FutureWarning; removed
+            in the next release). A backend that cannot serve the call raises ``RuntimeError``
             with the reason.
         synthetic_label, human_label, human_mask, propensity: ``loss_type="dedpo"`` only; each a
             float or a ``[B]`` tensor (docs/spec.md §5b).
@@ -152,7 +155,7 @@ class AdaptiveDPOLoss(torch.nn.Module):
         if "ema_preds" in keywords:
             raise TypeError("ema_preds is a forward() argument of AdaptiveDPOLoss, not a keyword")
         make_config(**scalar_keywords(adaptive_dpo_loss, **keywords))
-        check_choice("backend", keywords["backend"], BACKENDS)
+        keywords["backend"] = check_backend("backend", keywords["backend"])  # a deprecated alias warns here, once
         # The DeDPO labels are per-batch data: they are checked against the batch at forward.
         self.keywords = keywords
 

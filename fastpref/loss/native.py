@@ -1,5 +1,6 @@
-"""The ``"cpp"`` backend: fastpref's native CPU kernels (``csrc/``, built as ``fastpref._C``),
-called through the op ``fastpref::cpp_loss``; this module registers the ops' fake implementations.
+"""The ``"native"`` backend (formerly ``"cpp"``): fastpref's C++ kernels for CPU and, when built
+with CUDA, for CUDA (``csrc/``, built as ``fastpref._C``), called through the op
+``fastpref::cpp_loss``; this module registers the ops' fake implementations.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ LOSS_OP = torch.ops.fastpref.cpp_loss.default
 
 
 def run(inputs: LossInputs, config: LossConfig, return_stats: bool):
-    """The loss (and stats) of validated CPU inputs on the native kernels.
+    """The loss (and stats) of validated CPU or CUDA inputs on the native kernels.
 
     Runs ``fastpref::cpp_loss`` (csrc/library.cpp): in eager mode neither the forward nor the
     autograd engine's backward enters Python, and under ``torch.compile`` AOTAutograd traces its

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
@@ -78,7 +80,9 @@ WEIGHTINGS = choices(Weighting)
 MARGINS = choices(Margin)
 LOSS_TYPES = choices(LossType)
 REDUCTIONS = choices(Reduction)
-BACKENDS = ("auto", "triton", "cpp", "torch")
+BACKENDS = ("auto", "native", "triton", "torch")  # "auto" tries the others in this order
+# Deprecated backend names, accepted with a FutureWarning until the next release removes them.
+BACKEND_ALIASES = MappingProxyType({"cpp": "native"})
 # The string choices of each option keyword of the public API (``fastpref.CHOICES``), for callers
 # that build their own interface over the loss, such as ``fastpref train``'s flags.
 CHOICES = MappingProxyType(
@@ -180,13 +184,37 @@ def _check_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised here that names the first caller outside ``fastpref``."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def check_backend(name: str, value) -> str:
+    """``value`` of the backend argument ``name`` (``backend`` or ``$FASTPREF_BACKEND``) as one of
+    ``BACKENDS``; a deprecated alias (``BACKEND_ALIASES``) maps to its new name with a FutureWarning."""
+    if isinstance(value, str) and value in BACKEND_ALIASES:
+        new = BACKEND_ALIASES[value]
+        if not torch.compiler.is_compiling():
+            warnings.warn(
+                f"{name}={value!r} is deprecated and will be removed in the next release; use {new!r}",
+                FutureWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        return new
+    return check_choice(name, value, BACKENDS)
+
+
 def resolve_backend_name(backend) -> str:
     """The backend a call asked for: ``backend``, or ``$FASTPREF_BACKEND`` when it is ``"auto"``."""
-    backend = check_choice("backend", backend, BACKENDS)
+    backend = check_backend("backend", backend)
     if backend == "auto":
         override = os.environ.get(BACKEND_ENV)
         if override:
-            backend = check_choice(BACKEND_ENV, override, BACKENDS)
+            backend = check_backend(BACKEND_ENV, override)
     return backend
 
 

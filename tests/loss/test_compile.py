@@ -17,20 +17,20 @@ needs_triton = pytest.mark.skipif(
     not HAS_TRITON, reason=f"triton unavailable: {fastpref.availability(DEVICE)['triton']}"
 )
 # "triton" and "torch" always (triton skipped, with its reason, where unavailable), and any other
-# available backend (e.g. "cpp") as it appears.
+# available backend (e.g. "native") as it appears.
 COMPILE_BACKENDS = [pytest.param("triton", marks=needs_triton), "torch"] + [
     b for b in BACKENDS if b not in ("triton", "torch")
 ]
-# Backends made of a forward and a backward torch.library op, fastpref::{name}_forward/_backward,
-# registered by importing the backend's module.
+# Backends made of a forward and a backward torch.library op (the OPS of the backend's module,
+# registered by importing it).
 FUSED_BACKENDS = [b for b in BACKENDS if b != "torch"]
-BACKEND_MODULES = {"triton": "fastpref.loss.triton.ops", "cpp": "fastpref.loss.native"}
+# The module of each, whose OPS are its (forward, backward) ops.
+BACKEND_MODULES = {"triton": "fastpref.loss.triton.ops", "native": "fastpref.loss.native"}
 
 
 def fused_op(backend: str, which: str):
-    """``torch.ops.fastpref.{backend}_{which}``, registered by importing the backend's module."""
-    importlib.import_module(BACKEND_MODULES[backend])
-    return getattr(torch.ops.fastpref, f"{backend}_{which}").default
+    """The backend's ``which`` ("forward" or "backward") op, registered by importing its module."""
+    return importlib.import_module(BACKEND_MODULES[backend]).OPS[("forward", "backward").index(which)]
 
 
 BATCH, SHAPE, K = 2, (3, 5, 7), 2

@@ -1,4 +1,4 @@
-"""The native CPU backend ``"cpp"`` (``csrc/``, ``fastpref._C``) where the generic parity tests do
+"""The native CPU backend ``"native"`` (``csrc/``, ``fastpref._C``) where the generic parity tests do
 not reach: bitwise reproducibility, multi-chunk inputs, rounding of 16-bit gradients, the ops'
 contracts, the C++ autograd op against the Python one, the dispatch. Skipped as a whole when the
 extension is not built (``fastpref.availability`` says why).
@@ -20,8 +20,8 @@ import fastpref
 from fastpref.loss import autograd, dispatch
 from fastpref.loss.options import MODE_OPTIONS, LossType, Margin, Preset, Reduction, Weighting, acc_dtype
 
-CPP_REASON = fastpref.availability("cpu")["cpp"]
-pytestmark = pytest.mark.skipif(CPP_REASON is not None, reason=f"cpp backend unavailable: {CPP_REASON}")
+CPP_REASON = fastpref.availability("cpu")["native"]
+pytestmark = pytest.mark.skipif(CPP_REASON is not None, reason=f"native backend unavailable: {CPP_REASON}")
 
 if CPP_REASON is None:
     from fastpref import _C
@@ -55,7 +55,7 @@ def cpu_isa(name: str):
 
 @contextlib.contextmanager
 def python_autograd(enabled: bool):
-    """``enabled``: the cpp backend's calls run its two ops through ``autograd.FusedAdaptiveDPO``
+    """``enabled``: the native backend's calls run its two ops through ``autograd.FusedAdaptiveDPO``
     (Python autograd: ``autograd.run(native.OPS, ...)``); otherwise through ``fastpref::cpp_loss``
     (the C++ autograd kernel, every call's path)."""
     if not enabled:
@@ -77,11 +77,11 @@ AUTOGRAD_PATHS = {"cpp_loss": False, "python": True}  # path name -> python_auto
 
 
 def run_cpp(case, config, *, tensors=None, upstream=None):
-    """Loss, gradient and stats of the cpp backend as a dict of tensors (original dtypes)."""
+    """Loss, gradient and stats of the native backend as a dict of tensors (original dtypes)."""
     if upstream is None and config.get("reduction") == "none":
         upstream = torch.linspace(-1.0, 1.5, case.batch, dtype=torch.float64)
     loss, grad, stats, _ = call_loss(
-        fastpref.adaptive_dpo_loss, case, config, backend="cpp", tensors=tensors, upstream=upstream
+        fastpref.adaptive_dpo_loss, case, config, backend="native", tensors=tensors, upstream=upstream
     )
     out = {"loss": loss, "grad": grad}
     for key, value in stats.items():
@@ -213,7 +213,7 @@ def test_many_irreducible_inner_dims():
     results = []
     for model, ref, target in (reversed_storage, values):
         model = model.detach().requires_grad_(True)
-        loss = fastpref.adaptive_dpo_loss(model, ref, target, beta=5.0, backend="cpp")
+        loss = fastpref.adaptive_dpo_loss(model, ref, target, beta=5.0, backend="native")
         loss.backward()
         results.append({"loss": loss.detach(), "grad": model.grad})
     assert_bitwise(results[0], results[1])
@@ -226,10 +226,10 @@ def test_multi_chunk_float64_parity(config_name, shared_target):
     case = _case("f64", shared_target=shared_target, k=3, batch=5)
     config = CONFIGS[config_name]
     upstream = torch.linspace(-1.0, 1.5, case.batch, dtype=torch.float64) if config.get("reduction") == "none" else None
-    loss, grad, stats, _ = call_loss(fastpref.adaptive_dpo_loss, case, config, backend="cpp", upstream=upstream)
+    loss, grad, stats, _ = call_loss(fastpref.adaptive_dpo_loss, case, config, backend="native", upstream=upstream)
     loss64, grad64, stats64, _ = call_loss(REF, case, config, upcast=True, upstream=upstream)
     with num_threads(2):
-        assert_close64(outputs(loss, grad, stats), outputs(loss64, grad64, stats64), context=f"[cpp {config_name}]")
+        assert_close64(outputs(loss, grad, stats), outputs(loss64, grad64, stats64), context=f"[native {config_name}]")
 
 
 def _correct_rounding_case(acc_dtype, model_dtype):
@@ -289,7 +289,7 @@ def test_gradcheck_float64_multi_chunk(config, path):
     assert model.stride(-1) == 2
 
     def loss_of(m):
-        return fastpref.adaptive_dpo_loss(m, ref, target, ema_preds=ema, backend="cpp", **config)
+        return fastpref.adaptive_dpo_loss(m, ref, target, ema_preds=ema, backend="native", **config)
 
     with python_autograd(AUTOGRAD_PATHS[path]):
         assert torch.autograd.gradcheck(loss_of, (model,), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
@@ -364,13 +364,13 @@ def test_fake_outputs_match_real():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_compile_fullgraph_matches_eager(dtype):
     """A compiled forward (fullgraph: the ops are traced through their fakes) with the backward
-    run outside the compiled region gives the eager cpp results."""
+    run outside the compiled region gives the eager native results."""
     torch._dynamo.reset()
     case = make_case(batch=3, shape=(4, 9, 11), k=2, dtype=dtype, shared_target=True, seed=4)
 
     def forward(model, ref, target, ema):
         loss, stats = fastpref.adaptive_dpo_loss(
-            model, ref, target, ema_preds=ema, beta=5.0, backend="cpp", return_stats=True
+            model, ref, target, ema_preds=ema, beta=5.0, backend="native", return_stats=True
         )
         return loss, stats["u"], stats["implicit_acc"]
 
@@ -386,9 +386,9 @@ def test_compile_fullgraph_matches_eager(dtype):
             assert torch.equal(got, want)
 
 
-def test_auto_picks_cpp_on_cpu(monkeypatch):
+def test_auto_picks_native_on_cpu(monkeypatch):
     monkeypatch.delenv("FASTPREF_BACKEND", raising=False)
-    assert dispatch.auto_backend(torch.device("cpu")) == "cpp"
+    assert dispatch.auto_backend(torch.device("cpu")) == "native"
     calls = []
     real_run = native.run
     monkeypatch.setattr(native, "run", lambda *a: calls.append(1) or real_run(*a))
@@ -399,18 +399,18 @@ def test_auto_picks_cpp_on_cpu(monkeypatch):
 
 
 def test_reason_off_cpu():
-    reason = fastpref.availability("meta")["cpp"]
-    assert reason is not None and "CPU" in reason
+    reason = fastpref.availability("meta")["native"]
+    assert reason is not None and "CPU and CUDA" in reason
     case = make_case(batch=2, shape=(3, 4), k=0, dtype=torch.float32, device="meta")
     model, ref, target, _ = case.build(requires_grad=False)
-    with pytest.raises(RuntimeError, match="cpp.*CPU"):
-        fastpref.adaptive_dpo_loss(model, ref, target, backend="cpp")
+    with pytest.raises(RuntimeError, match="native.*CPU"):
+        fastpref.adaptive_dpo_loss(model, ref, target, backend="native")
 
 
 def test_reason_when_not_built(monkeypatch):
-    monkeypatch.setattr(dispatch, "_CPP_STATUS", [])
+    monkeypatch.setattr(dispatch, "_NATIVE_STATUS", {})
     monkeypatch.setattr(dispatch.importlib.util, "find_spec", lambda name, *args: None)
-    reason = dispatch.cpp_unavailable(torch.device("cpu"))
+    reason = dispatch.native_unavailable(torch.device("cpu"))
     assert "not built" in reason and "pip install" in reason
     assert dispatch.auto_backend(torch.device("cpu")) == "torch"
 
@@ -419,12 +419,12 @@ def test_reason_when_the_build_fails_to_load(monkeypatch):
     def broken(name, *args):
         raise ImportError("fastpref/_C.so: undefined symbol: _ZN3c105Error (example)")
 
-    monkeypatch.setattr(dispatch, "_CPP_STATUS", [])
+    monkeypatch.setattr(dispatch, "_NATIVE_STATUS", {})
     monkeypatch.setattr(dispatch.importlib, "import_module", broken)
-    reason = dispatch.cpp_unavailable(torch.device("cpu"))
+    reason = dispatch.native_unavailable(torch.device("cpu"))
     assert "fails to load" in reason and "undefined symbol" in reason
     monkeypatch.undo()
-    assert dispatch.cpp_unavailable(torch.device("cpu")) is None
+    assert dispatch.native_unavailable(torch.device("cpu")) is None
 
 
 def test_import_loads_the_backend_but_not_dynamo():
@@ -499,11 +499,11 @@ def test_autograd_paths_bitwise_equal(dtype_name, k, config_name):
 def _loss(tensors, **config):
     model, ref, target, ema = tensors
     return fastpref.adaptive_dpo_loss(
-        model, ref, target, ema_preds=ema, beta=5.0, backend="cpp", return_stats=True, **config
+        model, ref, target, ema_preds=ema, beta=5.0, backend="native", return_stats=True, **config
     )
 
 
-def test_default_path_is_the_cpp_autograd_node():
+def test_default_path_is_the_native_autograd_node():
     tensors = _path_case(torch.float32).build()
     loss, stats = _loss(tensors)
     assert "LossFunction" in loss.grad_fn.name(), loss.grad_fn.name()

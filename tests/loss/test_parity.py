@@ -340,9 +340,15 @@ def test_low_precision(backend, monkeypatch, dtype_name, config, variant, tiling
     apply_tiling(monkeypatch, backend, tiling_mode)
     k = variant["k"]
     case = case_for(dtype=_dtype_spec(dtype_name, k), labels=config["loss_type"] == "dedpo", **variant)
-    config = dict(beta=BETA, **config)
-    reduction = config["reduction"]
-    upstream = upstream_for(reduction == "none", case.batch, variant["seed"])
+    check_low_precision(case, dict(beta=BETA, **config), backend, seed=variant["seed"])
+
+
+def check_low_precision(case, config, backend, *, seed=0):
+    """The flash-attention rule for the loss, the gradient and every stats entry of ``backend`` on
+    ``case`` (any dtypes, any device): within 2x the eager reference's own error in the same
+    dtypes of the float64 oracle, plus an atol (``_tolerances``)."""
+    reduction = config.get("reduction", "mean")
+    upstream = upstream_for(reduction == "none", case.batch, seed)
     loss, grad, stats, _ = call_loss(fastpref.adaptive_dpo_loss, case, config, backend=backend, upstream=upstream)
     check_result_types(case, loss, grad, stats, reduction)
     eager = call_loss(REF, case, config, upstream=upstream)

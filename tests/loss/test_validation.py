@@ -392,9 +392,10 @@ def reason_given(message: str) -> bool:
 
 
 @pytest.fixture
-def cpp_not_built(monkeypatch):
+def native_not_built(monkeypatch):
     """The dispatch as it is on a machine where the native extension was not built."""
-    monkeypatch.setattr(fastpref.loss.dispatch, "_CPP_STATUS", ["the native extension fastpref._C is not built"])
+    status = {"load_error": "the native extension fastpref._C is not built", "cuda": False}
+    monkeypatch.setattr(fastpref.loss.dispatch, "_NATIVE_STATUS", status)
 
 
 @pytest.mark.parametrize(
@@ -402,10 +403,10 @@ def cpp_not_built(monkeypatch):
     [fastpref.adaptive_dpo_loss, fastpref.diffusion_dpo_loss, module_call(fastpref.AdaptiveDPOLoss)],
     ids=["adaptive", "diffusion", "module"],
 )
-def test_cpp_backend_not_built(cpp_not_built, fn):
+def test_native_backend_not_built(native_not_built, fn):
     (model_pred, ref_pred, target), _ = good()
-    with pytest.raises(RuntimeError, match="cpp") as info:
-        fn(model_pred, ref_pred, target, backend="cpp")
+    with pytest.raises(RuntimeError, match="native") as info:
+        fn(model_pred, ref_pred, target, backend="native")
     assert reason_given(str(info.value)), str(info.value)
 
 
@@ -478,13 +479,13 @@ def test_env_torch_makes_auto_use_torch(monkeypatch):
     assert spy.calls == 1
 
 
-def test_env_overrides_auto_only(monkeypatch, cpp_not_built):
+def test_env_overrides_auto_only(monkeypatch, native_not_built):
     (model_pred, ref_pred, target), _ = good()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("FASTPREF_BACKEND", "cpp")
-    with pytest.raises(RuntimeError, match="cpp"):
-        fastpref.adaptive_dpo_loss(model_pred, ref_pred, target)  # "auto" -> cpp, not built
-    with pytest.raises(RuntimeError, match="cpp"):
+    monkeypatch.setenv("FASTPREF_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="native"):
+        fastpref.adaptive_dpo_loss(model_pred, ref_pred, target)  # "auto" -> native, not built
+    with pytest.raises(RuntimeError, match="native"):
         fastpref.diffusion_dpo_loss(model_pred, ref_pred, target)
     # An explicit backend is not overridden.
     expected = reference.adaptive_dpo_loss(model_pred, ref_pred, target)
@@ -493,6 +494,79 @@ def test_env_overrides_auto_only(monkeypatch, cpp_not_built):
         monkeypatch.setenv("FASTPREF_BACKEND", "torch")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, backend="triton")
+
+
+# --- the deprecated backend name "cpp" and the choice of "auto" on CUDA ------------------------------
+
+
+def test_cpp_is_a_deprecated_alias_of_native(monkeypatch):
+    """``"cpp"`` (the native backend's former name) still works for one release: it warns with a
+    FutureWarning that names the new name, attributed to the caller, and runs ``"native"``."""
+    from fastpref.loss import dispatch
+
+    monkeypatch.delenv("FASTPREF_BACKEND", raising=False)
+    (model_pred, ref_pred, target), emas = good()
+    chosen, real_select = [], dispatch.select
+
+    def select(backend, inputs):  # record the backend chosen, and stop before any kernel
+        chosen.append(real_select(backend, inputs))
+        raise AssertionError("backend chosen")
+
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, device: None)  # native built or not
+    monkeypatch.setattr(dispatch, "select", select)
+    with pytest.warns(FutureWarning, match="'cpp' is deprecated.*use 'native'") as caught:
+        with pytest.raises(AssertionError, match="backend chosen"):
+            fastpref.adaptive_dpo_loss(model_pred, ref_pred, target, ema_preds=emas, backend="cpp")
+    assert chosen == ["native"] and caught[0].filename == __file__
+    with pytest.warns(FutureWarning, match="use 'native'") as caught:
+        module = fastpref.AdaptiveDPOLoss(backend="cpp")
+    assert module.keywords["backend"] == "native" and caught[0].filename == __file__
+    monkeypatch.setenv("FASTPREF_BACKEND", "cpp")
+    with pytest.warns(FutureWarning, match="FASTPREF_BACKEND='cpp' is deprecated"):
+        with pytest.raises(AssertionError, match="backend chosen"):
+            fastpref.diffusion_dpo_loss(model_pred, ref_pred, target)
+    assert chosen == ["native", "native"]
+    assert "cpp" not in fastpref.CHOICES["backend"]  # not advertised (fastpref train's flag takes the new name)
+
+
+def test_auto_on_cuda_picks_native_when_its_cuda_kernels_are_registered(monkeypatch):
+    """Decided from the build alone, so it is tested here without a GPU: with CUDA kernels in
+    fastpref._C, "auto" takes the native backend on CUDA; without, Triton (the reason says why)."""
+    from fastpref.loss import dispatch
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(dispatch, "_NATIVE_STATUS", {"load_error": None, "cuda": True})
+    assert dispatch.auto_backend(cuda) == "native" and fastpref.availability(cuda)["native"] is None
+    monkeypatch.setattr(dispatch, "_NATIVE_STATUS", {"load_error": None, "cuda": False})
+    assert dispatch.auto_backend(cuda) == ("triton" if dispatch.TRITON_INSTALLED else "torch")
+    reason = fastpref.availability(cuda)["native"]
+    assert "built without CUDA kernels" in reason and "nvcc" in reason and "FASTPREF_NO_CUDA" in reason
+    assert dispatch.auto_backend(torch.device("cpu")) == "native"
+    monkeypatch.setattr(dispatch, "_NATIVE_STATUS", {"load_error": "not built", "cuda": False})
+    assert fastpref.availability(cuda)["native"] == "not built"
+    assert dispatch.auto_backend(torch.device("cpu")) == "torch"
+
+
+def test_native_cuda_check_asks_the_dispatcher_for_each_op(monkeypatch):
+    from fastpref.loss import dispatch
+
+    # The real answer, the one recorded at import (False with a CPU-only torch, as in CI).
+    assert dispatch.native_cuda_kernels_registered() == dispatch._NATIVE_STATUS["cuda"]
+    registered = {"fastpref::cpp_forward", "fastpref::cpp_backward", "fastpref::cpp_loss"}
+    asked = []
+
+    def has_kernel(op, key):
+        asked.append((op, key))
+        return key == "CUDA" and op in registered
+
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", has_kernel)
+    monkeypatch.setattr(torch._C, "_dispatch_has_computed_kernel_for_dispatch_key", has_kernel)
+    assert dispatch.native_cuda_kernels_registered()
+    assert {op for op, _ in asked} == registered and {key for _, key in asked} == {"CUDA"}
+    for missing in sorted(registered):
+        registered.discard(missing)
+        assert not dispatch.native_cuda_kernels_registered(), missing
+        registered.add(missing)
 
 
 # --- validation comes before backend selection and any kernel launch (docs/spec.md §7) -----------------
@@ -511,10 +585,10 @@ EARLY_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("backend", ["triton", "native"])
 @pytest.mark.parametrize("case", list(EARLY_CASES))
 def test_validation_before_backend_selection(monkeypatch, case, backend):
-    """Without the interpreter Triton cannot run on CPU and cpp is not built: a malformed call must
+    """Without the interpreter Triton cannot run on CPU and native may not be built: a malformed call must
     still report the malformed argument (ValueError/TypeError), not the backend (RuntimeError)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     (m, r, tg), e = good()
