@@ -10,6 +10,7 @@ runs the steps below them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import field
 from pathlib import Path
-from typing import List, Literal, Optional, Tuple
+from typing import List, Literal, Optional, Set, Tuple
 
 import torch
 
@@ -217,23 +218,20 @@ WHY_DIFFERENT = {
 }
 
 
-def defaults_that_differ(settings: dict, arch: str) -> List[str]:
-    """One line per :data:`DIFFUSERS_DEFAULTS` flag that ``settings`` (the TrainConfig fields as
-    parsed) leave at a fastpref default other than diffusers'."""
+def defaults_that_differ(settings: dict, arch: str, given: Optional[Set[str]] = None) -> List[str]:
+    """One line per :data:`DIFFUSERS_DEFAULTS` flag left to a fastpref default other than
+    diffusers': not in ``given`` (the flags the command line sets, :func:`given_flags`; ``None``:
+    the ``settings`` that differ from TrainConfig's defaults count as given)."""
+    defaults = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if given is None:
+        given = {name for name in DIFFUSERS_DEFAULTS if settings[name] not in (None, defaults[name].default)}
     lines = []
     for name, theirs in DIFFUSERS_DEFAULTS.items():
-        field_ = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-        given = settings[name]
-        if name in RUN_DEFAULTS:
-            if given is not None:
-                continue
-            ours = ARCH_DEFAULTS[arch][name]
-        elif given == field_.default:
-            ours = given
-        else:
+        if name in given:
             continue
+        ours = ARCH_DEFAULTS[arch][name] if settings[name] is None else settings[name]
         if DIFFUSERS_LOSS_TYPES.get(theirs, theirs) != ours:
-            flag = field_.metadata.get("aliases", [f"--{name}"])[0]  # diffusers' spelling: --beta_dpo, --rank
+            flag = defaults[name].metadata.get("aliases", [f"--{name}"])[0]  # diffusers' spelling: --beta_dpo, --rank
             lines.append(f"{flag}: fastpref's default is {ours}, diffusers' is {theirs} ({WHY_DIFFERENT[name]})")
     return lines
 
@@ -266,6 +264,15 @@ def parse_args(argv=None, parser=None) -> Tuple[DataArguments, dict, RunArgument
         return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
 
     return DataArguments(**take(DataArguments)), take(TrainConfig), RunArguments(**take(RunArguments))
+
+
+def given_flags(argv=None, parser=None) -> Set[str]:
+    """The fields the command line ``argv`` sets itself (rather than leaving them to their default)."""
+    parser = parser or build_parser()
+    unset = object()  # argparse fills in a default only where the namespace has no value yet
+    namespace = argparse.Namespace(**{action.dest: unset for action in parser._actions})
+    parser.parse_args(argv, namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not unset}
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,9 +706,10 @@ def hparams(*groups) -> dict:
     return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
 
 
-def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
-    """One ``fastpref train`` run (``settings``: the TrainConfig fields as parsed); returns the
-    summary written to ``train_summary.json``.
+def train(data_args: DataArguments, settings: dict, run: RunArguments, given: Optional[Set[str]] = None) -> dict:
+    """One ``fastpref train`` run (``settings``: the TrainConfig fields as parsed; ``given``: the
+    fields its command line set, see :func:`defaults_that_differ`); returns the summary written
+    to ``train_summary.json``.
 
     Detects the architecture from the pipeline folder, reads the parquet pairs
     (:class:`~fastpref.train.data.PreferenceDataset`: winner first, ties dropped unless
@@ -718,7 +726,9 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
       are functions of the step);
     - ``logs/`` (TensorBoard with ``--report_to tensorboard``), ``train_log.jsonl`` (one line per
       optimizer step: loss, implicit accuracy, mean u, W, Gamma, u on flipped vs kept pairs, LR,
-      skipped steps) and ``train_summary.json``.
+      skipped steps) and ``train_summary.json``;
+    - ``validation/step-N/*.png`` with ``--run_validation`` (also logged to the trackers);
+    - ``README.md``, the model card; with ``--push_to_hub`` the folder is uploaded at the end.
     """
     from accelerate.utils import set_seed
 
@@ -728,7 +738,7 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
     arch = detect_arch(source.path, source.revision)
     resolution = data_args.resolution if data_args.resolution is not None else (1024 if arch == "sdxl" else 512)
     accelerator = make_accelerator(run, settings["mixed_precision"])
-    log_differences(settings, run, arch)
+    log_differences(settings, run, arch, given)
     allow_tf32(run.allow_tf32)
     check_backend(settings["loss_backend"], accelerator.device)
     set_seed(settings["seed"])
@@ -796,10 +806,10 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
     return result
 
 
-def log_differences(settings: dict, run: RunArguments, arch: str) -> None:
+def log_differences(settings: dict, run: RunArguments, arch: str, given: Optional[Set[str]]) -> None:
     """The run's first log lines: where it departs from what diffusers' DPO scripts would do with
     the same command."""
-    for line in defaults_that_differ(settings, arch):
+    for line in defaults_that_differ(settings, arch, given):
         logger.warning("default differs from diffusers' script: %s", line)
     if arch == "sdxl" and settings["beta"] is not None:
         logger.warning(
@@ -847,7 +857,7 @@ def main(argv=None) -> int:
     except ArgumentError as error:
         parser.error(str(error))  # exits 2
     try:
-        train(data_args, settings, run)
+        train(data_args, settings, run, given_flags(argv, parser))
     except (ValueError, FileNotFoundError) as error:
         print(f"fastpref train: error: {error}", file=sys.stderr)
         return 2
