@@ -380,7 +380,8 @@ def validation_images_in_tensorboard(logs):
 
 def check_run(out, arch, model, stderr):
     """What a README command's run leaves: weights and checkpoints diffusers loads, validation
-    images on disk and in TensorBoard, a model card, the default-differs log lines."""
+    images on disk, in TensorBoard and in wandb's offline run, a model card, the default-differs
+    log lines."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     summary = json.loads((out / "train_summary.json").read_text())
@@ -398,7 +399,8 @@ def check_run(out, arch, model, stderr):
     assert "| `lora_rank` | `8` |" in card and "validation/step-2/00.png" in card
     assert "default differs from diffusers' script: --loss_type: fastpref's default is adaptive" in stderr
     assert "--rank:" not in stderr and "--seed:" not in stderr
-    assert list((out.parent / "wandb").glob("offline-run-*"))
+    wandb_images = (out.parent / "wandb").glob("offline-run-*/files/media/images/validation_*.png")
+    assert {image.name.split("_")[1] for image in wandb_images} == {"1", "2"}  # validation_<step>_<hash>.png
 
 
 @pytest.mark.parametrize("launcher", ["accelerate launch", "fastpref train"])
