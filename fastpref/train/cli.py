@@ -113,9 +113,9 @@ class DataArguments:
 
 @dataclasses.dataclass
 class RunArguments:
-    """How the run goes: batch size and length, checkpoints, logs."""
+    """How the run goes: batch size and length, checkpoints, logs, validation images, the Hub."""
 
-    _argument_group_name = "run: batches, checkpoints and logs"
+    _argument_group_name = "run: batches, checkpoints, logs, validation and the Hub"
 
     output_dir: str = field(metadata={"help": "where weights, checkpoints and logs go"})
     train_batch_size: int = field(default=4, metadata={"help": "pairs per process per micro-step"})
