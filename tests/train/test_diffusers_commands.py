@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,6 +270,32 @@ def test_push_to_hub_unreachable_stops_at_start_up(train_main, tmp_path, monkeyp
     code, err = train_main(tmp_path / "out", "--push_to_hub")
     assert code == 2 and "fastpref train: error: --push_to_hub: cannot reach the Hub at http://127.0.0.1:9" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_makes_the_repository_first_and_uploads_the_finished_folder(train_main, tmp_path, monkeypatch):
+    """The Hub replaced by a recorder: the repository is made before training, and the folder
+    uploaded after the model card is written, without the checkpoints."""
+    import huggingface_hub
+
+    from fastpref.train import hub
+
+    calls = []
+
+    def create_repo(repo_id, exist_ok, token):
+        calls.append(("create", repo_id, (tmp_path / "out" / "train_log.jsonl").exists()))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/someone/{repo_id}")
+
+    def upload_folder(repo_id, folder_path, ignore_patterns, **_):
+        calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir()), ignore_patterns))
+
+    monkeypatch.setattr(hub, "check_hub", lambda token: "someone")
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    code, err = train_main(tmp_path / "out", "--push_to_hub", "--max_train_steps", 1)
+    assert code == 0, err
+    assert calls[0] == ("create", "out", False)  # before the first step
+    assert calls[1][:2] == ("upload", "someone/out") and "checkpoint-*" in calls[1][3]
+    assert {"README.md", "pytorch_lora_weights.safetensors", "train_summary.json"} <= set(calls[1][2])
 
 
 def test_xformers_missing_stops_at_start_up(train_main, tmp_path):
