@@ -218,20 +218,21 @@ WHY_DIFFERENT = {
 }
 
 
-def defaults_that_differ(settings: dict, arch: str, given: Optional[Set[str]] = None) -> List[str]:
+def defaults_that_differ(values: dict, arch: str, given: Optional[Set[str]] = None) -> List[str]:
     """One line per :data:`DIFFUSERS_DEFAULTS` flag left to a fastpref default other than
-    diffusers': not in ``given`` (the flags the command line sets, :func:`given_flags`; ``None``:
-    the ``settings`` that differ from TrainConfig's defaults count as given)."""
-    defaults = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    diffusers'. ``values``: the parsed fields (of any of the three dataclasses); ``given``: the
+    flags the command line sets (:func:`given_flags`; ``None``: the values that differ from
+    their field's default count as given)."""
+    fields = {f.name: f for group in (DataArguments, TrainConfig, RunArguments) for f in dataclasses.fields(group)}
     if given is None:
-        given = {name for name in DIFFUSERS_DEFAULTS if settings[name] not in (None, defaults[name].default)}
+        given = {name for name in DIFFUSERS_DEFAULTS if values[name] not in (None, fields[name].default)}
     lines = []
     for name, theirs in DIFFUSERS_DEFAULTS.items():
         if name in given:
             continue
-        ours = ARCH_DEFAULTS[arch][name] if settings[name] is None else settings[name]
+        ours = ARCH_DEFAULTS[arch][name] if values[name] is None else values[name]
         if DIFFUSERS_LOSS_TYPES.get(theirs, theirs) != ours:
-            flag = defaults[name].metadata.get("aliases", [f"--{name}"])[0]  # diffusers' spelling: --beta_dpo, --rank
+            flag = fields[name].metadata.get("aliases", [f"--{name}"])[0]  # diffusers' spelling: --beta_dpo, --rank
             lines.append(f"{flag}: fastpref's default is {ours}, diffusers' is {theirs} ({WHY_DIFFERENT[name]})")
     return lines
 
@@ -738,7 +739,7 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments, given: Op
     arch = detect_arch(source.path, source.revision)
     resolution = data_args.resolution if data_args.resolution is not None else (1024 if arch == "sdxl" else 512)
     accelerator = make_accelerator(run, settings["mixed_precision"])
-    log_differences(settings, run, arch, given)
+    log_differences(data_args, settings, run, arch, given)
     allow_tf32(run.allow_tf32)
     check_backend(settings["loss_backend"], accelerator.device)
     set_seed(settings["seed"])
@@ -806,10 +807,12 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments, given: Op
     return result
 
 
-def log_differences(settings: dict, run: RunArguments, arch: str, given: Optional[Set[str]]) -> None:
+def log_differences(
+    data_args: DataArguments, settings: dict, run: RunArguments, arch: str, given: Optional[Set[str]]
+) -> None:
     """The run's first log lines: where it departs from what diffusers' DPO scripts would do with
     the same command."""
-    for line in defaults_that_differ(settings, arch, given):
+    for line in defaults_that_differ({**vars(data_args), **settings, **vars(run)}, arch, given):
         logger.warning("default differs from diffusers' script: %s", line)
     if arch == "sdxl" and settings["beta"] is not None:
         logger.warning(

@@ -235,17 +235,19 @@ def test_loss_type_sigmoid_is_dpo():
 
 def test_defaults_that_differ_name_only_the_flags_left_out():
     argv = flags_of(SD_COMMAND)
-    _, settings, _ = cli.parse_args(argv)
-    lines = cli.defaults_that_differ(settings, "sd15", cli.given_flags(argv))
+    data_args, settings, run = cli.parse_args(argv)
+    values = {**vars(data_args), **settings, **vars(run)}
+    lines = cli.defaults_that_differ(values, "sd15", cli.given_flags(argv))
     assert [line.split(":")[0] for line in lines] == ["--loss_type", "--beta_dpo"]
     assert "fastpref's default is adaptive, diffusers' is sigmoid" in lines[0]
     assert "fastpref's default is 1000.0, diffusers' is 2500.0" in lines[1]
     # SDXL: diffusers' --beta_dpo 5000 is halved in its loss, so the betas agree
-    assert [line.split(":")[0] for line in cli.defaults_that_differ(settings, "sdxl", cli.given_flags(argv))] == [
+    assert [line.split(":")[0] for line in cli.defaults_that_differ(values, "sdxl", cli.given_flags(argv))] == [
         "--loss_type"
     ]
-    _, settings, _ = cli.parse_args(BARE)
-    flags = [line.split(":")[0] for line in cli.defaults_that_differ(settings, "sd15", cli.given_flags(BARE))]
+    data_args, settings, run = cli.parse_args(BARE)
+    values = {**vars(data_args), **settings, **vars(run)}
+    flags = [line.split(":")[0] for line in cli.defaults_that_differ(values, "sd15", cli.given_flags(BARE))]
     assert flags == ["--loss_type", "--beta_dpo", "--rank", "--learning_rate", "--lr_warmup_steps", "--seed"]
 
 
