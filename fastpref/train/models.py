@@ -39,8 +39,8 @@ class ModelSource:
         )
 
     def vae(self) -> dict:
-        """``from_pretrained`` arguments of the VAE: ``vae_path`` (its root; its own revision and
-        variant files, as diffusers' script reads it) or the pipeline's ``vae/``."""
+        """``from_pretrained`` arguments of the VAE: ``vae_path`` (its root, read with the run's
+        revision and variant, as diffusers' SDXL script reads it) or the pipeline's ``vae/``."""
         if self.vae_path is None:
             return self.part("vae")
         return dict(pretrained_model_name_or_path=self.vae_path, revision=self.revision, variant=self.variant)

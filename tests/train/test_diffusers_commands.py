@@ -371,7 +371,10 @@ def test_is_turbo_trains_on_the_4_step_grid_with_zero_terminal_snr(tiny_sdxl):
     source = ModelSource(str(tiny_sdxl["model"]))
     scheduler = source.load_noise_scheduler(zero_terminal_snr=True)
     assert float(scheduler.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-6)
-    assert float(source.load_noise_scheduler().alphas_cumprod[-1]) > 1e-4
+    # diffusers' SDXL script: sqrt(alpha_bar) shifted to 0 at the end and rescaled to keep its start
+    root = source.load_noise_scheduler().alphas_cumprod.sqrt()
+    shifted = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    torch.testing.assert_close(scheduler.alphas_cumprod, shifted**2, rtol=0, atol=1e-6)
     config = TrainConfig(is_turbo=True, loss_type="dpo", beta=2500.0, max_train_steps=1, lora_rank=2)
     trainer = PreferenceTrainer(source.load_unet(torch.float32), scheduler, config)
     seen = set()
