@@ -118,3 +118,20 @@ def train_main(tiny_run, capsys):
         return code, capsys.readouterr().err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """``{"model": path, "vae": path}``: ``fastpref make-tiny-model M --arch sdxl`` and a copy of
+    its VAE marked fp16-safe (``force_upcast: false``, as ``madebyollin/sdxl-vae-fp16-fix``)."""
+    import json
+    import shutil
+
+    from fastpref import cli
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    assert cli.main(["make-tiny-model", str(root / "M"), "--arch", "sdxl", "--seed", "0"]) == 0
+    shutil.copytree(root / "M" / "vae", root / "vae-fp16-fix")
+    config_file = root / "vae-fp16-fix" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "force_upcast": False}))
+    return {"model": root / "M", "vae": root / "vae-fp16-fix"}

@@ -1,27 +1,37 @@
-"""Which Stable Diffusion architecture a diffusers pipeline folder holds."""
+"""Which Stable Diffusion architecture a diffusers pipeline holds, read from its UNet's config."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
+
+# UNet2DConditionModel's addition_embed_type -> architecture: SDXL's UNet adds the pooled text
+# embedding and the time ids ("text_time"); SD 1.5's adds nothing.
+ADDITION_EMBED_ARCH = {None: "sd15", "text_time": "sdxl"}
 
 
-def detect_arch(path) -> str:
-    """ "sdxl" or "sd15" for a diffusers pipeline folder, from its ``model_index.json``.
+def unet_config(path, revision: Optional[str] = None) -> dict:
+    """The ``unet/config.json`` of a local pipeline folder, or of a Hub id (through the Hub's
+    cache; ``revision`` picks the branch, tag or commit)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        file = folder / "unet" / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no unet/config.json)")
+    else:
+        from huggingface_hub import hf_hub_download
 
-    SDXL is recognised by a ``text_encoder_2`` entry (or, without a model index, a
-    ``text_encoder_2`` folder) or an ``...XL...`` pipeline class; anything else is "sd15".
-    """
-    path = Path(path)
-    index_file = path / "model_index.json"
-    if index_file.exists():
-        index = json.loads(index_file.read_text())
-        entry = index.get("text_encoder_2")
-        if (isinstance(entry, list) and entry and entry[0] is not None) or "XL" in str(index.get("_class_name", "")):
-            return "sdxl"
-        return "sd15"
-    if (path / "text_encoder_2").is_dir():
-        return "sdxl"
-    if (path / "unet").is_dir() or (path / "text_encoder").is_dir():
-        return "sd15"
-    raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json, unet/ or text_encoder/)")
+        file = hf_hub_download(str(path), "unet/config.json", revision=revision)
+    return json.loads(Path(file).read_text())
+
+
+def detect_arch(path, revision: Optional[str] = None) -> str:
+    """``"sdxl"`` or ``"sd15"`` for a diffusers pipeline (folder or Hub id), from its UNet's
+    ``addition_embed_type`` (not from its name); ``ValueError`` for any other UNet."""
+    embed = unet_config(path, revision).get("addition_embed_type")
+    if embed not in ADDITION_EMBED_ARCH:
+        raise ValueError(
+            f"{path}: a UNet with addition_embed_type {embed!r} is neither SD 1.5 (none) nor SDXL (text_time)"
+        )
+    return ADDITION_EMBED_ARCH[embed]

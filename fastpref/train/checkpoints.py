@@ -280,14 +280,17 @@ def resume(accelerator, trainer, value: Optional[str], output_dir, log_file: Pat
     return None
 
 
-def install_lora_hooks(accelerator, unet_type) -> None:
-    """Checkpoints of a LoRA run hold the policy adapter only (not the frozen base UNet): the
+def install_lora_hooks(accelerator, unet_type, arch: str) -> None:
+    """Checkpoints of a LoRA run hold the policy adapter only (not the frozen base UNet), as
+    peft's state dict (what resuming loads) and in diffusers' LoRA format
+    (``pytorch_lora_weights.safetensors``: ``pipe.load_lora_weights(checkpoint)``): the
     save/load hooks of diffusers' LoRA training scripts."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
     def save_hook(models, weights, output_dir):
         for model in models:
+            model = accelerator.unwrap_model(model)
             if not isinstance(model, unet_type):
                 raise ValueError(f"unexpected model in the checkpoint: {type(model).__name__}")
             if accelerator.is_main_process:
@@ -296,12 +299,13 @@ def install_lora_hooks(accelerator, unet_type) -> None:
                     for k, v in get_peft_model_state_dict(model, adapter_name="default").items()
                 }
                 save_file(state, os.path.join(output_dir, POLICY_LORA_FILE))
+                save_lora_weights(model, arch, output_dir)
             if weights:
                 weights.pop()  # accelerate must not also save the whole (frozen) UNet
 
     def load_hook(models, input_dir):
         while models:
-            model = models.pop()
+            model = accelerator.unwrap_model(models.pop())
             if isinstance(model, unet_type):
                 state = load_file(os.path.join(input_dir, POLICY_LORA_FILE))
                 result = set_peft_model_state_dict(model, state, adapter_name="default")
@@ -320,14 +324,18 @@ def save_weights(accelerator, trainer, arch: str, output_dir: Path) -> None:
         return
     unet = trainer.base_unet
     if trainer.config.lora_rank > 0:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="default"))
-        pipeline = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-        pipeline.save_lora_weights(
-            str(output_dir), unet_lora_layers={k: v.detach().float().cpu() for k, v in layers.items()}
-        )
+        save_lora_weights(unet, arch, output_dir)
     else:
         unet.save_pretrained(str(output_dir / "unet"), safe_serialization=True)
+
+
+def save_lora_weights(unet, arch: str, folder) -> None:
+    """The policy adapter of ``unet`` (peft's ``default``) as ``folder/pytorch_lora_weights.safetensors``
+    in diffusers' LoRA format, float32, with the SD / SDXL pipeline's ``save_lora_weights``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="default"))
+    pipeline = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    pipeline.save_lora_weights(str(folder), unet_lora_layers={k: v.detach().float().cpu() for k, v in layers.items()})

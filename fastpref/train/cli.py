@@ -10,6 +10,7 @@ runs the steps below them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -21,13 +22,13 @@ import tempfile
 import time
 from dataclasses import field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Literal, Optional, Set, Tuple
 
 import torch
 
 import fastpref
 
-from . import data
+from . import data, hub
 from .arch import detect_arch
 from .checkpoints import (
     install_lora_hooks,
@@ -37,16 +38,21 @@ from .checkpoints import (
     save_checkpoint,
     save_weights,
 )
-from .config import ARCH_DEFAULTS, TrainConfig
+from .config import ARCH_DEFAULTS, DIFFUSERS_LOSS_TYPES, TrainConfig
 from .files import replace_durably, write_text_atomic
 from .latent_cache import LatentCache
+from .model_card import write_model_card
+from .models import ModelSource
 from .trainer import NonFiniteLossError, PreferenceTrainer
+from .validation import INFERENCE_STEPS, TURBO_INFERENCE_STEPS, VALIDATION_PROMPTS, run_validation
 
 logger = logging.getLogger("fastpref.train")
 
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
 DEFAULT_CACHE = Path(os.environ.get("FASTPREF_CACHE", Path.home() / ".cache" / "fastpref")) / "latents"
+PriorPrecision = Literal["no", "fp32", "fp16", "bf16"]
+TRACKER_NAMES = {"sd15": "diffusion-dpo-lora", "sdxl": "diffusion-dpo-lora-sdxl"}  # diffusers' scripts' defaults
 
 
 @dataclasses.dataclass
@@ -107,9 +113,9 @@ class DataArguments:
 
 @dataclasses.dataclass
 class RunArguments:
-    """How the run goes: batch size and length, checkpoints, logs."""
+    """How the run goes: batch size and length, checkpoints, logs, validation images, the Hub."""
 
-    _argument_group_name = "run: batches, checkpoints and logs"
+    _argument_group_name = "run: batches, checkpoints, logs, validation and the Hub"
 
     output_dir: str = field(metadata={"help": "where weights, checkpoints and logs go"})
     train_batch_size: int = field(default=4, metadata={"help": "pairs per process per micro-step"})
@@ -137,7 +143,46 @@ class RunArguments:
     )
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
     logging_dir: str = field(default="logs", metadata={"help": "TensorBoard folder inside --output_dir"})
+    tracker_name: Optional[str] = field(
+        default=None, metadata={"help": "the trackers' project name (TensorBoard: a folder in --logging_dir)"}
+    )
     no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
+    run_validation: bool = field(
+        default=False,
+        metadata={
+            "help": "sample --validation_prompts with the current weights every --validation_steps and at the end "
+            "(fixed seed); images go to the trackers and to OUTPUT_DIR/validation/step-N/"
+        },
+    )
+    validation_steps: int = field(default=200, metadata={"help": "validate every N optimizer steps"})
+    validation_prompts: List[str] = field(
+        default_factory=lambda: list(VALIDATION_PROMPTS), metadata={"help": "the prompts sampled at validation"}
+    )
+    validation_inference_steps: Optional[int] = field(
+        default=None, metadata={"help": "denoising steps of each validation image"}
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "upload --output_dir to the Hub at the end (the Hub and a token are checked at start-up)"},
+    )
+    hub_token: Optional[str] = field(
+        default=None, metadata={"help": "Hub token for --push_to_hub (default: the one `hf auth login` saved)"}
+    )
+    hub_model_id: Optional[str] = field(
+        default=None, metadata={"help": "the Hub repository of --push_to_hub (default: --output_dir's name)"}
+    )
+    allow_tf32: bool = field(default=False, metadata={"help": "let CUDA matmuls and cuDNN use TF32 (Ampere and later)"})
+    enable_xformers_memory_efficient_attention: bool = field(
+        default=False, metadata={"help": "xformers attention in the UNet (pip install 'fastpref[xformers]')"}
+    )
+    prior_generation_precision: Optional[PriorPrecision] = field(
+        default=None,
+        metadata={"help": "accepted for diffusers' command lines and unused, as in diffusers' DPO scripts"},
+    )
+    local_rank: int = field(
+        default=-1,
+        metadata={"help": "accepted for torch.distributed launchers; accelerate reads the rank from the environment"},
+    )
 
 
 # TrainConfig fields whose command-line default depends on the run: not given, they are resolved
@@ -147,7 +192,49 @@ RUN_DEFAULTS = {
     "k1": "the paper's {sd15[k1]:g} (sd15) / {sdxl[k1]:g} (sdxl)".format(**ARCH_DEFAULTS),
     "max_train_steps": "--num_train_epochs over the data",
     "mixed_precision": "accelerate's configuration, else no",
+    "tracker_name": "{sd15} (sd15) / {sdxl} (sdxl), diffusers' names".format(**TRACKER_NAMES),
+    "validation_inference_steps": f"{INFERENCE_STEPS} ({TURBO_INFERENCE_STEPS} with --is_turbo), as diffusers",
 }
+
+
+# diffusers' train_diffusion_dpo.py defaults where fastpref's differ, on fastpref's scale (its SDXL
+# script's --beta_dpo 5000 is multiplied by 0.5 in its loss: 2500 here too). The run logs each one
+# a command leaves to its default (:func:`defaults_that_differ`).
+DIFFUSERS_DEFAULTS = {
+    "loss_type": "sigmoid",
+    "beta": 2500.0,
+    "lora_rank": 4,
+    "learning_rate": 5e-4,
+    "lr_warmup_steps": 500,
+    "seed": None,
+}
+WHY_DIFFERENT = {
+    "loss_type": "fastpref's objective is Adaptive-DPO; --loss_type sigmoid (= dpo) is diffusers' Diffusion-DPO",
+    "beta": "the Adaptive-DPO paper's value for this architecture",
+    "lora_rank": "the Adaptive-DPO paper's rank",
+    "learning_rate": "the Adaptive-DPO paper's rate",
+    "lr_warmup_steps": "diffusers' own README commands pass 0",
+    "seed": "diffusers leaves an unseeded run; fastpref's runs are reproducible",
+}
+
+
+def defaults_that_differ(values: dict, arch: str, given: Optional[Set[str]] = None) -> List[str]:
+    """One line per :data:`DIFFUSERS_DEFAULTS` flag left to a fastpref default other than
+    diffusers'. ``values``: the parsed fields (of any of the three dataclasses); ``given``: the
+    flags the command line sets (:func:`given_flags`; ``None``: the values that differ from
+    their field's default count as given)."""
+    fields = {f.name: f for group in (DataArguments, TrainConfig, RunArguments) for f in dataclasses.fields(group)}
+    if given is None:
+        given = {name for name in DIFFUSERS_DEFAULTS if values[name] not in (None, fields[name].default)}
+    lines = []
+    for name, theirs in DIFFUSERS_DEFAULTS.items():
+        if name in given:
+            continue
+        ours = ARCH_DEFAULTS[arch][name] if values[name] is None else values[name]
+        if DIFFUSERS_LOSS_TYPES.get(theirs, theirs) != ours:
+            flag = fields[name].metadata.get("aliases", [f"--{name}"])[0]  # diffusers' spelling: --beta_dpo, --rank
+            lines.append(f"{flag}: fastpref's default is {ours}, diffusers' is {theirs} ({WHY_DIFFERENT[name]})")
+    return lines
 
 
 def build_parser():
@@ -180,6 +267,15 @@ def parse_args(argv=None, parser=None) -> Tuple[DataArguments, dict, RunArgument
     return DataArguments(**take(DataArguments)), take(TrainConfig), RunArguments(**take(RunArguments))
 
 
+def given_flags(argv=None, parser=None) -> Set[str]:
+    """The fields the command line ``argv`` sets itself (rather than leaving them to their default)."""
+    parser = parser or build_parser()
+    unset = object()  # argparse fills in a default only where the namespace has no value yet
+    namespace = argparse.Namespace(**{action.dest: unset for action in parser._actions})
+    parser.parse_args(argv, namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not unset}
+
+
 # --------------------------------------------------------------------------------------------
 # the arguments, checked before any work
 # --------------------------------------------------------------------------------------------
@@ -198,15 +294,25 @@ def check_arguments(data_args: DataArguments, settings: dict, run: RunArguments)
     """Every argument of ``fastpref train``, before any heavy import or data read: the paths
     first (with the path in the message), then the values. :class:`ArgumentError` whose message
     names the flag and what it allows."""
-    check_model_path(data_args.pretrained_model_name_or_path)
+    check_model_path(data_args.pretrained_model_name_or_path, data_args.revision)
     check_dataset_path(data_args.dataset_name)
     check_output_dir(run)
     check_data_values(data_args, settings["loss_type"])
     check_run_values(run)
     check_train_settings(settings)
+    if settings["is_turbo"] and detect_arch(data_args.pretrained_model_name_or_path, data_args.revision) != "sdxl":
+        raise ArgumentError(
+            f"--is_turbo: {data_args.pretrained_model_name_or_path} holds an SD 1.5 UNet; SDXL Turbo is an SDXL model"
+        )
+    check_installed(run)
+    if run.push_to_hub:
+        try:
+            hub.check_hub(run.hub_token)
+        except hub.HubError as error:
+            raise ArgumentError(f"--push_to_hub: {error}") from None
 
 
-def check_model_path(value: str) -> None:
+def check_model_path(value: str, revision: Optional[str] = None) -> None:
     """A local diffusers pipeline folder, or an ``org/name`` Hub id the Hub (or its cache) serves."""
     path = Path(value).expanduser()
     if path.is_dir():
@@ -223,7 +329,7 @@ def check_model_path(value: str) -> None:
     from huggingface_hub import hf_hub_download
 
     try:
-        hf_hub_download(value, "model_index.json")
+        hf_hub_download(value, "model_index.json", revision=revision)
     except Exception as error:  # offline, unknown repository, gated, ...: all mean "not usable here"
         raise ArgumentError(
             f"--pretrained_model_name_or_path: {value} is no local folder, and the Hub does not serve it here "
@@ -303,6 +409,32 @@ def check_run_values(run: RunArguments) -> None:
         )
     if run.report_to not in REPORT_TO:
         raise ArgumentError(f"--report_to must be one of {', '.join(REPORT_TO)}, got {run.report_to!r}")
+    if run.validation_steps < 1:
+        raise ArgumentError(f"--validation_steps must be an int >= 1, got {run.validation_steps}")
+    if run.validation_inference_steps is not None and run.validation_inference_steps < 1:
+        raise ArgumentError(
+            f"--validation_inference_steps must be an int >= 1 (or not given), got {run.validation_inference_steps}"
+        )
+    if run.run_validation and not run.validation_prompts:
+        raise ArgumentError("--validation_prompts: --run_validation needs at least one prompt")
+    if run.hub_token is not None and run.report_to == "wandb":  # diffusers' rule
+        raise ArgumentError(
+            "--hub_token: cannot be combined with --report_to wandb, which would record the token in its run "
+            "config; log in with `hf auth login` instead"
+        )
+
+
+def check_installed(run: RunArguments) -> None:
+    """The optional packages the flags need: xformers, wandb (found, not imported)."""
+    from importlib.util import find_spec
+
+    if run.enable_xformers_memory_efficient_attention and find_spec("xformers") is None:
+        raise ArgumentError(
+            "--enable_xformers_memory_efficient_attention: xformers is not installed; install the build that "
+            "matches your torch and CUDA (pip install 'fastpref[xformers]'), or drop the flag"
+        )
+    if run.report_to == "wandb" and find_spec("wandb") is None:
+        raise ArgumentError("--report_to wandb: wandb is not installed (pip install wandb)")
 
 
 def check_train_settings(settings: dict) -> None:
@@ -327,13 +459,6 @@ def flagged(message: str) -> str:
 # --------------------------------------------------------------------------------------------
 # the run, step by step
 # --------------------------------------------------------------------------------------------
-
-
-def model_arch(model_path: str) -> str:
-    """``"sd15"`` or ``"sdxl"``: read from a local pipeline folder, else guessed from a hub id."""
-    if Path(model_path).is_dir():
-        return detect_arch(model_path)
-    return "sdxl" if "xl" in model_path.lower() else "sd15"
 
 
 def make_accelerator(run: RunArguments, mixed_precision: Optional[str]):
@@ -401,7 +526,7 @@ def load_data(data_args: DataArguments, loss_type: str, arch: str, resolution: i
         logger.info("latent cache %s: %s", "hit" if cache.hit else "built", cache.path)
     else:
         vae, tokenizers, text_encoders = data.load_encoders(
-            model_path, arch, dtype=weight_dtype(accelerator), device=accelerator.device
+            ModelSource.of(data_args), arch, dtype=weight_dtype(accelerator), device=accelerator.device
         )
         train_set = dataset
     summary = getattr(train_set, "dataset", dataset).summary()  # the cache view knows the undecodable rows
@@ -469,19 +594,20 @@ def train_config(settings: dict, arch: str, num_pairs: int, run: RunArguments, a
     return TrainConfig(**values)
 
 
-def build_trainer(model_path: str, config: TrainConfig, accelerator) -> PreferenceTrainer:
-    """The UNet and noise schedule of the pipeline folder in a :class:`PreferenceTrainer`; a LoRA
-    run checkpoints its adapter only."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
+def build_trainer(
+    source: ModelSource, arch: str, config: TrainConfig, run: RunArguments, accelerator
+) -> PreferenceTrainer:
+    """The UNet and noise schedule of the pipeline in a :class:`PreferenceTrainer` (``--is_turbo``:
+    the zero terminal SNR schedule; xformers attention on request); a LoRA run checkpoints its
+    adapter only, plus a copy in diffusers' LoRA format."""
     # LoRA keeps the frozen base in the mixed-precision dtype; a full fine-tune trains float32 weights
-    unet = UNet2DConditionModel.from_pretrained(
-        model_path, subfolder="unet", torch_dtype=weight_dtype(accelerator) if config.lora_rank > 0 else torch.float32
-    )
-    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
+    unet = source.load_unet(weight_dtype(accelerator) if config.lora_rank > 0 else torch.float32)
+    if run.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    noise_scheduler = source.load_noise_scheduler(zero_terminal_snr=config.is_turbo)
     trainer = PreferenceTrainer(unet, noise_scheduler, config, accelerator)
     if config.lora_rank > 0:
-        install_lora_hooks(accelerator, type(trainer.base_unet))
+        install_lora_hooks(accelerator, type(trainer.base_unet), arch)
     return trainer
 
 
@@ -513,10 +639,13 @@ def window_logs(window: List[dict], trainer: PreferenceTrainer) -> dict:
     return logs
 
 
-def run_steps(trainer: PreferenceTrainer, batches, encode, run: RunArguments, run_id: str, accelerator) -> None:
+def run_steps(
+    trainer: PreferenceTrainer, batches, encode, run: RunArguments, run_id: str, accelerator, validate=None
+) -> None:
     """Train until ``max_train_steps``: log each optimizer step (``train_log.jsonl``, trackers,
-    progress bar) and checkpoint every ``--checkpointing_steps``. A non-finite abort saves a
-    checkpoint and re-raises; so does an interrupt at a window boundary."""
+    progress bar), checkpoint every ``--checkpointing_steps`` and call ``validate()`` (main
+    process) every ``--validation_steps``. A non-finite abort saves a checkpoint and re-raises;
+    so does an interrupt at a window boundary."""
     from tqdm.auto import tqdm
 
     config, output_dir = trainer.config, Path(run.output_dir)
@@ -554,6 +683,8 @@ def run_steps(trainer: PreferenceTrainer, batches, encode, run: RunArguments, ru
             step = trainer.global_step
             if run.checkpointing_steps and step % run.checkpointing_steps == 0 and step < max_steps:
                 checkpoint()
+            if validate is not None and step % run.validation_steps == 0 and accelerator.is_main_process:
+                validate()
     except NonFiniteLossError:
         logger.error("aborted: non-finite loss; saved %s", checkpoint())
         accelerator.end_training()
@@ -576,9 +707,10 @@ def hparams(*groups) -> dict:
     return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
 
 
-def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
-    """One ``fastpref train`` run (``settings``: the TrainConfig fields as parsed); returns the
-    summary written to ``train_summary.json``.
+def train(data_args: DataArguments, settings: dict, run: RunArguments, given: Optional[Set[str]] = None) -> dict:
+    """One ``fastpref train`` run (``settings``: the TrainConfig fields as parsed; ``given``: the
+    fields its command line set, see :func:`defaults_that_differ`); returns the summary written
+    to ``train_summary.json``.
 
     Detects the architecture from the pipeline folder, reads the parquet pairs
     (:class:`~fastpref.train.data.PreferenceDataset`: winner first, ties dropped unless
@@ -595,39 +727,53 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
       are functions of the step);
     - ``logs/`` (TensorBoard with ``--report_to tensorboard``), ``train_log.jsonl`` (one line per
       optimizer step: loss, implicit accuracy, mean u, W, Gamma, u on flipped vs kept pairs, LR,
-      skipped steps) and ``train_summary.json``.
+      skipped steps) and ``train_summary.json``;
+    - ``validation/step-N/*.png`` with ``--run_validation`` (also logged to the trackers);
+    - ``README.md``, the model card; with ``--push_to_hub`` the folder is uploaded at the end.
     """
     from accelerate.utils import set_seed
 
     check_arguments(data_args, settings, run)
     output_dir = Path(run.output_dir)
-    model_path = data_args.pretrained_model_name_or_path
-    arch = model_arch(model_path)
+    source = ModelSource.of(data_args)
+    arch = detect_arch(source.path, source.revision)
     resolution = data_args.resolution if data_args.resolution is not None else (1024 if arch == "sdxl" else 512)
     accelerator = make_accelerator(run, settings["mixed_precision"])
+    log_differences(data_args, settings, run, arch, given)
+    allow_tf32(run.allow_tf32)
     check_backend(settings["loss_backend"], accelerator.device)
     set_seed(settings["seed"])
+    repo_id = None
     if accelerator.is_main_process:
         if run.overwrite_output_dir and not run.resume_from_checkpoint:
             move_aside(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        if run.push_to_hub:
+            repo_id = hub.create_repository(run.hub_model_id, output_dir, run.hub_token)
     accelerator.wait_for_everyone()
 
     inputs = load_data(data_args, settings["loss_type"], arch, resolution, accelerator)
     check_batch_fits(run.train_batch_size, accelerator.num_processes, inputs.summary, data_args.dataset_name)
     config = train_config(settings, arch, len(inputs.dataset), run, accelerator)
-    trainer = build_trainer(model_path, config, accelerator)
+    trainer = build_trainer(source, arch, config, run, accelerator)
     resumed = resume(accelerator, trainer, run.resume_from_checkpoint, output_dir, output_dir / LOG_FILE)
     run_id = resumed["run_id"] if resumed else new_run_id()
     if accelerator.is_main_process and run.report_to != "none":
-        accelerator.init_trackers("fastpref", config=hparams(data_args, settings, run))
+        accelerator.init_trackers(run.tracker_name or TRACKER_NAMES[arch], config=hparams(data_args, settings, run))
+
+    validated = {}  # step -> the validation images of that step
+
+    def validate():
+        validated[trainer.global_step] = run_validation(trainer, source, arch, run, resolution, output_dir)
 
     loader = make_loader(inputs.dataset, run.train_batch_size, data_args.dataloader_num_workers, trainer, accelerator)
     started = time.perf_counter()
-    run_steps(trainer, iter(loader), inputs.encode, run, run_id, accelerator)
+    run_steps(trainer, iter(loader), inputs.encode, run, run_id, accelerator, validate if run.run_validation else None)
 
     save_checkpoint(accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit, run_id)
     save_weights(accelerator, trainer, arch, output_dir)
+    if run.run_validation and accelerator.is_main_process and trainer.global_step not in validated:
+        validate()  # the final weights
     result = {
         "status": "finished",
         "arch": arch,
@@ -645,8 +791,63 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments) -> dict:
     if accelerator.is_main_process:
         text = json.dumps(result, indent=2) + "\n"
         write_text_atomic(output_dir / SUMMARY_FILE, text)
+        write_model_card(
+            output_dir,
+            source.path,
+            arch,
+            config.loss_type,
+            card_settings(config, run, resolution, accelerator.num_processes, data_args.dataset_name),
+            run.validation_prompts,
+            validated.get(trainer.global_step, []),
+            lora=config.lora_rank > 0,
+        )
+        if repo_id is not None:
+            hub.push(repo_id, output_dir, run.hub_token)
     accelerator.end_training()
     return result
+
+
+def log_differences(
+    data_args: DataArguments, settings: dict, run: RunArguments, arch: str, given: Optional[Set[str]]
+) -> None:
+    """The run's first log lines: where it departs from what diffusers' DPO scripts would do with
+    the same command."""
+    for line in defaults_that_differ({**vars(data_args), **settings, **vars(run)}, arch, given):
+        logger.warning("default differs from diffusers' script: %s", line)
+    if arch == "sdxl" and settings["beta"] is not None:
+        logger.warning(
+            "--beta_dpo %g: fastpref's scale for every architecture; diffusers' train_diffusion_dpo_sdxl.py halves "
+            "its --beta_dpo (its --beta_dpo %g is this run's)",
+            settings["beta"],
+            2 * settings["beta"],
+        )
+    if run.prior_generation_precision is not None:
+        logger.warning("--prior_generation_precision: unused (diffusers' DPO scripts do not use it either)")
+
+
+def allow_tf32(allow: bool) -> None:
+    """``--allow_tf32``: CUDA matmuls and cuDNN convolutions may use TF32 (Ampere and later)."""
+    if allow:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        logger.info("--allow_tf32: TF32 matmuls and cuDNN convolutions allowed")
+
+
+def card_settings(config: TrainConfig, run: RunArguments, resolution: int, processes: int, dataset: str) -> dict:
+    """The hyper-parameters the model card lists."""
+    names = ("loss_type", "beta", "lora_rank", "learning_rate", "lr_scheduler", "lr_warmup_steps")
+    names += ("gradient_accumulation_steps", "max_train_steps", "mixed_precision", "seed", "is_turbo")
+    values = {name: getattr(config, name) for name in names}
+    if config.uses_footprints:  # the metric u's settings
+        values.update(
+            k1=config.k1,
+            rho=config.rho,
+            weighting=config.resolved_weighting,
+            margin=config.resolved_margin,
+            ema_decays=",".join(map(str, config.ema_decays)),
+        )
+    values.update(dataset=dataset, resolution=resolution, train_batch_size=run.train_batch_size, processes=processes)
+    return values
 
 
 def main(argv=None) -> int:
@@ -659,7 +860,7 @@ def main(argv=None) -> int:
     except ArgumentError as error:
         parser.error(str(error))  # exits 2
     try:
-        train(data_args, settings, run)
+        train(data_args, settings, run, given_flags(argv, parser))
     except (ValueError, FileNotFoundError) as error:
         print(f"fastpref train: error: {error}", file=sys.stderr)
         return 2

@@ -11,7 +11,10 @@ from typing import Literal, Optional, get_args
 
 import fastpref
 
-LossType = Literal["dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo"]
+LOSS_TYPES = ("dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo")
+# diffusers' train_diffusion_dpo.py names for fastpref's loss types (its hinge and ipo are fastpref's)
+DIFFUSERS_LOSS_TYPES = {"sigmoid": "dpo"}
+LossType = Literal[LOSS_TYPES + tuple(DIFFUSERS_LOSS_TYPES)]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 # The loss's own options, with the loss's choices (Literal of a tuple: the choices are written once,
 # in fastpref.loss.options).
@@ -20,7 +23,6 @@ Margin = Literal[fastpref.CHOICES["margin"]]
 MetricPreset = Literal[fastpref.CHOICES["preset"]]
 LossBackend = Literal[fastpref.CHOICES["backend"]]
 
-LOSS_TYPES = get_args(LossType)
 MIXED_PRECISION = get_args(MixedPrecision)
 ADAPTIVE_TYPES = ("adaptive", "adaptive-ipo")
 # trainer loss type -> the loss head of fastpref.adaptive_dpo_loss
@@ -42,6 +44,7 @@ _INT_BOUNDS = {
     "max_train_steps": 1,
     "gradient_accumulation_steps": 1,
     "lr_warmup_steps": 0,
+    "lr_num_cycles": 1,
     "max_nonfinite_steps": 1,
 }
 
@@ -84,7 +87,7 @@ class TrainConfig:
         default="adaptive",
         metadata=_help(
             "the objective: dpo, adaptive (Adaptive-DPO), ipo, adaptive-ipo, robust (rDPO), cdpo, hinge, "
-            "sft (MSE on the preferred images only) or dedpo"
+            "sft (MSE on the preferred images only) or dedpo; diffusers' sigmoid is dpo"
         ),
     )
     beta: float = field(
@@ -142,7 +145,10 @@ class TrainConfig:
             "instead of each process's (the authors' choice)"
         ),
     )
-    lora_rank: int = field(default=8, metadata=_help("LoRA rank on the attention projections; 0 = full fine-tune"))
+    lora_rank: int = field(
+        default=8,
+        metadata=_help("LoRA rank on the attention projections; 0 = full fine-tune", aliases=["--rank"]),
+    )
     learning_rate: float = field(default=1e-5, metadata=_help("peak learning rate"))
     lr_scheduler: str = field(
         default="constant",
@@ -151,6 +157,8 @@ class TrainConfig:
         ),
     )
     lr_warmup_steps: int = field(default=0, metadata=_help("warm-up steps of the LR schedule"))
+    lr_num_cycles: int = field(default=1, metadata=_help("hard restarts of cosine_with_restarts"))
+    lr_power: float = field(default=1.0, metadata=_help("power of the polynomial schedule"))
     max_train_steps: int = field(default=1000, metadata=_help("optimizer steps"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-steps per optimizer step"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping (0 = off)"))
@@ -169,8 +177,16 @@ class TrainConfig:
         metadata=_help("abort after this many optimizer steps in a row with a non-finite loss"),
     )
     loss_backend: LossBackend = field(default="auto", metadata=_help("the loss's backend"))
+    is_turbo: bool = field(
+        default=False,
+        metadata=_help(
+            "SDXL Turbo, as diffusers' SDXL script: zero terminal SNR noise schedule, timesteps on its 4-step grid "
+            "(249, 499, 749, 999 of 1000), validation with 4 steps and no guidance"
+        ),
+    )
 
     def __post_init__(self):
+        self.loss_type = DIFFUSERS_LOSS_TYPES.get(self.loss_type, self.loss_type)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.mixed_precision not in MIXED_PRECISION:

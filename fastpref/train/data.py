@@ -744,24 +744,12 @@ def encode_prompts(
 
 
 def load_encoders(model_path, arch: Optional[str] = None, dtype: torch.dtype = torch.float32, device="cpu"):
-    """``(vae, tokenizers, text_encoders)`` of a diffusers pipeline folder, in eval mode."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    """``(vae, tokenizers, text_encoders)`` of a diffusers pipeline (a folder, a Hub id or a
+    :class:`~fastpref.train.models.ModelSource`), in eval mode (see ``ModelSource.load_encoders``)."""
+    from .models import ModelSource
 
-    arch = arch or detect_arch(model_path)
-    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype).to(device).eval()
-    tokenizers = [CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer")]
-    text_encoders = [
-        CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
-    ]
-    if arch == "sdxl":
-        tokenizers.append(CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer_2"))
-        text_encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2", torch_dtype=dtype)
-            .to(device)
-            .eval()
-        )
-    return vae, tokenizers, text_encoders
+    source = model_path if isinstance(model_path, ModelSource) else ModelSource(str(model_path))
+    return source.load_encoders(arch or detect_arch(source.path, source.revision), dtype, device)
 
 
 def time_ids(batch: dict, resolution: int) -> torch.Tensor:

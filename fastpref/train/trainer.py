@@ -15,6 +15,7 @@ from .config import TrainConfig
 from .footprints import AdapterFootprints, ModelFootprints, adapters_disabled, lora_layers
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TURBO_STEPS = 4  # SDXL Turbo samples with 4 steps; --is_turbo trains on their timesteps
 DEDPO_LABELS = ("synthetic_label", "human_label", "human_mask", "propensity")  # the batch's loss keywords
 
 
@@ -100,6 +101,8 @@ class PreferenceTrainer:
             optimizer=optimizer,
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_train_steps,
+            num_cycles=config.lr_num_cycles,
+            power=config.lr_power,
         )
         self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
         accelerator.register_for_checkpointing(self.lr_scheduler)
@@ -198,9 +201,11 @@ class PreferenceTrainer:
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         generator = torch.Generator(device="cpu").manual_seed(step_seed(self.config.seed, self.micro_step))
         noise = torch.randn((world * pairs, *latents.shape[1:]), generator=generator, dtype=torch.float32)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (world * pairs,), generator=generator
-        )
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (world * pairs,), generator=generator)
+        if self.config.is_turbo:  # SDXL Turbo's 4-step grid, as diffusers' SDXL script: 249, 499, 749, 999
+            stride = num_timesteps // TURBO_STEPS
+            timesteps = stride * (timesteps % TURBO_STEPS) + stride - 1
         mine = slice(rank * pairs, (rank + 1) * pairs)
         noise = noise[mine].to(latents.device, latents.dtype).repeat(2, *([1] * (latents.dim() - 1)))
         return noise, timesteps[mine].to(latents.device).repeat(2)

@@ -51,6 +51,7 @@ def test_overwrite_output_dir_moves_the_old_run_aside(train_subprocess, tmp_path
     )
     assert "moved the previous contents" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "checkpoint-2",
         "pytorch_lora_weights.safetensors",
         "train_log.jsonl",

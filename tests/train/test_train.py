@@ -279,7 +279,10 @@ DOCUMENTED_FLAGS = """--pretrained_model_name_or_path --dataset_name --output_di
 --gradient_accumulation_steps --max_train_steps --learning_rate --lr_scheduler --lr_warmup_steps --beta_dpo
 --loss_type --rho --k1 --weighting --margin --metric_preset --ema_decays --lora_rank --mixed_precision
 --gradient_checkpointing --checkpointing_steps --resume_from_checkpoint --seed --flip_rate --flip_seed
---keep_ties --cache_latents --report_to --use_8bit_adam --global_metric --human_fraction""".split()
+--keep_ties --cache_latents --report_to --use_8bit_adam --global_metric --human_fraction --rank --revision --variant
+--pretrained_vae_model_name_or_path --run_validation --validation_steps --validation_prompts
+--validation_inference_steps --is_turbo --push_to_hub --hub_model_id --hub_token --allow_tf32
+--enable_xformers_memory_efficient_attention --logging_dir --tracker_name""".split()
 
 
 def test_help_documents_every_flag():
