@@ -118,3 +118,19 @@ def train_main(tiny_run, capsys):
         return code, capsys.readouterr().err
 
     return run
+
+
+# The Hugging Face datasets cache (the Arrow files that ``fastpref train`` makes of parquet data):
+# a temporary folder for the session, set before ``datasets`` is imported, inherited by subprocesses.
+def _datasets_cache() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="fastpref-hf-datasets-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = _datasets_cache()
