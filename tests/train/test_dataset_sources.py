@@ -150,3 +150,33 @@ def test_train_on_a_hub_layout_folder_records_split_and_pairs(rows, train_main, 
     summary = json.loads((out / "train_summary.json").read_text())["data"]
     assert summary["split"] == "train" and summary["rows"] == 12 and summary["num_pairs"] == 9
     assert summary["undecodable_at_fetch"] == 0
+
+
+def test_sigkill_and_resume_across_a_skipped_row_is_bitwise(train_subprocess, tmp_path):
+    """Rows fetched at step 1 and step 3 do not decode; the run killed after checkpoint-2 and
+    resumed from it ends with the uninterrupted run's weights, log and skip counts."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    batch, seed = 2, 0
+    order = PairSampler(12, seed=seed, infinite=True)
+    doomed = [order.index_at(0), order.index_at(2 * batch)]  # the first item of step 1 and of step 3
+    columns = corrupt_rows(make_rows(12, resolution=RES, seed=5), doomed)
+    write_parquet(columns, tmp_path / "data" / "train.parquet")  # no ties or bad labels: item i is row i
+    args = ["--dataset_name", tmp_path / "data", "--seed", seed, "--max_train_steps", 3, "--checkpointing_steps", 2]
+
+    def outcome(out):
+        summary = json.loads((out / "train_summary.json").read_text())["data"]
+        log = (out / "train_log.jsonl").read_text()
+        return load_file(out / "pytorch_lora_weights.safetensors"), log, summary["undecodable_at_fetch"]
+
+    train_subprocess(tmp_path / "whole", *args)
+    weights, log, skipped = outcome(tmp_path / "whole")
+    assert skipped == 2
+    killed = train_subprocess(tmp_path / "cut", *args, fault="saved:2", check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    train_subprocess(tmp_path / "cut", *args, "--resume_from_checkpoint", "latest")
+    resumed_weights, resumed_log, resumed_skipped = outcome(tmp_path / "cut")
+    assert resumed_log == log and resumed_skipped == skipped
+    assert resumed_weights.keys() == weights.keys() and all(resumed_weights[k].equal(weights[k]) for k in weights)
