@@ -148,3 +148,45 @@ def test_items_are_read_memory_mapped(reference):
     item = view[(3, 99)]  # a sampler key with a position: no augmentation on latents
     assert item["latents"].shape == (2, 4, RES // 8, RES // 8) and item["skipped_rows"] == []
     assert torch.equal(item["latents"], view[3]["latents"])
+
+
+def test_two_processes_split_the_encoding(reference, sd15, tmp_path, monkeypatch):
+    """Two ranks (threads standing for processes, a barrier for ``wait_for_everyone``) encode the
+    even and the odd shards, each once, and open the same cache as a one-process build."""
+    import threading
+
+    dataset, whole = reference
+    barrier = threading.Barrier(2, timeout=300)
+    encoded = {0: [], 1: []}
+    original = latent_cache._encode_rows
+    rank_of = threading.local()
+
+    def counting(dataset_, rows, *args):
+        encoded[rank_of.rank].append(int(rows[0]))
+        return original(dataset_, rows, *args)
+
+    monkeypatch.setattr(latent_cache, "_encode_rows", counting)
+
+    class Rank:
+        num_processes = 2
+
+        def __init__(self, rank):
+            self.process_index, self.is_local_main_process = rank, rank == 0
+
+        def wait_for_everyone(self):
+            barrier.wait()
+
+    caches = {}
+
+    def run(rank):
+        rank_of.rank = rank
+        caches[rank] = build(dataset, tmp_path, sd15, accelerator=Rank(rank))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert encoded == {0: [0, 2 * SHARD], 1: [SHARD, 3 * SHARD]}  # the first row of each shard
+    for cache in caches.values():
+        assert torch.equal(cache.latents, whole.latents) and torch.equal(cache.prompt_embeds, whole.prompt_embeds)
