@@ -432,7 +432,9 @@ def load_data(
     process first) and either encode them once into the latent cache (``--cache_latents``; the
     work split across processes) or load the encoders for every batch. ``seed`` (``--seed``)
     draws the ``--max_train_samples`` subset and the random crops and flips. Registers the
-    count of rows skipped at fetch for checkpointing."""
+    count of rows skipped at fetch in the checkpoints."""
+    from accelerate.utils import gather_object
+
     dedpo = loss_type == "dedpo"
     dataset_kwargs = dict(
         split=data_args.dataset_split_name,
@@ -494,7 +496,7 @@ def load_data(
             judge["mean_abs_error"],
         )
     skips = data.FetchSkips()
-    accelerator.register_for_checkpointing(skips)
+    skips.install(accelerator)
     encode = data.BatchEncoder(
         vae,
         tokenizers,
@@ -504,7 +506,7 @@ def load_data(
         vae_batch_size=data_args.vae_encode_batch_size,
         skips=skips,
         summary=summary,
-        gather=accelerator.gather_object if accelerator.num_processes > 1 else None,
+        gather=gather_object if accelerator.num_processes > 1 else None,
     )
     return TrainData(train_set, encode, summary, judge)
 

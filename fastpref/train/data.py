@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -942,11 +943,31 @@ def time_ids(batch: dict, resolution: int) -> torch.Tensor:
 class FetchSkips:
     """The source rows passed over at fetch because they do not decode, each counted once.
 
-    Saved in every checkpoint (``accelerator.register_for_checkpointing``: ``state_dict`` /
-    ``load_state_dict``), so a resumed run reports the same counts as an uninterrupted one."""
+    :meth:`install` saves them in every checkpoint (``fetch_skips.json``, through accelerate's
+    save/load state hooks, so the other checkpointed objects keep their numbers) and restores
+    them on resume, so a resumed run reports the same counts as an uninterrupted one."""
+
+    FILE = "fetch_skips.json"
 
     def __init__(self):
         self.rows: set = set()
+
+    def install(self, accelerator) -> None:
+        """Write ``FILE`` into every checkpoint ``accelerator.save_state`` writes (main process),
+        and read it back in ``load_state`` (a checkpoint without it: nothing skipped)."""
+        from .files import write_json_atomic
+
+        def save(models, weights, output_dir):
+            if accelerator.is_main_process:
+                Path(output_dir).mkdir(parents=True, exist_ok=True)
+                write_json_atomic(self.state_dict(), Path(output_dir) / self.FILE)
+
+        def load(models, input_dir):
+            file = Path(input_dir) / self.FILE
+            self.load_state_dict(json.loads(file.read_text()) if file.exists() else {"rows": []})
+
+        accelerator.register_save_state_pre_hook(save)
+        accelerator.register_load_state_pre_hook(load)
 
     def record(self, rows: Sequence[int]) -> List[int]:
         """Add ``rows``; returns those not seen before, sorted."""

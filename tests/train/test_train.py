@@ -298,7 +298,7 @@ def test_help_documents_every_flag():
 @pytest.mark.parametrize(
     "model, lora_rank, loss_type, extra",
     [
-        ("sd15", 4, "adaptive", ["--flip_rate", "0.25", "--metric_warmup_steps", "1"]),
+        ("sd15", 4, "adaptive", ["--flip_rate", "0.5", "--metric_warmup_steps", "1"]),
         ("sd15", 0, "ipo", ["--gradient_accumulation_steps", "2"]),
         ("sdxl", 4, "dpo", ["--cache_latents"]),
         ("sdxl", 0, "adaptive-ipo", ["--metric_warmup_steps", "0", "--report_to", "tensorboard"]),
