@@ -365,20 +365,21 @@ class PreferenceDataset(torch.utils.data.Dataset):
         labels = _numbers(table.column(self.columns["label"]))
         judges = _numbers(table.column(self.judge_column)) if self.synthetic_labels else None
         self._images = self.data.select_columns([self.columns["image_0"], self.columns["image_1"]]).with_format("arrow")
-        images = self._images[:]  # zero-copy: only the lengths and validity bitmaps are touched below
+        # From the memory-mapped table of all stored rows (then the dataset's index mapping, if it
+        # has one): only the cells' offsets and validity bitmaps are read, never the bytes.
+        mapping = self.data._indices
+        order = None if mapping is None else np.asarray(mapping.column(0).to_numpy(zero_copy_only=False))
         self._image_ok = np.ones(self.num_rows, dtype=bool)
-        for name in (self.columns["image_0"], self.columns["image_1"]):
-            column = images.column(name)
-            if pa.types.is_struct(column.type):
+        for which, name in enumerate((self.columns["image_0"], self.columns["image_1"])):
+            column, path = self.data.data.column(name), None
+            if pa.types.is_struct(column.type):  # a Hugging Face Image feature: bytes, or a path
+                path = np.asarray(pc.is_valid(pc.struct_field(column, "path")).to_numpy(zero_copy_only=False))
                 column = pc.struct_field(column, "bytes")
-            if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-                lengths = pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
-                self._image_ok &= np.asarray(lengths) > 0
-            else:
-                raise ValueError(
-                    f"--image_column_{0 if name == self.columns['image_0'] else 1}: column {name!r} holds "
-                    f"{column.type}, not encoded image bytes"
-                )
+            if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+                raise ValueError(f"--image_column_{which}: column {name!r} holds {column.type}, not encoded images")
+            ok = np.asarray(pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)) > 0
+            ok = ok if path is None else ok | path
+            self._image_ok &= ok if order is None else ok[order]
         return labels, judges
 
     def _scan_rows(self, labels: np.ndarray, judges: Optional[np.ndarray]) -> None:

@@ -63,6 +63,22 @@ def test_save_to_disk_folders(rows, tmp_path):
         PreferenceDataset(tmp_path / "dict", RES)  # it holds no train split
 
 
+def test_image_features_and_index_mappings(rows):
+    """Image cells as Hugging Face ``Image`` structs, and a ``select``ed dataset (an index mapping
+    over the stored rows): the empty-cell check follows the mapping without reading the bytes."""
+    import datasets
+
+    columns = {name: list(values) for name, values in rows["train"].items()}
+    columns["jpg_1"][3] = None
+    stored = datasets.Dataset.from_dict(columns).cast_column("jpg_0", datasets.Image(decode=False))
+    picked = stored.select([5, 3, 7, 1])
+    dataset = PreferenceDataset(picked, RES)
+    assert dataset.num_rows == 4 and dataset.skipped["malformed"] == [1]  # stored row 3
+    assert dataset.caption(0) == columns["caption"][5]
+    plain = PreferenceDataset(datasets.Dataset.from_dict(rows["train"]).select([5]), RES)
+    assert torch.equal(dataset[0]["pixel_values"], plain[0]["pixel_values"])
+
+
 def test_a_hub_id_goes_to_load_dataset_with_the_cache_dir(rows, monkeypatch, tmp_path):
     import datasets
 
