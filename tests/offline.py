@@ -135,3 +135,19 @@ def tiny_sdxl(tmp_path_factory):
     config_file = root / "vae-fp16-fix" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "force_upcast": False}))
     return {"model": root / "M", "vae": root / "vae-fp16-fix"}
+
+
+# The Hugging Face datasets cache (the Arrow files that ``fastpref train`` makes of parquet data):
+# a temporary folder for the session, set before ``datasets`` is imported, inherited by subprocesses.
+def _datasets_cache() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="fastpref-hf-datasets-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = _datasets_cache()

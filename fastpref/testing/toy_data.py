@@ -219,6 +219,40 @@ def write_parquet(columns: Dict[str, list], file) -> Path:
     return file
 
 
+def write_hub_layout(splits: Dict[str, Dict[str, list]], folder, files_per_split: int = 1) -> Path:
+    """Write ``{split: columns}`` in the Hugging Face Hub's layout:
+    ``folder/data/<split>-0000k-of-0000n.parquet`` (``files_per_split`` files each, the rows cut
+    in order), as ``huggingface_hub`` snapshots of parquet datasets look. Returns ``folder``."""
+    folder = Path(folder)
+    for split, columns in splits.items():
+        n = len(next(iter(columns.values())))
+        bounds = np.linspace(0, n, files_per_split + 1).round().astype(int)
+        for k in range(files_per_split):
+            part = {name: values[bounds[k] : bounds[k + 1]] for name, values in columns.items()}
+            write_parquet(part, folder / "data" / f"{split}-{k:05d}-of-{files_per_split:05d}.parquet")
+    return folder
+
+
+def write_saved_dataset(columns: Dict[str, list], folder, split: Optional[str] = None) -> Path:
+    """Write ``columns`` with ``datasets``' ``save_to_disk`` to ``folder``: a ``Dataset``, or with
+    ``split`` a ``DatasetDict`` holding that one split. Returns ``folder``."""
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(columns)
+    (datasets.DatasetDict({split: dataset}) if split else dataset).save_to_disk(str(folder))
+    return Path(folder)
+
+
+def corrupt_rows(columns: Dict[str, list], rows: Sequence[int], seed: int = 0) -> Dict[str, list]:
+    """A copy of ``columns`` whose ``jpg_0`` at each of ``rows`` holds :func:`corrupt_bytes` (a
+    row that passes every cheap check and fails to decode)."""
+    rng = np.random.default_rng(seed)
+    out = {name: list(values) for name, values in columns.items()}
+    for row in rows:
+        out["jpg_0"][int(row)] = corrupt_bytes(rng)
+    return out
+
+
 def make_toy_data(
     path,
     pairs: int,

@@ -68,8 +68,9 @@ class DataArguments:
     )
     dataset_name: str = field(
         metadata={
-            "help": "a parquet file or a folder of *.parquet in the Pick-a-Pic v2 schema "
-            "(caption, jpg_0, jpg_1, label_0)"
+            "help": "the preference pairs: a Hub id (datasets.load_dataset, e.g. yuvalkirstain/pickapic_v2), a "
+            "local folder in the Hub's layout (data/train-*.parquet ...), a parquet file or folder, or a "
+            "save_to_disk folder; Pick-a-Pic v2 columns (see the --*_column flags)"
         }
     )
     revision: Optional[str] = field(
@@ -87,7 +88,41 @@ class DataArguments:
         default=None,
         metadata={"help": "training resolution in pixels, a multiple of 8; default 512 (sd15) / 1024 (sdxl)"},
     )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N valid pairs"})
+    dataset_split_name: str = field(default="train", metadata={"help": "the split of --dataset_name to train on"})
+    cache_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "the Hugging Face datasets cache (downloads and the Arrow files of parquet data); default "
+            "$HF_DATASETS_CACHE"
+        },
+    )
+    caption_column: str = field(default=data.CAPTION, metadata={"help": "the column of the captions"})
+    image_column_0: str = field(default=data.IMAGE_0, metadata={"help": "the column of the first image (bytes)"})
+    image_column_1: str = field(default=data.IMAGE_1, metadata={"help": "the column of the second image (bytes)"})
+    label_column: str = field(
+        default=data.LABEL, metadata={"help": "the column of the label: 1 first image preferred, 0 second, 0.5 tie"}
+    )
+    max_train_samples: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "train on a random subset of N usable pairs, seeded by --seed (as datasets' "
+            "shuffle(seed).select(range(N)) in diffusers' script)"
+        },
+    )
+    no_hflip: bool = field(
+        default=False,
+        metadata={
+            "help": "no random horizontal flips (flips are on by default, as in diffusers); uncached runs only: "
+            "--cache_latents encodes each image once, unflipped"
+        },
+    )
+    random_crop: bool = field(
+        default=False,
+        metadata={
+            "help": "crop at a random position instead of the centre; uncached runs only (cached latents are "
+            "deterministic): refused with --cache_latents"
+        },
+    )
     keep_ties: bool = field(default=False, metadata={"help": "keep pairs with label_0 == 0.5 (dropped by default)"})
     flip_rate: float = field(
         default=0.0,
@@ -96,10 +131,16 @@ class DataArguments:
     flip_seed: int = field(default=0, metadata={"help": "seed of the flipped subset"})
     cache_latents: bool = field(
         default=False,
-        metadata={"help": "encode VAE latents and text embeddings once (reused across runs and resumes)"},
+        metadata={
+            "help": "encode VAE latents and text embeddings once (reused across runs and resumes); no random "
+            "flips or crops then"
+        },
     )
-    cache_dir: str = field(
+    latent_cache_dir: str = field(
         default=str(DEFAULT_CACHE), metadata={"help": "where the latent cache lives ($FASTPREF_CACHE/latents)"}
+    )
+    vae_encode_batch_size: int = field(
+        default=8, metadata={"help": "images per VAE call, when caching latents and in uncached steps"}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     human_fraction: Optional[float] = field(
@@ -338,9 +379,10 @@ def check_model_path(value: str, revision: Optional[str] = None) -> None:
 
 
 def check_dataset_path(value: str) -> None:
-    """A parquet file or a folder (its ``*.parquet`` are read later)."""
-    if not Path(value).expanduser().exists():
-        raise ArgumentError(f"--dataset_name: no such file or folder: {value}")
+    """A local file or folder (read later by :func:`~fastpref.train.data.open_split`), or what
+    looks like a Hub id (``org/name``; ``datasets.load_dataset`` says later whether it loads)."""
+    if not Path(value).expanduser().exists() and not HUB_ID.match(value):
+        raise ArgumentError(f"--dataset_name: no such file or folder: {value} (and not a Hub id, org/name)")
 
 
 def check_output_dir(run: RunArguments) -> None:
@@ -389,6 +431,16 @@ def check_data_values(data_args: DataArguments, loss_type: str) -> None:
         raise ArgumentError(f"--flip_rate must be in [0, 1], got {data_args.flip_rate}")
     if data_args.dataloader_num_workers < 0:
         raise ArgumentError(f"--dataloader_num_workers must be >= 0, got {data_args.dataloader_num_workers}")
+    if data_args.vae_encode_batch_size < 1:
+        raise ArgumentError(f"--vae_encode_batch_size must be >= 1, got {data_args.vae_encode_batch_size}")
+    if data_args.random_crop and data_args.cache_latents:
+        raise ArgumentError(
+            "--random_crop: cannot be combined with --cache_latents (each image is encoded once, centre-cropped); "
+            "drop one of them"
+        )
+    for name in ("caption_column", "image_column_0", "image_column_1", "label_column", "dataset_split_name"):
+        if not getattr(data_args, name):
+            raise ArgumentError(f"--{name} must not be empty")
     if loss_type == "dedpo" and data_args.human_fraction is None:
         raise ArgumentError(
             "--human_fraction: --loss_type dedpo needs it (the share of pairs that keep a human label, in (0, 1])"
@@ -488,7 +540,9 @@ def weight_dtype(accelerator) -> torch.dtype:
 @dataclasses.dataclass
 class TrainData:
     """What :func:`load_data` prepared: the dataset served (pixels, or latents from the cache),
-    the batch encoder, the data summary and, for dedpo, the judge's agreement with the humans."""
+    the batch encoder, the data summary (the split, ``num_pairs``, the counts; its
+    ``undecodable_at_fetch`` kept up to date by the encoder) and, for dedpo, the judge's agreement
+    with the humans."""
 
     dataset: torch.utils.data.Dataset
     encode: data.BatchEncoder
@@ -496,40 +550,67 @@ class TrainData:
     judge: Optional[dict]
 
 
-def load_data(data_args: DataArguments, loss_type: str, arch: str, resolution: int, accelerator) -> TrainData:
-    """Read the preference pairs and either encode them once into the latent cache
-    (``--cache_latents``; on the main process first) or load the encoders for every batch."""
+def load_data(
+    data_args: DataArguments, loss_type: str, arch: str, resolution: int, accelerator, seed: int = 0
+) -> TrainData:
+    """Open the split of preference pairs (:func:`~fastpref.train.data.open_split`, on the main
+    process first) and either encode them once into the latent cache (``--cache_latents``; the
+    work split across processes) or load the encoders for every batch. ``seed`` (``--seed``)
+    draws the ``--max_train_samples`` subset and the random crops and flips. Registers the
+    count of rows skipped at fetch in the checkpoints."""
+    from accelerate.utils import gather_object
+
     dedpo = loss_type == "dedpo"
     dataset_kwargs = dict(
+        split=data_args.dataset_split_name,
+        cache_dir=data_args.cache_dir,
         keep_ties=data_args.keep_ties,
         flip_rate=data_args.flip_rate,
         flip_seed=data_args.flip_seed,
         max_pairs=data_args.max_train_samples,
+        subset_seed=seed,
+        hflip=not data_args.no_hflip and not data_args.cache_latents,
+        random_crop=data_args.random_crop,
+        augment_seed=seed,
+        caption_column=data_args.caption_column,
+        image_columns=(data_args.image_column_0, data_args.image_column_1),
+        label_column=data_args.label_column,
     )
     if dedpo:
         dataset_kwargs.update(
             synthetic_labels=True, human_fraction=data_args.human_fraction, human_seed=data_args.human_seed
         )
-    dataset = data.PreferenceDataset(
-        data_args.dataset_name, resolution, check_images=not data_args.cache_latents, **dataset_kwargs
-    )
+    with accelerator.main_process_first():  # one process converts or downloads, the others reuse it
+        dataset = data.PreferenceDataset(data_args.dataset_name, resolution, check_images=False, **dataset_kwargs)
     if len(dataset) == 0:
         raise ValueError(f"dataset_name: no usable pairs in {data_args.dataset_name} ({dataset.summary()})")
+    if data_args.cache_latents and not data_args.no_hflip:
+        logger.info("--cache_latents: images are encoded once, without random flips (as with --no_hflip)")
     model_path = data_args.pretrained_model_name_or_path
+    models = dict(
+        revision=data_args.revision, variant=data_args.variant, vae_path=data_args.pretrained_vae_model_name_or_path
+    )
     vae = tokenizers = text_encoders = None
     if data_args.cache_latents:
-        with accelerator.main_process_first():
-            cache = LatentCache.build(
-                dataset, data_args.cache_dir, model_path, dtype=weight_dtype(accelerator), device=accelerator.device
-            )
+        cache = LatentCache.build(
+            dataset,
+            data_args.latent_cache_dir,
+            model_path,
+            dtype=weight_dtype(accelerator),
+            device=accelerator.device,
+            batch_size=data_args.vae_encode_batch_size,
+            accelerator=accelerator,
+            **models,
+        )
         train_set = cache.view(dataset)
         logger.info("latent cache %s: %s", "hit" if cache.hit else "built", cache.path)
     else:
         vae, tokenizers, text_encoders = data.load_encoders(
-            ModelSource.of(data_args), arch, dtype=weight_dtype(accelerator), device=accelerator.device
+            model_path, arch, dtype=weight_dtype(accelerator), device=accelerator.device, **models
         )
         train_set = dataset
     summary = getattr(train_set, "dataset", dataset).summary()  # the cache view knows the undecodable rows
+    summary["undecodable_at_fetch"] = 0
     logger.info("data: %s", summary)
     judge = dataset.judge_agreement() if dedpo else None
     if judge is not None:
@@ -539,7 +620,19 @@ def load_data(data_args: DataArguments, loss_type: str, arch: str, resolution: i
             judge["accuracy"],
             judge["mean_abs_error"],
         )
-    encode = data.BatchEncoder(vae, tokenizers, text_encoders, resolution, accelerator.device)
+    skips = data.FetchSkips()
+    skips.install(accelerator)
+    encode = data.BatchEncoder(
+        vae,
+        tokenizers,
+        text_encoders,
+        resolution,
+        accelerator.device,
+        vae_batch_size=data_args.vae_encode_batch_size,
+        skips=skips,
+        summary=summary,
+        gather=gather_object if accelerator.num_processes > 1 else None,
+    )
     return TrainData(train_set, encode, summary, judge)
 
 
@@ -619,7 +712,7 @@ def make_loader(dataset, batch_size: int, num_workers: int, trainer: PreferenceT
 
     world = accelerator.num_processes
     start = trainer.micro_step * batch_size * world
-    order = data.PairSampler(len(dataset), seed=trainer.config.seed, start=start, infinite=True)
+    order = data.PairSampler(len(dataset), seed=trainer.config.seed, start=start, infinite=True, with_position=True)
     global_batches = torch.utils.data.BatchSampler(order, batch_size * world, drop_last=True)
     shard = BatchSamplerShard(global_batches, world, accelerator.process_index, split_batches=True)
     return torch.utils.data.DataLoader(
@@ -752,7 +845,7 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments, given: Op
             repo_id = hub.create_repository(run.hub_model_id, output_dir, run.hub_token)
     accelerator.wait_for_everyone()
 
-    inputs = load_data(data_args, settings["loss_type"], arch, resolution, accelerator)
+    inputs = load_data(data_args, settings["loss_type"], arch, resolution, accelerator, seed=settings["seed"])
     check_batch_fits(run.train_batch_size, accelerator.num_processes, inputs.summary, data_args.dataset_name)
     config = train_config(settings, arch, len(inputs.dataset), run, accelerator)
     trainer = build_trainer(source, arch, config, run, accelerator)

@@ -1,20 +1,23 @@
-"""Preference pairs for the trainer: Pick-a-Pic v2 parquet in, the trainer's ``[2B, ...]`` batches out.
+"""Preference pairs for the trainer: a Hugging Face dataset in, the trainer's ``[2B, ...]`` batches out.
 
-:class:`PreferenceDataset` serves winner-first pairs (ties, flips, bad rows, DeDPO labels),
-:class:`PairSampler` their seeded, resumable order and :func:`collate_pairs` the batch layout;
-:func:`encode_images`, :func:`encode_prompts` and :class:`BatchEncoder` make the latents and text
-embeddings the trainer takes (the latent cache encodes with them too, so both paths agree).
+:func:`open_split` opens the pairs (a Hub id, a folder in the Hub's layout, parquet files or a
+``save_to_disk`` folder) as a memory-mapped ``datasets.Dataset``; :class:`PreferenceDataset`
+serves winner-first pairs over its row indices (ties, flips, bad rows, DeDPO labels, a seeded
+subset), decoding the images of a pair only when it is fetched; :class:`PairSampler` gives their
+seeded, resumable order and :func:`collate_pairs` the batch layout; :func:`encode_images`,
+:func:`encode_prompts` and :class:`BatchEncoder` make the latents and text embeddings the trainer
+takes (the latent cache encodes with them too, so both paths agree).
 """
 
 from __future__ import annotations
 
-import bisect
 import copy
 import io
+import json
 import logging
 import math
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,32 +33,93 @@ VALID_LABELS = (0.0, 0.5, 1.0)
 _FLIP_STREAM = 0xF11B
 # Likewise for the choice of the pairs that keep their human label (human_seed).
 _HUMAN_STREAM = 0xDED0
+# Likewise for the random crops and flips of one fetch (augment_seed, sample position).
+_AUGMENT_STREAM = 0xA06
 
 
 # --------------------------------------------------------------------------------------------
-# files and images
+# sources and images
 # --------------------------------------------------------------------------------------------
 
 
-def parquet_files(source, pattern: str = "*.parquet") -> List[Path]:
-    """``source`` itself if it is a file, else every file under it matching ``pattern``
-    (recursively), sorted by path."""
-    source = Path(source)
-    if source.is_file():
-        return [source]
-    if not source.is_dir():
-        raise FileNotFoundError(f"dataset_name: no such file or folder: {source}")
-    files = sorted(p for p in source.rglob(pattern) if p.is_file())
-    if not files:
-        raise FileNotFoundError(f"dataset_name: no {pattern} files under {source}")
-    return files
+def open_split(name, split: str = "train", cache_dir: Optional[str] = None):
+    """The split ``split`` of the pairs at ``name`` as a memory-mapped ``datasets.Dataset``.
+
+    ``name`` is, in this order: a ``.parquet`` file (the split ``train``); a folder written by
+    ``save_to_disk`` (a ``Dataset``, the split ``train``, or a ``DatasetDict``); a folder of parquet
+    files, in the Hub's layout (``data/train-*.parquet`` beside ``data/validation-*.parquet``;
+    split names as ``datasets`` reads them from file and folder names) or not (every ``*.parquet``
+    is ``train``); else a Hub id, loaded as diffusers' script does
+    (``datasets.load_dataset(name, split=split, cache_dir=cache_dir)``). Parquet files are read
+    with ``datasets.load_dataset("parquet", ...)``: converted once to Arrow files in ``cache_dir``
+    (the Hugging Face datasets cache when None) and memory-mapped from there; only the chosen
+    split's files are read. ``FileNotFoundError`` / ``ValueError`` name the flag.
+    """
+    import datasets
+
+    path = Path(str(name)).expanduser()
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ValueError(f"--dataset_name: {name} is a file but not a .parquet file")
+        if split != "train":
+            raise ValueError(f"--dataset_split_name: a single parquet file is the split 'train', got {split!r}")
+        return _load_parquet({split: [str(path)]}, split, cache_dir)
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"--dataset_split_name: {name} has no split {split!r} (it has {list(loaded)})")
+                return loaded[split]
+            if split != "train":
+                raise ValueError(f"--dataset_split_name: {name} holds one split, 'train'; got {split!r}")
+            return loaded
+        return _load_parquet(parquet_splits(path), split, cache_dir, name)
+    try:
+        return datasets.load_dataset(str(name), split=split, cache_dir=cache_dir)
+    except Exception as error:  # offline, unknown id, no such split: say which flag
+        raise ValueError(
+            f"--dataset_name: {name} is no local file or folder, and datasets.load_dataset could not load its "
+            f"split {split!r} ({type(error).__name__}: {error})"
+        ) from None
+
+
+def parquet_splits(folder) -> Dict[str, List[str]]:
+    """``{split: [parquet files]}`` of a local folder, the splits named as ``datasets`` names them
+    (``data/train-00000-of-00002.parquet`` is ``train``; without split names every file is
+    ``train``); files sorted by path."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    folder = Path(folder)
+    try:
+        patterns = get_data_patterns(str(folder))
+    except Exception:  # datasets finds no data file at all
+        patterns = {}
+    files = DataFilesDict.from_patterns(patterns, base_path=str(folder)) if patterns else {}
+    splits = {s: sorted(str(f) for f in found if str(f).endswith(".parquet")) for s, found in files.items()}
+    splits = {s: found for s, found in splits.items() if found}
+    if not splits:
+        raise FileNotFoundError(f"--dataset_name: no *.parquet files under {folder}")
+    return splits
+
+
+def _load_parquet(splits: Dict[str, List[str]], split: str, cache_dir, name=None):
+    import datasets
+
+    if split not in splits:
+        raise ValueError(f"--dataset_split_name: {name} has no split {split!r} (it has {sorted(splits)})")
+    return datasets.load_dataset("parquet", data_files={split: splits[split]}, split=split, cache_dir=cache_dir)
 
 
 def image_bytes(value) -> Optional[bytes]:
-    """The encoded bytes in a parquet image cell (raw bytes or a ``{"bytes": ...}`` struct);
-    ``None`` when the cell holds no bytes."""
+    """The encoded bytes in an image cell (raw bytes or the ``{"bytes": ..., "path": ...}``
+    struct of a Hugging Face ``Image`` feature; a path without bytes is read from disk);
+    ``None`` when the cell holds no image."""
     if isinstance(value, dict):
-        value = value.get("bytes")
+        data, path = value.get("bytes"), value.get("path")
+        if not data and path and Path(path).is_file():
+            return Path(path).read_bytes()
+        value = data
     if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 0:
         return bytes(value)
     return None
@@ -70,10 +134,17 @@ def decode_image(data: bytes):
         return image.convert("RGB")
 
 
-def preprocess(image, resolution: int) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
-    """Resize the shorter side to ``resolution`` (bilinear), centre crop, scale to [-1, 1].
+def preprocess(
+    image, resolution: int, *, crop: Optional[Tuple[float, float]] = None, flip: bool = False
+) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
+    """Resize the shorter side to ``resolution`` (bilinear), crop to ``resolution`` square, scale
+    to [-1, 1]; optionally flip left-right.
 
-    Returns ``(pixels [3, R, R] float32, (orig_h, orig_w), (crop_top, crop_left))``.
+    ``crop=None`` is the centre crop; ``crop=(fy, fx)`` in [0, 1) places the crop at
+    ``top = floor(fy * (h - R + 1))``, ``left = floor(fx * (w - R + 1))`` (a random crop when
+    ``fy, fx`` are uniform draws). ``flip`` mirrors the crop left-right, after cropping, as
+    diffusers' scripts do. Returns ``(pixels [3, R, R] float32, (orig_h, orig_w), (crop_top,
+    crop_left))``.
     """
     from PIL import Image
 
@@ -82,10 +153,15 @@ def preprocess(image, resolution: int) -> Tuple[torch.Tensor, Tuple[int, int], T
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
     if (new_w, new_h) != (width, height):
         image = image.resize((new_w, new_h), Image.BILINEAR)
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    if crop is None:
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    else:
+        top, left = int(crop[0] * (new_h - resolution + 1)), int(crop[1] * (new_w - resolution + 1))
     if (new_w, new_h) != (resolution, resolution):
         image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    if flip:
+        array = array[:, ::-1]
     pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
     return pixels, (height, width), (top, left)
 
@@ -96,43 +172,61 @@ def preprocess(image, resolution: int) -> Tuple[torch.Tensor, Tuple[int, int], T
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Pick-a-Pic v2 preference pairs from a parquet file, or every ``*.parquet`` under a folder
-    (sorted by path), with the columns ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image
-    bytes, or the ``{"bytes": ...}`` struct of a Hugging Face ``Image`` feature) and ``label_0``
-    in {1, 0, 0.5}. Other columns are ignored.
+    """Pick-a-Pic v2 preference pairs over the rows of a Hugging Face dataset (:func:`open_split`
+    of ``source``, or ``source`` itself when it is a ``datasets.Dataset``), with the columns
+    ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image bytes, or the struct of a Hugging Face
+    ``Image`` feature) and ``label_0`` in {1, 0, 0.5} (other names: ``caption_column``,
+    ``image_columns``, ``label_column``). Other columns are ignored.
+
+    **Bounded memory.** Building reads only the small columns (captions, labels, the judge's
+    column, and the images' lengths and null flags); the image bytes stay in the memory-mapped
+    Arrow files until an item is fetched, and the item's images are decoded then (in the
+    DataLoader worker that fetches it). What the dataset holds per row is a few numbers
+    (the index layer below), so memory and start-up do not grow with the images.
 
     * **Winner first.** Item ``i`` holds ``pixel_values [2, 3, R, R]`` in [-1, 1], index 0 the
       preferred image: ``jpg_0`` first when ``label_0 == 1``, ``jpg_1`` first when ``label_0 == 0``.
     * **Ties** (``label_0 == 0.5``) are dropped unless ``keep_ties=True``; a kept tie keeps the
       stored order and has ``human_label == 0.5``.
-    * **Skipped rows.** A row whose caption is not a string, whose label is not 1, 0 or 0.5, or
-      whose image cell is empty is *malformed*; one with an image PIL cannot decode is
-      *undecodable*. Both are skipped and counted (``num_malformed``, ``num_undecodable``, the
-      rows in ``skipped``) and logged once on the ``fastpref.train.data`` logger; nothing
-      raises. Images are decoded once while the dataset is built (``check_images=True``) so that
-      every row that survives is known to decode; with ``check_images=False`` only the cheap
-      checks run there (use it with the latent cache, which records the undecodable rows when it
-      encodes them).
+    * **Malformed rows** -- a caption that is not a string, a label that is not 1, 0 or 0.5, an
+      empty image cell -- are skipped and counted while building (``num_malformed``; rows in
+      ``skipped["malformed"]``), logged once on the ``fastpref.train.data`` logger.
+    * **Undecodable rows** (image bytes PIL cannot decode). With ``check_images=True`` every image
+      is decoded while building and such rows are skipped up front (``num_undecodable``; the
+      default, for small data). With ``check_images=False`` (the trainer's way) they are found when
+      fetched: item ``i`` whose images do not decode is replaced by item ``i + 1`` (then ``i + 2``,
+      ... modulo the length) -- a rule of the index alone, so every run, process and resumed run
+      fetches the same substitute -- and the item's ``skipped_rows`` lists the source rows passed
+      over (logged as a warning; :class:`BatchEncoder` counts them for ``train_summary.json``).
     * **Label flips.** ``flip_rate`` in [0, 1] swaps the two images of exactly
       ``round(flip_rate * n)`` of the ``n`` non-tie pairs, chosen by ``flip_seed`` (NumPy
       ``default_rng([flip_seed, ...])``). ``flipped`` is recorded per item (``flipped_rows``
       lists the source rows, logged) so that the trainer can report the metric on flipped vs
       kept pairs; ``human_label`` is the probability that the *returned first* image is the
       human's choice (1, 0 for a flipped pair, 0.5 for a tie).
-    * **Preprocessing** is deterministic (:func:`preprocess`): shorter side resized to ``R`` (PIL
-      bilinear), centre crop to ``R x R``, ``x / 127.5 - 1``; ``original_sizes [2, 2]`` (h, w
-      before resizing) and ``crop_top_lefts [2, 2]`` (top, left of the crop) feed SDXL's
-      ``add_time_ids``.
+    * **Subset.** ``max_pairs=N`` serves the seeded random subset of N of the usable pairs (after
+      ties and bad rows are dropped) that ``datasets``' ``shuffle(seed=subset_seed).select(range(N))``
+      picks (the first N of ``default_rng(subset_seed).permutation(n)``), kept in row order.
+    * **Preprocessing** (:func:`preprocess`): shorter side resized to ``R`` (PIL bilinear), centre
+      crop to ``R x R``, ``x / 127.5 - 1``. ``random_crop`` and ``hflip`` (diffusers'
+      ``--random_crop``, and flips unless ``--no_hflip``) draw one crop position and one coin per
+      fetch, the same for both images of the pair, from ``default_rng([augment_seed, 0xA06,
+      position])``: ``position`` is the sample's place in the sampler's stream when the key is an
+      ``(index, position)`` pair (:class:`PairSampler` ``with_position=True``), else the index --
+      so a resumed run draws the same. ``original_sizes [2, 2]`` (h, w before resizing) and
+      ``crop_top_lefts [2, 2]`` (top, left of the crop) feed SDXL's ``add_time_ids``.
 
-    ``dataset[i]`` is a dict: ``pixel_values [2, 3, R, R]`` float32 (winner first; in DeDPO mode
-    the judge's preferred image first), ``caption`` (str), ``flipped``, ``tie`` (bool),
-    ``human_label`` (float), ``index`` (= i), ``row`` (int; the source row: the position over all
-    files in sorted order), ``original_sizes [2, 2]``, ``crop_top_lefts [2, 2]`` (int64).
+    ``dataset[i]`` (or ``dataset[(i, position)]``) is a dict: ``pixel_values [2, 3, R, R]`` float32
+    (winner first; in DeDPO mode the judge's preferred image first), ``caption`` (str),
+    ``flipped``, ``tie`` (bool), ``human_label`` (float), ``index`` (int; ``i``, or its
+    substitute's), ``row`` (int; the source row: the row's position in the split),
+    ``skipped_rows`` (list of int), ``original_sizes [2, 2]``, ``crop_top_lefts [2, 2]`` (int64).
 
-    Attributes: ``files``, ``resolution``, ``num_rows`` (rows read), ``num_malformed``,
-    ``num_undecodable``, ``skipped`` ({"malformed": rows, "undecodable": rows}), ``valid_rows``
-    (every row that passed, ties included), ``num_ties`` (ties among them), ``num_ties_dropped``,
-    ``num_flipped``, ``flipped_rows``; ``len(dataset)`` is the number of pairs served.
+    Attributes: ``data`` (the ``datasets.Dataset``), ``split``, ``resolution``, ``num_rows`` (rows
+    in the split), ``num_malformed``, ``num_undecodable``, ``skipped`` ({"malformed": rows,
+    "undecodable": rows}), ``valid_rows`` (every row that passed, ties included), ``num_ties``
+    (ties among them), ``num_ties_dropped``, ``num_flipped``, ``flipped_rows``; ``len(dataset)``
+    is the number of pairs served.
 
     **DeDPO mode** (``synthetic_labels=True``; docs/spec.md §5b, ``loss_type="dedpo"``). The column
     ``judge_column`` (default ``synthetic_label_0``) must exist; it holds the judge's probability
@@ -170,12 +264,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
     arguments.
 
     Args:
-        source: a parquet file, or a folder searched for ``pattern``.
+        source: what :func:`open_split` takes (a Hub id, a folder, a parquet file), or a
+            ``datasets.Dataset``.
         resolution: the side ``R`` of the square images served.
+        split, cache_dir: :func:`open_split`'s (``--dataset_split_name``, ``--cache_dir``).
         keep_ties: serve ties (label 0.5) in stored order instead of dropping them.
         flip_rate, flip_seed: the share of labels flipped on purpose and its seed (see above).
         check_images: decode every image while building (skip the undecodable rows up front).
-        max_pairs: serve at most this many pairs (the first ones, after dropping ties).
+        max_pairs, subset_seed: serve the seeded subset of this many pairs (see above).
+        hflip, random_crop, augment_seed: the augmentation of fetched pixels (see above).
         synthetic_labels: DeDPO mode (see above).
         human_fraction: in (0, 1]; DeDPO mode only; the share of pairs that keep a human label.
         human_seed: the seed of the choice of those pairs.
@@ -187,12 +284,17 @@ class PreferenceDataset(torch.utils.data.Dataset):
         source,
         resolution: int = 512,
         *,
+        split: str = "train",
+        cache_dir: Optional[str] = None,
         keep_ties: bool = False,
         flip_rate: float = 0.0,
         flip_seed: int = 0,
         check_images: bool = True,
         max_pairs: Optional[int] = None,
-        pattern: str = "*.parquet",
+        subset_seed: int = 0,
+        hflip: bool = False,
+        random_crop: bool = False,
+        augment_seed: int = 0,
         caption_column: str = CAPTION,
         image_columns: Tuple[str, str] = (IMAGE_0, IMAGE_1),
         label_column: str = LABEL,
@@ -202,14 +304,17 @@ class PreferenceDataset(torch.utils.data.Dataset):
         judge_column: str = JUDGE,
     ):
         _check_arguments(resolution, flip_rate, max_pairs, keep_ties, synthetic_labels, human_fraction, human_seed)
-        self.source = Path(source)
-        self.files = parquet_files(source, pattern)
+        self.source = source if _is_hf_dataset(source) else str(source)
+        self.split = split
+        self.data = source if _is_hf_dataset(source) else open_split(source, split, cache_dir)
         self.resolution = resolution
         self.keep_ties = bool(keep_ties)
         self.flip_rate = float(flip_rate)
         self.flip_seed = int(flip_seed)
         self.check_images = bool(check_images)
         self.max_pairs = max_pairs
+        self.subset_seed = int(subset_seed)
+        self.hflip, self.random_crop, self.augment_seed = bool(hflip), bool(random_crop), int(augment_seed)
         self.columns = {
             "caption": caption_column,
             "image_0": image_columns[0],
@@ -223,75 +328,87 @@ class PreferenceDataset(torch.utils.data.Dataset):
         )
         self.human_seed = int(human_seed)
         self.judge_column = judge_column
-        captions, labels, judges = self._read_tables()
-        self._scan_rows(captions, labels, judges)
+        labels, judges = self._read_small_columns()
+        self._scan_rows(labels, judges)
         self._select()
 
     # -- construction steps --------------------------------------------------------------------
 
-    def _read_tables(self) -> Tuple[list, list, list]:
-        """Read the needed columns of every file (a missing one raises ``ValueError``); returns
-        the captions, labels and (DeDPO mode) judge values of all rows, in order."""
-        import pyarrow.parquet as pq
+    def _read_small_columns(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Check the columns (a missing one raises ``ValueError`` naming its flag) and read the
+        small ones: the captions (kept as Arrow, memory-mapped), the labels and (DeDPO mode) the
+        judge's values as float64 arrays (NaN where not a number), and whether each image cell
+        is empty -- from the cells' lengths, without reading their bytes."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
-        needed = list(self.columns.values()) + ([self.judge_column] if self.synthetic_labels else [])
-        self._tables = []
-        for file in self.files:
-            names = pq.read_schema(file).names
-            missing = [c for c in needed if c not in names]
-            if missing:
-                hint = ""
-                if self.judge_column in missing and self.synthetic_labels:
-                    hint = " (synthetic_labels=True reads the judge's column)"
-                raise ValueError(f"dataset_name: {file} has no column(s) {missing} (has {names}){hint}")
-            self._tables.append(pq.read_table(file, columns=needed))
-        self._offsets = np.cumsum([0] + [t.num_rows for t in self._tables]).tolist()
-        self.num_rows = self._offsets[-1]
-        captions: List = []
-        labels: List = []
-        judges: List = []
-        for table in self._tables:
-            captions += table.column(self.columns["caption"]).to_pylist()
-            labels += table.column(self.columns["label"]).to_pylist()
-            if self.synthetic_labels:
-                judges += table.column(self.judge_column).to_pylist()
-        self._captions = captions
-        return captions, labels, judges
+        names = self.data.column_names
+        flags = {"caption": "--caption_column", "image_0": "--image_column_0", "image_1": "--image_column_1"}
+        flags["label"] = "--label_column"
+        for key, column in self.columns.items():
+            if column not in names:
+                raise ValueError(f"{flags[key]}: the dataset has no column {column!r} (it has {names})")
+        if self.synthetic_labels and self.judge_column not in names:
+            raise ValueError(
+                f"the dataset has no column {self.judge_column!r} (has {names}); synthetic_labels=True (--loss_type "
+                "dedpo) reads the judge's column"
+            )
+        small = [self.columns["caption"], self.columns["label"]]
+        small += [self.judge_column] if self.synthetic_labels else []
+        table = self.data.select_columns(small).with_format("arrow")[:]
+        self.num_rows = table.num_rows
+        self._captions = table.column(self.columns["caption"])
+        if pa.types.is_string(self._captions.type) or pa.types.is_large_string(self._captions.type):
+            self._caption_ok = np.asarray(pc.is_valid(self._captions).to_numpy(zero_copy_only=False), dtype=bool)
+        else:  # not text at all: every row is malformed
+            self._caption_ok = np.zeros(self.num_rows, dtype=bool)
+        labels = _numbers(table.column(self.columns["label"]))
+        judges = _numbers(table.column(self.judge_column)) if self.synthetic_labels else None
+        self._images = self.data.select_columns([self.columns["image_0"], self.columns["image_1"]]).with_format("arrow")
+        # From the memory-mapped table of all stored rows (then the dataset's index mapping, if it
+        # has one): only the cells' offsets and validity bitmaps are read, never the bytes.
+        mapping = self.data._indices
+        order = None if mapping is None else np.asarray(mapping.column(0).to_numpy(zero_copy_only=False))
+        self._image_ok = np.ones(self.num_rows, dtype=bool)
+        for which, name in enumerate((self.columns["image_0"], self.columns["image_1"])):
+            column, path = self.data.data.column(name), None
+            if pa.types.is_struct(column.type):  # a Hugging Face Image feature: bytes, or a path
+                path = np.asarray(pc.is_valid(pc.struct_field(column, "path")).to_numpy(zero_copy_only=False))
+                column = pc.struct_field(column, "bytes")
+            if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+                raise ValueError(f"--image_column_{which}: column {name!r} holds {column.type}, not encoded images")
+            ok = np.asarray(pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)) > 0
+            ok = ok if path is None else ok | path
+            self._image_ok &= ok if order is None else ok[order]
+        return labels, judges
 
-    def _scan_rows(self, captions: list, labels: list, judges: list) -> None:
+    def _scan_rows(self, labels: np.ndarray, judges: Optional[np.ndarray]) -> None:
         """Sort every row into malformed, undecodable (decoded only with ``check_images``) or
         valid; keep the valid rows' labels and judge values."""
-        skipped: Dict[str, List[int]] = {"malformed": [], "undecodable": []}
-        judge_malformed: List[int] = []
-        valid = []
-        for row in range(self.num_rows):
-            label = _label_value(labels[row])
-            cells = [self.image_data(row, 0), self.image_data(row, 1)]
-            if not isinstance(captions[row], str) or label is None or None in cells:
-                skipped["malformed"].append(row)
-                continue
-            if self.synthetic_labels and _judge_value(judges[row]) is None:
-                skipped["malformed"].append(row)
-                judge_malformed.append(row)
-                continue
-            if self.check_images and not _decodes(cells):
-                skipped["undecodable"].append(row)
-                continue
-            valid.append(row)
-        self.skipped = skipped
-        self.judge_malformed_rows = judge_malformed
-        self.valid_rows = np.asarray(valid, dtype=np.int64)
-        self._label = np.asarray([_label_value(labels[r]) for r in valid], dtype=np.float64)
-        self._judge = (
-            np.asarray([_judge_value(judges[r]) for r in valid], dtype=np.float64) if self.synthetic_labels else None
-        )
+        label_ok = np.isin(labels, VALID_LABELS)
+        ok = self._caption_ok & label_ok & self._image_ok
+        judge_bad = np.zeros(self.num_rows, dtype=bool)
+        if self.synthetic_labels:
+            judge_bad = ok & ~((judges >= 0.0) & (judges <= 1.0))  # NaN fails both comparisons
+            ok &= ~judge_bad
+        malformed = np.flatnonzero(~ok)
+        undecodable: List[int] = []
+        if self.check_images:
+            for row in np.flatnonzero(ok).tolist():
+                if not _decodes([self.image_data(row, 0), self.image_data(row, 1)]):
+                    undecodable.append(row)
+            ok[undecodable] = False
+        self.skipped = {"malformed": malformed.tolist(), "undecodable": undecodable}
+        self.judge_malformed_rows = np.flatnonzero(judge_bad).tolist()
+        self.valid_rows = np.flatnonzero(ok).astype(np.int64)
+        self._label = labels[self.valid_rows]
+        self._judge = judges[self.valid_rows] if self.synthetic_labels else None
 
     def image_data(self, row: int, which: int) -> Optional[bytes]:
         """The encoded bytes of image ``which`` (0: ``jpg_0``, 1: ``jpg_1``) of source ``row``
-        (``None`` for an empty cell)."""
-        file = bisect.bisect_right(self._offsets, row) - 1
+        (``None`` for an empty cell); read from the memory-mapped Arrow file."""
         column = self.columns["image_0" if which == 0 else "image_1"]
-        return image_bytes(self._tables[file].column(column)[row - self._offsets[file]].as_py())
+        return image_bytes(self._images[int(row)].column(column)[0].as_py())
 
     def _select(self) -> None:
         """Drop ties (unless kept), truncate to max_pairs, order the pairs, pick the human-labelled
@@ -301,9 +418,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         rows = self.valid_rows[keep]
         label = self._label[keep]
         judge = self._judge[keep] if self.synthetic_labels else None
-        if self.max_pairs is not None:
-            rows, label = rows[: self.max_pairs], label[: self.max_pairs]
-            judge = judge[: self.max_pairs] if judge is not None else None
+        if self.max_pairs is not None and self.max_pairs < len(rows):
+            # datasets' shuffle(seed).select(range(N)) draws this permutation; kept in row order
+            pick = np.sort(np.random.default_rng(self.subset_seed).permutation(len(rows))[: self.max_pairs])
+            rows, label = rows[pick], label[pick]
+            judge = judge[pick] if judge is not None else None
         self._rows = rows
         self._tie = label == 0.5
         n = len(rows)
@@ -448,8 +567,14 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "mean_abs_error": float(np.abs(p - y).mean()),
         }
 
-    def summary(self) -> Dict[str, int]:
+    def summary(self) -> dict:
+        """The counts for logs and ``train_summary.json``: ``split``, ``rows`` (in the split),
+        ``pairs`` and ``num_pairs`` (both the number served, after filtering and the subset),
+        ``malformed``, ``undecodable`` (found while building), ``ties``, ``ties_dropped``,
+        ``flipped``; DeDPO mode adds ``judge_malformed`` and ``human_labelled``."""
         out = {
+            "split": self.split,
+            "num_pairs": len(self),
             "rows": self.num_rows,
             "pairs": len(self),
             "malformed": self.num_malformed,
@@ -468,7 +593,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return len(self._rows)
 
     def caption(self, row: int) -> str:
-        return self._captions[row]
+        """The caption of source ``row``."""
+        return self._captions[int(row)].as_py()
 
     def item_info(self, index: int) -> dict:
         """Everything of item ``index`` but the pixels (no image is decoded), plus ``swap``:
@@ -480,7 +606,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         index = index % len(self)
         tie, flipped = bool(self._tie[index]), bool(self._flipped[index])
         row = int(self._rows[index])
-        info = {"index": index, "row": row, "caption": self._captions[row], "flipped": flipped, "tie": tie}
+        info = {"index": index, "row": row, "caption": self.caption(row), "flipped": flipped, "tie": tie}
         if self.synthetic_labels:
             info.update(
                 human_label=float(self._human_label[index]),
@@ -497,27 +623,39 @@ class PreferenceDataset(torch.utils.data.Dataset):
             )
         return info
 
-    def __getitem__(self, index: int) -> dict:
-        item = self.item_info(index)
-        row = item["row"]
-        pixels, sizes, crops = [], [], []
-        for which in (1, 0) if item.pop("swap") else (0, 1):
-            data = self.image_data(row, which)
+    def __getitem__(self, key) -> dict:
+        index, position = key if isinstance(key, tuple) else (key, None)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        index = index % len(self)
+        skipped: List[int] = []
+        for attempt in range(len(self)):
+            item = self.item_info((index + attempt) % len(self))
             try:
-                image = decode_image(data)
-            except Exception as error:  # only reachable with check_images=False
-                raise RuntimeError(
-                    f"row {row}: image {which} does not decode ({error}); build the dataset with check_images=True "
-                    "to skip such rows up front"
-                ) from error
-            tensor, size, crop = preprocess(image, self.resolution)
-            pixels.append(tensor)
-            sizes.append(size)
-            crops.append(crop)
+                images = [decode_image(self.image_data(item["row"], which)) for which in (0, 1)]
+            except Exception as error:  # noqa: BLE001 - any decoder failure: the next item stands in
+                logger.warning("row %d does not decode (%s); skipped, the next pair stands in", item["row"], error)
+                skipped.append(item["row"])
+                continue
+            if item.pop("swap"):
+                images.reverse()
+            self._add_pixels(item, images, index if position is None else position)
+            item["skipped_rows"] = skipped
+            return item
+        raise RuntimeError(f"no pair of the {len(self)} in {self.source} decodes")
+
+    def _add_pixels(self, item: dict, images: list, position: int) -> None:
+        """``pixel_values``, ``original_sizes`` and ``crop_top_lefts`` of the pair (served order),
+        with one crop position and one flip coin for both images."""
+        crop, flip = None, False
+        if self.random_crop or self.hflip:
+            draw = np.random.default_rng([self.augment_seed, _AUGMENT_STREAM, int(position)]).random(3)
+            crop = (float(draw[0]), float(draw[1])) if self.random_crop else None
+            flip = self.hflip and bool(draw[2] < 0.5)
+        pixels, sizes, crops = zip(*(preprocess(image, self.resolution, crop=crop, flip=flip) for image in images))
         item["pixel_values"] = torch.stack(pixels)
         item["original_sizes"] = torch.tensor(sizes, dtype=torch.int64)
         item["crop_top_lefts"] = torch.tensor(crops, dtype=torch.int64)
-        return item
 
 
 def _check_arguments(resolution, flip_rate, max_pairs, keep_ties, synthetic_labels, human_fraction, human_seed):
@@ -558,21 +696,19 @@ def _decodes(cells: Sequence[bytes]) -> bool:
     return True
 
 
-def _label_value(value) -> Optional[float]:
-    """1.0, 0.0 or 0.5 for a valid ``label_0`` cell, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if value in VALID_LABELS else None
+def _is_hf_dataset(value) -> bool:
+    return type(value).__module__.startswith("datasets.") and hasattr(value, "column_names")
 
 
-def _judge_value(value) -> Optional[float]:
-    """The judge's probability in a valid ``synthetic_label_0`` cell (a finite number in
-    [0, 1]), else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if 0.0 <= value <= 1.0 else None  # NaN fails both comparisons
+def _numbers(column) -> np.ndarray:
+    """An Arrow column of numbers as float64 (NaN where null); NaN everywhere for any other type
+    (booleans and strings are not labels)."""
+    import pyarrow as pa
+
+    kind = column.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        return np.full(len(column), np.nan)
+    return np.asarray(column.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 def format_rows(rows: Sequence[int], n: int = 20) -> str:
@@ -598,9 +734,20 @@ class PairSampler(torch.utils.data.Sampler):
 
     ``infinite=False``: one pass, from ``start`` to the end of ``start``'s epoch; then
     :meth:`set_epoch` moves to the start of another epoch. ``infinite=True``: never ends.
+    ``with_position=True`` yields ``(item, position)`` pairs, the keys by which
+    :class:`PreferenceDataset` seeds a fetch's random crop and flip.
     """
 
-    def __init__(self, num_pairs: int, seed: int = 0, *, start: int = 0, shuffle: bool = True, infinite: bool = False):
+    def __init__(
+        self,
+        num_pairs: int,
+        seed: int = 0,
+        *,
+        start: int = 0,
+        shuffle: bool = True,
+        infinite: bool = False,
+        with_position: bool = False,
+    ):
         if num_pairs < 1:
             raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
         if start < 0:
@@ -610,6 +757,7 @@ class PairSampler(torch.utils.data.Sampler):
         self.shuffle = bool(shuffle)
         self.infinite = bool(infinite)
         self.start = int(start)
+        self.with_position = bool(with_position)
         self._cache: Dict[int, np.ndarray] = {}
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -637,11 +785,11 @@ class PairSampler(torch.utils.data.Sampler):
         self.seed, self.start, self.shuffle = int(state["seed"]), int(state["start"]), bool(state["shuffle"])
         self._cache = {}
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Union[int, Tuple[int, int]]]:
         position = self.start
         end = None if self.infinite else (position // self.num_pairs + 1) * self.num_pairs
         while end is None or position < end:
-            yield self.index_at(position)
+            yield (self.index_at(position), position) if self.with_position else self.index_at(position)
             position += 1
 
     def __len__(self) -> int:
@@ -671,11 +819,15 @@ def collate_pairs(items: Sequence[dict]) -> dict:
     ``[B]``, ``index``/``row`` -> int64 ``[B]``, ``caption`` -> the list ``captions``. DeDPO
     items (``synthetic_labels=True``) add ``synthetic_label``, ``propensity`` -> float32 ``[B]``
     (``human_label`` float32 ``[B]`` with NaN where unlabelled) and ``human_mask`` -> bool
-    ``[B]``: the keywords of ``adaptive_dpo_loss(..., loss_type="dedpo")``."""
+    ``[B]``: the keywords of ``adaptive_dpo_loss(..., loss_type="dedpo")``. ``skipped_rows``
+    becomes one flat list of the rows passed over at fetch."""
     if not items:
         raise ValueError("collate_pairs needs at least one item")
     batch = {}
     for key, first in items[0].items():
+        if key == "skipped_rows":  # the rows passed over at fetch, for BatchEncoder's count
+            batch[key] = [row for item in items for row in item[key]]
+            continue
         values = [item[key] for item in items]
         name = _BATCH_NAMES.get(key, key)
         if key in PER_IMAGE:
@@ -699,15 +851,19 @@ def collate_pairs(items: Sequence[dict]) -> dict:
 
 
 @torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Latents of ``[N, 3, R, R]`` pixels in [-1, 1]: ``(latent_dist.mean - shift) * scaling_factor``.
+def encode_images(vae, pixel_values: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
+    """Latents of ``[N, 3, R, R]`` pixels in [-1, 1]: ``(latent_dist.mean - shift) * scaling_factor``,
+    through the VAE ``batch_size`` images at a time (all at once when None; diffusers'
+    ``--vae_encode_batch_size``).
 
     The *mean* of the VAE posterior, not a sample: deterministic, so a cached latent does not
     depend on a generator or on the batch it was encoded in. (The SD VAE's posterior std is
     small next to the mean; the diffusers DPO script samples instead.)
     """
     parameter = next(vae.parameters())
-    mean = vae.encode(pixel_values.to(device=parameter.device, dtype=parameter.dtype)).latent_dist.mean
+    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+    step = batch_size or max(1, len(pixel_values))
+    mean = torch.cat([vae.encode(part).latent_dist.mean for part in pixel_values.split(step)])
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
         mean = mean - shift
@@ -743,12 +899,26 @@ def encode_prompts(
     return torch.cat(hidden, dim=-1), pooled
 
 
-def load_encoders(model_path, arch: Optional[str] = None, dtype: torch.dtype = torch.float32, device="cpu"):
-    """``(vae, tokenizers, text_encoders)`` of a diffusers pipeline (a folder, a Hub id or a
-    :class:`~fastpref.train.models.ModelSource`), in eval mode (see ``ModelSource.load_encoders``)."""
+def load_encoders(
+    model_path,
+    arch: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    *,
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+    vae_path: Optional[str] = None,
+):
+    """``(vae, tokenizers, text_encoders)`` of a diffusers pipeline (a folder or a Hub id, at
+    ``revision`` / ``variant``; or a :class:`~fastpref.train.models.ModelSource`), in eval mode;
+    ``vae_path`` (``--pretrained_vae_model_name_or_path``) names a VAE to use instead of the
+    pipeline's (a VAE folder or Hub id, no subfolder). The VAE runs in ``models.vae_dtype``."""
     from .models import ModelSource
 
-    source = model_path if isinstance(model_path, ModelSource) else ModelSource(str(model_path))
+    if isinstance(model_path, ModelSource):
+        source = model_path
+    else:
+        source = ModelSource(str(model_path), revision, variant, vae_path)
     return source.load_encoders(arch or detect_arch(source.path, source.revision), dtype, device)
 
 
@@ -758,15 +928,87 @@ def time_ids(batch: dict, resolution: int) -> torch.Tensor:
     return torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=-1).float()
 
 
+class FetchSkips:
+    """The source rows passed over at fetch because they do not decode, each counted once.
+
+    :meth:`install` saves them in every checkpoint (``fetch_skips.json``, through accelerate's
+    save/load state hooks, so the other checkpointed objects keep their numbers) and restores
+    them on resume, so a resumed run reports the same counts as an uninterrupted one."""
+
+    FILE = "fetch_skips.json"
+
+    def __init__(self):
+        self.rows: set = set()
+
+    def install(self, accelerator) -> None:
+        """Write ``FILE`` into every checkpoint ``accelerator.save_state`` writes (main process),
+        and read it back in ``load_state`` (a checkpoint without it: nothing skipped)."""
+        from .files import write_json_atomic
+
+        def save(models, weights, output_dir):
+            if accelerator.is_main_process:
+                Path(output_dir).mkdir(parents=True, exist_ok=True)
+                write_json_atomic(self.state_dict(), Path(output_dir) / self.FILE)
+
+        def load(models, input_dir):
+            file = Path(input_dir) / self.FILE
+            self.load_state_dict(json.loads(file.read_text()) if file.exists() else {"rows": []})
+
+        accelerator.register_save_state_pre_hook(save)
+        accelerator.register_load_state_pre_hook(load)
+
+    def record(self, rows: Sequence[int]) -> List[int]:
+        """Add ``rows``; returns those not seen before, sorted."""
+        new = sorted(set(int(r) for r in rows) - self.rows)
+        self.rows.update(new)
+        return new
+
+    def state_dict(self) -> dict:
+        return {"rows": sorted(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = set(int(r) for r in state["rows"])
+
+
 class BatchEncoder:
     """Turns a collated batch (pixels and captions, or cached latents and embeddings) into the
-    trainer's batch (:mod:`fastpref.train.trainer`); the encoders are needed for pixels only."""
+    trainer's batch (:mod:`fastpref.train.trainer`); the encoders are needed for pixels only,
+    and the VAE encodes ``vae_batch_size`` images at a time.
 
-    def __init__(self, vae, tokenizers, text_encoders, resolution: int, device):
+    The rows a batch passed over at fetch (``skipped_rows``) are recorded in ``skips`` (a
+    :class:`FetchSkips`; with ``gather``, e.g. ``accelerator.gather_object``, those of every
+    process) and ``summary["undecodable_at_fetch"]`` is kept up to date with their count."""
+
+    def __init__(
+        self,
+        vae,
+        tokenizers,
+        text_encoders,
+        resolution: int,
+        device,
+        *,
+        vae_batch_size: Optional[int] = None,
+        skips: Optional[FetchSkips] = None,
+        summary: Optional[dict] = None,
+        gather=None,
+    ):
         self.vae, self.tokenizers, self.text_encoders = vae, tokenizers, text_encoders
-        self.resolution, self.device = resolution, device
+        self.resolution, self.device, self.vae_batch_size = resolution, device, vae_batch_size
+        self.skips = skips if skips is not None else FetchSkips()
+        self.summary = summary if summary is not None else {}
+        self.gather = gather
+
+    def count_skips(self, batch: dict) -> None:
+        rows = list(batch.get("skipped_rows", ()))
+        if self.gather is not None:
+            rows = list(self.gather(rows))
+        new = self.skips.record(rows)
+        if new:
+            logger.warning("rows passed over at fetch (undecodable): %s", format_rows(new))
+        self.summary["undecodable_at_fetch"] = len(self.skips.rows)
 
     def __call__(self, batch: dict) -> dict:
+        self.count_skips(batch)
         labels = ("flipped", "synthetic_label", "human_label", "human_mask", "propensity")
         out = {k: batch[k] for k in labels if k in batch}
         if "latents" in batch:
@@ -774,7 +1016,8 @@ class BatchEncoder:
             out["encoder_hidden_states"] = batch["prompt_embeds"]
             pooled = batch.get("pooled_prompt_embeds")
         else:
-            out["latents"] = encode_images(self.vae, batch["pixel_values"].to(self.device)).float()
+            pixels = batch["pixel_values"].to(self.device)
+            out["latents"] = encode_images(self.vae, pixels, self.vae_batch_size).float()
             out["encoder_hidden_states"], pooled = encode_prompts(
                 batch["captions"], self.tokenizers, self.text_encoders
             )

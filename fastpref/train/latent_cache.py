@@ -1,5 +1,6 @@
 """The latent cache: VAE latents and text embeddings of a :class:`PreferenceDataset` encoded once
-into ``cache_dir/<key>/``, keyed by fingerprints of the data files, the model and the resolution,
+into ``cache_dir/<key>/``, keyed by the dataset, the model (folder or Hub id, revision, variant,
+VAE) and the resolution, written in shards that an interrupted build resumes, read memory-mapped,
 and served in place of pixels by :class:`CachedPreferenceDataset`."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -27,7 +29,18 @@ from .files import write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+CAPTIONS_FILE = "captions.safetensors"
+META_FILE = "meta.json"
+
+
+class CacheFileError(ValueError):
+    """A cache file that is truncated, unreadable or does not hold what the cache expects."""
+
+
+# --------------------------------------------------------------------------------------------
+# the key
+# --------------------------------------------------------------------------------------------
 
 
 def _sha256_file(path: Path) -> str:
@@ -38,67 +51,75 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_fingerprint(path: Path, window: int = 1 << 20) -> dict:
-    """Size, mtime and a hash of the first and last ``window`` bytes (cheap for huge files)."""
-    stat = path.stat()
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        digest.update(handle.read(window))
-        if stat.st_size > window:
-            handle.seek(max(window, stat.st_size - window))
-            digest.update(handle.read(window))
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head_tail_sha256": digest.hexdigest()}
-
-
 def dataset_fingerprint(dataset: PreferenceDataset) -> dict:
-    """What the cached rows depend on: the files (relative name, size, mtime, head/tail hash)
-    and the columns read. Not ties, flips or max_pairs: those apply on top of the cache."""
-    root = dataset.source if dataset.source.is_dir() else dataset.source.parent
-    files = []
-    for file in dataset.files:
-        try:
-            name = str(file.relative_to(root))
-        except ValueError:
-            name = file.name
-        files.append(dict(name=name, **_file_fingerprint(file)))
-    return {"files": files, "columns": dataset.columns}
+    """What the cached rows depend on: the ``datasets`` fingerprint of the split (for parquet
+    files it follows their paths and modification times; for a ``save_to_disk`` folder, its
+    saved state), the split, its row count and the columns read. Not ties, flips or the subset:
+    those apply on top of the cache."""
+    return {
+        "fingerprint": getattr(dataset.data, "_fingerprint", None),
+        "split": dataset.split,
+        "num_rows": dataset.num_rows,
+        "columns": dataset.columns,
+    }
 
 
 _MODEL_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
-def model_fingerprint(model_path, modules: Sequence = ()) -> dict:
-    """What the encodings depend on. For a local pipeline folder: its resolved path and, for the
-    VAE, text encoder and tokenizer folders, a content hash of every small config/vocabulary file
-    and size + mtime of every weight file. Otherwise: the name and the passed modules' configs."""
-    path = Path(model_path)
+def _folder_fingerprint(folder: Path) -> dict:
+    """A content hash of every small config/vocabulary file under ``folder`` and size + mtime of
+    every weight file."""
+    entries = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = file.stat()
+        if file.suffix in (".json", ".txt") and stat.st_size < (16 << 20):
+            entries[str(file.relative_to(folder))] = _sha256_file(file)
+        else:
+            entries[str(file.relative_to(folder))] = [stat.st_size, stat.st_mtime_ns]
+    return entries
+
+
+def model_fingerprint(
+    model_path,
+    modules: Sequence = (),
+    *,
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+    vae_path: Optional[str] = None,
+) -> dict:
+    """What the encodings depend on: the pipeline (a local folder: its resolved path and
+    :func:`_folder_fingerprint` of its VAE, text encoder and tokenizer folders; a Hub id: the id
+    and ``revision``), the ``variant``, the VAE of ``--pretrained_vae_model_name_or_path`` (a folder:
+    its fingerprint; a Hub id: the id), and the configs of the passed ``modules`` when the
+    pipeline is neither (modules built in memory)."""
+    path = Path(str(model_path))
+    out: dict = {"variant": variant}
+    if vae_path is not None:
+        vae = Path(str(vae_path))
+        out["vae"] = {"path": str(vae.resolve()), "files": _folder_fingerprint(vae)} if vae.is_dir() else str(vae_path)
     if path.is_dir():
-        parts = {}
-        for part in _MODEL_PARTS:
-            folder = path / part
-            if not folder.is_dir():
-                continue
-            entries = {}
-            for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-                stat = file.stat()
-                if file.suffix in (".json", ".txt") and stat.st_size < (16 << 20):
-                    entries[str(file.relative_to(folder))] = _sha256_file(file)
-                else:
-                    entries[str(file.relative_to(folder))] = [stat.st_size, stat.st_mtime_ns]
-            parts[part] = entries
-        return {"path": str(path.resolve()), "parts": parts}
+        parts = {part: _folder_fingerprint(path / part) for part in _MODEL_PARTS if (path / part).is_dir()}
+        return {**out, "path": str(path.resolve()), "parts": parts}
     configs = []
     for module in modules:
         config = getattr(module, "config", None)
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
         configs.append(json.loads(json.dumps(config, sort_keys=True, default=str)))
-    if not configs:
-        raise ValueError(f"model_path {model_path} is not a local folder: pass vae and text_encoders to key the cache")
-    return {"path": str(model_path), "configs": configs}
+    if configs:
+        return {**out, "path": str(model_path), "configs": configs}
+    return {**out, "hub_id": str(model_path), "revision": revision or "main"}
 
 
 def cache_key(
-    dataset: PreferenceDataset, model_path, *, dtype: torch.dtype = torch.float32, modules: Sequence = ()
+    dataset: PreferenceDataset,
+    model_path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    modules: Sequence = (),
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+    vae_path: Optional[str] = None,
 ) -> Tuple[str, dict]:
     """``(key, components)``: the key is the first 24 hex digits of the SHA-256 of the JSON of
     ``components`` (format version, dataset and model fingerprints, resolution, latent choice,
@@ -106,7 +127,7 @@ def cache_key(
     components = {
         "format": CACHE_FORMAT,
         "dataset": dataset_fingerprint(dataset),
-        "model": model_fingerprint(model_path, modules),
+        "model": model_fingerprint(model_path, modules, revision=revision, variant=variant, vae_path=vae_path),
         "resolution": dataset.resolution,
         "preprocess": "resize-shorter-bilinear+center-crop",
         "latents": "posterior-mean",
@@ -116,10 +137,62 @@ def cache_key(
     return hashlib.sha256(blob).hexdigest()[:24], components
 
 
+# --------------------------------------------------------------------------------------------
+# files: safetensors written atomically, read memory-mapped
+# --------------------------------------------------------------------------------------------
+
+_NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
+
+
+def read_tensors(file) -> Dict[str, np.ndarray]:
+    """The tensors of a safetensors ``file`` as read-only NumPy views of a memory map (nothing is
+    read until used). Checked against the header first: :class:`CacheFileError` for a truncated
+    or unreadable file. Hand-written because ``safetensors.torch.load_file`` reads the whole file."""
+    file = Path(file)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                raise CacheFileError(f"{file}: truncated ({size} bytes, its header alone needs {length + 8})")
+            header = json.loads(handle.read(length))
+    except CacheFileError:
+        raise
+    except (OSError, ValueError, struct.error) as error:
+        raise CacheFileError(f"{file}: unreadable ({error})") from None
+    header.pop("__metadata__", None)
+    start = 8 + length
+    end = max([info["data_offsets"][1] for info in header.values()], default=0)
+    if size != start + end:
+        raise CacheFileError(f"{file}: {size} bytes, its header says {start + end} (truncated or torn)")
+    data = np.memmap(file, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        begin, stop = info["data_offsets"]
+        out[name] = data[start + begin : start + stop].view(_NUMPY[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def _save_tensors(tensors: Dict[str, torch.Tensor], file: Path) -> None:
+    from safetensors.torch import save_file
+
+    write_atomic(file, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A writable torch copy of a (memory-mapped) array."""
+    return torch.from_numpy(np.array(array))
+
+
 def _arch(model_path, text_encoders) -> str:
-    if Path(model_path).is_dir():
+    if Path(str(model_path)).is_dir():
         return detect_arch(model_path)
-    return "sdxl" if text_encoders is not None and len(text_encoders) == 2 else "sd15"
+    if text_encoders is not None:
+        return "sdxl" if len(text_encoders) == 2 else "sd15"
+    from huggingface_hub import hf_hub_download
+
+    config = json.loads(Path(hf_hub_download(str(model_path), "model_index.json")).read_text())
+    return "sdxl" if "text_encoder_2" in config else "sd15"
 
 
 def _rows_to_encode(dataset: PreferenceDataset) -> np.ndarray:
@@ -132,63 +205,45 @@ def _rows_to_encode(dataset: PreferenceDataset) -> np.ndarray:
     return np.union1d(rows, np.asarray(dataset.judge_malformed_rows, dtype=np.int64)).astype(np.int64)
 
 
-def _shards(num_rows: int, shard_size: int) -> List[Tuple[str, int]]:
-    """``(file name, first row)`` of each shard (one, empty, for no rows)."""
-    return [(f"latents-{n:05d}.safetensors", start) for n, start in enumerate(range(0, max(num_rows, 1), shard_size))]
+def _shards(prefix: str, count: int, shard_size: int) -> List[Tuple[str, int, int]]:
+    """``(file name, first, stop)`` of each shard of ``count`` entries (one, empty, for none)."""
+    starts = range(0, max(count, 1), shard_size)
+    return [(f"{prefix}-{n:05d}.safetensors", s, min(s + shard_size, count)) for n, s in enumerate(starts)]
 
 
-def _save_tensors(tensors: Dict[str, torch.Tensor], file: Path) -> None:
-    from safetensors.torch import save_file
-
-    write_atomic(file, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
-
-
-def _write_text(dataset, rows: np.ndarray, tokenizers, text_encoders, file: Path, batch_size: int) -> None:
-    """One text embedding per unique caption of ``rows`` (in order of first appearance), each
-    row's caption index, and the empty caption's embedding (for caption dropout); kept if the
-    file exists (an interrupted build resumes)."""
-    if file.exists():
-        return
-    unique: Dict[str, int] = {}
-    index = [unique.setdefault(dataset.caption(int(r)), len(unique)) for r in rows]
-    captions = list(unique)
-    embeds, pooled = [], []
-    for start in range(0, len(captions), batch_size):
-        e, p = encode_prompts(captions[start : start + batch_size], tokenizers, text_encoders)
-        embeds.append(e.float().cpu())
-        if p is not None:
-            pooled.append(p.float().cpu())
-    empty, empty_pooled = encode_prompts([""], tokenizers, text_encoders)
-    tensors = {
-        "rows": torch.as_tensor(rows, dtype=torch.int64),
-        "caption_index": torch.tensor(index, dtype=torch.int64),
-        "prompt_embeds": torch.cat(embeds) if embeds else empty.float().cpu()[:0],
-        "empty_prompt_embeds": empty.float().cpu(),
-    }
-    if empty_pooled is not None:
-        tensors["pooled_prompt_embeds"] = torch.cat(pooled) if pooled else empty_pooled.float().cpu()[:0]
-        tensors["empty_pooled_prompt_embeds"] = empty_pooled.float().cpu()
-    _save_tensors(tensors, file)
+def _refuse_non_finite(values: torch.Tensor, rows: Sequence[int], what: str) -> None:
+    """``ValueError`` naming the rows whose entries of ``values [N, ...]`` are NaN or Inf."""
+    bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+    if bool(bad.any()):
+        named = [rows[i] for i in torch.nonzero(bad).flatten().tolist()]
+        raise ValueError(
+            f"latent cache: {what} of row(s) {format_rows(sorted(set(named)))} hold NaN or Inf; refusing to cache "
+            "them. The VAE / text encoder overflows in this precision: run with --mixed_precision no, or name an "
+            "fp16-safe VAE with --pretrained_vae_model_name_or_path"
+        )
 
 
-def _write_shard(dataset, rows: np.ndarray, vae, file: Path, batch_size: int) -> str:
-    """Encode ``rows`` into the shard ``file`` unless it exists; returns its name."""
-    if not file.exists():
-        _save_tensors(_encode_rows(dataset, rows, vae, batch_size), file)
-    return file.name
+# --------------------------------------------------------------------------------------------
+# encoding one shard
+# --------------------------------------------------------------------------------------------
 
 
-def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: int) -> Dict[str, torch.Tensor]:
-    """Latents (posterior mean), original sizes and crops of the pairs in ``rows``; rows whose
-    images do not decode are listed in ``undecodable_rows`` instead."""
+def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: int, progress=None) -> dict:
+    """Latents (posterior mean), original sizes and crops of the pairs in ``rows`` (stored
+    order), ``batch_size`` images per VAE call; rows whose images do not decode are listed in
+    ``undecodable_rows`` instead. Non-finite latents raise (:func:`_refuse_non_finite`)."""
     kept, failed, latents, sizes, crops = [], [], [], [], []
     batch: List[torch.Tensor] = []
+    batch_rows: List[int] = []
 
     def flush():
         if batch:
-            encoded = encode_images(vae, torch.cat(batch)).float().cpu()
-            latents.append(encoded.reshape(-1, 2, *encoded.shape[1:]))
+            encoded = encode_images(vae, torch.cat(batch), batch_size).float().cpu()
+            pairs = encoded.reshape(-1, 2, *encoded.shape[1:])
+            _refuse_non_finite(pairs, batch_rows, "the latents")
+            latents.append(pairs)
             batch.clear()
+            batch_rows.clear()
 
     for row in rows.tolist():
         try:
@@ -196,11 +251,15 @@ def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: 
         except Exception:  # noqa: BLE001 - undecodable rows are recorded, not fatal
             failed.append(row)
             continue
+        finally:
+            if progress is not None:
+                progress.update(1)
         kept.append(row)
         batch.append(torch.stack([p[0] for p in pair]))
+        batch_rows.append(row)
         sizes.append([p[1] for p in pair])
         crops.append([p[2] for p in pair])
-        if len(batch) == batch_size:
+        if 2 * len(batch) >= batch_size:
             flush()
     flush()
     if failed:
@@ -219,62 +278,186 @@ def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: 
     }
 
 
+def _encode_captions(captions: Sequence[str], tokenizers, text_encoders, batch_size: int, rows: Sequence[int]):
+    embeds, pooled = [], []
+    for start in range(0, len(captions), batch_size):
+        e, p = encode_prompts(captions[start : start + batch_size], tokenizers, text_encoders)
+        embeds.append(e.float().cpu())
+        if p is not None:
+            pooled.append(p.float().cpu())
+    empty, empty_pooled = encode_prompts([""], tokenizers, text_encoders)
+    out = {"prompt_embeds": torch.cat(embeds) if embeds else empty.float().cpu()[:0]}
+    _refuse_non_finite(out["prompt_embeds"], rows, "the text embeddings")
+    if empty_pooled is not None:
+        out["pooled_prompt_embeds"] = torch.cat(pooled) if pooled else empty_pooled.float().cpu()[:0]
+    return out
+
+
+def _check_latent_shard(file: Path, expected: np.ndarray) -> None:
+    """:class:`CacheFileError` unless ``file`` is whole and covers exactly the rows ``expected``."""
+    tensors = read_tensors(file)
+    missing = {"rows", "latents", "original_sizes", "crop_top_lefts", "undecodable_rows"} - set(tensors)
+    if missing:
+        raise CacheFileError(f"{file}: no tensor(s) {sorted(missing)}")
+    covered = np.union1d(np.asarray(tensors["rows"]), np.asarray(tensors["undecodable_rows"]))
+    if not np.array_equal(covered, expected) or len(tensors["latents"]) != len(tensors["rows"]):
+        raise CacheFileError(f"{file}: holds other rows than this shard's (a mismatched cache file)")
+
+
+def _check_text_shard(file: Path, count: int) -> None:
+    tensors = read_tensors(file)
+    if "prompt_embeds" not in tensors or len(tensors["prompt_embeds"]) != count:
+        raise CacheFileError(f"{file}: does not hold the {count} caption embeddings of this shard")
+
+
+def _valid(check, file: Path, *args) -> bool:
+    """Whether a shard written before can be kept; a bad one is logged and removed."""
+    if not file.exists():
+        return False
+    try:
+        check(file, *args)
+        return True
+    except CacheFileError as error:
+        logger.warning("latent cache: %s; encoding it again", error)
+        file.unlink(missing_ok=True)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# the cache
+# --------------------------------------------------------------------------------------------
+
+
 class LatentCache:
     """VAE latents and text embeddings of a :class:`PreferenceDataset`, encoded once.
 
-    ``LatentCache.build(dataset, cache_dir, model_path)`` looks for ``cache_dir/<key>/meta.json``
-    and loads it (``hit=True``); otherwise it encodes and writes it (``hit=False``). The key is
-    :func:`cache_key`: a hash of the dataset files (size, mtime and a head/tail content hash of
-    each), the model (its path, config/tokenizer file hashes, weight sizes and mtimes), the
-    resolution and the encoding dtype -- so a changed file, model or resolution gets a new
-    folder, and anything else (another run, a resume, other ``keep_ties``/``flip_rate``/
-    ``max_pairs``) reuses it.
+    ``LatentCache.build(dataset, cache_dir, model_path)`` opens ``cache_dir/<key>/`` when it is
+    complete and whole (``hit=True``); otherwise it encodes what is missing and opens it
+    (``hit=False``). The key is :func:`cache_key`: the dataset's fingerprint and columns, the model
+    (folder contents, or Hub id and revision; variant; VAE), the resolution and the encoding dtype
+    -- so a changed file, model or resolution gets a new folder, and anything else (another run,
+    a resume, other ties / flips / subset) reuses it.
 
     Contents, per source row that passes the dataset's cheap checks (ties included, and in DeDPO
-    mode the rows skipped only for a malformed judge value; a row that does not decode is
-    listed in ``undecodable_rows`` instead), in stored order
-    (``jpg_0``, ``jpg_1``; :meth:`view` puts the winner first): ``latents [N, 2, 4, R/8, R/8]``
-    = :func:`encode_images` (posterior mean x scaling factor), ``original_sizes``,
-    ``crop_top_lefts [N, 2, 2]``; per unique caption: ``prompt_embeds [U, 77, D]`` and for SDXL
-    ``pooled_prompt_embeds [U, P]`` (:func:`encode_prompts`), ``caption_index [N]``; and the
-    encoding of the empty caption (``empty_prompt_embeds``...) for caption dropout. All float32
-    by default, safetensors files: ``text.safetensors``, ``latents-00000.safetensors`` ... (one
-    per ``shard_size`` rows; an interrupted build resumes at the first missing shard) and
-    ``meta.json`` (written last; its presence marks the cache complete). Files are written
-    atomically, so a reader never sees half a file.
+    mode the rows skipped only for a malformed judge value; a row that does not decode is listed
+    in ``undecodable_rows`` instead), in stored order (``jpg_0``, ``jpg_1``; :meth:`view` puts
+    the winner first): latents ``[2, 4, R/8, R/8]`` = :func:`encode_images` (posterior mean x
+    scaling factor), ``original_sizes``, ``crop_top_lefts [2, 2]``; per unique caption:
+    ``prompt_embeds [77, D]`` and for SDXL ``pooled_prompt_embeds [P]`` (:func:`encode_prompts`);
+    each row's caption index; and the encoding of the empty caption. All float32 by default, in
+    safetensors files: ``captions.safetensors`` (rows, caption index, empty caption),
+    ``text-0000k.safetensors`` and ``latents-0000k.safetensors`` (``shard_size`` captions / rows
+    each) and ``meta.json`` (written last; its presence marks the cache complete).
 
-    The VAE and text encoders are loaded from ``model_path`` only on a miss, unless passed in.
-    With several processes (accelerate), build on the main process first, then on the others
-    (they hit).
+    * **Batches**: the VAE encodes ``batch_size`` images per call (``--vae_encode_batch_size``).
+    * **Processes**: with ``accelerator`` (several processes), process ``p`` encodes the shards
+      ``k`` with ``k % num_processes == p``; the main process writes ``meta.json`` once all are
+      there, and every process then opens the cache.
+    * **Resume**: every shard is written atomically, so an interrupted build leaves whole shards
+      only; the next build keeps the shards that check out and encodes the rest.
+    * **Checked**: every file is checked against its safetensors header (size) and the rows it
+      must hold, when built and when opened; a truncated or mismatched file is removed and
+      encoded again, never served. Latents or embeddings with NaN or Inf are refused with
+      ``ValueError`` naming the rows (an fp16 VAE overflowing, typically).
+    * **Memory-mapped**: shards are read through :func:`read_tensors`; an item copies only its
+      own latents and embedding.
+
+    The VAE and text encoders are loaded from ``model_path`` (``revision``, ``variant``,
+    ``vae_path``) only on a miss, unless passed in.
     """
 
     def __init__(self, path: Path, meta: dict, hit: bool):
-        from safetensors.torch import load_file
-
         self.path = Path(path)
         self.meta = meta
         self.key = meta["key"]
         self.hit = hit
-        text = load_file(str(self.path / "text.safetensors"))
-        self.prompt_embeds = text["prompt_embeds"]
-        self.pooled_prompt_embeds = text.get("pooled_prompt_embeds")
-        self.empty_prompt_embeds = text["empty_prompt_embeds"][0]
-        self.empty_pooled_prompt_embeds = (
-            text["empty_pooled_prompt_embeds"][0] if "empty_pooled_prompt_embeds" in text else None
-        )
-        text_rows = text["rows"]
-        caption_index = text["caption_index"]
-        shards = [load_file(str(self.path / name)) for name in meta["shards"]]
-        self.rows = torch.cat([s["rows"] for s in shards])
-        self.latents = torch.cat([s["latents"] for s in shards])
-        self.original_sizes = torch.cat([s["original_sizes"] for s in shards])
-        self.crop_top_lefts = torch.cat([s["crop_top_lefts"] for s in shards])
-        self.undecodable_rows = torch.cat([s["undecodable_rows"] for s in shards]).tolist()
-        self.caption_index = caption_index[torch.searchsorted(text_rows, self.rows)]
         self.arch = meta["arch"]
+        captions = read_tensors(self.path / CAPTIONS_FILE)
+        self.empty_prompt_embeds = _tensor(captions["empty_prompt_embeds"][0])
+        pooled = captions.get("empty_pooled_prompt_embeds")
+        self.empty_pooled_prompt_embeds = _tensor(pooled[0]) if pooled is not None else None
+        rows, undecodable, counts = [], [], []
+        for name in meta["shards"]:
+            shard = read_tensors(self.path / name)
+            rows.append(np.array(shard["rows"]))
+            undecodable += np.asarray(shard["undecodable_rows"]).tolist()
+            counts.append(len(shard["rows"]))
+        self.rows = torch.from_numpy(np.concatenate(rows)) if rows else torch.zeros(0, dtype=torch.int64)
+        self.undecodable_rows = sorted(undecodable)
+        self._shard_starts = np.cumsum([0] + counts)
+        text_counts = [len(read_tensors(self.path / name)["prompt_embeds"]) for name in meta["text_shards"]]
+        self._text_starts = np.cumsum([0] + text_counts)
+        text_rows = torch.from_numpy(np.array(captions["rows"]))
+        caption_index = torch.from_numpy(np.array(captions["caption_index"]))
+        self.caption_index = caption_index[torch.searchsorted(text_rows, self.rows)] if len(self.rows) else self.rows
+        self._maps: Dict[str, Dict[str, np.ndarray]] = {}
+
+    def __getstate__(self):  # DataLoader workers map the files themselves
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def _file(self, name: str) -> Dict[str, np.ndarray]:
+        if name not in self._maps:
+            self._maps[name] = read_tensors(self.path / name)
+        return self._maps[name]
+
+    def pair(self, position: int) -> Dict[str, torch.Tensor]:
+        """``latents [2, C, h, w]``, ``original_sizes``, ``crop_top_lefts [2, 2]`` of the
+        ``position``-th cached row (stored order), copied out of the memory map."""
+        shard = int(np.searchsorted(self._shard_starts, position, side="right")) - 1
+        tensors = self._file(self.meta["shards"][shard])
+        offset = position - int(self._shard_starts[shard])
+        return {k: _tensor(tensors[k][offset]) for k in ("latents", "original_sizes", "crop_top_lefts")}
+
+    def text(self, index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(prompt_embeds [L, D], pooled_prompt_embeds [P] or None)`` of unique caption ``index``."""
+        shard = int(np.searchsorted(self._text_starts, index, side="right")) - 1
+        tensors = self._file(self.meta["text_shards"][shard])
+        offset = index - int(self._text_starts[shard])
+        pooled = tensors.get("pooled_prompt_embeds")
+        return _tensor(tensors["prompt_embeds"][offset]), (_tensor(pooled[offset]) if pooled is not None else None)
+
+    def _all(self, names: Sequence[str], key: str) -> Optional[torch.Tensor]:
+        parts = [self._file(name).get(key) for name in names]
+        return None if any(p is None for p in parts) else torch.cat([_tensor(p) for p in parts])
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """Every cached latent pair, ``[N, 2, C, h, w]``, read into memory (small caches only)."""
+        return self._all(self.meta["shards"], "latents")
+
+    @property
+    def prompt_embeds(self) -> torch.Tensor:
+        """Every unique caption's embedding, ``[U, L, D]``, read into memory (small caches only)."""
+        return self._all(self.meta["text_shards"], "prompt_embeds")
+
+    @property
+    def pooled_prompt_embeds(self) -> Optional[torch.Tensor]:
+        """SDXL's pooled embeddings ``[U, P]`` (None for SD 1.5), read into memory."""
+        return self._all(self.meta["text_shards"], "pooled_prompt_embeds")
+
+    @classmethod
+    def open(cls, folder: Path, hit: bool = True) -> "LatentCache":
+        """The complete cache in ``folder``, every file checked (:class:`CacheFileError` if one
+        is torn or missing, or ``meta.json`` is not this folder's)."""
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+        except (OSError, ValueError) as error:
+            raise CacheFileError(f"{folder / META_FILE}: unreadable ({error})") from None
+        if meta.get("key") != folder.name or meta.get("format") != CACHE_FORMAT:
+            raise CacheFileError(f"{folder / META_FILE}: written for another key or format")
+        rows = np.asarray(meta["rows"], dtype=np.int64)
+        for name, start, stop in _shards("latents", len(rows), meta["shard_size"]):
+            _check_latent_shard(folder / name, rows[start:stop])
+        for name, start, stop in _shards("text", meta["num_captions"], meta["shard_size"]):
+            _check_text_shard(folder / name, stop - start)
+        if not np.array_equal(np.asarray(read_tensors(folder / CAPTIONS_FILE)["rows"]), rows):
+            raise CacheFileError(f"{folder / CAPTIONS_FILE}: holds other rows than the cache's")
+        return cls(folder, meta, hit=hit)
 
     @classmethod
     def build(
@@ -289,50 +472,117 @@ class LatentCache:
         dtype: torch.dtype = torch.float32,
         device: Union[str, torch.device] = "cpu",
         batch_size: int = 8,
-        shard_size: int = 1024,
+        shard_size: int = 512,
+        revision: Optional[str] = None,
+        variant: Optional[str] = None,
+        vae_path: Optional[str] = None,
+        accelerator=None,
+        progress: bool = True,
     ) -> "LatentCache":
-        """Load ``cache_dir/<key>/`` if it is complete, else encode the dataset into it (the
-        encoders are loaded from ``model_path`` unless passed in; passed modules set ``dtype``)."""
+        """Open ``cache_dir/<key>/`` if it is complete and whole, else encode what is missing into
+        it (the encoders are loaded from ``model_path`` unless passed in; passed modules set
+        ``dtype``). With ``accelerator``, every process of the run calls this together."""
         given = [m for m in [vae, *(text_encoders or [])] if m is not None]
         if given:
             dtype = next(given[0].parameters()).dtype
-        key, components = cache_key(dataset, model_path, dtype=dtype, modules=given)
+        where = dict(revision=revision, variant=variant, vae_path=vae_path)
+        key, components = cache_key(dataset, model_path, dtype=dtype, modules=given, **where)
         folder = Path(cache_dir) / key
-        meta_file = folder / "meta.json"
-        if meta_file.exists():
-            meta = json.loads(meta_file.read_text())
-            logger.info("latent cache hit: %s (%d rows)", folder, meta["num_cached"])
-            return cls(folder, meta, hit=True)
+        world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+        barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
+
+        found: Optional[LatentCache] = None
+        if (folder / META_FILE).exists():
+            try:
+                found = cls.open(folder)
+            except CacheFileError as error:
+                logger.warning("latent cache %s is not whole (%s); completing it", folder, error)
+        barrier()
+        if found is not None:
+            logger.info("latent cache hit: %s (%d rows)", folder, len(found))
+            return found
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / META_FILE).unlink(missing_ok=True)
+            write_json_atomic(components, folder / "key.json")
+        barrier()
 
         arch = _arch(model_path, text_encoders)
         if vae is None or text_encoders is None or tokenizers is None:
-            loaded_vae, loaded_tok, loaded_te = load_encoders(model_path, arch, dtype=dtype, device=device)
+            loaded_vae, loaded_tok, loaded_te = load_encoders(model_path, arch, dtype=dtype, device=device, **where)
             vae = vae if vae is not None else loaded_vae
             tokenizers = tokenizers if tokenizers is not None else loaded_tok
             text_encoders = text_encoders if text_encoders is not None else loaded_te
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(components, folder / "key.json")
         rows = _rows_to_encode(dataset)
-        logger.info("latent cache miss: encoding %d rows into %s", len(rows), folder)
-        _write_text(dataset, rows, tokenizers, text_encoders, folder / "text.safetensors", batch_size)
-        shards = [
-            _write_shard(dataset, rows[start : start + shard_size], vae, folder / name, batch_size)
-            for name, start in _shards(len(rows), shard_size)
-        ]
-        meta = {
-            "key": key,
-            "arch": arch,
-            "resolution": dataset.resolution,
-            "num_rows": int(len(rows)),
-            "shards": shards,
-            "scaling_factor": float(vae.config.scaling_factor),
-            "latents": "posterior mean x scaling_factor",
-        }
-        cache = cls(folder, dict(meta, num_cached=0), hit=False)
-        meta["num_cached"] = len(cache)
-        meta["undecodable_rows"] = cache.undecodable_rows
-        write_json_atomic(meta, meta_file)  # last: its presence marks the cache complete
-        cache.meta = meta
+        unique: Dict[str, int] = {}
+        caption_index, first_row = [], []  # each row's caption; each caption's first row
+        for row in rows.tolist():
+            caption = dataset.caption(row)
+            if caption not in unique:
+                unique[caption] = len(unique)
+                first_row.append(row)
+            caption_index.append(unique[caption])
+        captions = list(unique)
+        latent_shards = _shards("latents", len(rows), shard_size)
+        text_shards = _shards("text", len(captions), shard_size)
+        mine_latents = [s for k, s in enumerate(latent_shards) if k % world == rank]
+        mine_text = [s for k, s in enumerate(text_shards) if k % world == rank]
+        todo = [s for s in mine_latents if not _valid(_check_latent_shard, folder / s[0], rows[s[1] : s[2]])]
+        todo_text = [s for s in mine_text if not _valid(_check_text_shard, folder / s[0], s[2] - s[1])]
+        logger.info(
+            "latent cache miss: %d rows in %d shards into %s; this process encodes %d of them (%d done before)",
+            len(rows),
+            len(latent_shards),
+            folder,
+            len(todo),
+            len(mine_latents) - len(todo),
+        )
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=sum(stop - start for _, start, stop in todo),
+            desc="caching latents",
+            unit="pair",
+            disable=not progress or (accelerator is not None and not accelerator.is_local_main_process),
+        )
+        with bar:
+            for name, start, stop in todo_text:
+                encoded = _encode_captions(
+                    captions[start:stop], tokenizers, text_encoders, batch_size, first_row[start:stop]
+                )
+                _save_tensors(encoded, folder / name)
+            for name, start, stop in todo:
+                _save_tensors(_encode_rows(dataset, rows[start:stop], vae, batch_size, bar), folder / name)
+        if rank == 0:
+            empty, empty_pooled = encode_prompts([""], tokenizers, text_encoders)
+            small = {
+                "rows": torch.as_tensor(rows, dtype=torch.int64),
+                "caption_index": torch.tensor(caption_index, dtype=torch.int64),
+                "empty_prompt_embeds": empty.float().cpu(),
+            }
+            if empty_pooled is not None:
+                small["empty_pooled_prompt_embeds"] = empty_pooled.float().cpu()
+            _save_tensors(small, folder / CAPTIONS_FILE)
+        barrier()
+        if rank == 0:
+            meta = {
+                "key": key,
+                "format": CACHE_FORMAT,
+                "arch": arch,
+                "resolution": dataset.resolution,
+                "num_rows": int(len(rows)),
+                "rows": rows.tolist(),
+                "num_captions": len(captions),
+                "shard_size": shard_size,
+                "shards": [name for name, _, _ in latent_shards],
+                "text_shards": [name for name, _, _ in text_shards],
+                "scaling_factor": float(vae.config.scaling_factor),
+                "latents": "posterior mean x scaling_factor",
+            }
+            write_json_atomic(meta, folder / META_FILE)  # last: its presence marks the cache complete
+        barrier()
+        cache = cls.open(folder, hit=False)
+        cache.meta["num_cached"] = len(cache)
         return cache
 
     def view(self, dataset: PreferenceDataset) -> "CachedPreferenceDataset":
@@ -344,12 +594,13 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
     """``dataset`` with :class:`LatentCache` tensors in place of decoded pixels.
 
     Same length, order, winner-first rule, ties and flips as ``dataset`` (rows the cache found
-    undecodable are dropped first, as :meth:`PreferenceDataset.without_rows` does, when the
-    dataset was built with ``check_images=False``). Item: ``latents [2, C, h, w]`` (winner
+    undecodable are dropped first, as :meth:`PreferenceDataset.without_rows` does). Item (key
+    ``i`` or ``(i, position)``; no random crop or flip applies): ``latents [2, C, h, w]`` (winner
     first), ``prompt_embeds [L, D]``, for SDXL ``pooled_prompt_embeds [P]``, ``original_sizes``,
-    ``crop_top_lefts [2, 2]``, and the fields of :meth:`PreferenceDataset.item_info` (``caption``,
-    ``flipped``, ``tie``, ``human_label``, ``index``, ``row``; in DeDPO mode also
-    ``synthetic_label``, ``human_mask``, ``propensity``, and the judge's order).
+    ``crop_top_lefts [2, 2]``, ``skipped_rows`` (empty) and the fields of
+    :meth:`PreferenceDataset.item_info` (``caption``, ``flipped``, ``tie``, ``human_label``,
+    ``index``, ``row``; in DeDPO mode also ``synthetic_label``, ``human_mask``, ``propensity``,
+    and the judge's order).
     """
 
     def __init__(self, dataset: PreferenceDataset, cache: LatentCache):
@@ -369,16 +620,16 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        index = key[0] if isinstance(key, tuple) else key
         item = self.dataset.item_info(index)
         position = int(self._position[item["index"]])
         order = [1, 0] if item.pop("swap") else [0, 1]
-        cache = self.cache
-        item["latents"] = cache.latents[position][order]
-        item["original_sizes"] = cache.original_sizes[position][order]
-        item["crop_top_lefts"] = cache.crop_top_lefts[position][order]
-        text = int(cache.caption_index[position])
-        item["prompt_embeds"] = cache.prompt_embeds[text]
-        if cache.pooled_prompt_embeds is not None:
-            item["pooled_prompt_embeds"] = cache.pooled_prompt_embeds[text]
+        for name, value in self.cache.pair(position).items():
+            item[name] = value[order]
+        embeds, pooled = self.cache.text(int(self.cache.caption_index[position]))
+        item["prompt_embeds"] = embeds
+        if pooled is not None:
+            item["pooled_prompt_embeds"] = pooled
+        item["skipped_rows"] = []
         return item

@@ -46,11 +46,11 @@ def solid(color, size=RES) -> bytes:
 
 
 def test_ties_dropped_or_kept_and_corrupt_row_counted(toy):
-    dropped = PreferenceDataset(toy, RES)
+    dropped = PreferenceDataset(toy, RES, check_images=True)
     assert dropped.num_rows == PAIRS and dropped.num_undecodable == CORRUPT and dropped.num_malformed == 0
     assert dropped.num_ties == TIES and dropped.num_ties_dropped == TIES
     assert len(dropped) == PAIRS - TIES - CORRUPT
-    kept = PreferenceDataset(toy, RES, keep_ties=True)
+    kept = PreferenceDataset(toy, RES, keep_ties=True, check_images=True)
     assert len(kept) == PAIRS - CORRUPT and kept.num_ties_dropped == 0
     ties = [kept[i] for i in range(len(kept)) if kept[i]["tie"]]
     assert len(ties) == TIES and all(t["human_label"] == 0.5 for t in ties)
@@ -70,7 +70,7 @@ def test_malformed_rows_skipped_and_counted(tmp_path):
         "jpg_1": [blue, blue, blue, blue, blue, blue, red],
         "label_0": [1.0, 0.3, 1.0, 0.0, float("nan"), 1.0, 0.0],
     }
-    dataset = PreferenceDataset(write_parquet(columns, tmp_path / "rows.parquet"), RES)
+    dataset = PreferenceDataset(write_parquet(columns, tmp_path / "rows.parquet"), RES, check_images=True)
     assert dataset.skipped == {"malformed": [1, 2, 3, 4], "undecodable": [5]}
     assert len(dataset) == 2 and dataset.rows.tolist() == [0, 6]
     with pytest.raises(ValueError, match="label_0"):
@@ -98,7 +98,7 @@ def test_folder_of_parquet_files(tmp_path, toy):
     pq.write_table(table.slice(0, 10), folder / "part-0.parquet")
     pq.write_table(table.slice(10), folder / "part-1.parquet")
     whole, split = PreferenceDataset(toy, RES), PreferenceDataset(folder, RES)
-    assert len(split.files) == 2 and split.summary() == whole.summary()
+    assert split.summary() == whole.summary()
     assert split.rows.tolist() == whole.rows.tolist()
     assert torch.equal(split[len(split) - 1]["pixel_values"], whole[len(whole) - 1]["pixel_values"])
 
@@ -196,7 +196,7 @@ def counted(vae):
 def test_latent_cache_hit_reuses_and_matches(models, encoders, toy, tmp_path, monkeypatch, arch):
     vae, tokenizers, text_encoders = encoders[arch]
     calls = counted(vae)
-    dataset = PreferenceDataset(toy, RES, flip_rate=0.25, flip_seed=3)
+    dataset = PreferenceDataset(toy, RES, flip_rate=0.25, flip_seed=3, check_images=True)
     kwargs = dict(vae=vae, tokenizers=tokenizers, text_encoders=text_encoders, batch_size=4, shard_size=8)
     first = LatentCache.build(dataset, tmp_path, models[arch], **kwargs)
     assert not first.hit and calls and first.path.parent == tmp_path
