@@ -248,6 +248,7 @@ DIFFUSERS_DEFAULTS = {
     "learning_rate": 5e-4,
     "lr_warmup_steps": 500,
     "seed": None,
+    "dataset_split_name": "validation",
 }
 WHY_DIFFERENT = {
     "loss_type": "fastpref's objective is Adaptive-DPO; --loss_type sigmoid (= dpo) is diffusers' Diffusion-DPO",
@@ -256,6 +257,7 @@ WHY_DIFFERENT = {
     "learning_rate": "the Adaptive-DPO paper's rate",
     "lr_warmup_steps": "diffusers' own README commands pass 0",
     "seed": "diffusers leaves an unseeded run; fastpref's runs are reproducible",
+    "dataset_split_name": "a run trains on the data set's training split unless told otherwise",
 }
 
 

@@ -129,10 +129,14 @@ DIFFUSERS_FLAGS = """--pretrained_model_name_or_path --revision --variant --pret
 --adam_beta1 --adam_beta2 --adam_weight_decay --adam_epsilon --max_grad_norm --push_to_hub --hub_token
 --hub_model_id --logging_dir --allow_tf32 --report_to --mixed_precision --prior_generation_precision
 --local_rank --enable_xformers_memory_efficient_attention --rank --tracker_name --run_validation
---validation_steps --is_turbo""".split()
+--validation_steps --is_turbo --dataset_split_name --vae_encode_batch_size --no_hflip --random_crop""".split()
 # diffusers' defaults that fastpref shares (the others are cli.DIFFUSERS_DEFAULTS, logged at start-up).
 SHARED_DEFAULTS = dict(
     train_batch_size=4,
+    vae_encode_batch_size=8,
+    dataloader_num_workers=0,
+    no_hflip=False,
+    random_crop=False,
     num_train_epochs=1,
     checkpointing_steps=500,
     checkpoints_total_limit=None,
@@ -238,17 +242,26 @@ def test_defaults_that_differ_name_only_the_flags_left_out():
     data_args, settings, run = cli.parse_args(argv)
     values = {**vars(data_args), **settings, **vars(run)}
     lines = cli.defaults_that_differ(values, "sd15", cli.given_flags(argv))
-    assert [line.split(":")[0] for line in lines] == ["--loss_type", "--beta_dpo"]
+    assert [line.split(":")[0] for line in lines] == ["--loss_type", "--beta_dpo", "--dataset_split_name"]
     assert "fastpref's default is adaptive, diffusers' is sigmoid" in lines[0]
     assert "fastpref's default is 1000.0, diffusers' is 2500.0" in lines[1]
     # SDXL: diffusers' --beta_dpo 5000 is halved in its loss, so the betas agree
     assert [line.split(":")[0] for line in cli.defaults_that_differ(values, "sdxl", cli.given_flags(argv))] == [
-        "--loss_type"
+        "--loss_type",
+        "--dataset_split_name",
     ]
     data_args, settings, run = cli.parse_args(BARE)
     values = {**vars(data_args), **settings, **vars(run)}
     flags = [line.split(":")[0] for line in cli.defaults_that_differ(values, "sd15", cli.given_flags(BARE))]
-    assert flags == ["--loss_type", "--beta_dpo", "--rank", "--learning_rate", "--lr_warmup_steps", "--seed"]
+    assert flags == [
+        "--loss_type",
+        "--beta_dpo",
+        "--rank",
+        "--learning_rate",
+        "--lr_warmup_steps",
+        "--seed",
+        "--dataset_split_name",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
