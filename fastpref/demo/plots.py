@@ -193,8 +193,8 @@ def curves(results: dict, figure) -> bool:
         axes.axvline(budget, color="black", linestyle=":", linewidth=1, label=f"budget ({budget} steps)")
         axes.set_title(f"{rate} % of labels flipped")
         axes.set_xlabel("optimizer step")
+        axes.legend(loc="lower right")
     panels[0].set_ylabel("held-out reward, curve evaluation (↑)")
-    panels[0].legend(loc="lower right")
     figure.suptitle(f"Learning curves: mean and 95 % interval over {results['seeds']} seeds (step 0: base model)")
     return True
 
@@ -262,13 +262,13 @@ def flipped_ratio_vs_u(results: dict, figure) -> bool:
         ]
         if points:
             axes.plot(*zip(*points), color=colour, marker="o", markersize=4, label=f"{rate} % of labels flipped")
-        axes.axhline(float(rate), color=colour, linestyle=":", linewidth=1)
+        axes.axhline(float(rate), color=colour, linestyle=":", linewidth=1, label=f"{rate} %: u without signal")
         count = max(count, len(b["count"]))
     axes.set_xticks(range(1, count + 1))
     axes.set_xlabel("bin of u, lowest to highest (equal-count bins; edges in results.json)")
     axes.set_ylabel("flipped pairs in the bin (%)")
     axes.set_title("Share of flipped pairs per bin of Adaptive-DPO's u (paper Fig. 3)")
-    axes.legend(title="dotted: the flip rate (u without signal)", loc="upper left")
+    axes.legend(loc="upper left")
     return True
 
 
@@ -323,7 +323,8 @@ def dedpo(results: dict, figure) -> bool:
     axes.set_xticks(xs, [f"{x:g}" for x in xs])
     axes.set_xlabel("propensity: share of pairs with a human label")
     axes.set_ylabel("held-out reward (↑)")
-    axes.set_title(f"DeDPO by propensity ({results['steps']} steps; mean, 95 % interval over {results['seeds']} seeds)")
+    seeds = d["by_propensity"][props[0]]["dedpo"]["n"]
+    axes.set_title(f"DeDPO by propensity\n({results['steps']} steps; mean and 95 % interval over {seeds} seeds)")
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return True
 
