@@ -70,7 +70,7 @@ class StudyConfig:
 
     world: WorldConfig
     seeds: int = 5
-    extra_seeds: int = 3
+    extra_seeds: int = 5
     steps: int = 150
     batch_pairs: int = 32
     beta: float = 50.0
