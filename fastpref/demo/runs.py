@@ -1,6 +1,7 @@
-"""The study's training runs: which runs there are (:class:`RunSpec`, :func:`study_specs`), the
-labelled data and batches of a run, one run through :class:`fastpref.train.PreferenceTrainer`
-with its evaluation (:func:`train_run`), and a pool of single-threaded worker processes."""
+"""The study's training runs: which runs there are (:class:`RunSpec`, the lists of
+:func:`budget_specs`, :func:`core_specs`, :func:`full_specs`), the labelled data and batches of a
+run, one run through :class:`fastpref.train.PreferenceTrainer` with its evaluations and u's
+diagnostics (:func:`train_run`), and a pool of single-threaded worker processes."""
 
 from __future__ import annotations
 
@@ -14,35 +15,82 @@ import torch
 
 from ..train import PairSampler, PreferenceTrainer, TrainConfig
 from . import world as tw
-from .config import DEDPO_ARMS, FLIP_RATES, METHODS, STRUCTURED_METHODS, StudyConfig
+from .config import (
+    ABLATION_RATE,
+    ABLATIONS,
+    CURVE_NOISE_SEED,
+    CURVE_RATE,
+    DEDPO_ARMS,
+    EVAL_NOISE_SEED,
+    FLIP_RATES,
+    METHODS,
+    StudyConfig,
+)
+from .stats import auroc
+
+PER_PAIR = ("u", "weight", "flipped")  # the per-pair arrays a record holds up to its table step
+RECORD_FORMAT = 1  # bump when a run's record changes: cached records of another format are not read
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One training run: ``study`` in ``flip`` / ``structured`` / ``dedpo`` / ``tune``."""
+    """One training run: ``study`` in ``flip`` / ``dedpo`` / ``ablation`` / ``tune``.
+
+    ``steps`` optimizer steps; the table's evaluation after ``table_step`` of them (None: none);
+    with ``curve``, a cheap evaluation and a window of u's diagnostics every ``curve_every`` steps.
+    ``variant``: the ablation's name, or DeDPO's propensity."""
 
     study: str
     method: str
     rate: int
     seed: int
+    steps: int
+    table_step: Optional[int] = None
+    curve: bool = False
+    variant: Optional[str] = None
     beta: Optional[float] = None  # tune: overrides
     learning_rate: Optional[float] = None
-    steps: Optional[int] = None
 
 
-def study_specs(study: StudyConfig) -> List[RunSpec]:
-    """Every run of the study, the slowest kinds (adaptive types) first for a balanced pool."""
-    specs = []
-    for seed in range(study.seeds):
-        for method in METHODS:
-            for rate in FLIP_RATES:
-                specs.append(RunSpec("flip", method, rate, seed))
-        for method in STRUCTURED_METHODS:
-            specs.append(RunSpec("structured", method, 0, seed))
-        for arm in DEDPO_ARMS:
-            if arm != "all-human":  # = the clean DPO run of the flip study (reused)
-                specs.append(RunSpec("dedpo", arm, 0, seed))
-    return sorted(specs, key=lambda s: (s.method not in ("adaptive", "adaptive-ipo"), s.seed))
+def budget_specs(study: StudyConfig) -> List[RunSpec]:
+    """The runs that choose the headline budget: DPO's learning curves at 0 % flips."""
+    return [RunSpec("flip", "dpo", 0, seed, study.curve_steps, curve=True) for seed in range(study.seeds)]
+
+
+def core_specs(study: StudyConfig, steps: int, rates: Sequence[int] = FLIP_RATES) -> List[RunSpec]:
+    """The headline study: every method at every flip rate of ``rates``, ``steps`` each."""
+    specs = [
+        RunSpec("flip", method, rate, seed, steps, table_step=steps)
+        for seed in range(study.seeds)
+        for method in METHODS
+        for rate in rates
+    ]
+    return _slow_first(specs)
+
+
+def full_specs(study: StudyConfig, steps: int) -> List[RunSpec]:
+    """``fastpref demo --full`` after the budget runs, most important first: the headline study,
+    its runs at :data:`CURVE_RATE` continued to ``curve_steps`` as learning curves (the DPO 0 %
+    curves are the budget runs); DeDPO at every propensity and the ablations of u
+    (``extra_seeds`` seeds each). Every table's run takes ``steps``."""
+    headline = []
+    for spec in core_specs(study, steps):
+        curve = spec.rate == CURVE_RATE
+        headline.append(dataclasses.replace(spec, steps=study.curve_steps, curve=True) if curve else spec)
+    dedpo, ablation = [], []
+    for seed in range(study.extra_seeds):
+        dedpo.append(RunSpec("dedpo", "synthetic", 0, seed, steps, table_step=steps))
+        for propensity in study.propensities:
+            for arm in DEDPO_ARMS[::2]:  # human-only, dedpo (the judge's labels do not depend on it)
+                dedpo.append(RunSpec("dedpo", arm, 0, seed, steps, table_step=steps, variant=f"{propensity:g}"))
+        for name in ABLATIONS:
+            ablation.append(RunSpec("ablation", "adaptive", ABLATION_RATE, seed, steps, table_step=steps, variant=name))
+    return _slow_first(headline) + dedpo + ablation
+
+
+def _slow_first(specs: List[RunSpec]) -> List[RunSpec]:
+    """Longest runs first (then the adaptive ones, which compute footprints), for a balanced pool."""
+    return sorted(specs, key=lambda s: (-s.steps, s.method != "adaptive", s.seed))
 
 
 def _loss_type(spec: RunSpec) -> str:
@@ -62,29 +110,34 @@ def run_data(world: tw.World, spec: RunSpec, study: StudyConfig) -> Dict[str, to
     n = pairs["prompt"].shape[0]
     indices = torch.arange(n)
     out: Dict[str, torch.Tensor] = {}
-    if spec.study in ("flip", "tune"):
+    if spec.study in ("flip", "tune", "ablation"):
         swap = tw.flip_mask(n, spec.rate / 100.0, spec.seed)
-    elif spec.study == "structured":
-        _, swap = tw.structured_minority(pairs, world.config)
     elif spec.study == "dedpo":
         judge, _ = tw.synthetic_judge(pairs, world.config, biased_colours=study.judge_biased_colours, seed=spec.seed)
-        human = tw.flip_mask(n, study.human_fraction, spec.seed + 7_000_000)  # a separate seeded choice
+        propensity = float(spec.variant) if spec.variant is not None else 0.0
+        human = tw.flip_mask(n, propensity, spec.seed + 7_000_000)  # a separate seeded choice
         if spec.method == "human-only":
             swap = torch.zeros(n, dtype=torch.bool)
             indices = torch.nonzero(human).flatten()
-        elif spec.method == "all-human":
-            swap = torch.zeros(n, dtype=torch.bool)
         else:  # the judge orders every pair: its preferred image first
             swap = judge < 0.5
             if spec.method == "dedpo":
                 out["synthetic_label"] = torch.where(swap, 1.0 - judge, judge)
                 out["human_label"] = torch.where(human, (~swap).to(torch.float32), torch.full((n,), float("nan")))
                 out["human_mask"] = human
-                out["propensity"] = torch.full((n,), float(study.human_fraction))
+                out["propensity"] = torch.full((n,), propensity)
     else:
         raise ValueError(f"unknown study {spec.study!r}")
     out.update(indices=indices, swap=swap, flipped=swap.clone())
     return out
+
+
+def debiased_labels(data: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """DeDPO's debiased label of every pair, float32 ``[N]``: ``yhat + m (y - yhat) / p`` (the
+    judge's label ``yhat``, the human's ``y`` where ``m``, the propensity ``p``), its estimate of
+    the probability that the presented first image is the better one."""
+    yhat, m, p = data["synthetic_label"], data["human_mask"], data["propensity"]
+    return yhat + torch.where(m, (data["human_label"] - yhat) / p, torch.zeros_like(yhat))
 
 
 def make_batch(world: tw.World, data: Dict[str, torch.Tensor], idx: torch.Tensor, table: torch.Tensor) -> dict:
@@ -105,67 +158,133 @@ def make_batch(world: tw.World, data: Dict[str, torch.Tensor], idx: torch.Tensor
     return batch
 
 
-def train_run(world: tw.World, spec: RunSpec, study: StudyConfig) -> dict:
-    """Train one run through :class:`fastpref.train.trainer.PreferenceTrainer` and evaluate it.
-    Returns a record: ``reward`` (held-out mean), ``per_colour``, ``seconds``, the last steps'
-    ``loss`` / ``implicit_acc``, and for runs with the metric on, per-pair arrays ``u``,
-    ``weight``, ``flipped``, ``member`` (structured minority) over every step after the warm-up."""
-    start = time.perf_counter()
-    steps = spec.steps or study.steps
-    config = TrainConfig(
+def train_config(spec: RunSpec, study: StudyConfig) -> TrainConfig:
+    """The trainer's config of a run: the study's baseline, the spec's overrides, the ablation's fields."""
+    fields = dict(
         loss_type=_loss_type(spec),
         beta=spec.beta or study.beta,
         learning_rate=spec.learning_rate or study.learning_rate,
-        max_train_steps=steps,
+        max_train_steps=spec.steps,
         lora_rank=0,
         seed=spec.seed,
         lr_scheduler="constant",
     )
+    if spec.study == "ablation":
+        fields.update(ABLATIONS[spec.variant])
+    return TrainConfig(**fields)
+
+
+def window_diagnostics(window: Dict[str, List[np.ndarray]], adaptive: bool) -> dict:
+    """u's diagnostics over the pairs of a window of steps (every micro-batch pooled): implicit
+    accuracy (``l_theta > 0``, ties one half) on kept and flipped pairs, the RMS of ``l_theta``
+    (the scale u's normalisation divides out), the AUROC for flipped pairs of ``-l_theta`` (the
+    policy's own ranking), and for Adaptive-DPO the AUROC of u and mean u and W on kept and flipped
+    pairs (steps after the metric's warm-up only). Absent values are None."""
+    out: Dict[str, Optional[float]] = {}
+    l_theta = np.concatenate(window["l_theta"])
+    flipped = np.concatenate(window["flipped"]).astype(bool)
+    accuracy = (l_theta > 0) + 0.5 * (l_theta == 0)
+    out["implicit_acc_kept"] = float(accuracy[~flipped].mean()) if (~flipped).any() else None
+    out["implicit_acc_flipped"] = float(accuracy[flipped].mean()) if flipped.any() else None
+    out["l_rms"] = float(np.sqrt(np.mean(l_theta.astype(np.float64) ** 2)))
+    both = flipped.any() and (~flipped).any()
+    out["auroc_minus_l_flipped"] = auroc(-l_theta, flipped) if both else None
+    if adaptive and window["u"]:
+        u = np.concatenate(window["u"])
+        w = np.concatenate(window["weight"])
+        f = np.concatenate(window["metric_flipped"]).astype(bool)
+        out["auroc_u_flipped"] = auroc(u, f) if f.any() and (~f).any() else None
+        for name, values in (("u", u), ("weight", w)):
+            out[f"{name}_kept"] = float(values[~f].mean()) if (~f).any() else None
+            out[f"{name}_flipped"] = float(values[f].mean()) if f.any() else None
+    return out
+
+
+def train_run(world: tw.World, spec: RunSpec, study: StudyConfig) -> dict:
+    """Train one run through :class:`fastpref.train.trainer.PreferenceTrainer` and evaluate it.
+
+    Returns a record: the spec's fields; ``reward`` / ``per_colour`` (the table's evaluation,
+    the world's ``eval_samples`` per held-out prompt, noise :data:`EVAL_NOISE_SEED`, after
+    ``table_step`` steps; None without one), ``loss`` / ``implicit_acc`` over the last fifth of
+    those steps, per-pair arrays ``u``, ``weight``, ``flipped``
+    over the steps after the metric's warm-up up to ``table_step`` (runs with the metric), and
+    with ``curve`` a list ``curve`` of points ``{"step", "reward"}`` (``curve_eval_samples`` per
+    prompt, noise :data:`CURVE_NOISE_SEED`, step 0 = the base model) with
+    :func:`window_diagnostics` of the steps since the last point; ``seconds`` (wall) and
+    ``cpu_seconds``."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    config = train_config(spec, study)
     trainer = PreferenceTrainer(world.base_unet(), tw.make_scheduler(), config)
+    adaptive = trainer.footprints is not None
     data = run_data(world, spec, study)
     indices = data["indices"]
-    member = None
-    if spec.study == "structured":
-        member, _ = tw.structured_minority(world.pairs, world.config)
     table = world.table
+    micro_pairs = study.batch_pairs // config.gradient_accumulation_steps
     order = iter(PairSampler(len(indices), seed=spec.seed, infinite=True))
-    collected = {"u": [], "weight": [], "flipped": [], "member": []}
-    tail = {"loss": [], "implicit_acc": []}
-    for step in range(steps):
-        idx = indices[torch.tensor([next(order) for _ in range(study.batch_pairs)])]
-        logs = trainer.train_step(make_batch(world, data, idx, table))
-        if step >= steps - max(1, steps // 5):
-            tail["loss"].append(logs["loss"])
-            tail["implicit_acc"].append(logs.get("implicit_acc", float("nan")))
-        if logs.get("metric_on"):
-            collected["u"].append(logs["u"].float().cpu().numpy())
-            collected["weight"].append(logs["weight"].float().cpu().numpy())
-            collected["flipped"].append(logs["flipped"].cpu().numpy())
-            if member is not None:
-                collected["member"].append(member[idx].numpy())
-    evaluation = tw.evaluate(trainer.base_unet, world.config)
-    record = {
-        "study": spec.study,
-        "method": spec.method,
-        "rate": spec.rate,
-        "seed": spec.seed,
-        "steps": steps,
-        "beta": config.beta,
-        "learning_rate": config.learning_rate,
-        "reward": evaluation["mean"],
-        "per_colour": evaluation["per_colour"],
-        "loss": float(np.mean(tail["loss"])),
-        "implicit_acc": float(np.nanmean(tail["implicit_acc"])) if tail["implicit_acc"] else None,
-        "skipped_steps": trainer.skipped_steps,
-    }
-    if spec.study == "structured":
-        ids = tw.minority_prompt_ids(world.config)
-        record["minority_colour_all_prompts"] = tw.evaluate(trainer.base_unet, world.config, prompt_ids=ids)["mean"]
-    if collected["u"]:
-        for key in ("u", "weight", "flipped", "member"):
-            record[key] = np.concatenate(collected[key]) if collected[key] else None
+    curve_world = dataclasses.replace(world.config, eval_samples=study.curve_eval_samples)
+
+    def curve_point(step: int) -> dict:
+        return {"step": step, "reward": tw.evaluate(trainer.base_unet, curve_world, seed=CURVE_NOISE_SEED)["mean"]}
+
+    record: dict = dataclasses.asdict(spec)
+    record.update(beta=config.beta, learning_rate=config.learning_rate, reward=None, per_colour=None)
+    collected: Dict[str, list] = {key: [] for key in PER_PAIR}
+    tail: Dict[str, list] = {"loss": [], "implicit_acc": []}
+    empty = lambda: {"l_theta": [], "flipped": [], "u": [], "weight": [], "metric_flipped": []}  # noqa: E731
+    window = empty()
+    curve = [curve_point(0)] if spec.curve else []
+    for step in range(spec.steps):
+        for _ in range(config.gradient_accumulation_steps):
+            idx = indices[torch.tensor([next(order) for _ in range(micro_pairs)])]
+            logs = trainer.train_step(make_batch(world, data, idx, table))
+            flipped = logs["flipped"].cpu().numpy()
+            window["l_theta"].append(logs["l_theta"].float().cpu().numpy())
+            window["flipped"].append(flipped)
+            if logs.get("metric_on"):
+                u, w = logs["u"].float().cpu().numpy(), logs["weight"].float().cpu().numpy()
+                window["u"].append(u)
+                window["weight"].append(w)
+                window["metric_flipped"].append(flipped)
+                if spec.table_step is not None and step < spec.table_step:
+                    collected["u"].append(u)
+                    collected["weight"].append(w)
+                    collected["flipped"].append(flipped)
+            if spec.table_step is not None and spec.table_step - max(1, spec.table_step // 5) <= step < spec.table_step:
+                tail["loss"].append(logs["loss"])
+                tail["implicit_acc"].append(logs.get("implicit_acc", float("nan")))
+        done = step + 1
+        if done == spec.table_step:
+            evaluation = tw.evaluate(trainer.base_unet, world.config, seed=EVAL_NOISE_SEED)
+            record.update(reward=evaluation["mean"], per_colour=evaluation["per_colour"])
+            record["loss"] = float(np.mean(tail["loss"]))
+            record["implicit_acc"] = float(np.nanmean(tail["implicit_acc"]))
+            if spec.study == "dedpo" and spec.method == "dedpo":
+                record["label_estimator"] = label_estimator(world, data)
+        if spec.curve and done % study.curve_every == 0:
+            curve.append({**curve_point(done), **window_diagnostics(window, adaptive)})
+            window = empty()
+    if spec.curve:
+        record["curve"] = curve
+    for key in PER_PAIR:
+        record[key] = np.concatenate(collected[key]) if collected[key] else None
+    record["skipped_steps"] = trainer.skipped_steps
     record["seconds"] = time.perf_counter() - start
+    record["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time: less sensitive to load
     return record
+
+
+def label_estimator(world: tw.World, data: Dict[str, torch.Tensor]) -> dict:
+    """DeDPO's debiased labels against the truth (1 where the presented first image is the
+    reward's winner): their mean error (bias) and RMS error over the pairs, and the judge's."""
+    truth = (~data["swap"]).to(torch.float32)
+    debiased = debiased_labels(data)
+    judge = data["synthetic_label"]
+    return {
+        "debiased_mean_error": float((debiased - truth).mean()),
+        "debiased_rms_error": float((debiased - truth).pow(2).mean().sqrt()),
+        "judge_mean_error": float((judge - truth).mean()),
+        "judge_rms_error": float((judge - truth).pow(2).mean().sqrt()),
+    }
 
 
 # -- process pool ---------------------------------------------------------------------------------
@@ -173,8 +292,8 @@ def train_run(world: tw.World, spec: RunSpec, study: StudyConfig) -> dict:
 _WORKER: dict = {}
 
 
-def _worker_init(world_config: tw.WorldConfig, cache_dir: str, study: StudyConfig, threads: int) -> None:
-    torch.set_num_threads(threads)
+def _worker_init(world_config: tw.WorldConfig, cache_dir: str, study: StudyConfig) -> None:
+    torch.set_num_threads(1)  # one thread per process: see fastpref.demo.study.main
     _WORKER["world"] = tw.load_or_build(world_config, cache_dir)
     _WORKER["study"] = study
 
@@ -183,29 +302,58 @@ def _worker_run(spec: RunSpec) -> dict:
     return train_run(_WORKER["world"], spec, _WORKER["study"])
 
 
+def record_file(cache_dir: Path, world: tw.World, spec: RunSpec, study: StudyConfig) -> Path:
+    """Where a run's record is cached: ``cache_dir/records/<hash>.pt``, the hash of everything the
+    record depends on (the world's key, the spec, the study's fields a run reads, :data:`RECORD_FORMAT`)."""
+    import hashlib
+    import json
+
+    fields = ("batch_pairs", "beta", "learning_rate", "curve_every", "curve_eval_samples", "judge_biased_colours")
+    key = {"format": RECORD_FORMAT, "world": world.config.key(), "spec": dataclasses.asdict(spec)}
+    key.update({name: getattr(study, name) for name in fields})
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir) / "records" / f"{digest}.pt"
+
+
 def run_all(
     specs: Sequence[RunSpec], world: tw.World, study: StudyConfig, cache_dir: Path, jobs: int, progress=None
 ) -> List[dict]:
     """Run every spec (in ``jobs`` single-threaded processes when ``jobs > 1``, else here);
-    returns the records in the order of ``specs``."""
+    returns the records in the order of ``specs``. Each record is cached in ``cache_dir`` as it
+    finishes (:func:`record_file`), and a cached one is read instead of rerunning the spec, so an
+    interrupted study resumes where it stopped."""
+    from ..train.files import write_atomic
+
     records: List[Optional[dict]] = [None] * len(specs)
-    if jobs <= 1:
-        for i, spec in enumerate(specs):
-            records[i] = train_run(world, spec, study)
+    files = [record_file(cache_dir, world, spec, study) for spec in specs]
+    todo = []
+    for i, file in enumerate(files):
+        if file.exists():
+            records[i] = torch.load(file, weights_only=False)
             if progress is not None:
                 progress(records[i])
+        else:
+            todo.append(i)
+
+    def finish(i: int, record: dict) -> None:
+        files[i].parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(files[i], lambda tmp: torch.save(record, tmp))
+        records[i] = record
+        if progress is not None:
+            progress(record)
+
+    if jobs <= 1 or len(todo) <= 1:
+        for i in todo:
+            finish(i, train_run(world, specs[i], study))
         return records  # type: ignore[return-value]
     import concurrent.futures
     import multiprocessing
 
-    threads = 1  # one thread per process: see fastpref.demo.study.main
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds OpenMP threads
     with concurrent.futures.ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_worker_init, initargs=(world.config, str(cache_dir), study, threads)
+        jobs, mp_context=context, initializer=_worker_init, initargs=(world.config, str(cache_dir), study)
     ) as pool:
-        futures = {pool.submit(_worker_run, spec): i for i, spec in enumerate(specs)}
+        futures = {pool.submit(_worker_run, specs[i]): i for i in todo}
         for future in concurrent.futures.as_completed(futures):
-            records[futures[future]] = future.result()
-            if progress is not None:
-                progress(records[futures[future]])
+            finish(futures[future], future.result())
     return records  # type: ignore[return-value]

@@ -1,8 +1,11 @@
-"""``fastpref demo``: Adaptive-DPO's label-flip study (paper Tab. 2 / Tab. 8, Fig. 3), a
-structured minority and DeDPO, in the toy world of :mod:`fastpref.demo.world`, trained through
-fastpref's own trainer. The command builds (or loads) the world, runs every training run, and
-writes results.json, results.md and the plots; ``--tune`` runs the baseline's tuning grid
-instead. docs/demo.md describes the protocol and the results.
+"""``fastpref demo``: Adaptive-DPO's label-flip study (paper Tab. 2 / Tab. 8, Fig. 3) in the toy
+world of :mod:`fastpref.demo.world`, trained through fastpref's own trainer, with paired
+statistics over seeds. The command builds (or loads) the world and runs the headline study
+(every method at every flip rate, at the recorded budget); ``--full`` first measures the budget
+on DPO's learning curves at 0 % flips, then runs the headline study at it with learning curves,
+u's diagnostics and ablations, and DeDPO at three propensities. Both write
+results.json, results.md and the plots; ``--tune`` runs the baseline's tuning grid instead.
+docs/demo.md describes the protocol and the results.
 """
 
 from __future__ import annotations
@@ -26,13 +29,20 @@ from ..machine import cpu_model
 from ..train.files import write_text_atomic
 from . import plots
 from . import world as tw
-from .config import TUNE_BETAS, TUNE_LRS, StudyConfig, full_config, method_defaults, quick_config
-from .runs import RunSpec, run_all, study_specs
+from .config import (
+    CURVE_NOISE_SEED,
+    EVAL_NOISE_SEED,
+    TUNE_BETAS,
+    TUNE_LRS,
+    StudyConfig,
+    full_config,
+    method_defaults,
+    quick_config,
+)
+from .runs import PER_PAIR, RunSpec, budget_specs, core_specs, full_specs, run_all
 from .stats import mean_std
-from .summary import summarize
+from .summary import choose_budget, summarize
 from .tables import markdown
-
-EVAL_NOISE_SEED = 12345  # fastpref.demo.world.evaluate's default: every model sees the same noise
 
 
 def main(argv=None) -> int:
@@ -56,7 +66,7 @@ def main(argv=None) -> int:
         if args.tune:
             run_tuning(world, study, output_dir, jobs, args.tune_betas, args.tune_lrs)
         else:
-            run_study(world, study, output_dir, jobs, args.quick, wall)
+            run_study(world, study, output_dir, jobs, args.quick, args.full, wall)
         return 0
     finally:
         torch.set_num_threads(threads)
@@ -85,7 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="CI size: a briefly pretrained world, 1 seed, few steps (same JSON layout)"
     )
-    parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default 3; 1 with --quick)")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="measure the budget on DPO's learning curves, then add the curves, u's diagnostics and ablations, "
+        "and DeDPO at three propensities (about 30 min on 2 cores)",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="number of training seeds (default 5; 2 with --quick)")
     parser.add_argument(
         "--jobs", type=int, default=None, help="worker processes (default: min(2, cpu count); 1 = in this process)"
     )
@@ -120,18 +136,30 @@ def build_world(study: StudyConfig, output_dir: Path) -> tw.World:
     return world
 
 
-def run_study(world: tw.World, study: StudyConfig, output_dir: Path, jobs: int, quick: bool, wall: float) -> dict:
+def run_study(
+    world: tw.World, study: StudyConfig, output_dir: Path, jobs: int, quick: bool, full: bool, wall: float
+) -> dict:
     """Every run of the study, its results and their files: results.json, results.md (also
-    printed) and the plots (when matplotlib, the ``demo`` extra, is installed)."""
+    printed) and the plots (when matplotlib, the ``demo`` extra, is installed). Without ``full``
+    the headline study runs at ``study.steps``; with it, the budget is measured first."""
     from tqdm.auto import tqdm
 
     if not plots.available():
         print("matplotlib is not installed (pip install 'fastpref[demo]'): no plots will be drawn", file=sys.stderr)
-    specs = study_specs(study)
+    records, budget, steps = [], None, study.steps
+    if full:
+        specs = budget_specs(study)
+        with tqdm(total=len(specs), desc="DPO learning curves (budget)", unit="run") as progress:
+            records = run_all(specs, world, study, output_dir, jobs, lambda r: progress.update(1))
+        budget = choose_budget(records)
+        budget["configured_steps"] = study.steps
+        steps = budget["steps"]
+        print(f"budget: {steps} steps (DPO's curve at 0 % flips peaks there; the core study's is {study.steps})")
+    specs = full_specs(study, steps) if full else core_specs(study, steps)
     with tqdm(total=len(specs), desc="demo runs", unit="run") as progress:
-        records = run_all(specs, world, study, output_dir, jobs, lambda r: progress.update(1))
-    results = summarize(records, world, study)
-    results.update(run_metadata(records, world, study, jobs, quick))
+        records += run_all(specs, world, study, output_dir, jobs, lambda r: progress.update(1))
+    results = summarize(records, world, study, budget)
+    results.update(run_metadata(records, world, study, jobs, quick, full))
     results["plots"] = plots.write_plots(results, output_dir) if plots.available() else []
     results["wall_seconds"] = time.perf_counter() - wall
     table = write_results(results, output_dir)
@@ -143,26 +171,28 @@ def run_study(world: tw.World, study: StudyConfig, output_dir: Path, jobs: int, 
     return results
 
 
-def run_metadata(records: Sequence[dict], world: tw.World, study: StudyConfig, jobs: int, quick: bool) -> dict:
-    """What the results were made with: sizes, hyper-parameters, machine, versions, timings, and
-    every run's record without its per-pair arrays."""
-    import diffusers
-
+def run_metadata(
+    records: Sequence[dict], world: tw.World, study: StudyConfig, jobs: int, quick: bool, full: bool
+) -> dict:
+    """What the results were made with: sizes, hyper-parameters, machine, library versions,
+    timings, and every run's record without its per-pair arrays."""
     return dict(
         quick=bool(quick),
+        full=bool(full),
         hyperparameters={
             "study": study.to_dict(),
             "methods": method_defaults(),
             "jobs": jobs,
             "eval_noise_seed": EVAL_NOISE_SEED,
+            "curve_noise_seed": CURVE_NOISE_SEED,
         },
-        machine=machine(),
+        machine=machine(jobs),
         torch=torch.__version__,
-        diffusers=diffusers.__version__,
+        libraries=libraries(),
         world_cache=str(world.path),
         world_build_seconds=world.built_seconds,
         run_seconds_total=float(sum(r["seconds"] for r in records)),
-        runs=[{k: v for k, v in r.items() if k not in ("u", "weight", "flipped", "member")} for r in records],
+        runs=[{k: v for k, v in r.items() if k not in PER_PAIR} for r in records],
     )
 
 
@@ -171,9 +201,10 @@ def write_results(results: dict, output_dir: Path) -> str:
     results.json; returns the tables."""
     table = markdown(results)
     host = results["machine"]
+    flags = (" --quick" if results["quick"] else "") + (" --full" if results["full"] else "")
     header = (
-        f"# fastpref demo\n\n`fastpref demo{' --quick' if results['quick'] else ''}` on "
-        f"{host['cpu'] or host['platform']} ({host['cpu_count']} cores), torch {results['torch']}, "
+        f"# fastpref demo\n\n`fastpref demo{flags}` on {host['cpu'] or host['platform']} ({host['cpu_count']} cores, "
+        f"{host['jobs']} worker processes of {host['threads_per_process']} thread), torch {results['torch']}, "
         f"{results['wall_seconds']:.0f} s wall.\n\n"
     )
     _write_text(output_dir / "results.md", header + table)
@@ -181,14 +212,30 @@ def write_results(results: dict, output_dir: Path) -> str:
     return table
 
 
-def machine() -> dict:
-    """The machine the study ran on."""
+def machine(jobs: int) -> dict:
+    """The machine the study ran on, and how: worker processes and threads per process."""
     return {
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "jobs": jobs,
+        "threads_per_process": 1,
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
     }
+
+
+def libraries() -> dict:
+    """The versions of the libraries the results depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "diffusers", "accelerate", "numpy", "matplotlib", "fastpref"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _write_text(file: Path, text: str) -> None:
@@ -241,7 +288,7 @@ def tune(
     """DPO at 0 % flips over a grid of beta x learning rate x steps, every seed: the only runs
     the baseline's hyper-parameters were chosen from. Returns one row per grid point."""
     specs = [
-        RunSpec("tune", "dpo", 0, seed, beta=b, learning_rate=lr, steps=n)
+        RunSpec("tune", "dpo", 0, seed, n, table_step=n, beta=b, learning_rate=lr)
         for b in betas
         for lr in lrs
         for n in steps

@@ -1,6 +1,7 @@
-"""The study's results (``results.json``) from the records of its runs: the label-flip table,
-Adaptive-DPO's metric u on flipped and kept pairs (AUROC, weights, the paper's Fig. 3 bins), the
-structured minority and the DeDPO comparison."""
+"""The study's results (``results.json``) from the records of its runs: the headline budget, the
+label-flip table with 95 % intervals and paired (per-seed) differences, Adaptive-DPO's metric u
+(AUROC, weights, the paper's Fig. 3 bins), the learning curves with u's diagnostics, the
+ablations of u and the DeDPO comparison at each propensity."""
 
 from __future__ import annotations
 
@@ -9,76 +10,178 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import world as tw
-from .config import DEDPO_ARMS, FLIP_RATES, METHODS, STRUCTURED_METHODS, U_BINS, StudyConfig
-from .stats import auroc, flipped_ratio_per_bin, mean_std
+from .config import (
+    ABLATION_DEFAULT,
+    ABLATION_RATE,
+    ABLATIONS,
+    METHODS,
+    U_BINS,
+    StudyConfig,
+)
+from .stats import auroc, flipped_ratio_per_bin, mean_interval, mean_std, paired_difference
+
+CURVE_KEYS = (
+    "reward",
+    "implicit_acc_kept",
+    "implicit_acc_flipped",
+    "l_rms",
+    "auroc_minus_l_flipped",
+    "auroc_u_flipped",
+    "u_kept",
+    "u_flipped",
+    "weight_kept",
+    "weight_flipped",
+)
 
 
-def summarize(records: Sequence[dict], world: tw.World, study: StudyConfig) -> dict:
-    """The results dictionary (``results.json``) from every run's record."""
+def summarize(records: Sequence[dict], world: tw.World, study: StudyConfig, budget: Optional[dict] = None) -> dict:
+    """The results dictionary (``results.json``) from every run's record; ``budget`` (from
+    :func:`choose_budget`) when the study measured its budget (``--full``)."""
     base = float(world.base_reward["mean"])
+    table = [r for r in records if r["reward"] is not None]
+    rates = sorted({r["rate"] for r in table if r["study"] == "flip"})
     out: dict = {
-        "flip_rates": list(FLIP_RATES),
+        "flip_rates": rates,
         "seeds": study.seeds,
+        "steps": study.steps if budget is None else budget["steps"],
         "base_reward": base,
         "base_reward_per_colour": world.base_reward["per_colour"],
     }
-    out.update(flip_table(records, base))
-    out.update(metric_auroc(records))
-    out["adaptive_metric"] = metric_by_label(records)
-    out["u_bins"] = u_bins(records)
-    out["structured"] = structured(records, world)
-    out["dedpo"] = dedpo(records, world, study)
+    if budget is not None:
+        out["budget"] = budget
+    out.update(flip_table(table, base, rates))
+    out["paired_vs_dpo"] = paired_vs_dpo(table, rates)
+    out.update(metric_auroc(table, rates))
+    out["adaptive_metric"] = metric_by_label(table, rates)
+    out["u_bins"] = u_bins(table, rates)
+    curves = learning_curves(records)
+    if curves:
+        out["curves"] = curves
+    if any(r["study"] == "ablation" for r in table):
+        out["ablation"] = ablation(table)
+    if any(r["study"] == "dedpo" for r in table):
+        out["dedpo"] = dedpo(table, world, study)
     return out
 
 
-def find(records: Sequence[dict], study: str, method: str, rate: int = 0) -> List[dict]:
+def find(records: Sequence[dict], study: str, method: str, rate: int = 0, variant: Optional[str] = None) -> List[dict]:
     """The records of one arm, by seed."""
     return sorted(
-        (r for r in records if r["study"] == study and r["method"] == method and r["rate"] == rate),
+        (
+            r
+            for r in records
+            if r["study"] == study and r["method"] == method and r["rate"] == rate and r.get("variant") == variant
+        ),
         key=lambda r: r["seed"],
     )
 
 
-def _with_metric(records: Sequence[dict], study: str, method: str, rate: int = 0) -> List[dict]:
-    """The records of one arm that logged the metric u (per pair, after the warm-up)."""
-    return [r for r in find(records, study, method, rate) if r.get("u") is not None]
+def _rewards(runs: Sequence[dict]) -> List[float]:
+    return [r["reward"] for r in runs]
+
+
+def _with_metric(runs: Sequence[dict]) -> List[dict]:
+    """The runs that logged the metric u (per pair, after the warm-up)."""
+    return [r for r in runs if r.get("u") is not None]
 
 
 def _pooled(runs: Sequence[dict], key: str) -> np.ndarray:
-    """One per-pair array (``u``, ``weight``, ``flipped``, ``member``) over all ``runs``."""
+    """One per-pair array (``u``, ``weight``, ``flipped``) over all ``runs``."""
     return np.concatenate([r[key] for r in runs])
 
 
-def flip_table(records: Sequence[dict], base: float) -> dict:
-    """Reward (mean and std over seeds), gain over the base model and share of clean DPO's gain
-    kept, per method and flip rate, with clean DPO's gain."""
-    clean_gain = mean_std([r["reward"] for r in find(records, "flip", "dpo", 0)])[0] - base
-    reward, reward_std, gain, retained = {}, {}, {}, {}
+def choose_budget(records: Sequence[dict]) -> dict:
+    """The headline budget from DPO's learning curves at 0 % flips (and nothing else): the curve
+    step (not 0) where their mean over seeds peaks. Returns ``{"steps", "rule", "curve"}``, the
+    curve as ``{"step": [...], "mean": [...], "low": [...], "high": [...]}``."""
+    runs = [r for r in records if r["study"] == "flip" and r["method"] == "dpo" and r["rate"] == 0 and r.get("curve")]
+    if not runs:
+        raise ValueError("no DPO learning curve at 0 % flips to choose the budget from")
+    curve = _curve_of(runs, "reward")
+    peak = int(np.argmax(curve["mean"][1:])) + 1
+    return {
+        "steps": int(curve["step"][peak]),
+        "rule": "the step where DPO's mean learning curve at 0 % flips peaks (curve evaluation, "
+        f"{len(runs)} seeds); every table's run then takes that many steps",
+        "curve": curve,
+    }
+
+
+def _curve_of(runs: Sequence[dict], key: str) -> dict:
+    """Mean and 95 % t-interval over runs of one curve quantity at every curve step (None where absent)."""
+    steps = [p["step"] for p in runs[0]["curve"]]
+    out: Dict[str, list] = {"step": steps, "mean": [], "low": [], "high": []}
+    for i in range(len(steps)):
+        values = [r["curve"][i].get(key) for r in runs]
+        values = [v for v in values if v is not None]
+        summary = mean_interval(values) if values else {"mean": None, "low": None, "high": None}
+        for name in ("mean", "low", "high"):
+            out[name].append(summary[name])
+    return out
+
+
+def learning_curves(records: Sequence[dict]) -> Dict[str, dict]:
+    """Every curve arm (method x flip rate; DPO at 0 % are the budget runs): each of
+    :data:`CURVE_KEYS` against the step, mean and 95 % interval over seeds."""
+    out: Dict[str, dict] = {}
     for method in METHODS:
-        reward[method], reward_std[method], gain[method], retained[method] = {}, {}, {}, {}
-        for rate in FLIP_RATES:
-            m, s = mean_std([r["reward"] for r in find(records, "flip", method, rate)])
-            reward[method][str(rate)], reward_std[method][str(rate)] = m, s
-            gain[method][str(rate)] = m - base
-            retained[method][str(rate)] = (m - base) / clean_gain if clean_gain > 0 else None
+        for rate in sorted({r["rate"] for r in records if r.get("curve")}):
+            runs = [r for r in find(records, "flip", method, rate) if r.get("curve")]
+            if runs:
+                out.setdefault(method, {})[str(rate)] = {key: _curve_of(runs, key) for key in CURVE_KEYS}
+    return out
+
+
+def flip_table(records: Sequence[dict], base: float, rates: Sequence[int]) -> dict:
+    """Reward (mean, std and 95 % interval over seeds), gain over the base model and share of
+    clean DPO's gain kept, per method and flip rate, with clean DPO's gain."""
+    clean_gain = mean_std(_rewards(find(records, "flip", "dpo", 0)))[0] - base
+    reward, reward_std, interval, gain, retained = {}, {}, {}, {}, {}
+    for method in METHODS:
+        reward[method], reward_std[method], interval[method], gain[method], retained[method] = {}, {}, {}, {}, {}
+        for rate in rates:
+            summary = mean_interval(_rewards(find(records, "flip", method, rate)))
+            m, key = summary["mean"], str(rate)
+            reward[method][key], reward_std[method][key] = m, summary["std"]
+            interval[method][key] = [summary["low"], summary["high"]]
+            gain[method][key] = m - base
+            retained[method][key] = (m - base) / clean_gain if clean_gain > 0 else None
     return {
         "clean_dpo_gain": clean_gain,
         "reward": reward,
         "reward_std": reward_std,
+        "reward_interval95": interval,
         "gain": gain,
         "retained_share_of_clean_dpo_gain": retained,
     }
 
 
-def metric_auroc(records: Sequence[dict]) -> dict:
-    """AUROC of u for flipped vs kept pairs (mean and std over seeds) per flip rate, for
-    Adaptive-DPO (``auroc_u_flipped``) and Adaptive-IPO (``auroc_u_flipped_adaptive_ipo``)."""
-    out = {}
-    for method, key in (("adaptive", "auroc_u_flipped"), ("adaptive-ipo", "auroc_u_flipped_adaptive_ipo")):
-        out[key], out[key + "_std"] = {}, {}
-        for rate in FLIP_RATES[1:]:
-            values = [auroc(r["u"], r["flipped"]) for r in _with_metric(records, "flip", method, rate)]
-            out[key][str(rate)], out[key + "_std"][str(rate)] = mean_std(values) if values else (None, None)
+def paired_vs_dpo(records: Sequence[dict], rates: Sequence[int]) -> Dict[str, dict]:
+    """Per method other than DPO and flip rate: the per-seed reward differences method - DPO
+    (same seed: same pairs, order, flips and noise) with their mean and 95 % t-interval."""
+    out: Dict[str, dict] = {}
+    for method in METHODS[1:]:
+        out[method] = {}
+        for rate in rates:
+            out[method][str(rate)] = paired_difference(
+                _rewards(find(records, "flip", method, rate)), _rewards(find(records, "flip", "dpo", rate))
+            )
+    return out
+
+
+def metric_auroc(records: Sequence[dict], rates: Sequence[int]) -> dict:
+    """AUROC of Adaptive-DPO's u for flipped vs kept pairs per flip rate: mean and std over seeds
+    (``auroc_u_flipped``, ``auroc_u_flipped_std``) and its 95 % interval; each seed's AUROC
+    pools its steps after the warm-up up to the budget."""
+    out: dict = {"auroc_u_flipped": {}, "auroc_u_flipped_std": {}, "auroc_u_flipped_interval95": {}}
+    for rate in rates:
+        if rate == 0:
+            continue
+        values = [auroc(r["u"], r["flipped"]) for r in _with_metric(find(records, "flip", "adaptive", rate))]
+        summary = mean_interval(values) if values else {"mean": None, "std": None, "low": None, "high": None}
+        key = str(rate)
+        out["auroc_u_flipped"][key], out["auroc_u_flipped_std"][key] = summary["mean"], summary["std"]
+        out["auroc_u_flipped_interval95"][key] = [summary["low"], summary["high"]]
     return out
 
 
@@ -90,12 +193,12 @@ def _quantiles(values: np.ndarray) -> Optional[List[float]]:
     return [float(q) for q in np.quantile(values, [0.1, 0.5, 0.9])] if len(values) else None
 
 
-def metric_by_label(records: Sequence[dict]) -> Dict[str, dict]:
+def metric_by_label(records: Sequence[dict], rates: Sequence[int]) -> Dict[str, dict]:
     """Adaptive-DPO's mean u, mean weight W and W's 10/50/90 % quantiles on kept and on flipped
-    pairs per flip rate (all seeds, every step after the warm-up)."""
+    pairs per flip rate (all seeds, every step after the warm-up up to the budget)."""
     out = {}
-    for rate in FLIP_RATES:
-        runs = _with_metric(records, "flip", "adaptive", rate)
+    for rate in rates:
+        runs = _with_metric(find(records, "flip", "adaptive", rate))
         if not runs:
             continue
         w, u = _pooled(runs, "weight"), _pooled(runs, "u")
@@ -111,15 +214,18 @@ def metric_by_label(records: Sequence[dict]) -> Dict[str, dict]:
     return out
 
 
-def u_bins(records: Sequence[dict]) -> dict:
+def u_bins(records: Sequence[dict], rates: Sequence[int]) -> dict:
     """The paper's Fig. 3: per flip rate, ``U_BINS`` equal-count bins of Adaptive-DPO's u (all
-    seeds, every step after the warm-up), their edges, pair counts and shares of flipped pairs."""
+    seeds, every step after the warm-up up to the budget), their edges, pair counts and shares
+    of flipped pairs."""
     bins: dict = {
         "binning": f"{U_BINS} bins of equal count (quantiles of u) per flip rate; "
-        "Adaptive-DPO runs, all seeds, every step after the warm-up"
+        "Adaptive-DPO runs, all seeds, every step after the warm-up up to the budget"
     }
-    for rate in FLIP_RATES[1:]:
-        runs = _with_metric(records, "flip", "adaptive", rate)
+    for rate in rates:
+        if rate == 0:
+            continue
+        runs = _with_metric(find(records, "flip", "adaptive", rate))
         if not runs:
             continue
         u, f = _pooled(runs, "u"), _pooled(runs, "flipped")
@@ -131,79 +237,52 @@ def u_bins(records: Sequence[dict]) -> dict:
     return bins
 
 
-def structured(records: Sequence[dict], world: tw.World) -> dict:
-    """The structured minority: its labels, each method's reward (held-out prompts; held-out
-    prompts of the minority's colour and of the others; every prompt of the minority's colour)
-    and Adaptive-DPO's metric on the minority."""
-    colour = world.config.minority_colour
-    member, swapped = tw.structured_minority(world.pairs, world.config)
-    out = {
-        "minority_colour": colour,
-        "criterion": "the minority prefers the brighter image (higher mean brightness)",
-        "minority_share_of_pairs": float(member.float().mean()),
-        "minority_labels_against_reward": float(swapped[member].float().mean()) if member.any() else None,
-        "base_reward_minority_colour": world.base_reward["per_colour"].get(colour),
+def _arm_summary(runs: Sequence[dict], baseline: Sequence[dict]) -> dict:
+    """Reward (mean and 95 % interval), AUROC of u for flipped pairs (the same), mean W on kept
+    and flipped pairs, and the paired reward difference against ``baseline`` (same seeds)."""
+    runs = list(runs)
+    with_metric = _with_metric(runs)
+    out = {"reward": mean_interval(_rewards(runs))}
+    if with_metric:
+        out["auroc_u_flipped"] = mean_interval([auroc(r["u"], r["flipped"]) for r in with_metric])
+        w, f = _pooled(with_metric, "weight"), _pooled(with_metric, "flipped").astype(bool)
+        out["weight_kept"], out["weight_flipped"] = _mean(w[~f]), _mean(w[f])
+    out["paired_vs_defaults"] = paired_difference(_rewards(runs), _rewards(baseline))
+    return out
+
+
+def ablation(records: Sequence[dict]) -> dict:
+    """The ablations of u (Adaptive-DPO at :data:`ABLATION_RATE`, the headline budget): per arm
+    (the defaults, then :data:`ABLATIONS`), :func:`_arm_summary` against the defaults, all over
+    the ablation's seeds (the headline runs of the other seeds are left out). Never used for the
+    headline."""
+    seeds = sorted({r["seed"] for r in records if r["study"] == "ablation"})
+    default = [r for r in find(records, "flip", "adaptive", ABLATION_RATE) if r["seed"] in seeds]
+    arms = {ABLATION_DEFAULT: _arm_summary(default, default)}
+    for name in ABLATIONS:
+        runs = find(records, "ablation", "adaptive", ABLATION_RATE, name)
+        if runs:
+            arms[name] = _arm_summary(runs, default)
+    dpo = [r for r in find(records, "flip", "dpo", ABLATION_RATE) if r["seed"] in seeds]
+    return {
+        "rate": ABLATION_RATE,
+        "seeds": seeds,
+        "note": "ablation only: never used for the headline table or the budget",
+        "dpo_reward": mean_interval(_rewards(dpo)),
+        "arms": arms,
     }
-    out.update(structured_rewards(records, colour))
-    out["auroc_u_against_reward"] = None
-    out.update(structured_metric(records))
-    out["base_reward_minority_colour_all_prompts"] = world.base_reward.get("minority_colour_all_prompts")
-    return out
-
-
-def structured_rewards(records: Sequence[dict], colour: str) -> dict:
-    """Mean and std over seeds of each structured method's reward on the held-out prompts, on
-    those of ``colour`` and of the other colours, and on every prompt of ``colour``."""
-    keys = ("reward", "reward_minority_colour", "reward_other_colours", "reward_minority_colour_all_prompts")
-    out: dict = {}
-    for key in keys:
-        out[key], out[key + "_std"] = {}, {}
-    other = [c for c in tw.colour_names() if c != colour]
-    for method in STRUCTURED_METHODS:
-        runs = find(records, "structured", method)
-        if not runs:
-            continue
-        values = {
-            "reward": [r["reward"] for r in runs],
-            "reward_minority_colour": [r["per_colour"][colour] for r in runs],
-            "reward_other_colours": [
-                np.mean([r["per_colour"][c] for c in other if c in r["per_colour"]]) for r in runs
-            ],
-            "reward_minority_colour_all_prompts": [r["minority_colour_all_prompts"] for r in runs],
-        }
-        for key in keys:
-            out[key][method], out[key + "_std"][method] = mean_std(values[key])
-    return out
-
-
-def structured_metric(records: Sequence[dict]) -> dict:
-    """Adaptive-DPO on the structured minority: the AUROC of u for labels against the reward and
-    for minority membership, and the mean weight W of minority and majority pairs."""
-    runs = _with_metric(records, "structured", "adaptive")
-    if not runs:
-        return {}
-    u = _pooled(runs, "u")
-    f = _pooled(runs, "flipped").astype(bool)
-    m = _pooled(runs, "member").astype(bool)
-    out = {}
-    if f.any() and (~f).any():
-        out["auroc_u_against_reward"] = auroc(u, f)
-    if m.any() and (~m).any():
-        w = _pooled(runs, "weight")
-        out["auroc_u_minority_member"] = auroc(u, m)
-        out["weight_minority"] = float(w[m].mean())
-        out["weight_majority"] = float(w[~m].mean())
-    return out
 
 
 def dedpo(records: Sequence[dict], world: tw.World, study: StudyConfig) -> dict:
-    """The DeDPO comparison: the judge's accuracy (seed 0's noise) and the reward of each arm;
-    the all-human arm is the clean DPO run of the flip study (same seed, pairs, order, steps)."""
+    """The DeDPO comparison: the judge's accuracy (seed 0's noise); DPO on the judge's labels
+    and on all-human labels (the clean DPO runs of the flip study: same seed, pairs, order,
+    steps); per propensity, DPO on the human-labelled pairs only and DeDPO, with DeDPO's paired
+    differences against both partial baselines and the spread of its debiased labels across seeds."""
     judge, biased = tw.synthetic_judge(world.pairs, world.config, biased_colours=study.judge_biased_colours, seed=0)
     right = judge > 0.5
+    synthetic = find(records, "dedpo", "synthetic")
     out = {
-        "human_fraction": study.human_fraction,
-        "propensity": study.human_fraction,
+        "propensities": list(study.propensities),
         "judge": {
             "biased_colours": list(study.judge_biased_colours),
             "strength": 2.0,
@@ -212,12 +291,23 @@ def dedpo(records: Sequence[dict], world: tw.World, study: StudyConfig) -> dict:
             "accuracy_on_biased_prompts_seed0": float(right[biased].float().mean()) if biased.any() else None,
             "accuracy_elsewhere_seed0": float(right[~biased].float().mean()) if (~biased).any() else None,
         },
-        "reward": {},
-        "reward_std": {},
+        "synthetic": mean_interval(_rewards(synthetic)),
+        "all-human": mean_interval(_rewards(find(records, "flip", "dpo", 0))),
         "note": "all-human is the clean DPO run of the flip study (same seed, pairs, order and steps)",
+        "by_propensity": {},
     }
-    for arm in DEDPO_ARMS:
-        runs = find(records, "flip", "dpo", 0) if arm == "all-human" else find(records, "dedpo", arm)
-        if runs:
-            out["reward"][arm], out["reward_std"][arm] = mean_std([r["reward"] for r in runs])
+    for propensity in study.propensities:
+        key = f"{propensity:g}"
+        human = find(records, "dedpo", "human-only", 0, key)
+        ours = find(records, "dedpo", "dedpo", 0, key)
+        if not human or not ours:
+            continue
+        estimator = [r["label_estimator"] for r in ours]
+        out["by_propensity"][key] = {
+            "human-only": mean_interval(_rewards(human)),
+            "dedpo": mean_interval(_rewards(ours)),
+            "dedpo_minus_human_only": paired_difference(_rewards(ours), _rewards(human)),
+            "dedpo_minus_synthetic": paired_difference(_rewards(ours), _rewards(synthetic)),
+            "label_estimator": {name: mean_interval([e[name] for e in estimator]) for name in sorted(estimator[0])},
+        }
     return out

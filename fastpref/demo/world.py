@@ -490,12 +490,17 @@ class World:
     base_reward: Dict[str, object]
     path: Optional[Path] = None
     built_seconds: Dict[str, float] = dataclasses.field(default_factory=dict)
+    _base: Optional[torch.nn.Module] = dataclasses.field(default=None, repr=False, compare=False)
 
     def base_unet(self):
-        """A fresh float32 copy of the base UNet (train mode: ready for a trainer)."""
-        unet = make_unet(self.config)
-        unet.load_state_dict(self.base_state)
-        return unet.train()
+        """A fresh float32 copy of the base UNet (train mode: ready for a trainer). The first call
+        builds it; later ones deep-copy that one (diffusers' constructor costs about a second)."""
+        import copy
+
+        if self._base is None:
+            self._base = make_unet(self.config)
+            self._base.load_state_dict(self.base_state)
+        return copy.deepcopy(self._base).train()
 
     @property
     def table(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("diffusers", reason="the toy world needs the train extra (diffusers)")
 pytest.importorskip("accelerate", reason="the trainer needs the train extra (accelerate)")
 
-from fastpref.demo import config, runs, stats, study  # noqa: E402
+from fastpref.demo import config, runs, stats, study, summary, tables  # noqa: E402
 from fastpref.demo import world as tw  # noqa: E402
 
 
@@ -157,8 +157,8 @@ def test_labels():
 
 def test_dedpo_run_data_is_relative_to_the_presented_order(tmp_path):
     world = tw.load_or_build(TINY, tmp_path)
-    study = config.StudyConfig(world=TINY, human_fraction=0.5)
-    data = runs.run_data(world, runs.RunSpec("dedpo", "dedpo", 0, 0), study)
+    study = config.StudyConfig(world=TINY)
+    data = runs.run_data(world, runs.RunSpec("dedpo", "dedpo", 0, 0, 1, variant="0.5"), study)
     judge, _ = tw.synthetic_judge(world.pairs, TINY, biased_colours=study.judge_biased_colours, seed=0)
     assert torch.equal(data["swap"], judge < 0.5)
     assert (data["synthetic_label"] >= 0.5).all()  # the judge's preferred image is presented first
@@ -168,8 +168,29 @@ def test_dedpo_run_data_is_relative_to_the_presented_order(tmp_path):
         data["human_label"][human], (~data["swap"][human]).float()
     )  # 1 = presented first is the reward's winner
     assert torch.allclose(data["propensity"], torch.full((TINY.num_pairs,), 0.5))
-    only = runs.run_data(world, runs.RunSpec("dedpo", "human-only", 0, 0), study)
+    only = runs.run_data(world, runs.RunSpec("dedpo", "human-only", 0, 0, 1, variant="0.5"), study)
     assert torch.equal(only["indices"], torch.nonzero(human).flatten()) and not only["swap"].any()
+    # the debiased labels: the judge's where no human looked, yhat + (y - yhat) / p where one did
+    debiased = runs.debiased_labels(data)
+    yhat = data["synthetic_label"]
+    assert torch.equal(debiased[~human], yhat[~human])
+    assert torch.allclose(debiased[human], yhat[human] + (data["human_label"][human] - yhat[human]) / 0.5)
+
+
+def test_curve_points_do_not_change_the_run(tmp_path):
+    """A learning-curve run (evaluations and diagnostics every few steps) trains exactly as a
+    plain run: its table evaluation matches, and the curve has a point per window."""
+    world = tw.load_or_build(TINY, tmp_path)
+    study = config.StudyConfig(world=TINY, seeds=1, steps=2, batch_pairs=4, curve_steps=4, curve_every=2)
+    plain = runs.train_run(world, runs.RunSpec("flip", "adaptive", 50, 0, 2, table_step=2), study)
+    curve = runs.train_run(world, runs.RunSpec("flip", "adaptive", 50, 0, 4, table_step=2, curve=True), study)
+    assert curve["reward"] == plain["reward"]
+    for key in ("u", "weight", "flipped"):
+        assert np.array_equal(curve[key], plain[key]), key
+    assert [p["step"] for p in curve["curve"]] == [0, 2, 4]
+    point = curve["curve"][-1]
+    assert 0.0 <= point["implicit_acc_kept"] <= 1.0 and 0.0 <= point["auroc_u_flipped"] <= 1.0
+    assert point["l_rms"] > 0.0 and 0.0 < point["weight_kept"] <= 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +224,47 @@ def test_auroc_edges():
     assert stats.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
 
 
+def test_t_quantile_and_intervals():
+    # textbook values of Student's t (two-sided 95 %: the 0.975 quantile)
+    for df, want in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423), (1000, 1.9623)):
+        assert stats.t_quantile(0.975, df) == pytest.approx(want, abs=1e-4), df
+    assert stats.t_quantile(0.025, 4) == pytest.approx(-stats.t_quantile(0.975, 4))
+    assert stats.t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError):
+        stats.t_quantile(1.0, 3)
+    interval = stats.mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.7764 * math.sqrt(2.5) / math.sqrt(5)
+    assert interval["mean"] == 3.0 and interval["low"] == pytest.approx(3 - half, abs=1e-3)
+    assert stats.mean_interval([1.0])["low"] is None
+    up = stats.paired_difference([1.2, 1.21, 1.22], [1.0, 1.0, 1.0])
+    assert up["differences"] == pytest.approx([0.2, 0.21, 0.22])
+    assert up["excludes_zero"] and up["low"] > 0
+    flat = stats.paired_difference([1.1, 0.9, 1.0], [1.0, 1.0, 1.0])
+    assert flat["excludes_zero"] is False
+    assert "better" in tables.conclusion("A − B", up) and "no detectable" in tables.conclusion("A − B", flat)
+    with pytest.raises(ValueError):
+        stats.paired_difference([1.0, 2.0], [1.0])
+
+
+def test_budget_is_the_peak_of_dpo_at_zero_flips():
+    def run(method, rate, rewards):
+        curve = [{"step": 10 * i, "reward": r} for i, r in enumerate(rewards)]
+        return {"study": "flip", "method": method, "rate": rate, "curve": curve}
+
+    records = [
+        run("dpo", 0, [0.4, 0.5, 0.7, 0.6]),
+        run("dpo", 0, [0.4, 0.6, 0.65, 0.5]),
+        run("adaptive", 0, [0.4, 0.9, 0.1, 0.1]),  # other arms never choose it
+        run("dpo", 20, [0.4, 0.9, 0.1, 0.1]),
+    ]
+    budget = summary.choose_budget(records)
+    assert budget["steps"] == 20 and budget["curve"]["mean"][2] == pytest.approx(0.675)
+    records[0]["curve"][3]["reward"] = 0.95
+    assert summary.choose_budget(records)["steps"] == 30
+    # step 0 (the base model) is never the budget
+    assert summary.choose_budget([run("dpo", 0, [0.9, 0.5, 0.4])])["steps"] == 10
+
+
 def test_flipped_ratio_per_bin():
     u = np.array([0.0, 0.1, 0.2, 0.5, 0.6, 0.99, 1.0])
     flipped = np.array([0, 0, 1, 0, 1, 1, 1], dtype=bool)
@@ -229,34 +291,95 @@ def _numbers(obj, path=""):
         yield path, obj
 
 
+SMALL = config.StudyConfig(
+    world=tw.WorldConfig(pretrain_steps=3, pretrain_batch=8, num_pairs=16, sample_steps=2, eval_samples=1),
+    seeds=2,
+    extra_seeds=1,
+    steps=2,
+    batch_pairs=4,
+    curve_steps=4,
+    curve_every=2,
+    curve_eval_samples=1,
+)
+
+
+def _check_results(results: dict, study_config: config.StudyConfig, rates) -> None:
+    """The keys every results.json keeps, the paired differences, and finiteness."""
+    assert results["flip_rates"] == list(rates)
+    assert results["seeds"] == study_config.seeds and isinstance(results["base_reward"], float)
+    for key in ("reward", "reward_std", "gain", "reward_interval95"):
+        assert set(results[key]) == set(config.METHODS), key
+        for method in config.METHODS:
+            assert set(results[key][method]) == {str(r) for r in rates}, (key, method)
+    for method in config.METHODS[1:]:
+        for rate in rates:
+            paired = results["paired_vs_dpo"][method][str(rate)]
+            assert len(paired["differences"]) == study_config.seeds
+            assert paired["low"] <= paired["mean"] <= paired["high"]
+            assert paired["mean"] == pytest.approx(
+                results["reward"][method][str(rate)] - results["reward"]["dpo"][str(rate)], abs=1e-12
+            )
+    assert set(results["auroc_u_flipped"]) == {str(r) for r in rates if r > 0}
+    assert all(0.0 <= v <= 1.0 for v in results["auroc_u_flipped"].values())
+    for key in ("machine", "libraries", "wall_seconds", "hyperparameters"):
+        assert key in results, key
+    assert results["machine"]["cpu"] and results["libraries"]["torch"] == torch.__version__
+    for path, value in _numbers(results):
+        assert math.isfinite(value), path
+
+
 @pytest.mark.timeout(300)
 def test_demo_quick_end_to_end(tmp_path, capsys):
+    """``fastpref demo --quick``: the core study (the headline table with paired intervals and
+    its plots) at CI size, through the command line."""
     out = tmp_path / "demo"
     assert study.main(["--quick", "--output_dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["flip_rates"] == [0, 10, 20, 30]
-    assert isinstance(results["seeds"], int) and results["seeds"] >= 1
-    assert isinstance(results["base_reward"], float)
-    rates = {"0", "10", "20", "30"}
-    for key in ("reward", "reward_std", "gain"):
-        assert set(results[key]) == set(config.METHODS), key
-        for method in config.METHODS:
-            assert set(results[key][method]) == rates, (key, method)
-            assert all(isinstance(v, float) for v in results[key][method].values()), (key, method)
-    assert set(results["auroc_u_flipped"]) == {"10", "20", "30"}
-    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in results["auroc_u_flipped"].values())
-    structured = results["structured"]
-    assert set(structured["reward"]) == set(config.STRUCTURED_METHODS)
-    assert set(results["dedpo"]["reward"]) == set(config.DEDPO_ARMS)
-    for key in ("machine", "torch", "wall_seconds", "hyperparameters"):
-        assert key in results, key
-    assert results["hyperparameters"]["study"]["world"]["pretrain_steps"] > 0
-    for path, value in _numbers(results):
-        assert math.isfinite(value), path
-    assert (out / "results.md").read_text().count("| DPO | 0 |") == 1
+    quick = config.quick_config()
+    _check_results(results, quick, config.FLIP_RATES)
+    assert results["steps"] == quick.steps and "budget" not in results and "curves" not in results
+    text = (out / "results.md").read_text()
+    assert text.count("| DPO | 0 |") == 1 and text.count("the 95 % interval") == 2 * len(config.FLIP_RATES)
+    assert sorted(results["plots"]) == ["flipped_ratio_vs_u.png", "paired.png", "reward_vs_flip.png"]
     for name in results["plots"]:
         assert (out / name).stat().st_size > 1000, name
     assert "Label-flip rate (%)" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_demo_full_study_end_to_end(tmp_path):
+    """The ``--full`` study on a tiny world: the budget from DPO's curves, then every part; a
+    second call reads every run back from the record cache and writes the same results."""
+    world = study.build_world(SMALL, tmp_path)
+    first = study.run_study(world, SMALL, tmp_path, 1, True, True, 0.0)
+    _check_results(first, SMALL, config.FLIP_RATES)
+    assert first["steps"] == first["budget"]["steps"] and 0 < first["steps"] <= SMALL.curve_steps
+    arms = [(method, str(config.CURVE_RATE)) for method in config.METHODS] + [("dpo", "0")]
+    assert sorted((m, r) for m in first["curves"] for r in first["curves"][m]) == sorted(arms)
+    for method, rate in arms:
+        curve = first["curves"][method][rate]
+        assert curve["reward"]["step"] == list(range(0, SMALL.curve_steps + 1, SMALL.curve_every))
+        assert set(curve) == set(summary.CURVE_KEYS)
+    assert set(first["ablation"]["arms"]) == {config.ABLATION_DEFAULT, *config.ABLATIONS}
+    assert set(first["dedpo"]["by_propensity"]) == {f"{p:g}" for p in SMALL.propensities}
+    text = (tmp_path / "results.md").read_text()
+    assert "Ablation (not used for the headline" in text and text.count("the 95 % interval") == 2 * len(
+        config.FLIP_RATES
+    )
+    assert sorted(first["plots"]) == sorted(
+        [
+            "reward_vs_flip.png",
+            "paired.png",
+            "flipped_ratio_vs_u.png",
+            "curves.png",
+            "diagnostics.png",
+            "dedpo.png",
+        ]
+    )
+    again = study.run_study(world, SMALL, tmp_path, 1, True, True, 0.0)
+    for key in ("reward", "paired_vs_dpo", "curves", "ablation", "dedpo", "budget"):
+        assert again[key] == first[key], key
+    assert again["run_seconds_total"] == first["run_seconds_total"]  # every record read back, none rerun
 
 
 def test_demo_output_dir_must_be_writable(tmp_path, capsys):
