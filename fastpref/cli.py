@@ -7,7 +7,8 @@ fastpref make-toy-data DIR --pairs N [--resolution R --seed S --ties T --corrupt
                           generated preference pairs in the Pick-a-Pic v2 parquet schema
 fastpref train --pretrained_model_name_or_path M --dataset_name D --output_dir O [...]
                           Diffusion-DPO / Adaptive-DPO fine-tuning (``fastpref train --help``)
-fastpref demo [--quick]   the toy-world label-flip study (the README's main job)
+fastpref demo [--quick | --full]
+                          the toy-world label-flip study (the README's main job)
 """
 
 from __future__ import annotations
