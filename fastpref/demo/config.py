@@ -13,7 +13,6 @@ from .world import WorldConfig
 FLIP_RATES = (0, 20)  # 20 %: the rate of the paper's bars
 METHODS = ("dpo", "adaptive", "robust")
 METHOD_NAMES = {"dpo": "DPO", "adaptive": "Adaptive-DPO", "robust": "Robust-DPO"}
-CURVE_RATE = 20  # the learning-curve arms (--full): every method at this flip rate, and DPO at 0 % (the budget)
 ABLATION_RATE = 20
 # The ablations of u (Adaptive-DPO at ABLATION_RATE, the headline budget): the TrainConfig
 # fields each one changes. "4 x 8 pairs" is the local metric of 4 processes without

@@ -19,7 +19,6 @@ from .config import (
     ABLATION_RATE,
     ABLATIONS,
     CURVE_NOISE_SEED,
-    CURVE_RATE,
     DEDPO_ARMS,
     EVAL_NOISE_SEED,
     FLIP_RATES,
@@ -70,12 +69,12 @@ def core_specs(study: StudyConfig, steps: int, rates: Sequence[int] = FLIP_RATES
 
 def full_specs(study: StudyConfig, steps: int) -> List[RunSpec]:
     """``fastpref demo --full`` after the budget runs, most important first: the headline study,
-    its runs at :data:`CURVE_RATE` continued to ``curve_steps`` as learning curves (the DPO 0 %
-    curves are the budget runs); DeDPO at every propensity and the ablations of u
+    its runs continued to ``curve_steps`` as learning curves (DPO's at 0 % flips are the budget
+    runs); DeDPO at every propensity and the ablations of u
     (``extra_seeds`` seeds each). Every table's run takes ``steps``."""
     headline = []
     for spec in core_specs(study, steps):
-        curve = spec.rate == CURVE_RATE
+        curve = not (spec.method == "dpo" and spec.rate == 0)
         headline.append(dataclasses.replace(spec, steps=study.curve_steps, curve=True) if curve else spec)
     dedpo, ablation = [], []
     for seed in range(study.extra_seeds):

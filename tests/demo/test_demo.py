@@ -354,7 +354,7 @@ def test_demo_full_study_end_to_end(tmp_path):
     first = study.run_study(world, SMALL, tmp_path, 1, True, True, 0.0)
     _check_results(first, SMALL, config.FLIP_RATES)
     assert first["steps"] == first["budget"]["steps"] and 0 < first["steps"] <= SMALL.curve_steps
-    arms = [(method, str(config.CURVE_RATE)) for method in config.METHODS] + [("dpo", "0")]
+    arms = [(method, str(rate)) for method in config.METHODS for rate in config.FLIP_RATES]
     assert sorted((m, r) for m in first["curves"] for r in first["curves"][m]) == sorted(arms)
     for method, rate in arms:
         curve = first["curves"][method][rate]
