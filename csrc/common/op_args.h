@@ -12,6 +12,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/SmallVector.h>
 
+#include "common/grad_args.h"
 #include "common/options.h"
 #include "common/pair_head.h"
 #include "common/strided.h"
@@ -157,6 +158,37 @@ at::ScalarType accumulation_dtype(const Described& target, const std::vector<Des
   bool any_f64 = target.dtype == DType::F64;
   for (const Described& p : preds) any_f64 = any_f64 || p.dtype == DType::F64;
   return any_f64 ? at::kDouble : at::kFloat;
+}
+
+// The backward op's call on any device: the gradient (contiguous, model_pred's dtype and device)
+// and the gradient pass's arguments over it, with coef and grad_loss in the accumulation dtype
+// (coef's), kept alive in `keep`.
+template <int MaxDims>
+struct GradCall {
+  GradArgs<MaxDims> args;
+  Tensor grad;
+};
+
+template <int MaxDims>
+GradCall<MaxDims> grad_call(const char* unit, const Shape& shape, int64_t n_chunks, const Tensor& grad_loss,
+                            const Tensor& coef, const Tensor& model_pred, const Tensor& target,
+                            std::vector<Tensor>& keep) {
+  const Tensor coef_acc = keep.emplace_back(coef.contiguous());
+  const Tensor grad_acc = keep.emplace_back(grad_loss.to(coef.scalar_type()));
+  GradCall<MaxDims> call;
+  call.grad = at::empty(model_pred.sizes(), model_pred.options().memory_format(at::MemoryFormat::Contiguous));
+  GradArgs<MaxDims>& args = call.args;
+  args.pred = describe<MaxDims>(unit, model_pred, "model_pred", keep);
+  args.target = describe<MaxDims>(unit, target, "target", keep);
+  args.shared_target = shape.shared_target;
+  args.batch = shape.batch;
+  args.features = shape.features;
+  args.n_chunks = n_chunks;
+  args.coef = coef_acc.const_data_ptr();
+  args.grad_loss = grad_acc.const_data_ptr();
+  args.grad_stride = grad_acc.dim() == 1 ? grad_acc.stride(0) : 0;
+  args.grad = call.grad.data_ptr();
+  return call;
 }
 
 // The forward op's outputs, in the accumulation dtype on model_pred's device.

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/grad_args.h"
 #include "common/strided.h"
 
 namespace fastpref::cpu {
@@ -38,20 +39,7 @@ struct ForwardArgs {
   void* partial = nullptr;
 };
 
-// Gradient pass, one task per (row, chunk) of the [2B, D] output:
-// grad[i, d] = -+ coef[j] * g[j] * (2 / D) * (pred[i, d] - target[i, d]), minus for i < B.
-struct BackwardArgs {
-  Strided pred;
-  Strided target;
-  bool shared_target = false;
-  int64_t batch = 0;
-  int64_t features = 0;
-  int64_t n_chunks = 0;
-  const void* coef = nullptr;       // [B], accumulator dtype
-  const void* grad_loss = nullptr;  // [] or [B], accumulator dtype
-  int64_t grad_stride = 0;          // element stride of grad_loss (0 for a scalar)
-  void* grad = nullptr;             // contiguous [2B, D] in pred.dtype
-};
+using BackwardArgs = GradArgs<kMaxDims>;  // common/grad_args.h
 
 using ForwardFn = void (*)(const ForwardArgs&, int64_t, int64_t);
 using BackwardFn = void (*)(const BackwardArgs&, int64_t, int64_t);

@@ -218,27 +218,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_forward(const Tensor& mod
 Tensor cpp_backward(const Tensor& grad_loss, const Tensor& coef, const Tensor& model_pred, const Tensor& target) {
   const op_args::Shape shape =
       op_args::check_backward(kUnit, c10::DeviceType::CPU, grad_loss, coef, model_pred, target);
-  const at::ScalarType acc = coef.scalar_type();
-  const Tensor coef_acc = coef.contiguous();
-  const Tensor grad_acc = grad_loss.to(acc);
-  Tensor grad = at::empty(model_pred.sizes(), model_pred.options().memory_format(at::MemoryFormat::Contiguous));
-
   std::vector<Tensor> keep;
-  BackwardArgs args;
-  args.pred = describe(model_pred, "model_pred", keep);
-  args.target = describe(target, "target", keep);
-  args.shared_target = shape.shared_target;
-  args.batch = shape.batch;
-  args.features = shape.features;
-  args.n_chunks = chunk_count(shape.features);
-  args.coef = coef_acc.const_data_ptr();
-  args.grad_loss = grad_acc.const_data_ptr();
-  args.grad_stride = grad_acc.dim() == 1 ? grad_acc.stride(0) : 0;
-  args.grad = grad.data_ptr();
-  const BackwardFn fn = acc == at::kDouble ? kernels().backward_f64 : kernels().backward_f32;
+  const op_args::GradCall<kMaxDims> call = op_args::grad_call<kMaxDims>(
+      kUnit, shape, chunk_count(shape.features), grad_loss, coef, model_pred, target, keep);
+  const BackwardArgs& args = call.args;
+  const BackwardFn fn = coef.scalar_type() == at::kDouble ? kernels().backward_f64 : kernels().backward_f32;
   const int64_t grain = grain_for(shape.features, 3);  // per column: pred, target, grad
   at::parallel_for(0, shape.rows * args.n_chunks, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
-  return grad;
+  return call.grad;
 }
 
 }  // namespace

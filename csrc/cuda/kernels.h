@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "common/grad_args.h"
 #include "common/pair_head.h"
 #include "common/strided.h"
 
@@ -52,20 +53,7 @@ struct ErrorArgs {
   void* partial = nullptr;
 };
 
-// Gradient pass, one block per (row, chunk) of the [2B, D] output:
-// grad[i, d] = -+ coef[j] * g[j] * (2 / D) * (pred[i, d] - target[i, d]), minus for i < B.
-struct GradArgs {
-  Strided pred;
-  Strided target;
-  bool shared_target = false;
-  int64_t batch = 0;
-  int64_t features = 0;
-  int64_t n_chunks = 0;
-  const void* coef = nullptr;       // [B], accumulator dtype
-  const void* grad_loss = nullptr;  // [] or [B], accumulator dtype
-  int64_t grad_stride = 0;          // element stride of grad_loss (0 for a scalar)
-  void* grad = nullptr;             // contiguous [2B, D] in pred.dtype
-};
+using GradArgs = fastpref::GradArgs<kMaxDims>;  // common/grad_args.h
 
 // Launches on `stream` (no synchronization); the caller checks the launch. `f64`: the
 // accumulator is float64, else float32.

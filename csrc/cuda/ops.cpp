@@ -107,26 +107,12 @@ Tensor cuda_backward(const Tensor& grad_loss, const Tensor& coef, const Tensor& 
   check_launchable(shape);
   const c10::cuda::CUDAGuard device_guard(model_pred.device());
   const Stream stream = c10::cuda::getCurrentCUDAStream().stream();
-  const at::ScalarType acc = coef.scalar_type();
-  const Tensor coef_acc = coef.contiguous();
-  const Tensor grad_acc = grad_loss.to(acc);
-  Tensor grad = at::empty(model_pred.sizes(), model_pred.options().memory_format(at::MemoryFormat::Contiguous));
-
   std::vector<Tensor> keep;
-  GradArgs args;
-  args.pred = describe(model_pred, "model_pred", keep);
-  args.target = describe(target, "target", keep);
-  args.shared_target = shape.shared_target;
-  args.batch = shape.batch;
-  args.features = shape.features;
-  args.n_chunks = chunk_count(shape.features);
-  args.coef = coef_acc.const_data_ptr();
-  args.grad_loss = grad_acc.const_data_ptr();
-  args.grad_stride = grad_acc.dim() == 1 ? grad_acc.stride(0) : 0;
-  args.grad = grad.data_ptr();
-  launch_grad(args, acc == at::kDouble, stream);
+  const op_args::GradCall<kMaxDims> call = op_args::grad_call<kMaxDims>(
+      kUnit, shape, chunk_count(shape.features), grad_loss, coef, model_pred, target, keep);
+  launch_grad(call.args, coef.scalar_type() == at::kDouble, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad;
+  return call.grad;
 }
 
 }  // namespace
