@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -71,11 +70,6 @@ def _save(draw: Callable, results: dict, file: Path, size) -> bool:
             return False
         figure.savefig(file, format="png", metadata={"Software": None})  # no version stamp: same bytes
     return True
-
-
-def _seeds(results: dict) -> str:
-    seeds = results["seeds"]
-    return f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
 
 
 def _dodge(count: int, width: float) -> List[float]:
@@ -270,24 +264,6 @@ def flipped_ratio_vs_u(results: dict, figure) -> bool:
     axes.set_title("Share of flipped pairs per bin of Adaptive-DPO's u (paper Fig. 3)")
     axes.legend(loc="upper left")
     return True
-
-
-def _points(
-    axes,
-    names: Sequence[str],
-    series: Dict[str, tuple],
-    *,
-    width: float = 0.3,
-) -> None:
-    """Markers with error bars at categorical positions, one dodged series per entry
-    ``label -> (means, stds, colour)``, each point labelled with its mean."""
-    for (label, (means, stds, colour)), offset in zip(series.items(), _dodge(len(series), width)):
-        xs = [i + offset for i in range(len(names))]
-        axes.errorbar(xs, means, yerr=stds, color=colour, fmt="o", markersize=6, capsize=4, label=label)
-        for x, mean in zip(xs, means):
-            axes.annotate(f"{mean:.3f}", (x, mean), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
-    axes.set_xticks(range(len(names)), [textwrap.fill(name, 20) for name in names])
-    axes.set_xlim(-0.6, len(names) - 0.4)
 
 
 def dedpo(results: dict, figure) -> bool:
