@@ -207,8 +207,8 @@ def write_results(results: dict, output_dir: Path) -> str:
         f"{host['jobs']} worker processes of {host['threads_per_process']} thread), torch {results['torch']}, "
         f"{results['wall_seconds']:.0f} s wall.\n\n"
     )
-    _write_text(output_dir / "results.md", header + table)
-    _write_text(output_dir / "results.json", json.dumps(_json_ready(results), indent=1))
+    write_text_atomic(output_dir / "results.md", header + table)
+    write_text_atomic(output_dir / "results.json", json.dumps(_json_ready(results), indent=1))
     return table
 
 
@@ -238,10 +238,6 @@ def libraries() -> dict:
     return out
 
 
-def _write_text(file: Path, text: str) -> None:
-    write_text_atomic(file, text)
-
-
 def _json_ready(obj):
     """``obj`` with numpy scalars as Python numbers and non-finite floats as None (JSON's null)."""
     if isinstance(obj, dict):
@@ -266,7 +262,7 @@ def run_tuning(
     with tqdm(total=len(betas) * len(lrs) * study.seeds, desc="tuning DPO at 0 % flips", unit="run") as progress:
         rows = tune(world, study, output_dir, jobs, betas, lrs, steps, lambda r: progress.update(1))
     grid = {"base_reward": world.base_reward["mean"], "grid": rows}
-    _write_text(output_dir / "tuning.json", json.dumps(_json_ready(grid), indent=1))
+    write_text_atomic(output_dir / "tuning.json", json.dumps(_json_ready(grid), indent=1))
     for row in rows:
         print(
             f"beta {row['beta']:g} lr {row['learning_rate']:g} steps {row['steps']}: "
