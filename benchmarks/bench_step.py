@@ -31,8 +31,7 @@ if not torch.cuda.is_available():  # as benchmarks/bench_loss.py: must precede a
 
 from bench_loss import _slug, markdown  # noqa: E402
 
-import fastpref  # noqa: E402
-from fastpref.machine import device_name  # noqa: E402
+from fastpref.machine import device_name, library_versions  # noqa: E402
 from fastpref.train import PreferenceTrainer, TrainConfig, data  # noqa: E402
 from fastpref.train.files import write_atomic  # noqa: E402
 
@@ -853,20 +852,8 @@ def run_mode_on_fresh_accelerator(args, rank: int, components: Components, batch
 
 def versions() -> Dict[str, str]:
     """The versions of the libraries a step runs through."""
-    import accelerate
-    import diffusers
-    import peft
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
-        "fastpref": fastpref.__version__,
-        "python": sys.version.split()[0],
-    }
+    names = ("torch", "diffusers", "transformers", "peft", "accelerate", "fastpref")
+    return {**library_versions(names), "python": sys.version.split()[0]}
 
 
 def run_config(args, components: Components, batches, device: torch.device) -> dict:

@@ -18,6 +18,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def library_versions(names) -> dict:
+    """``{name: installed version}`` of the distributions ``names`` (None where one is missing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def device_name(device) -> str:
     """The GPU's name for a CUDA device, else the CPU's model and core count."""
     import torch

@@ -25,7 +25,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from ..machine import cpu_model
+from ..machine import cpu_model, library_versions
 from ..train.files import write_text_atomic
 from . import plots
 from . import world as tw
@@ -227,15 +227,7 @@ def machine(jobs: int) -> dict:
 
 def libraries() -> dict:
     """The versions of the libraries the results depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "diffusers", "accelerate", "numpy", "matplotlib", "fastpref"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
+    return library_versions(("torch", "diffusers", "accelerate", "numpy", "matplotlib", "fastpref"))
 
 
 def _json_ready(obj):
