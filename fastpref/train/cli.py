@@ -807,8 +807,8 @@ def train(data_args: DataArguments, settings: dict, run: RunArguments, given: Op
     fields its command line set, see :func:`defaults_that_differ`); returns the summary written
     to ``train_summary.json``.
 
-    Detects the architecture from the pipeline folder, reads the parquet pairs
-    (:class:`~fastpref.train.data.PreferenceDataset`: winner first, ties dropped unless
+    Detects the architecture from the pipeline's UNet config, opens the preference pairs with
+    ``datasets`` (:class:`~fastpref.train.data.PreferenceDataset`: winner first, ties dropped unless
     ``--keep_ties``, seeded ``--flip_rate`` flips, bad rows skipped and counted), optionally
     encodes them once into the latent cache, and runs a
     :class:`~fastpref.train.trainer.PreferenceTrainer` for ``max_train_steps`` optimizer steps.
