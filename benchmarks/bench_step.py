@@ -32,8 +32,12 @@ if not torch.cuda.is_available():  # as benchmarks/bench_loss.py: must precede a
 from bench_loss import _slug, markdown  # noqa: E402
 
 from fastpref.machine import device_name, library_versions  # noqa: E402
-from fastpref.train import PreferenceTrainer, TrainConfig, data  # noqa: E402
-from fastpref.train.files import write_atomic  # noqa: E402
+from fastpref.train import PreferenceTrainer, TrainConfig  # noqa: E402
+from fastpref.train.families import FAMILIES  # noqa: E402
+from fastpref.train.models import ModelSource  # noqa: E402
+
+SD15 = FAMILIES["sd15"]
+from fastpref.files import write_atomic  # noqa: E402
 
 DECAYS = (0.9999, 0.5)  # the authors' (and fastpref train's default) EMA decays, K = 2
 # The targets, stated for SD1.5 on an H100; the script says whether the run it made meets them.
@@ -55,7 +59,7 @@ METHODS = ("dpo", "fastpref", "authors")
 # - dpo/cached: Diffusion-DPO on cached latents and text embeddings (``--cache_latents``):
 #   reference forward + policy forward/backward.
 # - dpo/uncached: the same, but the VAE encodes the 2B images and the text encoder the B captions
-#   every step (``fastpref.train.data.encode_images`` / ``encode_prompts``), as diffusers'
+#   every step (the SD 1.5 family's ``encode_images`` / ``encode_prompts``), as diffusers'
 #   ``train_diffusion_dpo.py`` does: "diffusers' script".
 # - fastpref/cached, fastpref/uncached: Adaptive-DPO, K = 2 EMA footprints kept on the device by
 #   fastpref (LoRA: peft adapters switched for the no-grad forwards and updated by a foreach
@@ -239,7 +243,7 @@ def build_components(
         from fastpref.testing.tiny_model import make_tiny_model
 
         path = make_tiny_model(workdir / "tiny-sd15", arch="sd15", seed=seed)
-        vae, tokenizers, text_encoders = data.load_encoders(path, "sd15", dtype=weight_dtype, device=device)
+        vae, tokenizers, text_encoders = SD15.load_encoders(ModelSource(str(path)), dtype=weight_dtype, device=device)
         scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")  # as fastpref train
 
         def new_unet():
@@ -311,9 +315,9 @@ def encode(components: Components, raw: dict) -> dict:
     embeddings of the B captions, as ``fastpref train`` does without ``--cache_latents``."""
     pixels = raw["pixel_values"]
     device = next(components.vae.parameters()).device
-    latents = data.encode_images(components.vae, pixels.to(device))
-    hidden, _ = data.encode_prompts(raw["captions"], components.tokenizers, components.text_encoders)
-    return {"latents": latents.float(), "encoder_hidden_states": hidden}
+    latents = SD15.encode_images(components.vae, pixels.to(device))
+    text = SD15.encode_prompts(raw["captions"], components.tokenizers, components.text_encoders)
+    return {"latents": latents.float(), "encoder_hidden_states": text["prompt_embeds"]}
 
 
 class Encoding:

@@ -321,7 +321,7 @@ def run_all(
     returns the records in the order of ``specs``. Each record is cached in ``cache_dir`` as it
     finishes (:func:`record_file`), and a cached one is read instead of rerunning the spec, so an
     interrupted study resumes where it stopped."""
-    from ..train.files import write_atomic
+    from ..files import write_atomic
 
     records: List[Optional[dict]] = [None] * len(specs)
     files = [record_file(cache_dir, world, spec, study) for spec in specs]

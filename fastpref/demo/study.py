@@ -25,8 +25,8 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
+from ..files import write_text_atomic
 from ..machine import cpu_model, library_versions
-from ..train.files import write_text_atomic
 from . import plots
 from . import world as tw
 from .config import (

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..train.files import write_atomic, write_json_atomic
+from ..files import write_atomic, write_json_atomic
 
 FORMAT_VERSION = 2
 # Hexagon order: colour i and i +- 1 (mod 6) differ in exactly one channel.
@@ -542,7 +542,7 @@ def load_or_build(config: WorldConfig, cache_dir, progress: Optional[Callable[[s
     write_atomic(files["base_unet.pt"], lambda tmp: torch.save(state, tmp))
     write_atomic(files["pairs.pt"], lambda tmp: torch.save(pairs, tmp))
     meta = {"config": config.to_dict(), "format": FORMAT_VERSION, "base_reward": base_reward, "built_seconds": seconds}
-    write_json_atomic(meta, files["world.json"])
+    write_json_atomic(files["world.json"], meta)
     return World(
         config=config, base_state=state, pairs=pairs, base_reward=base_reward, path=path, built_seconds=seconds
     )

@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import List, Optional
 
-from .files import fsync_dir, replace_durably, write_json_atomic, write_text_atomic
+from ..files import fsync_dir, replace_durably, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("fastpref.train")
 
@@ -115,7 +115,7 @@ def write_manifest(folder: Path, step: int, run_id: str) -> None:
         sizes[file.relative_to(folder).as_posix()] = file.stat().st_size
     for sub in {p.parent for p in folder.rglob("*")} | {folder}:
         fsync_dir(sub)
-    write_json_atomic({"step": step, "run_id": run_id, "files": sizes}, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, {"step": step, "run_id": run_id, "files": sizes})
 
 
 def read_manifest(folder) -> dict:
@@ -280,7 +280,7 @@ def resume(accelerator, trainer, value: Optional[str], output_dir, log_file: Pat
     return None
 
 
-def install_lora_hooks(accelerator, unet_type, arch: str) -> None:
+def install_lora_hooks(accelerator, unet_type, family) -> None:
     """Checkpoints of a LoRA run hold the policy adapter only (not the frozen base UNet), as
     peft's state dict (what resuming loads) and in diffusers' LoRA format
     (``pytorch_lora_weights.safetensors``: ``pipe.load_lora_weights(checkpoint)``): the
@@ -299,7 +299,7 @@ def install_lora_hooks(accelerator, unet_type, arch: str) -> None:
                     for k, v in get_peft_model_state_dict(model, adapter_name="default").items()
                 }
                 save_file(state, os.path.join(output_dir, POLICY_LORA_FILE))
-                save_lora_weights(model, arch, output_dir)
+                save_lora_weights(model, family, output_dir)
             if weights:
                 weights.pop()  # accelerate must not also save the whole (frozen) UNet
 
@@ -316,26 +316,25 @@ def install_lora_hooks(accelerator, unet_type, arch: str) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_weights(accelerator, trainer, arch: str, output_dir: Path) -> None:
+def save_weights(accelerator, trainer, output_dir: Path) -> None:
     """LoRA: ``pytorch_lora_weights.safetensors`` (diffusers' saver; ``pipe.load_lora_weights``
-    reads it); full fine-tune: ``unet/`` (``save_pretrained``, safetensors)."""
+    reads it); full fine-tune: the family's denoiser folder, ``unet/`` for SD (``save_pretrained``,
+    safetensors)."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     unet = trainer.base_unet
     if trainer.config.lora_rank > 0:
-        save_lora_weights(unet, arch, output_dir)
+        save_lora_weights(unet, trainer.family, output_dir)
     else:
-        unet.save_pretrained(str(output_dir / "unet"), safe_serialization=True)
+        unet.save_pretrained(str(output_dir / trainer.family.denoiser_folder), safe_serialization=True)
 
 
-def save_lora_weights(unet, arch: str, folder) -> None:
+def save_lora_weights(unet, family, folder) -> None:
     """The policy adapter of ``unet`` (peft's ``default``) as ``folder/pytorch_lora_weights.safetensors``
-    in diffusers' LoRA format, float32, with the SD / SDXL pipeline's ``save_lora_weights``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    in diffusers' LoRA format, float32, with the family's pipeline's ``save_lora_weights``."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name="default"))
-    pipeline = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    pipeline.save_lora_weights(str(folder), unet_lora_layers={k: v.detach().float().cpu() for k, v in layers.items()})
+    family.save_lora_weights({k: v.detach().float().cpu() for k, v in layers.items()}, folder)

@@ -5,11 +5,14 @@ loss and optimization flags from it (``transformers.HfArgumentParser``)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 from dataclasses import field
 from typing import Literal, Optional, get_args
 
 import fastpref
+
+from .families import FAMILIES
 
 LOSS_TYPES = ("dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo")
 # diffusers' train_diffusion_dpo.py names for fastpref's loss types (its hinge and ipo are fastpref's)
@@ -36,8 +39,9 @@ HEADS = {
     "hinge": "hinge",
     "dedpo": "dedpo",
 }
-# The paper's per-architecture settings (Adaptive-DPO, SD1.5 / SDXL); TrainConfig's defaults are SD1.5's.
-ARCH_DEFAULTS = {"sd15": {"beta": 1000.0, "k1": 10.0}, "sdxl": {"beta": 2500.0, "k1": 1.0}}
+# TrainConfig's beta and k1 default to SD 1.5's (the Adaptive-DPO paper's per-model settings are
+# each family's defaults; fastpref train takes them from the run's family).
+_SD15 = FAMILIES["sd15"].defaults
 # Integer settings and their least valid value.
 _INT_BOUNDS = {
     "lora_rank": 0,
@@ -91,14 +95,14 @@ class TrainConfig:
         ),
     )
     beta: float = field(
-        default=ARCH_DEFAULTS["sd15"]["beta"],
+        default=_SD15.beta,
         metadata=_help(
             "beta on diffusers' --beta_dpo scale (z = beta * l, l a difference of per-sample mean squared errors)",
             aliases=["--beta_dpo"],
         ),
     )
     rho: float = field(default=15.0, metadata=_help("scale of l inside the metric u"))
-    k1: float = field(default=ARCH_DEFAULTS["sd15"]["k1"], metadata=_help("weight strength of the metric u"))
+    k1: float = field(default=_SD15.k1, metadata=_help("weight strength of the metric u"))
     k2: Optional[float] = field(default=None, metadata=_help("margin slope; None: -1/beta"))
     c2: Optional[float] = field(default=None, metadata=_help("margin offset; None: the detached batch mean of l"))
     ipo_tau: Optional[float] = field(default=None, metadata=_help("tau of the IPO heads; None: beta"))
@@ -189,23 +193,37 @@ class TrainConfig:
         self.loss_type = DIFFUSERS_LOSS_TYPES.get(self.loss_type, self.loss_type)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         self.ema_decays = tuple(Decays(self.ema_decays))
-        for name, least in _INT_BOUNDS.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be a {'positive' if least else 'non-negative'} int, got {value!r}")
+        self._check_run_values()
         if self.metric_warmup_steps is not None and self.metric_warmup_steps < 0:
             raise ValueError(f"metric_warmup_steps must be >= 0, got {self.metric_warmup_steps}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.uses_footprints and not self.ema_decays:
             raise ValueError(
                 f"loss_type {self.loss_type!r} with weighting/margin needs at least one EMA decay (ema_decays)"
             )
         if self.loss_type != "sft":  # fail now, not at the first batch: the loss module checks its keywords
             fastpref.AdaptiveDPOLoss(**self.loss_keywords(metric_on=True))
+
+    def _check_run_values(self) -> None:
+        """The checks of the fields :meth:`for_run` may set: the mixed precision, the integers,
+        the learning rate."""
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        for name, least in _INT_BOUNDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be a {'positive' if least else 'non-negative'} int, got {value!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def for_run(self, *, max_train_steps: int, learning_rate: float, mixed_precision: str) -> "TrainConfig":
+        """A copy with the values only the run knows (the step count from the data, the scaled
+        learning rate, accelerate's mixed precision); only those are checked again (the loss's
+        keywords were checked when this config was built)."""
+        out = copy.copy(self)
+        out.max_train_steps, out.learning_rate, out.mixed_precision = max_train_steps, learning_rate, mixed_precision
+        out._check_run_values()
+        return out
 
     @property
     def resolved_weighting(self) -> str:

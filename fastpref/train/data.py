@@ -4,9 +4,9 @@
 ``save_to_disk`` folder) as a memory-mapped ``datasets.Dataset``; :class:`PreferenceDataset`
 serves winner-first pairs over its row indices (ties, flips, bad rows, DeDPO labels, a seeded
 subset), decoding the images of a pair only when it is fetched; :class:`PairSampler` gives their
-seeded, resumable order and :func:`collate_pairs` the batch layout; :func:`encode_images`,
-:func:`encode_prompts` and :class:`BatchEncoder` make the latents and text embeddings the trainer
-takes (the latent cache encodes with them too, so both paths agree).
+seeded, resumable order and :func:`collate_pairs` the batch layout; :class:`BatchEncoder` makes
+the latents and text embeddings the trainer takes, with the model family's encoders (the latent
+cache encodes with them too, so both paths agree).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-
-from .arch import detect_arch
 
 logger = logging.getLogger("fastpref.train.data")
 
@@ -846,86 +844,8 @@ def collate_pairs(items: Sequence[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# encoding (shared by the cache and the trainer's uncached path, so both give the same numbers)
+# encoding
 # --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
-    """Latents of ``[N, 3, R, R]`` pixels in [-1, 1]: ``(latent_dist.mean - shift) * scaling_factor``,
-    through the VAE ``batch_size`` images at a time (all at once when None; diffusers'
-    ``--vae_encode_batch_size``).
-
-    The *mean* of the VAE posterior, not a sample: deterministic, so a cached latent does not
-    depend on a generator or on the batch it was encoded in. (The SD VAE's posterior std is
-    small next to the mean; the diffusers DPO script samples instead.)
-    """
-    parameter = next(vae.parameters())
-    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-    step = batch_size or max(1, len(pixel_values))
-    mean = torch.cat([vae.encode(part).latent_dist.mean for part in pixel_values.split(step)])
-    shift = getattr(vae.config, "shift_factor", None)
-    if shift:
-        mean = mean - shift
-    return mean * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def encode_prompts(
-    captions: Sequence[str], tokenizers: Sequence, text_encoders: Sequence
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Text conditioning as the pipelines build it.
-
-    One encoder (SD 1.5): ``(last_hidden_state [N, L, D], None)``. Two (SDXL): the penultimate
-    hidden states of both, concatenated on the last dim, and the projected pooled embedding
-    (``text_embeds``) of the second: ``([N, L, D1 + D2], [N, P])``.
-    """
-    if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
-        raise ValueError("need one (sd15) or two (sdxl) tokenizers with as many text encoders")
-    captions = list(captions)
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(next(encoder.parameters()).device)
-        if len(text_encoders) == 1:
-            hidden.append(encoder(ids).last_hidden_state)
-        else:
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = getattr(out, "text_embeds", None)
-            if pooled is None:
-                pooled = out.pooler_output
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def load_encoders(
-    model_path,
-    arch: Optional[str] = None,
-    dtype: torch.dtype = torch.float32,
-    device="cpu",
-    *,
-    revision: Optional[str] = None,
-    variant: Optional[str] = None,
-    vae_path: Optional[str] = None,
-):
-    """``(vae, tokenizers, text_encoders)`` of a diffusers pipeline (a folder or a Hub id, at
-    ``revision`` / ``variant``; or a :class:`~fastpref.train.models.ModelSource`), in eval mode;
-    ``vae_path`` (``--pretrained_vae_model_name_or_path``) names a VAE to use instead of the
-    pipeline's (a VAE folder or Hub id, no subfolder). The VAE runs in ``models.vae_dtype``."""
-    from .models import ModelSource
-
-    if isinstance(model_path, ModelSource):
-        source = model_path
-    else:
-        source = ModelSource(str(model_path), revision, variant, vae_path)
-    return source.load_encoders(arch or detect_arch(source.path, source.revision), dtype, device)
-
-
-def time_ids(batch: dict, resolution: int) -> torch.Tensor:
-    """SDXL ``add_time_ids [2B, 6]``: (original h, w, crop top, left, target h, w) per image."""
-    target = torch.tensor([resolution, resolution], dtype=torch.int64).expand(batch["original_sizes"].shape[0], 2)
-    return torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=-1).float()
 
 
 class FetchSkips:
@@ -943,12 +863,12 @@ class FetchSkips:
     def install(self, accelerator) -> None:
         """Write ``FILE`` into every checkpoint ``accelerator.save_state`` writes (main process),
         and read it back in ``load_state`` (a checkpoint without it: nothing skipped)."""
-        from .files import write_json_atomic
+        from ..files import write_json_atomic
 
         def save(models, weights, output_dir):
             if accelerator.is_main_process:
                 Path(output_dir).mkdir(parents=True, exist_ok=True)
-                write_json_atomic(self.state_dict(), Path(output_dir) / self.FILE)
+                write_json_atomic(Path(output_dir) / self.FILE, self.state_dict())
 
         def load(models, input_dir):
             file = Path(input_dir) / self.FILE
@@ -972,8 +892,10 @@ class FetchSkips:
 
 class BatchEncoder:
     """Turns a collated batch (pixels and captions, or cached latents and embeddings) into the
-    trainer's batch (:mod:`fastpref.train.trainer`); the encoders are needed for pixels only,
-    and the VAE encodes ``vae_batch_size`` images at a time.
+    trainer's batch (:mod:`fastpref.train.trainer`) with the model ``family``'s encoding and
+    conditioning (the same functions the latent cache encodes with, so both paths give the same
+    numbers); the encoders are needed for pixels only, and the VAE encodes ``vae_batch_size``
+    images at a time.
 
     The rows a batch passed over at fetch (``skipped_rows``) are recorded in ``skips`` (a
     :class:`FetchSkips`; with ``gather``, e.g. ``accelerator.gather_object``, those of every
@@ -981,6 +903,7 @@ class BatchEncoder:
 
     def __init__(
         self,
+        family,
         vae,
         tokenizers,
         text_encoders,
@@ -992,6 +915,7 @@ class BatchEncoder:
         summary: Optional[dict] = None,
         gather=None,
     ):
+        self.family = family
         self.vae, self.tokenizers, self.text_encoders = vae, tokenizers, text_encoders
         self.resolution, self.device, self.vae_batch_size = resolution, device, vae_batch_size
         self.skips = skips if skips is not None else FetchSkips()
@@ -1011,17 +935,11 @@ class BatchEncoder:
         self.count_skips(batch)
         labels = ("flipped", "synthetic_label", "human_label", "human_mask", "propensity")
         out = {k: batch[k] for k in labels if k in batch}
-        if "latents" in batch:
+        if "latents" in batch:  # cached: the text conditioning is in the batch too
             out["latents"] = batch["latents"]
-            out["encoder_hidden_states"] = batch["prompt_embeds"]
-            pooled = batch.get("pooled_prompt_embeds")
         else:
             pixels = batch["pixel_values"].to(self.device)
-            out["latents"] = encode_images(self.vae, pixels, self.vae_batch_size).float()
-            out["encoder_hidden_states"], pooled = encode_prompts(
-                batch["captions"], self.tokenizers, self.text_encoders
-            )
-        if pooled is not None:
-            out["pooled_prompt_embeds"] = pooled
-            out["add_time_ids"] = time_ids(batch, self.resolution)
+            out["latents"] = self.family.encode_images(self.vae, pixels, self.vae_batch_size).float()
+            batch = {**batch, **self.family.encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)}
+        out.update(self.family.batch_conditioning(batch, self.resolution))
         return out

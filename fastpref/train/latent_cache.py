@@ -15,17 +15,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .arch import detect_arch
-from .data import (
-    PreferenceDataset,
-    decode_image,
-    encode_images,
-    encode_prompts,
-    format_rows,
-    load_encoders,
-    preprocess,
-)
-from .files import write_atomic, write_json_atomic
+from ..files import write_atomic, write_json_atomic
+from .data import PreferenceDataset, decode_image, format_rows, preprocess
+from .families import FAMILIES
+from .models import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +57,8 @@ def dataset_fingerprint(dataset: PreferenceDataset) -> dict:
     }
 
 
-_MODEL_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+# The pipeline folders the encodings may depend on: every family's (a family's own are a subset).
+_MODEL_PARTS = tuple(sorted({folder for family in FAMILIES.values() for folder in family.encoder_folders}))
 
 
 def _folder_fingerprint(folder: Path) -> dict:
@@ -80,19 +74,18 @@ def _folder_fingerprint(folder: Path) -> dict:
     return entries
 
 
-def model_fingerprint(
-    model_path,
-    modules: Sequence = (),
-    *,
-    revision: Optional[str] = None,
-    variant: Optional[str] = None,
-    vae_path: Optional[str] = None,
-) -> dict:
+def _source(source, revision=None, variant=None, vae_path=None) -> ModelSource:
+    """``source`` as a :class:`ModelSource` (a path or Hub id with the other three)."""
+    return source if isinstance(source, ModelSource) else ModelSource(str(source), revision, variant, vae_path)
+
+
+def model_fingerprint(source: ModelSource, modules: Sequence = ()) -> dict:
     """What the encodings depend on: the pipeline (a local folder: its resolved path and
     :func:`_folder_fingerprint` of its VAE, text encoder and tokenizer folders; a Hub id: the id
     and ``revision``), the ``variant``, the VAE of ``--pretrained_vae_model_name_or_path`` (a folder:
     its fingerprint; a Hub id: the id), and the configs of the passed ``modules`` when the
     pipeline is neither (modules built in memory)."""
+    model_path, revision, variant, vae_path = source.path, source.revision, source.variant, source.vae_path
     path = Path(str(model_path))
     out: dict = {"variant": variant}
     if vae_path is not None:
@@ -113,7 +106,7 @@ def model_fingerprint(
 
 def cache_key(
     dataset: PreferenceDataset,
-    model_path,
+    source,
     *,
     dtype: torch.dtype = torch.float32,
     modules: Sequence = (),
@@ -123,11 +116,12 @@ def cache_key(
 ) -> Tuple[str, dict]:
     """``(key, components)``: the key is the first 24 hex digits of the SHA-256 of the JSON of
     ``components`` (format version, dataset and model fingerprints, resolution, latent choice,
-    encoding dtype)."""
+    encoding dtype). ``source``: a :class:`ModelSource`, or a path / Hub id read at ``revision``
+    with ``variant`` and ``vae_path``."""
     components = {
         "format": CACHE_FORMAT,
         "dataset": dataset_fingerprint(dataset),
-        "model": model_fingerprint(model_path, modules, revision=revision, variant=variant, vae_path=vae_path),
+        "model": model_fingerprint(_source(source, revision, variant, vae_path), modules),
         "resolution": dataset.resolution,
         "preprocess": "resize-shorter-bilinear+center-crop",
         "latents": "posterior-mean",
@@ -184,17 +178,6 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array))
 
 
-def _arch(model_path, text_encoders) -> str:
-    if Path(str(model_path)).is_dir():
-        return detect_arch(model_path)
-    if text_encoders is not None:
-        return "sdxl" if len(text_encoders) == 2 else "sd15"
-    from huggingface_hub import hf_hub_download
-
-    config = json.loads(Path(hf_hub_download(str(model_path), "model_index.json")).read_text())
-    return "sdxl" if "text_encoder_2" in config else "sd15"
-
-
 def _rows_to_encode(dataset: PreferenceDataset) -> np.ndarray:
     """Every row that passed the dataset's cheap checks, whether or not it decoded them up front
     (``check_images``), so that the cache's contents do not depend on that switch: the rows that
@@ -228,7 +211,7 @@ def _refuse_non_finite(values: torch.Tensor, rows: Sequence[int], what: str) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: int, progress=None) -> dict:
+def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, family, vae, batch_size: int, progress=None) -> dict:
     """Latents (posterior mean), original sizes and crops of the pairs in ``rows`` (stored
     order), ``batch_size`` images per VAE call; rows whose images do not decode are listed in
     ``undecodable_rows`` instead. Non-finite latents raise (:func:`_refuse_non_finite`)."""
@@ -238,7 +221,7 @@ def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: 
 
     def flush():
         if batch:
-            encoded = encode_images(vae, torch.cat(batch), batch_size).float().cpu()
+            encoded = family.encode_images(vae, torch.cat(batch), batch_size).float().cpu()
             pairs = encoded.reshape(-1, 2, *encoded.shape[1:])
             _refuse_non_finite(pairs, batch_rows, "the latents")
             latents.append(pairs)
@@ -267,7 +250,7 @@ def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: 
     if latents:
         stacked = torch.cat(latents)
     else:
-        probe = encode_images(vae, torch.zeros(1, 3, dataset.resolution, dataset.resolution)).float().cpu()
+        probe = family.encode_images(vae, torch.zeros(1, 3, dataset.resolution, dataset.resolution)).float().cpu()
         stacked = probe.new_zeros((0, 2, *probe.shape[1:]))
     return {
         "rows": torch.tensor(kept, dtype=torch.int64),
@@ -278,18 +261,19 @@ def _encode_rows(dataset: PreferenceDataset, rows: np.ndarray, vae, batch_size: 
     }
 
 
-def _encode_captions(captions: Sequence[str], tokenizers, text_encoders, batch_size: int, rows: Sequence[int]):
-    embeds, pooled = [], []
+def _encode_captions(captions: Sequence[str], family, tokenizers, text_encoders, batch_size: int, rows: Sequence[int]):
+    """The family's text conditioning of ``captions``, ``batch_size`` at a time, by name
+    (``[N, ...]`` float32 each; NaN or Inf refused naming ``rows``, each caption's first row)."""
+    parts: Dict[str, List[torch.Tensor]] = {}
     for start in range(0, len(captions), batch_size):
-        e, p = encode_prompts(captions[start : start + batch_size], tokenizers, text_encoders)
-        embeds.append(e.float().cpu())
-        if p is not None:
-            pooled.append(p.float().cpu())
-    empty, empty_pooled = encode_prompts([""], tokenizers, text_encoders)
-    out = {"prompt_embeds": torch.cat(embeds) if embeds else empty.float().cpu()[:0]}
-    _refuse_non_finite(out["prompt_embeds"], rows, "the text embeddings")
-    if empty_pooled is not None:
-        out["pooled_prompt_embeds"] = torch.cat(pooled) if pooled else empty_pooled.float().cpu()[:0]
+        for name, value in family.encode_prompts(
+            captions[start : start + batch_size], tokenizers, text_encoders
+        ).items():
+            parts.setdefault(name, []).append(value.float().cpu())
+    empty = family.encode_prompts([""], tokenizers, text_encoders)
+    out = {name: torch.cat(parts[name]) if name in parts else value.float().cpu()[:0] for name, value in empty.items()}
+    for name, value in out.items():
+        _refuse_non_finite(value, rows, "the text embeddings")
     return out
 
 
@@ -331,7 +315,7 @@ def _valid(check, file: Path, *args) -> bool:
 class LatentCache:
     """VAE latents and text embeddings of a :class:`PreferenceDataset`, encoded once.
 
-    ``LatentCache.build(dataset, cache_dir, model_path)`` opens ``cache_dir/<key>/`` when it is
+    ``LatentCache.build(dataset, cache_dir, source)`` opens ``cache_dir/<key>/`` when it is
     complete and whole (``hit=True``); otherwise it encodes what is missing and opens it
     (``hit=False``). The key is :func:`cache_key`: the dataset's fingerprint and columns, the model
     (folder contents, or Hub id and revision; variant; VAE), the resolution and the encoding dtype
@@ -362,7 +346,7 @@ class LatentCache:
     * **Memory-mapped**: shards are read through :func:`read_tensors`; an item copies only its
       own latents and embedding.
 
-    The VAE and text encoders are loaded from ``model_path`` (``revision``, ``variant``,
+    The VAE and text encoders are loaded from ``source`` (``revision``, ``variant``,
     ``vae_path``) only on a miss, unless passed in.
     """
 
@@ -371,11 +355,8 @@ class LatentCache:
         self.meta = meta
         self.key = meta["key"]
         self.hit = hit
-        self.arch = meta["arch"]
+        self.family = meta.get("family", meta.get("arch"))  # the family's name ("arch" in caches of 0.1.0)
         captions = read_tensors(self.path / CAPTIONS_FILE)
-        self.empty_prompt_embeds = _tensor(captions["empty_prompt_embeds"][0])
-        pooled = captions.get("empty_pooled_prompt_embeds")
-        self.empty_pooled_prompt_embeds = _tensor(pooled[0]) if pooled is not None else None
         rows, undecodable, counts = [], [], []
         for name in meta["shards"]:
             shard = read_tensors(self.path / name)
@@ -413,13 +394,13 @@ class LatentCache:
         offset = position - int(self._shard_starts[shard])
         return {k: _tensor(tensors[k][offset]) for k in ("latents", "original_sizes", "crop_top_lefts")}
 
-    def text(self, index: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(prompt_embeds [L, D], pooled_prompt_embeds [P] or None)`` of unique caption ``index``."""
+    def text(self, index: int) -> Dict[str, torch.Tensor]:
+        """The text conditioning of unique caption ``index`` by name (the family's
+        ``encode_prompts`` names: ``prompt_embeds [L, D]``, for SDXL ``pooled_prompt_embeds [P]``)."""
         shard = int(np.searchsorted(self._text_starts, index, side="right")) - 1
         tensors = self._file(self.meta["text_shards"][shard])
         offset = index - int(self._text_starts[shard])
-        pooled = tensors.get("pooled_prompt_embeds")
-        return _tensor(tensors["prompt_embeds"][offset]), (_tensor(pooled[offset]) if pooled is not None else None)
+        return {name: _tensor(value[offset]) for name, value in tensors.items()}
 
     def _all(self, names: Sequence[str], key: str) -> Optional[torch.Tensor]:
         parts = [self._file(name).get(key) for name in names]
@@ -464,8 +445,9 @@ class LatentCache:
         cls,
         dataset: PreferenceDataset,
         cache_dir,
-        model_path,
+        source,
         *,
+        family=None,
         vae=None,
         tokenizers: Optional[Sequence] = None,
         text_encoders: Optional[Sequence] = None,
@@ -480,13 +462,15 @@ class LatentCache:
         progress: bool = True,
     ) -> "LatentCache":
         """Open ``cache_dir/<key>/`` if it is complete and whole, else encode what is missing into
-        it (the encoders are loaded from ``model_path`` unless passed in; passed modules set
-        ``dtype``). With ``accelerator``, every process of the run calls this together."""
+        it. ``source``: a :class:`ModelSource` (or a path / Hub id with ``revision``, ``variant``,
+        ``vae_path``); ``family``: its model family (default: the one that recognises it). The
+        encoders are loaded from ``source`` unless passed in; passed modules set ``dtype``. With
+        ``accelerator``, every process of the run calls this together."""
         given = [m for m in [vae, *(text_encoders or [])] if m is not None]
         if given:
             dtype = next(given[0].parameters()).dtype
-        where = dict(revision=revision, variant=variant, vae_path=vae_path)
-        key, components = cache_key(dataset, model_path, dtype=dtype, modules=given, **where)
+        source = _source(source, revision, variant, vae_path)
+        key, components = cache_key(dataset, source, dtype=dtype, modules=given)
         folder = Path(cache_dir) / key
         world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
         barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
@@ -504,12 +488,12 @@ class LatentCache:
         if rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / META_FILE).unlink(missing_ok=True)
-            write_json_atomic(components, folder / "key.json")
+            write_json_atomic(folder / "key.json", components)
         barrier()
 
-        arch = _arch(model_path, text_encoders)
+        family = family if family is not None else source.family
         if vae is None or text_encoders is None or tokenizers is None:
-            loaded_vae, loaded_tok, loaded_te = load_encoders(model_path, arch, dtype=dtype, device=device, **where)
+            loaded_vae, loaded_tok, loaded_te = family.load_encoders(source, dtype=dtype, device=device)
             vae = vae if vae is not None else loaded_vae
             tokenizers = tokenizers if tokenizers is not None else loaded_tok
             text_encoders = text_encoders if text_encoders is not None else loaded_te
@@ -548,27 +532,25 @@ class LatentCache:
         with bar:
             for name, start, stop in todo_text:
                 encoded = _encode_captions(
-                    captions[start:stop], tokenizers, text_encoders, batch_size, first_row[start:stop]
+                    captions[start:stop], family, tokenizers, text_encoders, batch_size, first_row[start:stop]
                 )
                 _save_tensors(encoded, folder / name)
             for name, start, stop in todo:
-                _save_tensors(_encode_rows(dataset, rows[start:stop], vae, batch_size, bar), folder / name)
+                _save_tensors(_encode_rows(dataset, rows[start:stop], family, vae, batch_size, bar), folder / name)
         if rank == 0:
-            empty, empty_pooled = encode_prompts([""], tokenizers, text_encoders)
             small = {
                 "rows": torch.as_tensor(rows, dtype=torch.int64),
                 "caption_index": torch.tensor(caption_index, dtype=torch.int64),
-                "empty_prompt_embeds": empty.float().cpu(),
             }
-            if empty_pooled is not None:
-                small["empty_pooled_prompt_embeds"] = empty_pooled.float().cpu()
+            for name, value in family.encode_prompts([""], tokenizers, text_encoders).items():
+                small[f"empty_{name}"] = value.float().cpu()
             _save_tensors(small, folder / CAPTIONS_FILE)
         barrier()
         if rank == 0:
             meta = {
                 "key": key,
                 "format": CACHE_FORMAT,
-                "arch": arch,
+                "family": family.name,
                 "resolution": dataset.resolution,
                 "num_rows": int(len(rows)),
                 "rows": rows.tolist(),
@@ -579,7 +561,7 @@ class LatentCache:
                 "scaling_factor": float(vae.config.scaling_factor),
                 "latents": "posterior mean x scaling_factor",
             }
-            write_json_atomic(meta, folder / META_FILE)  # last: its presence marks the cache complete
+            write_json_atomic(folder / META_FILE, meta)  # last: its presence marks the cache complete
         barrier()
         cache = cls.open(folder, hit=False)
         cache.meta["num_cached"] = len(cache)
@@ -627,9 +609,6 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         order = [1, 0] if item.pop("swap") else [0, 1]
         for name, value in self.cache.pair(position).items():
             item[name] = value[order]
-        embeds, pooled = self.cache.text(int(self.cache.caption_index[position]))
-        item["prompt_embeds"] = embeds
-        if pooled is not None:
-            item["pooled_prompt_embeds"] = pooled
+        item.update(self.cache.text(int(self.cache.caption_index[position])))
         item["skipped_rows"] = []
         return item

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 CARD_FILE = "README.md"
-TAGS = {"sd15": ["stable-diffusion", "stable-diffusion-diffusers"], "sdxl": ["stable-diffusion-xl"]}
 
 
 def describe(base_model: str, objective: str, hyperparameters: Dict[str, object], images: Sequence[Path]) -> str:
@@ -36,7 +35,7 @@ def describe(base_model: str, objective: str, hyperparameters: Dict[str, object]
 def write_model_card(
     output_dir: Path,
     base_model: str,
-    arch: str,
+    family,
     objective: str,
     hyperparameters: Dict[str, object],
     prompts: Sequence[str] = (),
@@ -44,7 +43,8 @@ def write_model_card(
     lora: bool = True,
 ) -> Path:
     """Write ``output_dir/README.md``; ``images``: the last validation images (absolute paths,
-    one per prompt of ``prompts``), shown in the card and as the Hub widget. Returns the file."""
+    one per prompt of ``prompts``), shown in the card and as the Hub widget; ``family``: the
+    model's :class:`~fastpref.train.families.base.ModelFamily` (license, tags). Returns the file."""
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -54,7 +54,7 @@ def write_model_card(
         {"text": prompt, "output": {"url": image.as_posix()}} for prompt, image in zip(prompts, relative)
     ]
     data = ModelCardData(
-        license="creativeml-openrail-m" if arch == "sd15" else "openrail++",
+        license=family.card_license,
         library_name="diffusers",
         inference=True,
         base_model=base_model,
@@ -65,7 +65,7 @@ def write_model_card(
         template_path=MODEL_CARD_TEMPLATE_PATH,
         model_description=describe(base_model, objective, hyperparameters, relative),
     )
-    tags = ["text-to-image", "diffusers", "diffusers-training", "diffusion-dpo", "fastpref", *TAGS[arch]]
+    tags = ["text-to-image", "diffusers", "diffusers-training", "diffusion-dpo", "fastpref", *family.card_tags]
     card = populate_model_card(card, tags=tags + (["lora"] if lora else []))
     card.save(str(output_dir / CARD_FILE))
     return output_dir / CARD_FILE

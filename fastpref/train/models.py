@@ -1,14 +1,16 @@
-"""Where a run's diffusers parts come from, and in which dtype they run: :class:`ModelSource`
-(``--pretrained_model_name_or_path``, ``--revision``, ``--variant``,
-``--pretrained_vae_model_name_or_path``) and :func:`vae_dtype` (SDXL's VAE in float32 unless
-it is fp16-safe, as diffusers' SDXL script)."""
+"""Where a run's diffusers parts come from: :class:`ModelSource` (``--pretrained_model_name_or_path``,
+``--revision``, ``--variant``, ``--pretrained_vae_model_name_or_path``), with the configs that
+tell its model family (read once; a Hub id is asked once) and :meth:`ModelSource.family`."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+import json
+from pathlib import Path
+from typing import Dict, Optional
 
-import torch
+MODEL_INDEX = "model_index.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,13 +26,17 @@ class ModelSource:
 
     @classmethod
     def of(cls, data_args) -> "ModelSource":
-        """The source named by ``fastpref train``'s :class:`~fastpref.train.cli.DataArguments`."""
+        """The source named by ``fastpref train``'s :class:`~fastpref.train.arguments.DataArguments`."""
         return cls(
             str(data_args.pretrained_model_name_or_path),
             data_args.revision,
             data_args.variant,
             data_args.pretrained_vae_model_name_or_path,
         )
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).expanduser().is_dir()
 
     def part(self, subfolder: str) -> dict:
         """``from_pretrained`` arguments of one part of the pipeline (``"unet"``, ``"text_encoder"``...)."""
@@ -45,51 +51,46 @@ class ModelSource:
             return self.part("vae")
         return dict(pretrained_model_name_or_path=self.vae_path, revision=self.revision, variant=self.variant)
 
-    def load_unet(self, dtype: torch.dtype):
-        from diffusers import UNet2DConditionModel
+    def _read(self, name: str) -> Optional[dict]:
+        """The JSON file ``name`` of the pipeline (a Hub id through the Hub's cache, at
+        ``revision``); ``None`` where the pipeline has no such file."""
+        folder = Path(self.path).expanduser()
+        if folder.is_dir():
+            file = folder / name
+            return json.loads(file.read_text()) if file.is_file() else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
 
-        return UNet2DConditionModel.from_pretrained(**self.part("unet"), torch_dtype=dtype)
+        try:
+            return json.loads(Path(hf_hub_download(self.path, name, revision=self.revision)).read_text())
+        except EntryNotFoundError:
+            return None
 
-    def load_noise_scheduler(self, zero_terminal_snr: bool = False):
-        """The pipeline's ``DDPMScheduler``; ``zero_terminal_snr`` rescales its betas so the last
-        timestep is pure noise (diffusers' ``rescale_betas_zero_snr``; ``--is_turbo``)."""
-        from diffusers import DDPMScheduler
+    @functools.cached_property
+    def configs(self) -> Dict[str, dict]:
+        """``{"model_index": model_index.json, <folder>: <folder>/config.json}`` for every
+        denoiser folder a known family reads (``unet``, ...) that the pipeline has; read once per
+        source. ``FileNotFoundError`` when a local folder has none of them."""
+        from .families import FAMILIES
 
-        extra = {"rescale_betas_zero_snr": True} if zero_terminal_snr else {}
-        return DDPMScheduler.from_pretrained(self.path, subfolder="scheduler", revision=self.revision, **extra)
+        found = {}
+        index = self._read(MODEL_INDEX)
+        if index is not None:
+            found["model_index"] = index
+        for folder in sorted({family.denoiser_folder for family in FAMILIES.values()}):
+            if index is not None and folder not in index:
+                continue  # a pipeline lists its parts: no need to ask for the others
+            config = self._read(f"{folder}/config.json")
+            if config is not None:
+                found[folder] = config
+        if len(found) == ("model_index" in found):
+            raise FileNotFoundError(f"{self.path} is not a diffusers pipeline folder (no denoiser config.json)")
+        return found
 
-    def load_vae(self, arch: str, weight_dtype: torch.dtype):
-        """The VAE in :func:`vae_dtype`."""
-        from diffusers import AutoencoderKL
+    @functools.cached_property
+    def family(self):
+        """The :class:`~fastpref.train.families.base.ModelFamily` that recognises this pipeline
+        (from its configs, never its name); ``ValueError`` when none does."""
+        from .families import recognise
 
-        where = self.vae()
-        config = AutoencoderKL.load_config(**{k: v for k, v in where.items() if k != "variant"})
-        dtype = vae_dtype(arch, config.get("force_upcast", True), weight_dtype)
-        return AutoencoderKL.from_pretrained(**where, torch_dtype=dtype)
-
-    def load_encoders(self, arch: str, weight_dtype: torch.dtype = torch.float32, device="cpu"):
-        """``(vae, tokenizers, text_encoders)`` in eval mode on ``device``: the VAE in
-        :func:`vae_dtype`, the text encoder(s) in ``weight_dtype``; two of each for SDXL."""
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        vae = self.load_vae(arch, weight_dtype).to(device).eval()
-        kinds = [("tokenizer", "text_encoder", CLIPTextModel)]
-        if arch == "sdxl":
-            kinds.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
-        tokenizers, text_encoders = [], []
-        for tokenizer, encoder, encoder_class in kinds:
-            tokenizers.append(CLIPTokenizer.from_pretrained(self.path, subfolder=tokenizer, revision=self.revision))
-            text_encoders.append(
-                encoder_class.from_pretrained(**self.part(encoder), torch_dtype=weight_dtype).to(device).eval()
-            )
-        return vae, tokenizers, text_encoders
-
-
-def vae_dtype(arch: str, force_upcast: bool, weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the VAE runs in: SDXL's VAE overflows in float16, so it runs in float32 (as in
-    diffusers' SDXL script) unless its config says it is fp16-safe (``force_upcast: false``, as
-    ``madebyollin/sdxl-vae-fp16-fix``, passed with ``--pretrained_vae_model_name_or_path``);
-    SD 1.5's runs in ``weight_dtype`` (the mixed precision's), as in diffusers' SD script."""
-    if arch == "sdxl" and force_upcast:
-        return torch.float32
-    return weight_dtype
+        return recognise(self.configs, self.path)

@@ -1,7 +1,8 @@
-"""The preference-training step: policy, reference and EMA footprints of a diffusers UNet, the
-optimizer and LR schedule, and ``fastpref.adaptive_dpo_loss`` -- everything but data loading.
-``fastpref train`` feeds it encoded Pick-a-Pic batches, the toy-world demo toy latents; both run
-this same :class:`PreferenceTrainer`.
+"""The preference-training step: policy, reference and EMA footprints of a diffusion model's
+denoiser, the optimizer and LR schedule, and ``fastpref.adaptive_dpo_loss`` -- everything but
+data loading. What depends on the model (noising, target, the denoiser's call, LoRA targets) is
+its family's (:mod:`fastpref.train.families`). ``fastpref train`` feeds it encoded Pick-a-Pic
+batches, the toy-world demo toy latents; both run this same :class:`PreferenceTrainer`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import contextlib
 import torch
 
 from .. import adaptive_dpo_loss
+from . import families
 from .config import TrainConfig
 from .footprints import AdapterFootprints, ModelFootprints, adapters_disabled, lora_layers
 
-LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-TURBO_STEPS = 4  # SDXL Turbo samples with 4 steps; --is_turbo trains on their timesteps
 DEDPO_LABELS = ("synthetic_label", "human_label", "human_mask", "propensity")  # the batch's loss keywords
 
 
@@ -41,6 +41,7 @@ class PreferenceTrainer:
     rejected ones, pair i at rows i and B + i (``fastpref.train.data.collate_pairs`` makes it)::
 
         latents                [2B, C, h, w]    float, winners then losers
+        (the family's conditioning, see its denoiser_inputs; SD 1.5 and SDXL:)
         encoder_hidden_states  [B, L, D]        text conditioning, one per pair
         pooled_prompt_embeds   [B, P]           SDXL only (text_embeds of added_cond_kwargs)
         add_time_ids           [2B, 6]          SDXL only, per image (original size, crop, target size)
@@ -62,24 +63,27 @@ class PreferenceTrainer:
     Gamma = c2 (the batch mean of l), computed without the footprint forwards.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` holding the initial policy (= the reference).
-            It is trained in place (LoRA adapters are added to it when ``config.lora_rank > 0``).
-        noise_scheduler: a diffusers ``DDPMScheduler`` (``add_noise``; ``get_velocity`` for
-            v-prediction).
+        unet: the denoiser holding the initial policy (= the reference), e.g. a diffusers
+            ``UNet2DConditionModel``. It is trained in place (LoRA adapters are added to it when
+            ``config.lora_rank > 0``).
+        noise_scheduler: the family's training noise scheduler (SD: a ``DDPMScheduler``).
         config: :class:`TrainConfig`.
         accelerator: an ``accelerate.Accelerator``; ``None`` builds one (one process, the
             config's mixed precision, no trackers).
+        family: the :class:`~fastpref.train.families.base.ModelFamily` of ``unet``; ``None``
+            recognises it from ``unet.config`` (:func:`~fastpref.train.families.of_denoiser`).
 
     Attributes: ``unet`` (the policy as prepared by accelerate), ``optimizer``,
     ``lr_scheduler``, ``footprints`` (``None`` when the loss needs no u), ``micro_step``,
     ``global_step`` (optimizer steps, skipped ones included), ``skipped_steps``.
     """
 
-    def __init__(self, unet, noise_scheduler, config: TrainConfig, accelerator=None):
+    def __init__(self, unet, noise_scheduler, config: TrainConfig, accelerator=None, family=None):
         from accelerate import Accelerator
         from diffusers.optimization import get_scheduler
 
         self.config = config
+        self.family = family if family is not None else families.of_denoiser(unet)
         if accelerator is None:
             accelerator = Accelerator(mixed_precision=config.mixed_precision)
         self.accelerator = accelerator
@@ -131,7 +135,7 @@ class PreferenceTrainer:
                     r=config.lora_rank,
                     lora_alpha=config.lora_rank,
                     init_lora_weights="gaussian",
-                    target_modules=list(LORA_TARGETS),
+                    target_modules=list(self.family.lora_targets),
                 )
             )
             for param in unet.parameters():  # the trainable LoRA tensors stay float32
@@ -171,24 +175,21 @@ class PreferenceTrainer:
         """The policy module without its DDP wrapper."""
         return self.accelerator.unwrap_model(self.unet)
 
-    def _call(self, module, noisy, timesteps, cond, added):
-        return module(noisy, timesteps, cond, added_cond_kwargs=added).sample
-
     @torch.no_grad()
-    def _reference_pred(self, noisy, timesteps, cond, added):
+    def _reference_pred(self, noisy, timesteps, inputs):
         with self.accelerator.autocast():
             if self.reference is not None:
-                return self._call(self.reference, noisy, timesteps, cond, added)
+                return self.family.denoise(self.reference, noisy, timesteps, inputs)
             with adapters_disabled(self._lora_layers):
-                return self._call(self.base_unet, noisy, timesteps, cond, added)
+                return self.family.denoise(self.base_unet, noisy, timesteps, inputs)
 
     @torch.no_grad()
-    def _footprint_preds(self, noisy, timesteps, cond, added):
+    def _footprint_preds(self, noisy, timesteps, inputs):
         preds = []
         with self.accelerator.autocast():
             for k in range(len(self.footprints)):
                 with self.footprints.use(k) as module:
-                    preds.append(self._call(module, noisy, timesteps, cond, added))
+                    preds.append(self.family.denoise(module, noisy, timesteps, inputs))
         return preds
 
     # -- one micro-batch ---------------------------------------------------------------------
@@ -201,26 +202,10 @@ class PreferenceTrainer:
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         generator = torch.Generator(device="cpu").manual_seed(step_seed(self.config.seed, self.micro_step))
         noise = torch.randn((world * pairs, *latents.shape[1:]), generator=generator, dtype=torch.float32)
-        num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_timesteps, (world * pairs,), generator=generator)
-        if self.config.is_turbo:  # SDXL Turbo's 4-step grid, as diffusers' SDXL script: 249, 499, 749, 999
-            stride = num_timesteps // TURBO_STEPS
-            timesteps = stride * (timesteps % TURBO_STEPS) + stride - 1
+        timesteps = self.family.draw_timesteps(self.noise_scheduler, generator, world * pairs, self.config.is_turbo)
         mine = slice(rank * pairs, (rank + 1) * pairs)
         noise = noise[mine].to(latents.device, latents.dtype).repeat(2, *([1] * (latents.dim() - 1)))
         return noise, timesteps[mine].to(latents.device).repeat(2)
-
-    def _conditioning(self, batch: dict, device):
-        cond = batch["encoder_hidden_states"].to(device, self.weight_dtype)
-        cond = torch.cat([cond, cond])
-        added = None
-        if "pooled_prompt_embeds" in batch:
-            pooled = batch["pooled_prompt_embeds"].to(device, self.weight_dtype)
-            added = {
-                "text_embeds": torch.cat([pooled, pooled]),
-                "time_ids": batch["add_time_ids"].to(device, self.weight_dtype),
-            }
-        return cond, added
 
     def _gather_global(self, model_pred, ref_pred, target, ema_preds):
         """All processes' pairs, winners then losers in process order, with ``model_pred``'s own
@@ -245,27 +230,22 @@ class PreferenceTrainer:
         optimizer step ended here), ``skipped`` (bool: this window was skipped), ``metric_on``;
         and detached ``[B]`` tensors ``u``, ``weight``, ``margin``, ``l_theta``, ``flipped``."""
         config, acc = self.config, self.accelerator
+        inputs = self.family.denoiser_inputs(batch, acc.device, self.weight_dtype)
         latents = batch["latents"].to(acc.device, torch.float32)
-        pairs = batch["encoder_hidden_states"].shape[0]
-        if latents.shape[0] != 2 * pairs:
-            raise ValueError(
-                f"latents must be [2B, ...] (winners then losers) for B = {pairs} pairs of encoder_hidden_states, "
-                f"got {tuple(latents.shape)}"
-            )
+        pairs = latents.shape[0] // 2
         noise, timesteps = self._noise(latents)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
-        target = self._target(latents, noise, timesteps)
-        cond, added = self._conditioning(batch, acc.device)
+        noisy = self.family.add_noise(self.noise_scheduler, latents, noise, timesteps).to(self.weight_dtype)
+        target = self.family.target(self.noise_scheduler, latents, noise, timesteps)
 
         metric_on = self.footprints is not None and self.micro_step >= config.warmup_micro_steps
         last_of_window = (self.micro_step + 1) % config.gradient_accumulation_steps == 0
-        ref_pred = None if config.loss_type == "sft" else self._reference_pred(noisy, timesteps, cond, added)
-        ema_preds = self._footprint_preds(noisy, timesteps, cond, added) if metric_on else []
+        ref_pred = None if config.loss_type == "sft" else self._reference_pred(noisy, timesteps, inputs)
+        ema_preds = self._footprint_preds(noisy, timesteps, inputs) if metric_on else []
 
         sync = acc.no_sync(self.unet) if (not last_of_window and acc.num_processes > 1) else contextlib.nullcontext()
         with sync:
             with acc.autocast():
-                model_pred = self._call(self.unet, noisy, timesteps, cond, added)
+                model_pred = self.family.denoise(self.unet, noisy, timesteps, inputs)
             loss, stats, backward_loss = self._loss(batch, model_pred, ref_pred, target, ema_preds, metric_on)
             # No host sync here: the window's finiteness is collected on the device and read once,
             # at the window's end, after the backward passes are queued.
@@ -281,16 +261,6 @@ class PreferenceTrainer:
                 f"(last at step {self.global_step}); lower the learning rate or beta, or check the data"
             )
         return self._logs(loss, stats, batch, pairs, metric_on, last_of_window, skipped)
-
-    def _target(self, latents, noise, timesteps):
-        """The regression target: the noise (``[B, ...]``, shared by both images of a pair) or
-        the velocity (``[2B, ...]``)."""
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            return noise[: latents.shape[0] // 2]
-        if prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
     def _loss(self, batch, model_pred, ref_pred, target, ema_preds, metric_on):
         """``(loss, stats, loss to backpropagate)``: SFT's MSE on the winners, or

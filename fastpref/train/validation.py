@@ -1,12 +1,12 @@
-"""Validation images (``--run_validation``): the run's own UNet, LoRA applied, in a diffusers
-pipeline, samples a few prompts with a fixed seed; the images go to the trackers (TensorBoard,
-wandb) and to ``OUTPUT_DIR/validation/step-N/``."""
+"""Validation images (``--run_validation``): the run's own denoiser, LoRA applied, in its family's
+diffusers pipeline, samples a few prompts with a fixed seed; the images go to the trackers
+(TensorBoard, wandb) and to ``OUTPUT_DIR/validation/step-N/``."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -19,37 +19,15 @@ VALIDATION_PROMPTS = (
     "an astronaut in a jungle, muted cold colors, detailed",
     "a red fox on a snowy hill at sunrise, photograph",
 )
-INFERENCE_STEPS = 25  # diffusers' DPO scripts sample validation images with 25 steps
-TURBO_INFERENCE_STEPS = 4  # and SDXL Turbo with 4, without guidance
-GUIDANCE_SCALE = {"sd15": 7.5, "sdxl": 5.0}  # the SD pipeline's default; the SDXL script's
 FOLDER = "validation"
 TRACKER_KEY = "validation"
 
 
-def sampling(arch: str, is_turbo: bool, steps: Optional[int]) -> dict:
-    """``num_inference_steps`` and ``guidance_scale`` of the validation pipeline call."""
-    if is_turbo:
-        return dict(num_inference_steps=steps or TURBO_INFERENCE_STEPS, guidance_scale=0.0)
-    return dict(num_inference_steps=steps or INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE[arch])
-
-
-def build_pipeline(source, unet, arch: str, weight_dtype: torch.dtype, device):
-    """A diffusers text-to-image pipeline around ``unet`` (the policy being trained, adapters
-    as they are): the other parts from ``source``
-    (:class:`~fastpref.train.models.ModelSource`), the VAE in its
-    :func:`~fastpref.train.models.vae_dtype`. SD 1.5 samples with ``DPMSolverMultistepScheduler``
-    as diffusers' SD script, SDXL with its own scheduler as diffusers' SDXL script."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    parts = dict(unet=unet, vae=source.load_vae(arch, weight_dtype))
-    if arch == "sd15":
-        parts.update(safety_checker=None, requires_safety_checker=False)
-    pipeline = pipeline_class.from_pretrained(
-        source.path, revision=source.revision, variant=source.variant, torch_dtype=weight_dtype, **parts
-    )
-    if arch == "sd15":
-        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+def build_pipeline(source, family, denoiser, weight_dtype: torch.dtype, device):
+    """The family's text-to-image pipeline around ``denoiser`` (the policy being trained,
+    adapters as they are), the other parts from ``source``
+    (:class:`~fastpref.train.models.ModelSource`), on ``device``, without a progress bar."""
+    pipeline = family.validation_pipeline(source, denoiser, weight_dtype, device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
@@ -57,7 +35,7 @@ def build_pipeline(source, unet, arch: str, weight_dtype: torch.dtype, device):
 @torch.no_grad()
 def sample(pipeline, prompts: Sequence[str], resolution: int, seed: int, autocast, **call) -> list:
     """One PIL image per prompt, each from a generator seeded with ``seed`` (the same images for
-    the same weights) under ``autocast()``; ``call``: :func:`sampling`'s arguments."""
+    the same weights) under ``autocast()``; ``call``: the family's ``sampling`` arguments."""
     images = []
     for prompt in prompts:
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -94,7 +72,7 @@ def log_images(trackers, images: list, prompts: Sequence[str], step: int) -> Non
             tracker.log({TRACKER_KEY: captioned}, step=step)
 
 
-def run_validation(trainer, source, arch: str, run, resolution: int, output_dir: Path) -> List[Path]:
+def run_validation(trainer, source, run, resolution: int, output_dir: Path) -> List[Path]:
     """Sample ``run.validation_prompts`` with the trainer's current policy at its step, log the
     images and save them to ``output_dir/validation/step-N/``; main process only. The UNet is
     put back in training mode afterwards."""
@@ -104,8 +82,8 @@ def run_validation(trainer, source, arch: str, run, resolution: int, output_dir:
     unet = trainer.base_unet
     unet.eval()
     try:
-        pipeline = build_pipeline(source, unet, arch, trainer.weight_dtype, accelerator.device)
-        call = sampling(arch, config.is_turbo, run.validation_inference_steps)
+        pipeline = build_pipeline(source, trainer.family, unet, trainer.weight_dtype, accelerator.device)
+        call = trainer.family.sampling(config.is_turbo, run.validation_inference_steps)
         images = sample(pipeline, run.validation_prompts, resolution, config.seed, accelerator.autocast, **call)
     finally:
         unet.train()

@@ -10,8 +10,8 @@ pytest.importorskip("diffusers")
 
 from offline import RES  # noqa: E402
 
-from fastpref.train.arch import detect_arch  # noqa: E402
-from fastpref.train.data import encode_prompts  # noqa: E402
+from fastpref.train.families import FAMILIES  # noqa: E402
+from fastpref.train.models import ModelSource  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -22,7 +22,7 @@ def test_tiny_model_loads_offline_and_runs(models, arch):
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     path = models[arch]
-    assert detect_arch(path) == arch
+    assert ModelSource(str(path)).family.name == arch
     expected = {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
     expected |= {"text_encoder_2", "tokenizer_2"} if arch == "sdxl" else set()
     assert expected <= {p.name for p in path.iterdir()}
@@ -39,7 +39,8 @@ def test_tiny_model_loads_offline_and_runs(models, arch):
     DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if arch == "sdxl" else [])
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
-    embeds, pooled = encode_prompts(["a red circle", "a blue square"], tokenizers, encoders)
+    text = FAMILIES[arch].encode_prompts(["a red circle", "a blue square"], tokenizers, encoders)
+    embeds, pooled = text["prompt_embeds"], text.get("pooled_prompt_embeds")
     assert embeds.shape == (2, 77, unet.config.cross_attention_dim)
     extra = {}
     if arch == "sdxl":

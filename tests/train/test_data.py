@@ -21,15 +21,14 @@ import pyarrow.parquet as pq  # noqa: E402
 from offline import CORRUPT, PAIRS, RES, TIES  # noqa: E402
 
 from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, make_rows, write_parquet  # noqa: E402
-from fastpref.train import data, latent_cache  # noqa: E402
 from fastpref.train.data import (  # noqa: E402
     PairSampler,
     PreferenceDataset,
     collate_pairs,
-    encode_images,
-    encode_prompts,
 )
+from fastpref.train.families import FAMILIES  # noqa: E402
 from fastpref.train.latent_cache import LatentCache, cache_key  # noqa: E402
+from fastpref.train.models import ModelSource  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -177,7 +176,7 @@ def test_pair_layout():
 
 @pytest.fixture(scope="module")
 def encoders(models):
-    return {arch: data.load_encoders(models[arch]) for arch in models}
+    return {arch: FAMILIES[arch].load_encoders(ModelSource(str(models[arch]))) for arch in models}
 
 
 def counted(vae):
@@ -209,7 +208,7 @@ def test_latent_cache_hit_reuses_and_matches(models, encoders, toy, tmp_path, mo
     assert second.key == first.key and torch.equal(second.latents, first.latents)
     assert torch.equal(second.prompt_embeds, first.prompt_embeds)
     # A hit never loads the models either.
-    monkeypatch.setattr(latent_cache, "load_encoders", lambda *a, **k: pytest.fail("models loaded on a cache hit"))
+    monkeypatch.setattr(FAMILIES[arch], "load_encoders", lambda *a, **k: pytest.fail("models loaded on a cache hit"))
     assert LatentCache.build(dataset, tmp_path, models[arch]).hit
 
     # The view serves what the pixel path encodes: winner first, flips applied, same captions.
@@ -218,11 +217,15 @@ def test_latent_cache_hit_reuses_and_matches(models, encoders, toy, tmp_path, mo
     for i in (0, 3, len(dataset) - 1):
         item, pixels = view[i], dataset[i]
         assert item["row"] == pixels["row"] and item["flipped"] == pixels["flipped"]
-        torch.testing.assert_close(item["latents"], encode_images(vae, pixels["pixel_values"]), atol=1e-5, rtol=1e-5)
-        embeds, pooled = encode_prompts([pixels["caption"]], tokenizers, text_encoders)
-        torch.testing.assert_close(item["prompt_embeds"], embeds[0], atol=1e-5, rtol=1e-5)
+        family = FAMILIES[arch]
+        latents = family.encode_images(vae, pixels["pixel_values"])
+        torch.testing.assert_close(item["latents"], latents, atol=1e-5, rtol=1e-5)
+        text = family.encode_prompts([pixels["caption"]], tokenizers, text_encoders)
+        torch.testing.assert_close(item["prompt_embeds"], text["prompt_embeds"][0], atol=1e-5, rtol=1e-5)
         if arch == "sdxl":
-            torch.testing.assert_close(item["pooled_prompt_embeds"], pooled[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                item["pooled_prompt_embeds"], text["pooled_prompt_embeds"][0], atol=1e-5, rtol=1e-5
+            )
         else:
             assert "pooled_prompt_embeds" not in item
     batch = collate_pairs([view[i] for i in range(4)])
@@ -500,7 +503,7 @@ def test_dedpo_cached_path_carries_the_fields(models, encoders, toy_judge, tmp_p
         )
         if i in (0, len(view) - 1):
             torch.testing.assert_close(
-                item["latents"], encode_images(vae, pixels["pixel_values"]), atol=1e-5, rtol=1e-5
+                item["latents"], FAMILIES["sd15"].encode_images(vae, pixels["pixel_values"]), atol=1e-5, rtol=1e-5
             )
     batch = collate_pairs([view[i] for i in range(5)])
     assert batch["synthetic_label"].dtype == torch.float32 and batch["human_mask"].dtype == torch.bool

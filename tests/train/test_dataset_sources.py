@@ -23,7 +23,7 @@ from fastpref.testing.toy_data import (  # noqa: E402
     write_parquet,
     write_saved_dataset,
 )
-from fastpref.train import cli, data  # noqa: E402
+from fastpref.train import arguments, checks, data  # noqa: E402
 from fastpref.train.data import PairSampler, PreferenceDataset, collate_pairs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
@@ -90,15 +90,17 @@ def test_a_hub_id_goes_to_load_dataset_with_the_cache_dir(rows, monkeypatch, tmp
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     argv = ["--pretrained_model_name_or_path", "m", "--dataset_name", "someone/pairs", "--output_dir", "o"]
-    data_args, _, _ = cli.parse_args([*argv, "--cache_dir", str(tmp_path / "hf"), "--dataset_split_name", "train"])
-    cli.check_dataset_path(data_args.dataset_name)  # a Hub id passes the path check
+    data_args, _, _ = arguments.parse_args(
+        [*argv, "--cache_dir", str(tmp_path / "hf"), "--dataset_split_name", "train"]
+    )
+    checks.check_dataset_path(data_args.dataset_name)  # a Hub id passes the path check
     dataset = PreferenceDataset(
         data_args.dataset_name, RES, split=data_args.dataset_split_name, cache_dir=data_args.cache_dir
     )
     assert calls == [("someone/pairs", {"split": "train", "cache_dir": str(tmp_path / "hf")})]
     assert dataset.num_rows == 12
-    with pytest.raises(cli.ArgumentError, match="--dataset_name: no such file or folder"):
-        cli.check_dataset_path(str(tmp_path / "missing"))
+    with pytest.raises(arguments.ArgumentError, match="--dataset_name: no such file or folder"):
+        checks.check_dataset_path(str(tmp_path / "missing"))
 
 
 def test_max_train_samples_is_a_seeded_subset_as_datasets_shuffle_picks(toy):

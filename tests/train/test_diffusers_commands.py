@@ -20,8 +20,10 @@ pytest.importorskip("accelerate")
 
 from offline import ROOT  # noqa: E402
 
-from fastpref.train import cli  # noqa: E402
+from fastpref.train import arguments  # noqa: E402
 from fastpref.train.config import TrainConfig  # noqa: E402
+from fastpref.train.families import FAMILIES  # noqa: E402
+from fastpref.train.run import allow_tf32  # noqa: E402
 
 # Verbatim from diffusers' examples/research_projects/diffusion_dpo/README.md.
 SD_COMMAND = r"""accelerate launch train_diffusion_dpo.py \
@@ -130,7 +132,7 @@ DIFFUSERS_FLAGS = """--pretrained_model_name_or_path --revision --variant --pret
 --hub_model_id --logging_dir --allow_tf32 --report_to --mixed_precision --prior_generation_precision
 --local_rank --enable_xformers_memory_efficient_attention --rank --tracker_name --run_validation
 --validation_steps --is_turbo --dataset_split_name --vae_encode_batch_size --no_hflip --random_crop""".split()
-# diffusers' defaults that fastpref shares (the others are cli.DIFFUSERS_DEFAULTS, logged at start-up).
+# diffusers' defaults that fastpref shares (the others are arguments.DIFFUSERS_DEFAULTS, logged at start-up).
 SHARED_DEFAULTS = dict(
     train_batch_size=4,
     vae_encode_batch_size=8,
@@ -210,9 +212,9 @@ def test_the_verbatim_command_parses_to_diffusers_meaning(name):
     """Every flag of the command, with nothing changed, gives fastpref's field diffusers' value."""
     command, own = COMMANDS[name]
     argv = flags_of(command)
-    data_args, settings, run = cli.parse_args(argv)
+    data_args, settings, run = arguments.parse_args(argv)
     values = {**vars(data_args), **settings, **vars(run)}
-    given = cli.given_flags(argv)
+    given = arguments.given_flags(argv)
     expected = {"pretrained_model_name_or_path": argv[0].partition("=")[2], **MEANING, **own}
     if name == "sd":
         del expected["pretrained_vae_model_name_or_path"]
@@ -222,16 +224,16 @@ def test_the_verbatim_command_parses_to_diffusers_meaning(name):
 
 
 def test_every_diffusers_flag_is_accepted_with_its_default():
-    parser = cli.build_parser()
+    parser = arguments.build_parser()
     options = {option for action in parser._actions for option in action.option_strings}
     assert set(DIFFUSERS_FLAGS) <= options, set(DIFFUSERS_FLAGS) - options
-    data_args, settings, run = cli.parse_args(BARE)
+    data_args, settings, run = arguments.parse_args(BARE)
     values = {**vars(data_args), **settings, **vars(run)}
     assert {k: values[k] for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
 
 
 def test_loss_type_sigmoid_is_dpo():
-    _, settings, _ = cli.parse_args([*BARE, "--loss_type", "sigmoid"])
+    _, settings, _ = arguments.parse_args([*BARE, "--loss_type", "sigmoid"])
     config = TrainConfig(**{**settings, "beta": 2500.0, "k1": 1.0, "max_train_steps": 1, "mixed_precision": "no"})
     assert config.loss_type == "dpo" and config.loss_keywords(True)["loss_type"] == "sigmoid"
     assert TrainConfig(loss_type="hinge").loss_type == "hinge" and TrainConfig(loss_type="ipo").loss_type == "ipo"
@@ -239,20 +241,26 @@ def test_loss_type_sigmoid_is_dpo():
 
 def test_defaults_that_differ_name_only_the_flags_left_out():
     argv = flags_of(SD_COMMAND)
-    data_args, settings, run = cli.parse_args(argv)
+    data_args, settings, run = arguments.parse_args(argv)
     values = {**vars(data_args), **settings, **vars(run)}
-    lines = cli.defaults_that_differ(values, "sd15", cli.given_flags(argv))
+    lines = arguments.defaults_that_differ(values, FAMILIES["sd15"], arguments.given_flags(argv))
     assert [line.split(":")[0] for line in lines] == ["--loss_type", "--beta_dpo", "--dataset_split_name"]
     assert "fastpref's default is adaptive, diffusers' is sigmoid" in lines[0]
     assert "fastpref's default is 1000.0, diffusers' is 2500.0" in lines[1]
     # SDXL: diffusers' --beta_dpo 5000 is halved in its loss, so the betas agree
-    assert [line.split(":")[0] for line in cli.defaults_that_differ(values, "sdxl", cli.given_flags(argv))] == [
+    assert [
+        line.split(":")[0]
+        for line in arguments.defaults_that_differ(values, FAMILIES["sdxl"], arguments.given_flags(argv))
+    ] == [
         "--loss_type",
         "--dataset_split_name",
     ]
-    data_args, settings, run = cli.parse_args(BARE)
+    data_args, settings, run = arguments.parse_args(BARE)
     values = {**vars(data_args), **settings, **vars(run)}
-    flags = [line.split(":")[0] for line in cli.defaults_that_differ(values, "sd15", cli.given_flags(BARE))]
+    flags = [
+        line.split(":")[0]
+        for line in arguments.defaults_that_differ(values, FAMILIES["sd15"], arguments.given_flags(BARE))
+    ]
     assert flags == [
         "--loss_type",
         "--beta_dpo",
@@ -330,7 +338,7 @@ def test_hub_token_with_wandb_stops(train_main, tmp_path):
 
 def test_is_turbo_needs_an_sdxl_unet(train_main, tmp_path):
     code, err = train_main(tmp_path / "out", "--is_turbo")
-    assert code == 2 and "--is_turbo: " in err and "holds an SD 1.5 UNet" in err
+    assert code == 2 and "--is_turbo: " in err and "holds SD 1.5 (a UNet" in err
 
 
 def test_allow_tf32_sets_the_matmul_and_cudnn_flags():
@@ -338,9 +346,9 @@ def test_allow_tf32_sets_the_matmul_and_cudnn_flags():
     before = matmul.allow_tf32, cudnn.allow_tf32
     try:
         matmul.allow_tf32 = cudnn.allow_tf32 = False
-        cli.allow_tf32(False)
+        allow_tf32(False)
         assert not matmul.allow_tf32 and not cudnn.allow_tf32
-        cli.allow_tf32(True)
+        allow_tf32(True)
         assert matmul.allow_tf32 and cudnn.allow_tf32
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = before
@@ -351,45 +359,46 @@ def test_allow_tf32_sets_the_matmul_and_cudnn_flags():
 # --------------------------------------------------------------------------------------------
 
 
-def test_sdxl_is_read_from_the_unet_config_not_the_name(tiny_sdxl, tiny_run, tmp_path):
-    from fastpref.train.arch import detect_arch
+def test_the_family_is_read_from_the_unet_config_not_the_name(tiny_sdxl, tiny_run, tmp_path):
+    from fastpref.train.models import ModelSource
 
     misnamed = tmp_path / "stable-diffusion-v1-5"
     misnamed.symlink_to(tiny_sdxl["model"], target_is_directory=True)
-    assert detect_arch(misnamed) == "sdxl" and detect_arch(tiny_run["model"]) == "sd15"
+    assert ModelSource(str(misnamed)).family.name == "sdxl"
+    assert ModelSource(str(tiny_run["model"])).family.name == "sd15"
     odd = tmp_path / "odd"
     (odd / "unet").mkdir(parents=True)
     (odd / "unet" / "config.json").write_text(json.dumps({"addition_embed_type": "text_image"}))
-    with pytest.raises(ValueError, match="neither SD 1.5"):
-        detect_arch(odd)
+    with pytest.raises(ValueError, match="no model family fastpref trains recognises"):
+        ModelSource(str(odd)).family
 
 
 def test_the_sdxl_vae_runs_in_float32_unless_fp16_safe(tiny_sdxl, tiny_run):
-    from fastpref.train.models import ModelSource, vae_dtype
+    from fastpref.train.models import ModelSource
 
-    half = torch.float16
-    assert vae_dtype("sdxl", True, half) == torch.float32 and vae_dtype("sdxl", False, half) == half
-    assert vae_dtype("sd15", True, half) == half
+    half, sd15, sdxl = torch.float16, FAMILIES["sd15"], FAMILIES["sdxl"]
+    assert sdxl.vae_dtype(True, half) == torch.float32 and sdxl.vae_dtype(False, half) == half
+    assert sd15.vae_dtype(True, half) == half
     own = ModelSource(str(tiny_sdxl["model"]))
     fixed = ModelSource(str(tiny_sdxl["model"]), vae_path=str(tiny_sdxl["vae"]))
-    assert own.load_vae("sdxl", torch.bfloat16).dtype == torch.float32
-    assert fixed.load_vae("sdxl", torch.bfloat16).dtype == torch.bfloat16
-    assert ModelSource(str(tiny_run["model"])).load_vae("sd15", torch.bfloat16).dtype == torch.bfloat16
+    assert sdxl.load_vae(own, torch.bfloat16).dtype == torch.float32
+    assert sdxl.load_vae(fixed, torch.bfloat16).dtype == torch.bfloat16
+    assert sd15.load_vae(ModelSource(str(tiny_run["model"])), torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_is_turbo_trains_on_the_4_step_grid_with_zero_terminal_snr(tiny_sdxl):
     from fastpref.train.models import ModelSource
     from fastpref.train.trainer import PreferenceTrainer
 
-    source = ModelSource(str(tiny_sdxl["model"]))
-    scheduler = source.load_noise_scheduler(zero_terminal_snr=True)
+    source, sdxl = ModelSource(str(tiny_sdxl["model"])), FAMILIES["sdxl"]
+    scheduler = sdxl.load_noise_scheduler(source, is_turbo=True)
     assert float(scheduler.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-6)
     # diffusers' SDXL script: sqrt(alpha_bar) shifted to 0 at the end and rescaled to keep its start
-    root = source.load_noise_scheduler().alphas_cumprod.sqrt()
+    root = sdxl.load_noise_scheduler(source).alphas_cumprod.sqrt()
     shifted = (root - root[-1]) * root[0] / (root[0] - root[-1])
     torch.testing.assert_close(scheduler.alphas_cumprod, shifted**2, rtol=0, atol=1e-6)
     config = TrainConfig(is_turbo=True, loss_type="dpo", beta=2500.0, max_train_steps=1, lora_rank=2)
-    trainer = PreferenceTrainer(source.load_unet(torch.float32), scheduler, config)
+    trainer = PreferenceTrainer(sdxl.load_denoiser(source, torch.float32), scheduler, config, family=sdxl)
     seen = set()
     for micro_step in range(8):
         trainer.micro_step = micro_step

@@ -14,9 +14,11 @@ pytest.importorskip("diffusers")
 
 from offline import CORRUPT, PAIRS, RES  # noqa: E402
 
-from fastpref.train import data, latent_cache  # noqa: E402
+from fastpref.train import latent_cache  # noqa: E402
 from fastpref.train.data import PreferenceDataset  # noqa: E402
+from fastpref.train.families import FAMILIES  # noqa: E402
 from fastpref.train.latent_cache import CacheFileError, LatentCache, cache_key, read_tensors  # noqa: E402
+from fastpref.train.models import ModelSource  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 SHARD = 6  # 24 rows: 4 latent shards
@@ -24,7 +26,7 @@ SHARD = 6  # 24 rows: 4 latent shards
 
 @pytest.fixture(scope="module")
 def sd15(models):
-    return models["sd15"], data.load_encoders(models["sd15"])
+    return models["sd15"], FAMILIES["sd15"].load_encoders(ModelSource(str(models["sd15"])))
 
 
 def build(dataset, folder, sd15, **kwargs):
@@ -111,14 +113,14 @@ def test_nan_latents_are_refused_with_the_row_named(toy, sd15, tmp_path, monkeyp
     white = encode_jpeg(Image.new("RGB", (RES, RES), (255, 255, 255)))  # no toy image is all white
     real = dataset.image_data
     monkeypatch.setattr(dataset, "image_data", lambda row, which: white if row == victim else real(row, which))
-    original = latent_cache.encode_images
+    original = FAMILIES["sd15"].encode_images
 
     def overflowing(vae, pixels, batch_size=None):
         out = original(vae, pixels, batch_size)
         out[(pixels.flatten(1) == 1).all(dim=1)] = float("nan")
         return out
 
-    monkeypatch.setattr(latent_cache, "encode_images", overflowing)
+    monkeypatch.setattr(FAMILIES["sd15"], "encode_images", overflowing)
     with pytest.raises(ValueError, match=rf"row\(s\) \[{victim}\] hold NaN or Inf.*pretrained_vae_model_name_or_path"):
         build(dataset, tmp_path, sd15)
     assert not list(tmp_path.glob("*/meta.json"))

@@ -208,7 +208,7 @@ def test_lora_reference_is_the_base_model():
     with torch.no_grad():
         expected = base(x, t, cond).sample
         policy = trainer.base_unet(x, t, cond).sample
-    got = trainer._reference_pred(x, t, cond, None)
+    got = trainer._reference_pred(x, t, {"encoder_hidden_states": cond, "added_cond_kwargs": None})
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(policy, expected)  # the policy did move
     assert isinstance(base, UNet2DConditionModel)
@@ -286,7 +286,7 @@ DOCUMENTED_FLAGS = """--pretrained_model_name_or_path --dataset_name --output_di
 
 
 def test_help_documents_every_flag():
-    from fastpref.train.cli import build_parser
+    from fastpref.train.arguments import build_parser
 
     parser = build_parser()
     options = {o for action in parser._actions for o in action.option_strings}

@@ -30,7 +30,7 @@ def write_text_atomic(file, text: str) -> Path:
     return write_atomic(file, lambda tmp: tmp.write_text(text))
 
 
-def write_json_atomic(obj, file) -> Path:
+def write_json_atomic(file, obj) -> Path:
     """``obj`` as indented, key-sorted JSON, written with :func:`write_atomic`."""
     return write_text_atomic(file, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
