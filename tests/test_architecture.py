@@ -81,6 +81,33 @@ def test_import_fastpref_loads_no_training_library():
     assert out.stdout.strip() == "[]"
 
 
+def family_tests(path: Path):
+    """``(line, text)`` of each comparison in ``path`` with a model family's name (``arch ==
+    "sdxl"``, ``name in ("sd15", ...)``): the decisions the family seam owns."""
+    from fastpref.train.families import FAMILIES
+
+    names = set(FAMILIES)
+
+    def is_name(node):
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(is_name(element) for element in node.elts)
+        return False
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare) and any(is_name(part) for part in [node.left, *node.comparators]):
+            yield node.lineno, ast.unparse(node)
+
+
+def test_no_code_outside_the_families_tests_which_family_it_runs():
+    families = PACKAGE / "train" / "families"
+    files = [path for path in sorted(PACKAGE.rglob("*.py")) if families not in path.parents]
+    files += sorted((ROOT / "benchmarks").glob("*.py"))
+    found = [f"{path.relative_to(ROOT)}:{line}: {text}" for path in files for line, text in family_tests(path)]
+    assert found == []
+
+
 # Repository-relative file paths named in the package, the tests, csrc/ and the docs.
 REFERENCE = re.compile(
     r"(?<![\w/.-])((?:docs|csrc|benchmarks|scripts|tests|fastpref)/[\w./-]*\.(?:py|md|h|cpp|cu|sh|json|png|toml))\b"

@@ -25,6 +25,7 @@ from fastpref.testing.toy_data import (  # noqa: E402
 )
 from fastpref.train import arguments, checks, data  # noqa: E402
 from fastpref.train.data import PairSampler, PreferenceDataset, collate_pairs  # noqa: E402
+from fastpref.train.families import FAMILIES  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
 
@@ -127,7 +128,7 @@ def test_undecodable_rows_are_passed_over_at_fetch(rows, tmp_path):
     batch = collate_pairs([dataset[index], dataset[index + 1], dataset[0]])
     assert batch["skipped_rows"] == [4, 5, 5] and batch["pixel_values"].shape[0] == 6
     summary = {}
-    encoder = data.BatchEncoder(None, None, None, RES, "cpu", summary=summary)
+    encoder = data.BatchEncoder(FAMILIES["sd15"], None, None, None, RES, "cpu", summary=summary)
     encoder.count_skips(batch)
     assert summary["undecodable_at_fetch"] == 2 and encoder.skips.state_dict() == {"rows": [4, 5]}
 
