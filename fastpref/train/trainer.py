@@ -210,17 +210,19 @@ class PreferenceTrainer:
     def _gather_global(self, model_pred, ref_pred, target, ema_preds):
         """All processes' pairs, winners then losers in process order, with ``model_pred``'s own
         rows keeping their gradient (the others are constants)."""
-        acc = self.accelerator
+        accelerator = self.accelerator
         pairs = model_pred.shape[0] // 2
 
         def gather(t):  # [2B, ...] -> [2PB, ...] in global winners-then-losers order
-            every = acc.gather(t.detach().contiguous()).reshape(acc.num_processes, 2, pairs, *t.shape[1:])
+            every = accelerator.gather(t.detach().contiguous()).reshape(
+                accelerator.num_processes, 2, pairs, *t.shape[1:]
+            )
             return every.transpose(0, 1).reshape(-1, *t.shape[1:])
 
         every = list(gather(model_pred).split(pairs))
-        rank, world = acc.process_index, acc.num_processes
+        rank, world = accelerator.process_index, accelerator.num_processes
         every[rank], every[world + rank] = model_pred[:pairs], model_pred[pairs:]
-        shared = gather(target) if target.shape[0] == 2 * pairs else acc.gather(target.detach().contiguous())
+        shared = gather(target) if target.shape[0] == 2 * pairs else accelerator.gather(target.detach().contiguous())
         return torch.cat(every), gather(ref_pred), shared, [gather(p) for p in ema_preds]
 
     def train_step(self, batch: dict) -> dict:
@@ -229,9 +231,9 @@ class PreferenceTrainer:
         / ``u_kept`` when the batch says which pairs were flipped), ``lr``, ``stepped`` (bool: an
         optimizer step ended here), ``skipped`` (bool: this window was skipped), ``metric_on``;
         and detached ``[B]`` tensors ``u``, ``weight``, ``margin``, ``l_theta``, ``flipped``."""
-        config, acc = self.config, self.accelerator
-        inputs = self.family.denoiser_inputs(batch, acc.device, self.weight_dtype)
-        latents = batch["latents"].to(acc.device, torch.float32)
+        config, accelerator = self.config, self.accelerator
+        inputs = self.family.denoiser_inputs(batch, accelerator.device, self.weight_dtype)
+        latents = batch["latents"].to(accelerator.device, torch.float32)
         pairs = latents.shape[0] // 2
         noise, timesteps = self._noise(latents)
         noisy = self.family.add_noise(self.noise_scheduler, latents, noise, timesteps).to(self.weight_dtype)
@@ -242,16 +244,20 @@ class PreferenceTrainer:
         ref_pred = None if config.loss_type == "sft" else self._reference_pred(noisy, timesteps, inputs)
         ema_preds = self._footprint_preds(noisy, timesteps, inputs) if metric_on else []
 
-        sync = acc.no_sync(self.unet) if (not last_of_window and acc.num_processes > 1) else contextlib.nullcontext()
+        sync = (
+            accelerator.no_sync(self.unet)
+            if (not last_of_window and accelerator.num_processes > 1)
+            else contextlib.nullcontext()
+        )
         with sync:
-            with acc.autocast():
+            with accelerator.autocast():
                 model_pred = self.family.denoise(self.unet, noisy, timesteps, inputs)
             loss, stats, backward_loss = self._loss(batch, model_pred, ref_pred, target, ema_preds, metric_on)
             # No host sync here: the window's finiteness is collected on the device and read once,
             # at the window's end, after the backward passes are queued.
             finite = torch.isfinite(loss.detach()).all()
             self._window_finite = finite if self._window_finite is None else self._window_finite & finite
-            acc.backward(backward_loss / config.gradient_accumulation_steps)
+            accelerator.backward(backward_loss / config.gradient_accumulation_steps)
 
         skipped = self._end_window() if last_of_window else False
         self.micro_step += 1
@@ -265,20 +271,20 @@ class PreferenceTrainer:
     def _loss(self, batch, model_pred, ref_pred, target, ema_preds, metric_on):
         """``(loss, stats, loss to backpropagate)``: SFT's MSE on the winners, or
         ``fastpref.adaptive_dpo_loss`` (over the global batch with ``global_metric``)."""
-        config, acc = self.config, self.accelerator
+        config, accelerator = self.config, self.accelerator
         pairs = model_pred.shape[0] // 2
         if config.loss_type == "sft":
             loss = torch.nn.functional.mse_loss(model_pred[:pairs].float(), target[:pairs].float())  # winners only
             return loss, None, loss
         labels = {}
         if config.loss_type == "dedpo":
-            labels = {k: batch[k].to(acc.device) for k in DEDPO_LABELS}
+            labels = {k: batch[k].to(accelerator.device) for k in DEDPO_LABELS}
         scale = 1.0
         inputs = (model_pred, ref_pred, target, ema_preds)
-        if config.global_metric and acc.num_processes > 1:
+        if config.global_metric and accelerator.num_processes > 1:
             inputs = self._gather_global(*inputs)
-            labels = {k: acc.gather(v) for k, v in labels.items()}
-            scale = float(acc.num_processes)  # DDP averages grads; each process holds the global loss
+            labels = {k: accelerator.gather(v) for k, v in labels.items()}
+            scale = float(accelerator.num_processes)  # DDP averages grads; each process holds the global loss
         loss, stats = adaptive_dpo_loss(
             inputs[0],
             inputs[1],
@@ -294,14 +300,14 @@ class PreferenceTrainer:
         """The end of an accumulation window: clip, then step the optimizer and the footprints if
         every loss and the gradient norm were finite on every process, else skip; step the LR
         schedule either way. Returns whether the window was skipped."""
-        config, acc = self.config, self.accelerator
-        grad_norm = acc.clip_grad_norm_(self.params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+        config, accelerator = self.config, self.accelerator
+        grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm) if config.max_grad_norm > 0 else None
         if grad_norm is None:
             grads = [p.grad for p in self.params if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
         ok = (self._window_finite & torch.isfinite(grad_norm).to(self._window_finite.device)).to(torch.float32)
-        if acc.num_processes > 1:  # every process skips together (a loss can be non-finite on one only)
-            ok = acc.reduce(ok, reduction="sum") / acc.num_processes
+        if accelerator.num_processes > 1:  # every process skips together (a loss can be non-finite on one only)
+            ok = accelerator.reduce(ok, reduction="sum") / accelerator.num_processes
         skipped = not bool(ok.item() == 1.0)  # the one host sync of the window
         if skipped:
             self.skipped_steps += 1
