@@ -14,10 +14,12 @@ import fastpref
 
 from .families import FAMILIES
 
-LOSS_TYPES = ("dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo")
+# The trainer's objectives (--loss_type); each but sft is fastpref.adaptive_dpo_loss with one of the
+# loss's per-pair heads (HEADS), whose names are fastpref.CHOICES["loss_type"].
+OBJECTIVES = ("dpo", "adaptive", "ipo", "adaptive-ipo", "robust", "cdpo", "hinge", "sft", "dedpo")
 # diffusers' train_diffusion_dpo.py names for fastpref's loss types (its hinge and ipo are fastpref's)
 DIFFUSERS_LOSS_TYPES = {"sigmoid": "dpo"}
-LossType = Literal[LOSS_TYPES + tuple(DIFFUSERS_LOSS_TYPES)]
+Objective = Literal[OBJECTIVES + tuple(DIFFUSERS_LOSS_TYPES)]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 # The loss's own options, with the loss's choices (Literal of a tuple: the choices are written once,
 # in fastpref.loss.options).
@@ -28,7 +30,7 @@ LossBackend = Literal[fastpref.CHOICES["backend"]]
 
 MIXED_PRECISION = get_args(MixedPrecision)
 ADAPTIVE_TYPES = ("adaptive", "adaptive-ipo")
-# trainer loss type -> the loss head of fastpref.adaptive_dpo_loss
+# objective -> the per-pair head of fastpref.adaptive_dpo_loss
 HEADS = {
     "dpo": "sigmoid",
     "adaptive": "sigmoid",
@@ -87,7 +89,7 @@ class TrainConfig:
 
     _argument_group_name = "training step (TrainConfig)"
 
-    loss_type: LossType = field(
+    loss_type: Objective = field(
         default="adaptive",
         metadata=_help(
             "the objective: dpo, adaptive (Adaptive-DPO), ipo, adaptive-ipo, robust (rDPO), cdpo, hinge, "
@@ -191,8 +193,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.loss_type = DIFFUSERS_LOSS_TYPES.get(self.loss_type, self.loss_type)
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.loss_type not in OBJECTIVES:
+            raise ValueError(f"loss_type must be one of {OBJECTIVES}, got {self.loss_type!r}")
         self.ema_decays = tuple(Decays(self.ema_decays))
         self._check_run_values()
         if self.metric_warmup_steps is not None and self.metric_warmup_steps < 0:
