@@ -39,9 +39,9 @@ def check_model(source: ModelSource) -> ModelFamily:
         raise ArgumentError(f"--pretrained_model_name_or_path: no such folder: {value}")
     try:
         source.configs
-    except (OSError, ValueError) as error:
-        raise ArgumentError(f"--pretrained_model_name_or_path: {error}") from None
-    except Exception as error:  # offline, unknown repository, gated, ...: all mean "not usable here"
+    except Exception as error:  # a Hub id offline, unknown, gated, ...: all mean "not usable here"
+        if source.is_local and isinstance(error, (OSError, ValueError)):
+            raise ArgumentError(f"--pretrained_model_name_or_path: {error}") from None
         raise ArgumentError(
             f"--pretrained_model_name_or_path: {value} is no local folder, and the Hub does not serve it here "
             f"({type(error).__name__})"

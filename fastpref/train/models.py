@@ -52,25 +52,22 @@ class ModelSource:
         return dict(pretrained_model_name_or_path=self.vae_path, revision=self.revision, variant=self.variant)
 
     def _read(self, name: str) -> Optional[dict]:
-        """The JSON file ``name`` of the pipeline (a Hub id through the Hub's cache, at
-        ``revision``); ``None`` where the pipeline has no such file."""
+        """The JSON file ``name`` of the pipeline: from a local folder (``None`` where it has no
+        such file), or through the Hub's cache at ``revision`` (the Hub's errors propagate)."""
         folder = Path(self.path).expanduser()
         if folder.is_dir():
             file = folder / name
             return json.loads(file.read_text()) if file.is_file() else None
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError
 
-        try:
-            return json.loads(Path(hf_hub_download(self.path, name, revision=self.revision)).read_text())
-        except EntryNotFoundError:
-            return None
+        return json.loads(Path(hf_hub_download(self.path, name, revision=self.revision)).read_text())
 
     @functools.cached_property
     def configs(self) -> Dict[str, dict]:
         """``{"model_index": model_index.json, <folder>: <folder>/config.json}`` for every
         denoiser folder a known family reads (``unet``, ...) that the pipeline has; read once per
-        source. ``FileNotFoundError`` when a local folder has none of them."""
+        source. ``FileNotFoundError`` when a local folder has none of them; a Hub id's pipeline
+        must have ``model_index.json``, which lists its folders."""
         from .families import FAMILIES
 
         found = {}
