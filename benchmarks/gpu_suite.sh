@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite of fastpref, one command on a machine with a CUDA GPU (issue 13):
+# The GPU suite of fastpref, one command on a machine with a CUDA GPU:
 #
 #   bash benchmarks/gpu_suite.sh [--dry-run] [WHEELS_DIR]
 #

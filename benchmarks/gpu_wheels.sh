@@ -3,8 +3,8 @@
 # machine that has none: `bash benchmarks/gpu_wheels.sh [DIR]` (default .whl, git-ignored; carry it
 # along with the repository). The GPU image (torch 2.11 + CUDA 13, triton 3.6, peft, accelerate,
 # transformers, huggingface_hub 1.33, safetensors 0.8, pyarrow) lacks these: diffusers, which the
-# trainer and bench_step.py need, and datasets with its dill and multiprocess (issue 13 lists it for
-# that machine; fastpref does not import it today). Pinned to versions that fit that image
+# trainer and bench_step.py need, and datasets with its dill and multiprocess (the trainer's data
+# layer needs it on that machine). Pinned to versions that fit that image
 # (diffusers as in CI's venv); pure-Python wheels, about 7 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."

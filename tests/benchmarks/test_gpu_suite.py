@@ -1,4 +1,4 @@
-"""The CPU side of ``benchmarks/gpu_suite.sh`` (issue 13), without a GPU: its dry run prints the
+"""The CPU side of ``benchmarks/gpu_suite.sh``, without a GPU: its dry run prints the
 install commands, the test selection and the benchmarks' arguments; the selection collects, the
 arguments parse, and the stage budgets add up to at most 8 minutes."""
 

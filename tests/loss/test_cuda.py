@@ -1,4 +1,4 @@
-"""The fused backends on a CUDA device (issue 13; run by ``benchmarks/gpu_suite.sh``): parity of
+"""The fused backends on a CUDA device (run by ``benchmarks/gpu_suite.sh``): parity of
 ``"native"`` and ``"triton"`` with the float64 reference in float32/bfloat16/float16 for K = 0..4,
 every head and every option value, strided and shared-target inputs (the machinery of
 ``test_parity``, at a size that takes several chunks per row on a GPU);

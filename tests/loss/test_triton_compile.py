@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of the Triton kernels for sm_80 and sm_90 (issue 13): the interpreter
+"""Ahead-of-time compile of the Triton kernels for sm_80 and sm_90: the interpreter
 that runs them on CPU in the other tests accepts code the compiler rejects and never shows
 register pressure. ``benchmarks/triton_compile.py`` compiles, with Triton's bundled ptxas and no
 GPU, the specializations of ``fastpref.loss.triton.ops.launchable_specializations``: in CI the

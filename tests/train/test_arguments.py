@@ -1,5 +1,5 @@
-"""``fastpref train``'s arguments (issue 15, items 5 and 7): every bad value stops the run before
-any work, with argparse's usage line, a one-line message naming the flag and exit code 2."""
+"""``fastpref train``'s arguments: every bad value stops the run before any work, with argparse's
+usage line, a one-line message naming the flag and exit code 2."""
 
 from __future__ import annotations
 

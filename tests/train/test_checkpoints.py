@@ -1,4 +1,5 @@
-"""Checkpoints survive crashes (issue 15, items 1, 3 and the newest-checkpoint fallback of 7).
+"""Checkpoints survive crashes: whatever kills a save, the newest complete checkpoint is intact,
+and resuming ``latest`` falls back to the previous one when the newest does not validate.
 
 The save sequence (``fastpref.train.checkpoints.SAVE_POINTS``) is cut at every point: in this
 process with a stand-in accelerator (fast, both a new step and a re-saved one), and in the real

@@ -1,4 +1,4 @@
-"""diffusers' DPO training commands run unchanged (issue 12, items 4-7): the SD and SDXL commands
+"""diffusers' DPO training commands run unchanged: the SD and SDXL commands
 of diffusers' ``examples/research_projects/diffusion_dpo/README.md`` parse to diffusers' meaning
 and train on the tiny models, through ``accelerate launch -m fastpref.train`` and through
 ``fastpref train``, with validation images, LoRA checkpoints diffusers loads and a model card."""
@@ -122,7 +122,7 @@ BARE = ["--pretrained_model_name_or_path=m", "--dataset_name=d", "--output_dir=o
 
 # Every flag of diffusers' train_diffusion_dpo.py and train_diffusion_dpo_sdxl.py that is not
 # about reading the data (--dataset_split_name --vae_encode_batch_size --no_hflip --random_crop are
-# the data loader's flags, issue 12 items 1-3).
+# the data loader's flags, tested with the data sources).
 DIFFUSERS_FLAGS = """--pretrained_model_name_or_path --revision --variant --pretrained_vae_model_name_or_path
 --dataset_name --max_train_samples --output_dir --cache_dir --seed --resolution --train_batch_size
 --num_train_epochs --max_train_steps --checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint

@@ -1,5 +1,5 @@
-"""A fresh run never mixes with what an ``--output_dir`` already holds (issue 15, items 2 and 4):
-it stops with a message, or moves the old contents aside with ``--overwrite_output_dir``."""
+"""A fresh run never mixes with what an ``--output_dir`` already holds: it stops with a message,
+or moves the old contents aside with ``--overwrite_output_dir``."""
 
 from __future__ import annotations
 
