@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-ARCHS = ("sd15", "sdxl")
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -152,27 +151,26 @@ def text_encoder_config(vocab_size: int, *, act: str):
     )
 
 
-def unet_kwargs(arch: str) -> dict:
-    common = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        norm_num_groups=32,
-    )
-    if arch == "sd15":
-        return dict(
-            common,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=4,
-        )
+UNET_COMMON = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    norm_num_groups=32,
+)
+
+#: the tiny UNet of each model, on top of UNET_COMMON
+UNET_KWARGS = {
+    "sd15": dict(
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    ),
     # SDXL: no attention at the highest resolution, linear projections, text_time conditioning
     # on the pooled text_encoder_2 embedding (32) plus 6 add_time_ids of 8 each.
-    return dict(
-        common,
+    "sdxl": dict(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64,  # text_encoder (32) + text_encoder_2 (32) hidden states, concatenated
@@ -181,7 +179,15 @@ def unet_kwargs(arch: str) -> dict:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 32,
-    )
+    ),
+}
+
+#: the VAE's latent scaling factor of each model
+VAE_SCALING_FACTOR = {"sd15": 0.18215, "sdxl": 0.13025}
+
+
+def unet_kwargs(arch: str) -> dict:
+    return dict(UNET_COMMON, **UNET_KWARGS[arch])
 
 
 def vae_kwargs(arch: str) -> dict:
@@ -195,7 +201,7 @@ def vae_kwargs(arch: str) -> dict:
         norm_num_groups=8,
         latent_channels=4,
         sample_size=64,
-        scaling_factor=0.18215 if arch == "sd15" else 0.13025,
+        scaling_factor=VAE_SCALING_FACTOR[arch],
     )
 
 
@@ -207,6 +213,59 @@ SCHEDULER_CONFIG = dict(
     prediction_type="epsilon",
     steps_offset=1,
 )
+
+
+# --------------------------------------------------------------------------------------------
+# the pipelines (weights drawn in the order unet, vae, text encoder(s): a seed's weights are fixed)
+# --------------------------------------------------------------------------------------------
+
+
+def sd15_pipeline(vocab_size: int, tokenizer_files: Path):
+    """A tiny ``StableDiffusionPipeline`` (PNDM scheduler, no safety checker)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel(**unet_kwargs("sd15"))
+    vae = AutoencoderKL(**vae_kwargs("sd15"))
+    text_encoder = CLIPTextModel(text_encoder_config(vocab_size, act="quick_gelu"))  # CLIP ViT-L's activation
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=load_tokenizer(tokenizer_files),
+        unet=unet.eval(),
+        scheduler=PNDMScheduler(**SCHEDULER_CONFIG, skip_prk_steps=True, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def sdxl_pipeline(vocab_size: int, tokenizer_files: Path):
+    """A tiny ``StableDiffusionXLPipeline`` (Euler scheduler, two text encoders, no watermarker)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(**unet_kwargs("sdxl"))
+    vae = AutoencoderKL(**vae_kwargs("sdxl"))
+    text_encoder = CLIPTextModel(text_encoder_config(vocab_size, act="quick_gelu"))  # CLIP ViT-L's activation
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(vocab_size, act="gelu"))  # OpenCLIP bigG's
+    scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG, interpolation_type="linear", timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=load_tokenizer(tokenizer_files),
+        tokenizer_2=load_tokenizer(tokenizer_files),
+        unet=unet.eval(),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+#: how each tiny pipeline is built
+PIPELINES = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline}
+ARCHS = tuple(PIPELINES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,18 +300,9 @@ def make_tiny_model(path, arch: str = "sd15", seed: int = 0, overwrite: bool = F
     afterwards), so a given seed writes the same weights. ``path`` may exist if it holds no
     ``model_index.json``; with ``overwrite=True`` an existing model there is replaced.
     """
-    if arch not in ARCHS:
+    if arch not in PIPELINES:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     if (path / "model_index.json").exists():
@@ -264,49 +314,15 @@ def make_tiny_model(path, arch: str = "sd15", seed: int = 0, overwrite: bool = F
     # The tokenizer is built from files written first, then saved again by the pipeline.
     staging = path / ".tokenizer_src"
     vocab, _ = write_tokenizer(staging)
-    tokenizer = load_tokenizer(staging)
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_kwargs(arch))
-        vae = AutoencoderKL(**vae_kwargs(arch))
-        text_encoder = CLIPTextModel(text_encoder_config(len(vocab), act="quick_gelu"))  # CLIP ViT-L's activation
-        if arch == "sdxl":
-            text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(len(vocab), act="gelu"))  # OpenCLIP bigG's
-    for module in (unet, vae, text_encoder) + ((text_encoder_2,) if arch == "sdxl" else ()):
-        module.eval()
-
-    if arch == "sd15":
-        scheduler = PNDMScheduler(**SCHEDULER_CONFIG, skip_prk_steps=True, set_alpha_to_one=False)
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    else:
-        scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG, interpolation_type="linear", timestep_spacing="leading")
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=load_tokenizer(staging),
-            unet=unet,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
+        pipe = PIPELINES[arch](len(vocab), staging)
     pipe.save_pretrained(str(path), safe_serialization=True)
     # Recent transformers save only tokenizer.json; keep the written vocab.json + merges.txt beside
     # it too, which is what older (and slow) CLIPTokenizer implementations read.
-    for name in ("tokenizer",) + (("tokenizer_2",) if arch == "sdxl" else ()):
+    for name in ("tokenizer", "tokenizer_2"):
         for file in ("vocab.json", "merges.txt"):
-            if not (path / name / file).exists():
+            if (path / name).is_dir() and not (path / name / file).exists():
                 shutil.copyfile(staging / file, path / name / file)
     shutil.rmtree(staging)
     (path / "fastpref_tiny.json").write_text(
