@@ -91,14 +91,7 @@ class SDXL(SD15):
 
     def validation_pipeline(self, source, denoiser, weight_dtype: torch.dtype, device):
         """``StableDiffusionXLPipeline`` with its own scheduler, as diffusers' SDXL DPO script."""
-        return self.pipeline_class().from_pretrained(
-            source.path,
-            revision=source.revision,
-            variant=source.variant,
-            torch_dtype=weight_dtype,
-            unet=denoiser,
-            vae=self.load_vae(source, weight_dtype),
-        )
+        return self.load_pipeline(source, denoiser, weight_dtype)
 
     def sampling(self, is_turbo: bool, steps: Optional[int]) -> dict:
         """SDXL Turbo samples with its 4 steps and no guidance."""
