@@ -92,19 +92,19 @@ def judge_probabilities(
     Args:
         good_first: per row, True when ``jpg_0`` is the faithful image, False when ``jpg_1`` is,
             None for a tie.
-        colors: per row, the shape colour the caption names.
+        colors: per row, the shape color the caption names.
         seed: the judge's noise is ``default_rng([seed, 0x7D6E]).standard_normal(len(rows))``,
             one draw per row whatever the row is.
-        bias_color: the colour on which the judge is systematically wrong (its signal is
+        bias_color: the color on which the judge is systematically wrong (its signal is
             negated); None for no systematic bias.
         strength: the size of the judge's signal on the logit scale (>= 0).
         noise: the standard deviation of its logit noise (>= 0).
 
     Returns the list of ``sigmoid(s * strength + noise * z)`` (floats in [0, 1]): ``s = +1`` when
     ``jpg_0`` is the faithful image, ``-1`` when ``jpg_1`` is, ``0`` for a tie, negated on every
-    row whose shape colour is ``bias_color`` (the judge is *systematically wrong* there). The
+    row whose shape color is ``bias_color`` (the judge is *systematically wrong* there). The
     judge prefers the faithful image with probability ``Phi(strength / noise)`` off the bias
-    colour and ``1 - Phi(strength / noise)`` on it.
+    color and ``1 - Phi(strength / noise)`` on it.
     """
     if len(good_first) != len(colors):
         raise ValueError(f"colors must have one entry per row ({len(good_first)}), got {len(colors)}")
@@ -280,8 +280,8 @@ def make_toy_data(
     label_1      float64   1 - label_0
     ===========  ========  =================================================================
 
-    Each caption names a shape, its colour and the background colour. The preferred image draws
-    exactly that; the rejected one gets one attribute wrong (the shape, its colour, or the
+    Each caption names a shape, its color and the background color. The preferred image draws
+    exactly that; the rejected one gets one attribute wrong (the shape, its color, or the
     background), so the preference is learnable and checkable. Which side the preferred image is
     on is random (both ``label_0`` values occur). ``ties`` rows (label 0.5) show two faithful
     drawings; ``corrupt`` rows carry bytes that start like a JPEG and do not decode, in ``jpg_0``
@@ -291,7 +291,7 @@ def make_toy_data(
     probability that ``jpg_0`` is preferred (the input of DeDPO mode,
     ``PreferenceDataset(..., synthetic_labels=True)``): biased, noisy and seeded
     (:func:`judge_probabilities`). With the defaults the judge prefers the faithful image with
-    probability Phi(1) ~ 0.84 on the other colours and ~ 0.16 on red ones, ~ 0.76 overall. The
+    probability Phi(1) ~ 0.84 on the other colors and ~ 0.16 on red ones, ~ 0.76 overall. The
     other columns are the same with or without the judge.
 
     Everything derives from ``seed`` (NumPy ``default_rng``): the same call writes the same rows.
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--judge_bias_color",
         default="red",
-        help=f"--judge: the shape colour on which the judge is systematically wrong ({', '.join(COLORS)}, or 'none')",
+        help=f"--judge: the shape color on which the judge is systematically wrong ({', '.join(COLORS)}, or 'none')",
     )
     parser.add_argument(
         "--judge_strength", type=float, default=1.0, help="--judge: the judge's signal on the logit scale"

@@ -52,7 +52,7 @@ def test_toy_judge_is_seeded_biased_and_leaves_rows_alone(toy, toy_judge):
     red = np.asarray([caption.startswith("a red ") for caption in rows["caption"]])
     assert 20 < red.sum() < 80
     assert right[~red].mean() > 0.75 and right[red].mean() < 0.3  # Phi(1) ~ 0.84 off red, ~ 0.16 on red
-    # Without noise the judge is exactly right off the bias colour and exactly wrong on it.
+    # Without noise the judge is exactly right off the bias color and exactly wrong on it.
     exact = judge_probabilities(
         [True, False, True, None], ["blue", "blue", "red", "red"], bias_color="red", strength=2.0, noise=0.0
     )
