@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -17,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+
+from report import markdown, result_path, slug, write_json
 
 from fastpref.machine import device_name
 
@@ -393,14 +394,6 @@ def parity_rows(device, backends: List[str]) -> List[dict]:
     return rows
 
 
-def markdown(rows: List[dict], columns: List[str], formats: Dict[str, str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        cells = ["-" if row[c] is None else formats.get(c, "{}").format(row[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line of :func:`main` (checked: the GPU suite's dry run parses its arguments here)."""
     parser = argparse.ArgumentParser(prog="benchmarks/bench_loss.py", description=__doc__.split("\n\n")[0])
@@ -513,12 +506,7 @@ def main(argv=None) -> int:
         for what, error in GRAPH_ERRORS.items():
             print(f"- no CUDA graph of {what}: {error}")
 
-    output = (
-        Path(args.output)
-        if args.output
-        else Path("benchmarks/results") / f"{'quick-' if args.quick else ''}{_slug(name)}.json"
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = Path(args.output) if args.output else result_path(slug(name), args.quick)
     report = {
         "device": name,
         "torch": torch.__version__,
@@ -531,13 +519,9 @@ def main(argv=None) -> int:
         "graph_errors": GRAPH_ERRORS,
         "wall_s": time.perf_counter() - started,
     }
-    output.write_text(json.dumps(report, indent=1))
+    write_json(output, report)
     print(f"\nwrote {output}")
     return 0 if all(row["ok"] for row in parity) else 1
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()[:60]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import torch
 if not torch.cuda.is_available():  # as benchmarks/bench_loss.py: must precede any import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench_loss import _slug, markdown  # noqa: E402
+from report import markdown, result_path, slug, write_json  # noqa: E402
 
 from fastpref.machine import device_name, library_versions  # noqa: E402
 from fastpref.train import PreferenceTrainer, TrainConfig  # noqa: E402
@@ -37,7 +36,6 @@ from fastpref.train.families import FAMILIES  # noqa: E402
 from fastpref.train.models import ModelSource  # noqa: E402
 
 SD15 = FAMILIES["sd15"]
-from fastpref.files import write_atomic  # noqa: E402
 
 DECAYS = (0.9999, 0.5)  # the authors' (and fastpref train's default) EMA decays, K = 2
 # The targets, stated for SD1.5 on an H100; the script says whether the run it made meets them.
@@ -821,9 +819,7 @@ def main(argv=None) -> int:
         "modes": modes,
     }
     output = output_path(args, machine)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=1)
-    write_atomic(output, lambda tmp: tmp.write_text(text))
+    write_json(output, report)
     print(f"wrote {output}")
     return 0
 
@@ -893,7 +889,7 @@ def output_path(args, machine: str) -> Path:
     if args.out:
         return Path(args.out)
     stem = "step" if args.model == "tiny" else f"step-{args.model}"
-    return Path("benchmarks/results") / f"{'quick-' if args.quick else ''}{stem}-{_slug(machine)}.json"
+    return result_path(f"{stem}-{slug(machine)}", args.quick)
 
 
 # --------------------------------------------------------------------------------------------
