@@ -416,6 +416,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+TIMING_COLUMNS = ["case", "impl", "pass", "ms", "vs_eager", "vs_compile", "GBps", "copy_GBps", "pct_of_copy"]
+TIMING_COLUMNS += ["peak_extra_MiB", "peak_x_grad"]
+GRAPH_COLUMNS = ["graph_ms", "graph_GBps", "graph_pct_of_copy"]  # on CUDA only
+TIMING_FORMATS = {
+    "ms": "{:.3f}",
+    "vs_eager": "{:.2f}x",
+    "vs_compile": "{:.2f}x",
+    "GBps": "{:.1f}",
+    "copy_GBps": "{:.1f}",
+    "pct_of_copy": "{:.0f}%",
+    "peak_extra_MiB": "{:.1f}",
+    "peak_x_grad": "{:.2f}x",
+    "graph_ms": "{:.4f}",
+    "graph_GBps": "{:.1f}",
+    "graph_pct_of_copy": "{:.0f}%",
+}
+PARITY_COLUMNS = ["backend", "dtype", "loss_err", "loss_bound", "grad_err", "grad_bound", "ok"]
+PARITY_FORMATS = {"loss_err": "{:.2e}", "loss_bound": "{:.2e}", "grad_err": "{:.2e}", "grad_bound": "{:.2e}"}
+
+
 def main(argv=None) -> int:
     """Print and record two tables:
 
@@ -447,66 +467,17 @@ def main(argv=None) -> int:
     interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     timed_backends = [b for b in parity_backends if b != "torch" and not (b == "triton" and interpreted)]
     name = device_name(device)
-    print(f"# fastpref {fastpref.__version__} benchmark on {name}, torch {torch.__version__}\n")
-    for backend, reason in available.items():
-        print(f"- backend {backend}: {'available' if reason is None else 'unavailable: ' + reason}")
-    if interpreted:
-        print("- triton runs under TRITON_INTERPRET=1 here: parity only, not timed")
+    print_header(name, available, interpreted)
 
     print(f"\n## Parity against the float64 reference (Adaptive-DPO, K=2, [16,4,8,8], max over {PARITY_SEEDS} seeds)\n")
     parity = parity_rows(device, parity_backends)
-    fmt = {"loss_err": "{:.2e}", "loss_bound": "{:.2e}", "grad_err": "{:.2e}", "grad_bound": "{:.2e}"}
-    print(markdown(parity, ["backend", "dtype", "loss_err", "loss_bound", "grad_err", "grad_bound", "ok"], fmt))
+    print(markdown(parity, PARITY_COLUMNS, PARITY_FORMATS))
 
     timing, skipped = [], []
     if not args.no_timing:
-        cases = quick_cases() if args.quick else full_cases()
-        rounds = args.rounds or (5 if args.quick else 7)
-        reps = 5 if device.type == "cpu" else 20
-        print(
-            "\n## Timing, Adaptive-DPO (preset official, linear W, quadratic margin), "
-            f"median of {rounds} interleaved rounds\n"
-        )
-        for case in cases:
-            if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
-                skipped.append(case.label)
-                continue
-            timing += time_case(case, device, timed_backends, rounds, reps)
-        columns = [
-            "case",
-            "impl",
-            "pass",
-            "ms",
-            "vs_eager",
-            "vs_compile",
-            "GBps",
-            "copy_GBps",
-            "pct_of_copy",
-            "peak_extra_MiB",
-            "peak_x_grad",
-        ]
-        if device.type == "cuda":
-            columns += ["graph_ms", "graph_GBps", "graph_pct_of_copy"]
-        fmt = {
-            "ms": "{:.3f}",
-            "vs_eager": "{:.2f}x",
-            "vs_compile": "{:.2f}x",
-            "GBps": "{:.1f}",
-            "copy_GBps": "{:.1f}",
-            "pct_of_copy": "{:.0f}%",
-            "peak_extra_MiB": "{:.1f}",
-            "peak_x_grad": "{:.2f}x",
-            "graph_ms": "{:.4f}",
-            "graph_GBps": "{:.1f}",
-            "graph_pct_of_copy": "{:.0f}%",
-        }
-        print(markdown(timing, columns, fmt))
-        if skipped:
-            print(f"\nnot timed (--time-budget {args.time_budget:g} s reached): {', '.join(skipped)}")
-        for what, error in GRAPH_ERRORS.items():
-            print(f"- no CUDA graph of {what}: {error}")
+        timing, skipped = time_cases(args, device, timed_backends, started)
+        print_timing(args, device, timing, skipped)
 
-    output = Path(args.output) if args.output else result_path(slug(name), args.quick)
     report = {
         "device": name,
         "torch": torch.__version__,
@@ -519,9 +490,52 @@ def main(argv=None) -> int:
         "graph_errors": GRAPH_ERRORS,
         "wall_s": time.perf_counter() - started,
     }
+    output = Path(args.output) if args.output else result_path(slug(name), args.quick)
     write_json(output, report)
     print(f"\nwrote {output}")
     return 0 if all(row["ok"] for row in parity) else 1
+
+
+def print_header(name: str, available: Dict[str, Optional[str]], interpreted: bool) -> None:
+    """The device, the versions, and which backends run here (and why not, for the others)."""
+    import torch
+
+    import fastpref
+
+    print(f"# fastpref {fastpref.__version__} benchmark on {name}, torch {torch.__version__}\n")
+    for backend, reason in available.items():
+        print(f"- backend {backend}: {'available' if reason is None else 'unavailable: ' + reason}")
+    if interpreted:
+        print("- triton runs under TRITON_INTERPRET=1 here: parity only, not timed")
+
+
+def time_cases(args, device, backends: List[str], started: float):
+    """The timing rows of every case (:func:`time_case`), and the labels of the cases not begun
+    because ``--time-budget`` had passed since ``started``."""
+    cases = quick_cases() if args.quick else full_cases()
+    rounds = args.rounds or (5 if args.quick else 7)
+    reps = 5 if device.type == "cpu" else 20
+    print(
+        "\n## Timing, Adaptive-DPO (preset official, linear W, quadratic margin), "
+        f"median of {rounds} interleaved rounds\n"
+    )
+    timing, skipped = [], []
+    for case in cases:
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            skipped.append(case.label)
+            continue
+        timing += time_case(case, device, backends, rounds, reps)
+    return timing, skipped
+
+
+def print_timing(args, device, timing: List[dict], skipped: List[str]) -> None:
+    """The timing table, the cases not timed, and what failed to capture in a CUDA graph."""
+    columns = TIMING_COLUMNS + (GRAPH_COLUMNS if device.type == "cuda" else [])
+    print(markdown(timing, columns, TIMING_FORMATS))
+    if skipped:
+        print(f"\nnot timed (--time-budget {args.time_budget:g} s reached): {', '.join(skipped)}")
+    for what, error in GRAPH_ERRORS.items():
+        print(f"- no CUDA graph of {what}: {error}")
 
 
 if __name__ == "__main__":
