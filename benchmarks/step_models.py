@@ -94,68 +94,78 @@ class Components:
 def build_components(
     model: str, device: torch.device, weight_dtype: torch.dtype, workdir: Path, seed: int
 ) -> Components:
-    """The models of ``model``: ``tiny`` (default) is ``fastpref.testing.tiny_model``'s SD1.5
-    pipeline written to ``workdir`` (64 px, 4 pairs, fp32 by default); ``sd15-random`` is a UNet,
-    VAE and CLIP text encoder of Stable Diffusion 1.5's published sizes with random weights
-    (512 px, 8 pairs, bf16), meant for a GPU."""
+    """The models of ``model``: ``tiny`` (default, :func:`tiny_components`) or ``sd15-random``
+    (:func:`sd15_random_components`)."""
+    builders = {"tiny": tiny_components, "sd15-random": sd15_random_components}
+    if model not in builders:
+        raise ValueError(f"model must be one of {tuple(MODELS)}, got {model!r}")
+    return builders[model](device, weight_dtype, workdir, seed)
+
+
+def tiny_components(device: torch.device, weight_dtype: torch.dtype, workdir: Path, seed: int) -> Components:
+    """``fastpref.testing.tiny_model``'s SD1.5 pipeline written to ``workdir`` (64 px, 4 pairs,
+    fp32 by default)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from fastpref.testing.tiny_model import make_tiny_model
+
+    path = make_tiny_model(workdir / "tiny-sd15", arch="sd15", seed=seed)
+    vae, tokenizers, text_encoders = SD15.load_encoders(ModelSource(str(path)), dtype=weight_dtype, device=device)
+    scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")  # as fastpref train
+
+    def new_unet():
+        return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
+
+    return Components(
+        new_unet,
+        scheduler,
+        vae,
+        tokenizers,
+        text_encoders,
+        "fastpref.testing.tiny_model SD1.5 (random weights, tiny widths)",
+    )
+
+
+def sd15_random_components(device: torch.device, weight_dtype: torch.dtype, workdir: Path, seed: int) -> Components:
+    """A UNet, VAE and CLIP text encoder of Stable Diffusion 1.5's published sizes with random
+    weights (512 px, 8 pairs, bf16 by default), meant for a GPU."""
+    import copy
+
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    if model == "tiny":
-        from fastpref.testing.tiny_model import make_tiny_model
+    from fastpref.testing.tiny_model import load_tokenizer, write_tokenizer
 
-        path = make_tiny_model(workdir / "tiny-sd15", arch="sd15", seed=seed)
-        vae, tokenizers, text_encoders = SD15.load_encoders(ModelSource(str(path)), dtype=weight_dtype, device=device)
-        scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")  # as fastpref train
+    write_tokenizer(workdir / "tokenizer")
+    tokenizer = load_tokenizer(workdir / "tokenizer")  # byte-level BPE, 77 tokens as CLIP's; ids fit CLIP's vocab
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):  # initialise on the device: an 860M-parameter init is slow on a CPU
+            template = UNet2DConditionModel(**SD15_UNET)
+            vae = AutoencoderKL(**SD15_VAE)
+            text_config = CLIPTextConfig(
+                **SD15_TEXT,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            text_encoder = CLIPTextModel(text_config)
+    vae = vae.to(device, weight_dtype).eval().requires_grad_(False)
+    text_encoder = text_encoder.to(device, weight_dtype).eval().requires_grad_(False)
+    template = template.requires_grad_(False).to("cpu")  # each trainer moves its copy to the device
 
-        def new_unet():
-            return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
+    def new_unet():
+        return copy.deepcopy(template)
 
-        return Components(
-            new_unet,
-            scheduler,
-            vae,
-            tokenizers,
-            text_encoders,
-            "fastpref.testing.tiny_model SD1.5 (random weights, tiny widths)",
-        )
-
-    if model == "sd15-random":
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        from fastpref.testing.tiny_model import load_tokenizer, write_tokenizer
-
-        write_tokenizer(workdir / "tokenizer")
-        tokenizer = load_tokenizer(workdir / "tokenizer")  # byte-level BPE, 77 tokens as CLIP's; ids fit CLIP's vocab
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with torch.device(device):  # initialise on the device: an 860M-parameter init is slow on a CPU
-                template = UNet2DConditionModel(**SD15_UNET)
-                vae = AutoencoderKL(**SD15_VAE)
-                text_config = CLIPTextConfig(
-                    **SD15_TEXT,
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                text_encoder = CLIPTextModel(text_config)
-        vae = vae.to(device, weight_dtype).eval().requires_grad_(False)
-        text_encoder = text_encoder.to(device, weight_dtype).eval().requires_grad_(False)
-        template = template.requires_grad_(False).to("cpu")  # each trainer moves its copy to the device
-        import copy
-
-        def new_unet():
-            return copy.deepcopy(template)
-
-        scheduler = DDPMScheduler(**SD15_SCHEDULER)
-        return Components(
-            new_unet,
-            scheduler,
-            vae,
-            [tokenizer],
-            [text_encoder],
-            "SD1.5-sized UNet/VAE/CLIP-L text encoder, random weights",
-        )
-    raise ValueError(f"model must be one of {tuple(MODELS)}, got {model!r}")
+    scheduler = DDPMScheduler(**SD15_SCHEDULER)
+    return Components(
+        new_unet,
+        scheduler,
+        vae,
+        [tokenizer],
+        [text_encoder],
+        "SD1.5-sized UNet/VAE/CLIP-L text encoder, random weights",
+    )
 
 
 def make_batches(components: Components, pairs: int, resolution: int, seed: int):
