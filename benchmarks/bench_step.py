@@ -37,6 +37,15 @@ DEFAULTS = dict(steps=20, warmup=3, breakdown_rounds=3)
 
 
 def parse_args(argv=None):
+    """The command line, with the model's and the preset's defaults filled in and checked."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    fill_defaults(args, parser)
+    check_args(args, parser)
+    return args
+
+
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_step.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", choices=tuple(MODELS), default="tiny", help="tiny (CPU, default) or sd15-random (GPU)"
@@ -97,7 +106,11 @@ def parse_args(argv=None):
         default=None,
         help="seconds from the start: no new timed round (after the first) nor breakdown begins past it",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def fill_defaults(args, parser: argparse.ArgumentParser) -> None:
+    """The settings left unset, from ``--model`` and ``--quick``; the lists parsed."""
     if args.time_budget is not None and args.time_budget <= 0:
         parser.error("--time_budget must be > 0 seconds")
     args.deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget
@@ -114,6 +127,10 @@ def parse_args(argv=None):
     except ValueError:
         parser.error(f"--lora_rank: a comma list of ints, got {args.lora_rank!r}")
     args.variant_keys = [k.strip() for k in args.variants.split(",") if k.strip()]
+
+
+def check_args(args, parser: argparse.ArgumentParser) -> None:
+    """Stop with the usage where a setting is out of range."""
     unknown = [k for k in args.variant_keys if k not in VARIANTS]
     if unknown or not args.variant_keys:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
@@ -130,7 +147,6 @@ def parse_args(argv=None):
         parser.error("--threads must be >= 1")
     if args.resolution % 8:
         parser.error("--resolution must be a multiple of 8 (the VAE's factor)")
-    return args
 
 
 def main(argv=None) -> int:
