@@ -7,8 +7,6 @@ Run as ``python benchmarks/bench_loss.py [--quick]``: prints two markdown tables
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
 import statistics
@@ -16,7 +14,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
+
+from measure import GRAPH_ERRORS, Timer, copy_bandwidth, graph_seconds, peak_extra_bytes
+from report import markdown, result_path, slug, write_json
 
 from fastpref.machine import device_name
 
@@ -51,8 +52,8 @@ class Case:
 
 def full_cases() -> List[Case]:
     """SD1.5 B = 8/64 and SDXL B = 8/32 latents, fp32 and bf16, K = 0 and 2; Adaptive K = 2 in
-    bf16 first, then fp32, then K = 0, so that a run cut short by ``--time-budget`` keeps the
-    cases of the issue's goals."""
+    bf16 first, then fp32, then K = 0 (plain DPO), so that a run cut short by ``--time-budget``
+    has timed the Adaptive-DPO cases before any other."""
     cases = []
     for ema in (2, 0):
         for dtype in ("bfloat16", "float32"):
@@ -97,127 +98,6 @@ def traffic_bytes(case: Case) -> Dict[str, int]:
     target = case.batch * sample
     grad = 2 * case.batch * sample
     return {"fwd": preds + target, "bwd": grad + target + grad, "fwd+bwd": preds + target + grad}
-
-
-class Timer:
-    """Wall time per call: ``perf_counter`` on CPU, CUDA events on GPU."""
-
-    def __init__(self, device):
-        import torch
-
-        self.cuda = torch.device(device).type == "cuda"
-
-    def __call__(self, fn: Callable[[], None], setup: Optional[Callable[[], object]], reps: int) -> float:
-        import torch
-
-        total = 0.0
-        for _ in range(reps):
-            state = setup() if setup else None
-            if self.cuda:
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(state)
-                end.record()
-                torch.cuda.synchronize()
-                total += start.elapsed_time(end) / 1e3
-            else:
-                begin = time.perf_counter()
-                fn(state)
-                total += time.perf_counter() - begin
-        return total / reps
-
-
-@contextlib.contextmanager
-def _quiet_native_stderr():
-    """Silence file descriptor 2: the CPU profiler's native logger writes a line to it at every
-    start and stop."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_extra_bytes(step: Callable[[], None], device) -> int:
-    """Peak memory allocated by ``step`` above what was allocated before it: the CUDA caching
-    allocator's statistics on GPU, the running sum of the profiler's allocation events on CPU."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    running = peak = 0
-    for _, nbytes in deltas:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
-
-
-def copy_bandwidth(num_bytes: int, device, timer: Timer, reps: int, graph: bool = False) -> Optional[float]:
-    """GB/s of ``dst.copy_(src)`` moving ``num_bytes`` in all (half read, half written): per call
-    (``timer``), or with ``graph`` per replay of a CUDA graph of it (:func:`graph_seconds`)."""
-    import torch
-
-    half = max(1, num_bytes // 2 // 4)
-    src = torch.randn(half, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    if graph:
-        seconds = graph_seconds(lambda: dst.copy_(src), reps)
-        return None if seconds is None else 2 * half * 4 / seconds / 1e9
-    seconds = statistics.median(timer(lambda _: dst.copy_(src), None, reps) for _ in range(5))
-    return 2 * half * 4 / seconds / 1e9
-
-
-GRAPH_ERRORS: Dict[str, str] = {}  # what failed to capture in a CUDA graph, and why
-
-
-def graph_seconds(fn: Callable[[], object], reps: int, name: str = "copy") -> Optional[float]:
-    """Device time per call of ``fn`` captured in a CUDA graph and replayed ``reps`` times back
-    to back (median of 3 such runs): the kernels' own time, with no launch overhead between them.
-    ``None`` when capture fails (the reason goes to ``GRAPH_ERRORS[name]``)."""
-    import torch
-
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
-        torch.cuda.synchronize()
-    except Exception as error:  # e.g. a host sync inside fn
-        GRAPH_ERRORS[name] = f"{type(error).__name__}: {error}"[:300]
-        torch.cuda.synchronize()
-        return None
-    runs = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        runs.append(start.elapsed_time(end) / 1e3 / reps)
-    return statistics.median(runs)
 
 
 def loss_callables(case: Case, device, backends: List[str]):
@@ -393,14 +273,6 @@ def parity_rows(device, backends: List[str]) -> List[dict]:
     return rows
 
 
-def markdown(rows: List[dict], columns: List[str], formats: Dict[str, str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        cells = ["-" if row[c] is None else formats.get(c, "{}").format(row[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line of :func:`main` (checked: the GPU suite's dry run parses its arguments here)."""
     parser = argparse.ArgumentParser(prog="benchmarks/bench_loss.py", description=__doc__.split("\n\n")[0])
@@ -421,6 +293,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.time_budget is not None and args.time_budget <= 0:
         parser.error("--time-budget must be > 0 seconds")
     return args
+
+
+TIMING_COLUMNS = ["case", "impl", "pass", "ms", "vs_eager", "vs_compile", "GBps", "copy_GBps", "pct_of_copy"]
+TIMING_COLUMNS += ["peak_extra_MiB", "peak_x_grad"]
+GRAPH_COLUMNS = ["graph_ms", "graph_GBps", "graph_pct_of_copy"]  # on CUDA only
+TIMING_FORMATS = {
+    "ms": "{:.3f}",
+    "vs_eager": "{:.2f}x",
+    "vs_compile": "{:.2f}x",
+    "GBps": "{:.1f}",
+    "copy_GBps": "{:.1f}",
+    "pct_of_copy": "{:.0f}%",
+    "peak_extra_MiB": "{:.1f}",
+    "peak_x_grad": "{:.2f}x",
+    "graph_ms": "{:.4f}",
+    "graph_GBps": "{:.1f}",
+    "graph_pct_of_copy": "{:.0f}%",
+}
+PARITY_COLUMNS = ["backend", "dtype", "loss_err", "loss_bound", "grad_err", "grad_bound", "ok"]
+PARITY_FORMATS = {"loss_err": "{:.2e}", "loss_bound": "{:.2e}", "grad_err": "{:.2e}", "grad_bound": "{:.2e}"}
 
 
 def main(argv=None) -> int:
@@ -454,71 +346,17 @@ def main(argv=None) -> int:
     interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     timed_backends = [b for b in parity_backends if b != "torch" and not (b == "triton" and interpreted)]
     name = device_name(device)
-    print(f"# fastpref {fastpref.__version__} benchmark on {name}, torch {torch.__version__}\n")
-    for backend, reason in available.items():
-        print(f"- backend {backend}: {'available' if reason is None else 'unavailable: ' + reason}")
-    if interpreted:
-        print("- triton runs under TRITON_INTERPRET=1 here: parity only, not timed")
+    print_header(name, available, interpreted)
 
     print(f"\n## Parity against the float64 reference (Adaptive-DPO, K=2, [16,4,8,8], max over {PARITY_SEEDS} seeds)\n")
     parity = parity_rows(device, parity_backends)
-    fmt = {"loss_err": "{:.2e}", "loss_bound": "{:.2e}", "grad_err": "{:.2e}", "grad_bound": "{:.2e}"}
-    print(markdown(parity, ["backend", "dtype", "loss_err", "loss_bound", "grad_err", "grad_bound", "ok"], fmt))
+    print(markdown(parity, PARITY_COLUMNS, PARITY_FORMATS))
 
     timing, skipped = [], []
     if not args.no_timing:
-        cases = quick_cases() if args.quick else full_cases()
-        rounds = args.rounds or (5 if args.quick else 7)
-        reps = 5 if device.type == "cpu" else 20
-        print(
-            "\n## Timing, Adaptive-DPO (preset official, linear W, quadratic margin), "
-            f"median of {rounds} interleaved rounds\n"
-        )
-        for case in cases:
-            if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
-                skipped.append(case.label)
-                continue
-            timing += time_case(case, device, timed_backends, rounds, reps)
-        columns = [
-            "case",
-            "impl",
-            "pass",
-            "ms",
-            "vs_eager",
-            "vs_compile",
-            "GBps",
-            "copy_GBps",
-            "pct_of_copy",
-            "peak_extra_MiB",
-            "peak_x_grad",
-        ]
-        if device.type == "cuda":
-            columns += ["graph_ms", "graph_GBps", "graph_pct_of_copy"]
-        fmt = {
-            "ms": "{:.3f}",
-            "vs_eager": "{:.2f}x",
-            "vs_compile": "{:.2f}x",
-            "GBps": "{:.1f}",
-            "copy_GBps": "{:.1f}",
-            "pct_of_copy": "{:.0f}%",
-            "peak_extra_MiB": "{:.1f}",
-            "peak_x_grad": "{:.2f}x",
-            "graph_ms": "{:.4f}",
-            "graph_GBps": "{:.1f}",
-            "graph_pct_of_copy": "{:.0f}%",
-        }
-        print(markdown(timing, columns, fmt))
-        if skipped:
-            print(f"\nnot timed (--time-budget {args.time_budget:g} s reached): {', '.join(skipped)}")
-        for what, error in GRAPH_ERRORS.items():
-            print(f"- no CUDA graph of {what}: {error}")
+        timing, skipped = time_cases(args, device, timed_backends, started)
+        print_timing(args, device, timing, skipped)
 
-    output = (
-        Path(args.output)
-        if args.output
-        else Path("benchmarks/results") / f"{'quick-' if args.quick else ''}{_slug(name)}.json"
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "device": name,
         "torch": torch.__version__,
@@ -531,13 +369,52 @@ def main(argv=None) -> int:
         "graph_errors": GRAPH_ERRORS,
         "wall_s": time.perf_counter() - started,
     }
-    output.write_text(json.dumps(report, indent=1))
+    output = Path(args.output) if args.output else result_path(slug(name), args.quick)
+    write_json(output, report)
     print(f"\nwrote {output}")
     return 0 if all(row["ok"] for row in parity) else 1
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()[:60]
+def print_header(name: str, available: Dict[str, Optional[str]], interpreted: bool) -> None:
+    """The device, the versions, and which backends run here (and why not, for the others)."""
+    import torch
+
+    import fastpref
+
+    print(f"# fastpref {fastpref.__version__} benchmark on {name}, torch {torch.__version__}\n")
+    for backend, reason in available.items():
+        print(f"- backend {backend}: {'available' if reason is None else 'unavailable: ' + reason}")
+    if interpreted:
+        print("- triton runs under TRITON_INTERPRET=1 here: parity only, not timed")
+
+
+def time_cases(args, device, backends: List[str], started: float):
+    """The timing rows of every case (:func:`time_case`), and the labels of the cases not begun
+    because ``--time-budget`` had passed since ``started``."""
+    cases = quick_cases() if args.quick else full_cases()
+    rounds = args.rounds or (5 if args.quick else 7)
+    reps = 5 if device.type == "cpu" else 20
+    print(
+        "\n## Timing, Adaptive-DPO (preset official, linear W, quadratic margin), "
+        f"median of {rounds} interleaved rounds\n"
+    )
+    timing, skipped = [], []
+    for case in cases:
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            skipped.append(case.label)
+            continue
+        timing += time_case(case, device, backends, rounds, reps)
+    return timing, skipped
+
+
+def print_timing(args, device, timing: List[dict], skipped: List[str]) -> None:
+    """The timing table, the cases not timed, and what failed to capture in a CUDA graph."""
+    columns = TIMING_COLUMNS + (GRAPH_COLUMNS if device.type == "cuda" else [])
+    print(markdown(timing, columns, TIMING_FORMATS))
+    if skipped:
+        print(f"\nnot timed (--time-budget {args.time_budget:g} s reached): {', '.join(skipped)}")
+    for what, error in GRAPH_ERRORS.items():
+        print(f"- no CUDA graph of {what}: {error}")
 
 
 if __name__ == "__main__":

@@ -46,9 +46,16 @@ def main():
     reason = fastpref.availability("cpu")["native"]
     if reason is not None:
         raise SystemExit(f"the native backend is unavailable: {reason}")
+    batch, shape = 2, (1, 2, 2)
+    stages = call_stages(batch, shape)
+    print_times(stages, interleaved_us(stages), batch, shape)
+
+
+def call_stages(batch: int, shape: tuple):
+    """``[(name, function)]``: each stage of a loss call on one tiny input of ``batch`` pairs of
+    ``shape`` latents and K = 2, as :func:`main` times them."""
     from fastpref.loss import native
 
-    batch, shape = 2, (1, 2, 2)
     model_pred = torch.randn(2 * batch, *shape, requires_grad=True)
     ref_pred, target = torch.randn(2 * batch, *shape), torch.randn(batch, *shape)
     emas = [torch.randn(2 * batch, *shape) for _ in range(2)]
@@ -105,7 +112,11 @@ def main():
         ("public call, fwd + autograd.grad (Python autograd)", python_path(fwd_bwd(public_loss))),
         ("public call, fwd + autograd.grad", fwd_bwd(public_loss)),
     ]
-    times = interleaved_us(stages)
+    return stages
+
+
+def print_times(stages, times, batch: int, shape: tuple) -> None:
+    """The table of ``times`` per stage, and the public call's C++ over Python autograd ratios."""
     print(
         f"# per-call cost on a tiny input (B={batch}, S={shape}, K=2, fp32), "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"

@@ -15,6 +15,7 @@ for _module in ("diffusers", "transformers", "peft", "accelerate"):
     pytest.importorskip(_module)
 
 import torch  # noqa: E402
+from step_timing import REST  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_step.py"
 STEPS = 2
@@ -95,7 +96,7 @@ def test_quick_run_writes_finite_positive_step_times(tmp_path, capsys):
 
     assert set(mode["breakdown"]) == set(bench.VARIANTS)
     for key, phases in mode["breakdown"].items():
-        assert positive(phases["step"]) and positive(phases["reference fwd"]) and math.isfinite(phases[bench.REST]), key
+        assert positive(phases["step"]) and positive(phases["reference fwd"]) and math.isfinite(phases[REST]), key
     assert positive(mode["breakdown"]["authors/cached"]["EMA store"])
     assert positive(mode["breakdown"]["dpo/uncached"]["encode (VAE+text)"])
     assert positive(mode["batched_probe"]["three_fwd_2B_ms"]) and positive(mode["batched_probe"]["one_fwd_6B_ms"])
