@@ -14,10 +14,9 @@ pytest.importorskip("diffusers")
 
 from offline import CORRUPT, PAIRS, RES  # noqa: E402
 
-from fastpref.train import latent_cache  # noqa: E402
 from fastpref.train.data import PreferenceDataset  # noqa: E402
 from fastpref.train.families import FAMILIES  # noqa: E402
-from fastpref.train.latent_cache import CacheFileError, LatentCache, cache_key, read_tensors  # noqa: E402
+from fastpref.train.latent_cache import CacheFileError, LatentCache, building, cache_key, read_tensors  # noqa: E402
 from fastpref.train.models import ModelSource  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("offline_hub")
@@ -55,7 +54,7 @@ def reference(toy, sd15, tmp_path_factory):
 def test_an_interrupted_build_resumes_where_it_stopped(reference, sd15, tmp_path, monkeypatch):
     dataset, whole = reference
     encoded = []
-    original = latent_cache._encode_rows
+    original = building._encode_rows
 
     def interrupted(dataset_, rows, *args):
         if len(encoded) == 2:
@@ -63,7 +62,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(reference, sd15, tmp_path
         encoded.append(rows.tolist())
         return original(dataset_, rows, *args)
 
-    monkeypatch.setattr(latent_cache, "_encode_rows", interrupted)
+    monkeypatch.setattr(building, "_encode_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(dataset, tmp_path, sd15)
     folder = tmp_path / whole.key
@@ -73,7 +72,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(reference, sd15, tmp_path
         encoded.append(rows.tolist())
         return original(dataset_, rows, *args)
 
-    monkeypatch.setattr(latent_cache, "_encode_rows", resumed)
+    monkeypatch.setattr(building, "_encode_rows", resumed)
     cache = build(dataset, tmp_path, sd15)
     assert not cache.hit and len(encoded) == PAIRS // SHARD  # the two shards left, none twice
     assert sorted(sum(encoded, [])) == list(range(PAIRS))
@@ -160,14 +159,14 @@ def test_two_processes_split_the_encoding(reference, sd15, tmp_path, monkeypatch
     dataset, whole = reference
     barrier = threading.Barrier(2, timeout=300)
     encoded = {0: [], 1: []}
-    original = latent_cache._encode_rows
+    original = building._encode_rows
     rank_of = threading.local()
 
     def counting(dataset_, rows, *args):
         encoded[rank_of.rank].append(int(rows[0]))
         return original(dataset_, rows, *args)
 
-    monkeypatch.setattr(latent_cache, "_encode_rows", counting)
+    monkeypatch.setattr(building, "_encode_rows", counting)
 
     class Rank:
         num_processes = 2
