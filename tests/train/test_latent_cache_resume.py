@@ -127,14 +127,15 @@ def test_nan_latents_are_refused_with_the_row_named(toy, sd15, tmp_path, monkeyp
 
 def test_hub_ids_key_the_cache_by_revision_variant_and_vae(toy, models):
     dataset = PreferenceDataset(toy, RES, check_images=False)
-    key = cache_key(dataset, "org/pipeline")[0]
-    assert cache_key(dataset, "org/pipeline", revision="main")[0] == key  # no revision is main
+    key = cache_key(dataset, ModelSource("org/pipeline"))[0]
+    assert cache_key(dataset, "org/pipeline")[0] == key  # a bare id is its ModelSource
+    assert cache_key(dataset, ModelSource("org/pipeline", revision="main"))[0] == key  # no revision is main
     others = [
-        cache_key(dataset, "org/pipeline", revision="abc123")[0],
-        cache_key(dataset, "org/pipeline", variant="fp16")[0],
-        cache_key(dataset, "org/pipeline", vae_path="madebyollin/sdxl-vae-fp16-fix")[0],
-        cache_key(dataset, "org/other")[0],
-        cache_key(dataset, models["sd15"], vae_path=str(models["sd15"] / "vae"))[0],
+        cache_key(dataset, ModelSource("org/pipeline", revision="abc123"))[0],
+        cache_key(dataset, ModelSource("org/pipeline", variant="fp16"))[0],
+        cache_key(dataset, ModelSource("org/pipeline", vae_path="madebyollin/sdxl-vae-fp16-fix"))[0],
+        cache_key(dataset, ModelSource("org/other"))[0],
+        cache_key(dataset, ModelSource(str(models["sd15"]), vae_path=str(models["sd15"] / "vae")))[0],
     ]
     assert len({key, *others}) == 6
     assert cache_key(dataset, models["sd15"])[0] not in others

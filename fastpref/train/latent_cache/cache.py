@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from ..data import PreferenceDataset, format_rows
+from ..models import ModelSource
 from . import building
 from .building import CAPTIONS_FILE, META_FILE, Encoders, Processes, ShardPlan, shards
 from .key import CACHE_FORMAT, as_source, cache_key
@@ -54,8 +56,7 @@ class LatentCache:
     * **Memory-mapped**: shards are read through :func:`read_tensors`; an item copies only its
       own latents and embedding.
 
-    The VAE and text encoders are loaded from ``source`` (``revision``, ``variant``,
-    ``vae_path``) only on a miss, unless passed in.
+    The VAE and text encoders are loaded from ``source`` only on a miss, unless passed in.
     """
 
     def __init__(self, path: Path, meta: dict, hit: bool):
@@ -164,7 +165,7 @@ class LatentCache:
         cls,
         dataset: PreferenceDataset,
         cache_dir,
-        source,
+        source: Union[ModelSource, str, os.PathLike],
         *,
         family=None,
         vae=None,
@@ -174,18 +175,15 @@ class LatentCache:
         device: Union[str, torch.device] = "cpu",
         batch_size: int = 8,
         shard_size: int = 512,
-        revision: Optional[str] = None,
-        variant: Optional[str] = None,
-        vae_path: Optional[str] = None,
         accelerator=None,
         progress: bool = True,
     ) -> "LatentCache":
         """Open ``cache_dir/<key>/`` if it is complete and whole, else encode what is missing into
-        it. ``source``: a :class:`ModelSource` (or a path / Hub id with ``revision``, ``variant``,
-        ``vae_path``); ``family``: its model family (default: the one that recognises it). The encoders are loaded from
+        it. ``source``: a :class:`ModelSource` (a bare path or Hub id: that pipeline as it is);
+        ``family``: its model family (default: ``source.family``). The encoders are loaded from
         ``source`` unless passed in; passed modules set ``dtype``. With ``accelerator``, every
         process of the run calls this together."""
-        source = as_source(source, revision, variant, vae_path)
+        source = as_source(source)
         given = [m for m in [vae, *(text_encoders or [])] if m is not None]
         dtype = next(given[0].parameters()).dtype if given else dtype
         key, components = cache_key(dataset, source, dtype=dtype, modules=given)

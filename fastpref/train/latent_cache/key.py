@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -66,9 +67,9 @@ def _folder_fingerprint(folder: Path) -> dict:
     return entries
 
 
-def as_source(source, revision=None, variant=None, vae_path=None) -> ModelSource:
-    """``source`` as a :class:`ModelSource` (a path or Hub id with the other three)."""
-    return source if isinstance(source, ModelSource) else ModelSource(str(source), revision, variant, vae_path)
+def as_source(source: Union[ModelSource, str, os.PathLike]) -> ModelSource:
+    """``source`` itself, or a bare path / Hub id as the :class:`ModelSource` of that pipeline."""
+    return source if isinstance(source, ModelSource) else ModelSource(str(source))
 
 
 def model_fingerprint(source: ModelSource, modules: Sequence = ()) -> dict:
@@ -99,22 +100,19 @@ def model_fingerprint(source: ModelSource, modules: Sequence = ()) -> dict:
 
 def cache_key(
     dataset: PreferenceDataset,
-    source,
+    source: Union[ModelSource, str, os.PathLike],
     *,
     dtype: torch.dtype = torch.float32,
     modules: Sequence = (),
-    revision: Optional[str] = None,
-    variant: Optional[str] = None,
-    vae_path: Optional[str] = None,
 ) -> Tuple[str, dict]:
     """``(key, components)``: the key is the first 24 hex digits of the SHA-256 of the JSON of
     ``components`` (format version, dataset and model fingerprints, resolution, latent choice,
-    encoding dtype). ``source``: a :class:`ModelSource`, or a path / Hub id read at ``revision``
-    with ``variant`` and ``vae_path``."""
+    encoding dtype). ``source``: a :class:`ModelSource` (a bare path or Hub id: that pipeline at
+    its default revision, no variant, its own VAE)."""
     components = {
         "format": CACHE_FORMAT,
         "dataset": dataset_fingerprint(dataset),
-        "model": model_fingerprint(as_source(source, revision, variant, vae_path), modules),
+        "model": model_fingerprint(as_source(source), modules),
         "resolution": dataset.resolution,
         "preprocess": "resize-shorter-bilinear+center-crop",
         "latents": "posterior-mean",
