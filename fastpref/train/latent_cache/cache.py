@@ -111,24 +111,18 @@ class LatentCache:
         offset = index - int(self._text_starts[shard])
         return {name: copy_tensor(value[offset]) for name, value in tensors.items()}
 
-    def _all(self, names: Sequence[str], key: str) -> Optional[torch.Tensor]:
-        parts = [self._file(name).get(key) for name in names]
-        return None if any(p is None for p in parts) else torch.cat([copy_tensor(p) for p in parts])
+    def _stacked(self, names: Sequence[str], key: str) -> torch.Tensor:
+        return torch.cat([copy_tensor(self._file(name)[key]) for name in names])
 
     @property
     def latents(self) -> torch.Tensor:
         """Every cached latent pair, ``[N, 2, C, h, w]``, read into memory (small caches only)."""
-        return self._all(self.meta["shards"], "latents")
+        return self._stacked(self.meta["shards"], "latents")
 
     @property
     def prompt_embeds(self) -> torch.Tensor:
         """Every unique caption's embedding, ``[U, L, D]``, read into memory (small caches only)."""
-        return self._all(self.meta["text_shards"], "prompt_embeds")
-
-    @property
-    def pooled_prompt_embeds(self) -> Optional[torch.Tensor]:
-        """SDXL's pooled embeddings ``[U, P]`` (None for SD 1.5), read into memory."""
-        return self._all(self.meta["text_shards"], "pooled_prompt_embeds")
+        return self._stacked(self.meta["text_shards"], "prompt_embeds")
 
     @classmethod
     def open(cls, folder: Path, hit: bool = True) -> "LatentCache":
