@@ -1,6 +1,7 @@
 """The latent cache at scale (``fastpref.train.latent_cache``): an interrupted build resumes
 where it stopped, a truncated or mismatched shard is rebuilt (never served), NaN latents are
-refused with the row named, Hub ids key the cache, and shards are read memory-mapped."""
+refused with the row named, Hub ids and data sets of equal size key the cache apart, and shards
+are read memory-mapped."""
 
 from __future__ import annotations
 
@@ -149,6 +150,23 @@ def test_hub_ids_key_the_cache_by_revision_variant_and_vae(toy, models):
     ]
     assert len({key, *others}) == 6
     assert cache_key(dataset, models["sd15"])[0] not in others
+
+
+def test_data_sets_of_equal_size_never_share_a_key(toy, tmp_path):
+    """Files of equal size but other rows, and passed-in data sets that select or reorder the
+    same file's rows (a selection ``datasets`` keeps private), each get their own key."""
+    from fastpref.testing.toy_data import make_rows, write_parquet
+
+    source = ModelSource("org/pipeline")
+    whole = PreferenceDataset(toy, RES, check_images=False)
+    other = write_parquet(make_rows(PAIRS, resolution=RES, seed=1), tmp_path / "other.parquet")
+    keys = [cache_key(whole, source)[0], cache_key(PreferenceDataset(other, RES, check_images=False), source)[0]]
+    half = PAIRS // 2
+    for selected in (range(half), range(half, PAIRS), [*range(half, PAIRS), *range(half)]):
+        passed = PreferenceDataset(whole.data.select(selected), RES, check_images=False)
+        keys.append(cache_key(passed, source)[0])
+    assert len(set(keys)) == len(keys)
+    assert cache_key(PreferenceDataset(whole.data.select(range(half)), RES), source)[0] == keys[2]  # content
 
 
 def test_items_are_read_memory_mapped(reference):

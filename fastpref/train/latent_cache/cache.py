@@ -27,10 +27,10 @@ class LatentCache:
 
     ``LatentCache.build(dataset, cache_dir, source)`` opens ``cache_dir/<key>/`` when it is
     complete and whole (``hit=True``); otherwise it encodes what is missing and opens it
-    (``hit=False``). The key is :func:`cache_key`: the dataset's fingerprint and columns, the model
-    (folder contents, or Hub id and revision; variant; VAE), the resolution and the encoding dtype
-    -- so a changed file, model or resolution gets a new folder, and anything else (another run,
-    a resume, other ties / flips / subset) reuses it.
+    (``hit=False``). The key is :func:`cache_key`: the dataset (its Arrow files, or the content
+    of its rows) and columns, the model (folder contents, or Hub id and revision; variant; VAE),
+    the resolution and the encoding dtype -- so a changed file, model or resolution gets a new
+    folder, and anything else (another run, a resume, other ties / flips / subset) reuses it.
 
     Contents, per source row that passes the dataset's cheap checks (ties included, and in DeDPO
     mode the rows skipped only for a malformed judge value; a row that does not decode is listed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence, Tuple, Union
@@ -15,6 +16,8 @@ import torch
 from ..data import PreferenceDataset
 from ..families import FAMILIES
 from ..models import ModelSource
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
 
@@ -37,17 +40,43 @@ def rows_to_encode(dataset: PreferenceDataset) -> np.ndarray:
     return np.union1d(rows, np.asarray(dataset.judge_malformed_rows, dtype=np.int64)).astype(np.int64)
 
 
+def _arrow_files(dataset: PreferenceDataset) -> list:
+    """``[path, size, mtime_ns]`` of each Arrow file behind a split the dataset opened itself
+    from its ``source`` path (a whole split: nothing selects or reorders its rows); ``[]`` for a
+    ``datasets.Dataset`` passed in (its row selection is not public) or one held in memory."""
+    if not isinstance(dataset.source, str):
+        return []
+    files = []
+    for entry in dataset.data.cache_files:
+        stat = os.stat(entry["filename"])
+        files.append([str(Path(entry["filename"]).resolve()), stat.st_size, stat.st_mtime_ns])
+    return files
+
+
+def _content_digest(dataset: PreferenceDataset) -> str:
+    """SHA-256 of each encoded row's index, caption and both images' bytes, length-prefixed."""
+    digest = hashlib.sha256()
+    for row in rows_to_encode(dataset).tolist():
+        cells = [str(row).encode(), str(dataset.caption(row)).encode()]
+        cells += [dataset.image_data(row, which) or b"" for which in (0, 1)]
+        for cell in cells:
+            digest.update(len(cell).to_bytes(8, "little") + cell)
+    return digest.hexdigest()
+
+
 def dataset_fingerprint(dataset: PreferenceDataset) -> dict:
-    """What the cached rows depend on: the ``datasets`` fingerprint of the split (for parquet
-    files it follows their paths and modification times; for a ``save_to_disk`` folder, its
-    saved state), the split, its row count and the columns read. Not ties, flips or the subset:
-    those apply on top of the cache."""
-    return {
-        "fingerprint": getattr(dataset.data, "_fingerprint", None),
-        "split": dataset.split,
-        "num_rows": dataset.num_rows,
-        "columns": dataset.columns,
-    }
+    """What the cached rows depend on, from public information only: the Arrow files of a split
+    opened from a path (their paths, sizes and modification times: any rewrite changes them, and
+    a stat costs nothing at 1M pairs), else a content digest of the rows the cache encodes
+    (:func:`_content_digest`; reads every image once); with the split, row count and columns.
+    Not ties, flips or the subset: those apply on top of the cache."""
+    files = _arrow_files(dataset)
+    if files:
+        origin = {"arrow_files": files}
+    else:
+        logger.info("latent cache: keying the data set by the content of its rows (reads every image once)")
+        origin = {"content_sha256": _content_digest(dataset)}
+    return {**origin, "split": dataset.split, "num_rows": dataset.num_rows, "columns": dataset.columns}
 
 
 # The pipeline folders the encodings may depend on: every family's (a family's own are a subset).
