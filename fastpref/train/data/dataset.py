@@ -1,28 +1,18 @@
-"""Preference pairs for the trainer: a Hugging Face dataset in, the trainer's ``[2B, ...]`` batches out.
-
-:func:`open_split` opens the pairs (a Hub id, a folder in the Hub's layout, parquet files or a
-``save_to_disk`` folder) as a memory-mapped ``datasets.Dataset``; :class:`PreferenceDataset`
-serves winner-first pairs over its row indices (ties, flips, bad rows, DeDPO labels, a seeded
-subset), decoding the images of a pair only when it is fetched; :class:`PairSampler` gives their
-seeded, resumable order and :func:`collate_pairs` the batch layout; :class:`BatchEncoder` makes
-the latents and text embeddings the trainer takes, with the model family's encoders (the latent
-cache encodes with them too, so both paths agree).
-"""
+"""The preference pairs served to the trainer: :class:`PreferenceDataset`."""
 
 from __future__ import annotations
 
 import copy
-import io
-import json
 import logging
 import math
-from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-logger = logging.getLogger("fastpref.train.data")
+from .images import decode_image, decodes, image_bytes, preprocess
+from .log import format_rows, logger
+from .sources import is_hf_dataset, open_split
 
 CAPTION, IMAGE_0, IMAGE_1, LABEL = "caption", "jpg_0", "jpg_1", "label_0"
 JUDGE = "synthetic_label_0"  # the AI judge's probability that jpg_0 is preferred (DeDPO mode)
@@ -33,140 +23,6 @@ _FLIP_STREAM = 0xF11B
 _HUMAN_STREAM = 0xDED0
 # Likewise for the random crops and flips of one fetch (augment_seed, sample position).
 _AUGMENT_STREAM = 0xA06
-
-
-# --------------------------------------------------------------------------------------------
-# sources and images
-# --------------------------------------------------------------------------------------------
-
-
-def open_split(name, split: str = "train", cache_dir: Optional[str] = None):
-    """The split ``split`` of the pairs at ``name`` as a memory-mapped ``datasets.Dataset``.
-
-    ``name`` is, in this order: a ``.parquet`` file (the split ``train``); a folder written by
-    ``save_to_disk`` (a ``Dataset``, the split ``train``, or a ``DatasetDict``); a folder of parquet
-    files, in the Hub's layout (``data/train-*.parquet`` beside ``data/validation-*.parquet``;
-    split names as ``datasets`` reads them from file and folder names) or not (every ``*.parquet``
-    is ``train``); else a Hub id, loaded as diffusers' script does
-    (``datasets.load_dataset(name, split=split, cache_dir=cache_dir)``). Parquet files are read
-    with ``datasets.load_dataset("parquet", ...)``: converted once to Arrow files in ``cache_dir``
-    (the Hugging Face datasets cache when None) and memory-mapped from there; only the chosen
-    split's files are read. ``FileNotFoundError`` / ``ValueError`` name the flag.
-    """
-    import datasets
-
-    path = Path(str(name)).expanduser()
-    if path.is_file():
-        if path.suffix != ".parquet":
-            raise ValueError(f"--dataset_name: {name} is a file but not a .parquet file")
-        if split != "train":
-            raise ValueError(f"--dataset_split_name: a single parquet file is the split 'train', got {split!r}")
-        return _load_parquet({split: [str(path)]}, split, cache_dir)
-    if path.is_dir():
-        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise ValueError(f"--dataset_split_name: {name} has no split {split!r} (it has {list(loaded)})")
-                return loaded[split]
-            if split != "train":
-                raise ValueError(f"--dataset_split_name: {name} holds one split, 'train'; got {split!r}")
-            return loaded
-        return _load_parquet(parquet_splits(path), split, cache_dir, name)
-    try:
-        return datasets.load_dataset(str(name), split=split, cache_dir=cache_dir)
-    except Exception as error:  # offline, unknown id, no such split: say which flag
-        raise ValueError(
-            f"--dataset_name: {name} is no local file or folder, and datasets.load_dataset could not load its "
-            f"split {split!r} ({type(error).__name__}: {error})"
-        ) from None
-
-
-def parquet_splits(folder) -> Dict[str, List[str]]:
-    """``{split: [parquet files]}`` of a local folder, the splits named as ``datasets`` names them
-    (``data/train-00000-of-00002.parquet`` is ``train``; without split names every file is
-    ``train``); files sorted by path."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
-
-    folder = Path(folder)
-    try:
-        patterns = get_data_patterns(str(folder))
-    except Exception:  # datasets finds no data file at all
-        patterns = {}
-    files = DataFilesDict.from_patterns(patterns, base_path=str(folder)) if patterns else {}
-    splits = {s: sorted(str(f) for f in found if str(f).endswith(".parquet")) for s, found in files.items()}
-    splits = {s: found for s, found in splits.items() if found}
-    if not splits:
-        raise FileNotFoundError(f"--dataset_name: no *.parquet files under {folder}")
-    return splits
-
-
-def _load_parquet(splits: Dict[str, List[str]], split: str, cache_dir, name=None):
-    import datasets
-
-    if split not in splits:
-        raise ValueError(f"--dataset_split_name: {name} has no split {split!r} (it has {sorted(splits)})")
-    return datasets.load_dataset("parquet", data_files={split: splits[split]}, split=split, cache_dir=cache_dir)
-
-
-def image_bytes(value) -> Optional[bytes]:
-    """The encoded bytes in an image cell (raw bytes or the ``{"bytes": ..., "path": ...}``
-    struct of a Hugging Face ``Image`` feature; a path without bytes is read from disk);
-    ``None`` when the cell holds no image."""
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-        if not data and path and Path(path).is_file():
-            return Path(path).read_bytes()
-        value = data
-    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 0:
-        return bytes(value)
-    return None
-
-
-def decode_image(data: bytes):
-    """A fully decoded RGB PIL image; raises whatever PIL raises on bad bytes."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return image.convert("RGB")
-
-
-def preprocess(
-    image, resolution: int, *, crop: Optional[Tuple[float, float]] = None, flip: bool = False
-) -> Tuple[torch.Tensor, Tuple[int, int], Tuple[int, int]]:
-    """Resize the shorter side to ``resolution`` (bilinear), crop to ``resolution`` square, scale
-    to [-1, 1]; optionally flip left-right.
-
-    ``crop=None`` is the centre crop; ``crop=(fy, fx)`` in [0, 1) places the crop at
-    ``top = floor(fy * (h - R + 1))``, ``left = floor(fx * (w - R + 1))`` (a random crop when
-    ``fy, fx`` are uniform draws). ``flip`` mirrors the crop left-right, after cropping, as
-    diffusers' scripts do. Returns ``(pixels [3, R, R] float32, (orig_h, orig_w), (crop_top,
-    crop_left))``.
-    """
-    from PIL import Image
-
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    if crop is None:
-        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    else:
-        top, left = int(crop[0] * (new_h - resolution + 1)), int(crop[1] * (new_w - resolution + 1))
-    if (new_w, new_h) != (resolution, resolution):
-        image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
-    if flip:
-        array = array[:, ::-1]
-    pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    return pixels, (height, width), (top, left)
-
-
-# --------------------------------------------------------------------------------------------
-# the dataset
-# --------------------------------------------------------------------------------------------
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -302,9 +158,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
         judge_column: str = JUDGE,
     ):
         _check_arguments(resolution, flip_rate, max_pairs, keep_ties, synthetic_labels, human_fraction, human_seed)
-        self.source = source if _is_hf_dataset(source) else str(source)
+        self.source = source if is_hf_dataset(source) else str(source)
         self.split = split
-        self.data = source if _is_hf_dataset(source) else open_split(source, split, cache_dir)
+        self.data = source if is_hf_dataset(source) else open_split(source, split, cache_dir)
         self.resolution = resolution
         self.keep_ties = bool(keep_ties)
         self.flip_rate = float(flip_rate)
@@ -393,7 +249,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         undecodable: List[int] = []
         if self.check_images:
             for row in np.flatnonzero(ok).tolist():
-                if not _decodes([self.image_data(row, 0), self.image_data(row, 1)]):
+                if not decodes([self.image_data(row, 0), self.image_data(row, 1)]):
                     undecodable.append(row)
             ok[undecodable] = False
         self.skipped = {"malformed": malformed.tolist(), "undecodable": undecodable}
@@ -685,19 +541,6 @@ def _check_arguments(resolution, flip_rate, max_pairs, keep_ties, synthetic_labe
         raise ValueError(f"human_seed must be an int, got {human_seed!r}")
 
 
-def _decodes(cells: Sequence[bytes]) -> bool:
-    try:
-        for data in cells:
-            decode_image(data)
-    except Exception:  # noqa: BLE001 - any decoder failure means "skip this row"
-        return False
-    return True
-
-
-def _is_hf_dataset(value) -> bool:
-    return type(value).__module__.startswith("datasets.") and hasattr(value, "column_names")
-
-
 def _numbers(column) -> np.ndarray:
     """An Arrow column of numbers as float64 (NaN where null); NaN everywhere for any other type
     (booleans and strings are not labels)."""
@@ -707,239 +550,3 @@ def _numbers(column) -> np.ndarray:
     if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
         return np.full(len(column), np.nan)
     return np.asarray(column.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-
-
-def format_rows(rows: Sequence[int], n: int = 20) -> str:
-    """The first ``n`` of ``rows`` as a list, for log lines (with the count when cut)."""
-    rows = list(rows)
-    return str(rows[:n])[:-1] + (f", ... ({len(rows)} in all)]" if len(rows) > n else "]")
-
-
-# --------------------------------------------------------------------------------------------
-# order
-# --------------------------------------------------------------------------------------------
-
-
-class PairSampler(torch.utils.data.Sampler):
-    """Seeded, resumable order over ``num_pairs`` items. Hand-written because torch's samplers
-    cannot start mid-epoch without replaying it: this one starts at any sample position.
-
-    Epoch ``e`` visits ``permutation(e)`` (NumPy ``default_rng([seed, e]).permutation``, or
-    ``arange`` with ``shuffle=False``). Global position ``p`` (samples consumed since the very
-    start) is item ``permutation(p // n)[p % n]``. ``start`` is the position to begin at: to
-    resume, pass the number of samples the run had consumed (``step * batch_size`` ...), and
-    the stream continues exactly where it stopped, across epoch boundaries too.
-
-    ``infinite=False``: one pass, from ``start`` to the end of ``start``'s epoch; then
-    :meth:`set_epoch` moves to the start of another epoch. ``infinite=True``: never ends.
-    ``with_position=True`` yields ``(item, position)`` pairs, the keys by which
-    :class:`PreferenceDataset` seeds a fetch's random crop and flip.
-    """
-
-    def __init__(
-        self,
-        num_pairs: int,
-        seed: int = 0,
-        *,
-        start: int = 0,
-        shuffle: bool = True,
-        infinite: bool = False,
-        with_position: bool = False,
-    ):
-        if num_pairs < 1:
-            raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        self.num_pairs = int(num_pairs)
-        self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self.infinite = bool(infinite)
-        self.start = int(start)
-        self.with_position = bool(with_position)
-        self._cache: Dict[int, np.ndarray] = {}
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._cache:
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_pairs)
-            else:
-                perm = np.arange(self.num_pairs)
-            self._cache = {epoch: perm}  # keep one epoch: the stream moves forward
-        return self._cache[epoch]
-
-    def index_at(self, position: int) -> int:
-        epoch, offset = divmod(int(position), self.num_pairs)
-        return int(self.permutation(epoch)[offset])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.start = int(epoch) * self.num_pairs
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "start": self.start, "num_pairs": self.num_pairs, "shuffle": self.shuffle}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["num_pairs"] != self.num_pairs:
-            raise ValueError(f"sampler state is for {state['num_pairs']} pairs, this dataset has {self.num_pairs}")
-        self.seed, self.start, self.shuffle = int(state["seed"]), int(state["start"]), bool(state["shuffle"])
-        self._cache = {}
-
-    def __iter__(self) -> Iterator[Union[int, Tuple[int, int]]]:
-        position = self.start
-        end = None if self.infinite else (position // self.num_pairs + 1) * self.num_pairs
-        while end is None or position < end:
-            yield (self.index_at(position), position) if self.with_position else self.index_at(position)
-            position += 1
-
-    def __len__(self) -> int:
-        if self.infinite:
-            raise TypeError("an infinite PairSampler has no length")
-        return self.num_pairs - self.start % self.num_pairs
-
-
-# --------------------------------------------------------------------------------------------
-# batches
-# --------------------------------------------------------------------------------------------
-
-_BATCH_NAMES = {"caption": "captions"}
-# Item fields that hold one entry per image ([2, ...]: winner, loser); batched as [2B, ...].
-PER_IMAGE = ("pixel_values", "latents", "original_sizes", "crop_top_lefts")
-
-
-def collate_pairs(items: Sequence[dict]) -> dict:
-    """Stack B items into the trainer's batch.
-
-    Per-image tensors (``pixel_values``, ``latents``, ``original_sizes``, ``crop_top_lefts``;
-    ``[2, ...]`` per item) become ``[2B, ...]``: all B winners, then all B losers -- the layout
-    that the UNet and ``fastpref.adaptive_dpo_loss`` take (diffusers' DPO script stacks the pair
-    on channels, ``[B, 6, R, R]``, and its ``cat(chunk(2, dim=1))`` gives the same
-    ``[2B, 3, R, R]``). Per-pair tensors (``prompt_embeds [B, L, D]``, ``pooled_prompt_embeds``)
-    stack to ``[B, ...]``; ``flipped``/``tie`` -> bool ``[B]``, ``human_label`` -> float32
-    ``[B]``, ``index``/``row`` -> int64 ``[B]``, ``caption`` -> the list ``captions``. DeDPO
-    items (``synthetic_labels=True``) add ``synthetic_label``, ``propensity`` -> float32 ``[B]``
-    (``human_label`` float32 ``[B]`` with NaN where unlabelled) and ``human_mask`` -> bool
-    ``[B]``: the keywords of ``adaptive_dpo_loss(..., loss_type="dedpo")``. ``skipped_rows``
-    becomes one flat list of the rows passed over at fetch."""
-    if not items:
-        raise ValueError("collate_pairs needs at least one item")
-    batch = {}
-    for key, first in items[0].items():
-        if key == "skipped_rows":  # the rows passed over at fetch, for BatchEncoder's count
-            batch[key] = [row for item in items for row in item[key]]
-            continue
-        values = [item[key] for item in items]
-        name = _BATCH_NAMES.get(key, key)
-        if key in PER_IMAGE:
-            batch[name] = torch.stack(values, dim=1).flatten(0, 1)  # [2, B, ...] -> [2B, ...]
-        elif isinstance(first, torch.Tensor):
-            batch[name] = torch.stack(values)
-        elif isinstance(first, bool):
-            batch[name] = torch.tensor(values, dtype=torch.bool)
-        elif isinstance(first, int):
-            batch[name] = torch.tensor(values, dtype=torch.int64)
-        elif isinstance(first, float):
-            batch[name] = torch.tensor(values, dtype=torch.float32)
-        else:
-            batch[name] = list(values)
-    return batch
-
-
-# --------------------------------------------------------------------------------------------
-# encoding
-# --------------------------------------------------------------------------------------------
-
-
-class FetchSkips:
-    """The source rows passed over at fetch because they do not decode, each counted once.
-
-    :meth:`install` saves them in every checkpoint (``fetch_skips.json``, through accelerate's
-    save/load state hooks, so the other checkpointed objects keep their numbers) and restores
-    them on resume, so a resumed run reports the same counts as an uninterrupted one."""
-
-    FILE = "fetch_skips.json"
-
-    def __init__(self):
-        self.rows: set = set()
-
-    def install(self, accelerator) -> None:
-        """Write ``FILE`` into every checkpoint ``accelerator.save_state`` writes (main process),
-        and read it back in ``load_state`` (a checkpoint without it: nothing skipped)."""
-        from ..files import write_json_atomic
-
-        def save(models, weights, output_dir):
-            if accelerator.is_main_process:
-                Path(output_dir).mkdir(parents=True, exist_ok=True)
-                write_json_atomic(Path(output_dir) / self.FILE, self.state_dict())
-
-        def load(models, input_dir):
-            file = Path(input_dir) / self.FILE
-            self.load_state_dict(json.loads(file.read_text()) if file.exists() else {"rows": []})
-
-        accelerator.register_save_state_pre_hook(save)
-        accelerator.register_load_state_pre_hook(load)
-
-    def record(self, rows: Sequence[int]) -> List[int]:
-        """Add ``rows``; returns those not seen before, sorted."""
-        new = sorted(set(int(r) for r in rows) - self.rows)
-        self.rows.update(new)
-        return new
-
-    def state_dict(self) -> dict:
-        return {"rows": sorted(self.rows)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rows = set(int(r) for r in state["rows"])
-
-
-class BatchEncoder:
-    """Turns a collated batch (pixels and captions, or cached latents and embeddings) into the
-    trainer's batch (:mod:`fastpref.train.trainer`) with the model ``family``'s encoding and
-    conditioning (the same functions the latent cache encodes with, so both paths give the same
-    numbers); the encoders are needed for pixels only, and the VAE encodes ``vae_batch_size``
-    images at a time.
-
-    The rows a batch passed over at fetch (``skipped_rows``) are recorded in ``skips`` (a
-    :class:`FetchSkips`; with ``gather``, e.g. ``accelerator.gather_object``, those of every
-    process) and ``summary["undecodable_at_fetch"]`` is kept up to date with their count."""
-
-    def __init__(
-        self,
-        family,
-        vae,
-        tokenizers,
-        text_encoders,
-        resolution: int,
-        device,
-        *,
-        vae_batch_size: Optional[int] = None,
-        skips: Optional[FetchSkips] = None,
-        summary: Optional[dict] = None,
-        gather=None,
-    ):
-        self.family = family
-        self.vae, self.tokenizers, self.text_encoders = vae, tokenizers, text_encoders
-        self.resolution, self.device, self.vae_batch_size = resolution, device, vae_batch_size
-        self.skips = skips if skips is not None else FetchSkips()
-        self.summary = summary if summary is not None else {}
-        self.gather = gather
-
-    def count_skips(self, batch: dict) -> None:
-        rows = list(batch.get("skipped_rows", ()))
-        if self.gather is not None:
-            rows = list(self.gather(rows))
-        new = self.skips.record(rows)
-        if new:
-            logger.warning("rows passed over at fetch (undecodable): %s", format_rows(new))
-        self.summary["undecodable_at_fetch"] = len(self.skips.rows)
-
-    def __call__(self, batch: dict) -> dict:
-        self.count_skips(batch)
-        labels = ("flipped", "synthetic_label", "human_label", "human_mask", "propensity")
-        out = {k: batch[k] for k in labels if k in batch}
-        if "latents" in batch:  # cached: the text conditioning is in the batch too
-            out["latents"] = batch["latents"]
-        else:
-            pixels = batch["pixel_values"].to(self.device)
-            out["latents"] = self.family.encode_images(self.vae, pixels, self.vae_batch_size).float()
-            batch = {**batch, **self.family.encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)}
-        out.update(self.family.batch_conditioning(batch, self.resolution))
-        return out
