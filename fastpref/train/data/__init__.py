@@ -11,9 +11,10 @@ them too, so both paths agree).
 """
 
 from .batches import PER_IMAGE, collate_pairs
-from .dataset import CAPTION, IMAGE_0, IMAGE_1, JUDGE, LABEL, VALID_LABELS, PreferenceDataset
+from .dataset import CAPTION, IMAGE_0, IMAGE_1, LABEL, VALID_LABELS, PreferenceDataset
 from .encoding import BatchEncoder, FetchSkips
 from .images import decode_image, image_bytes, preprocess
+from .labels import JUDGE, HumanOrder, JudgedLabels, JudgeOrder, LabelPolicy, PairLabels
 from .log import format_rows, logger
 from .sampler import PairSampler
 from .sources import open_split, parquet_splits
@@ -22,11 +23,16 @@ __all__ = [
     "BatchEncoder",
     "CAPTION",
     "FetchSkips",
+    "HumanOrder",
     "IMAGE_0",
     "IMAGE_1",
     "JUDGE",
+    "JudgeOrder",
+    "JudgedLabels",
     "LABEL",
+    "LabelPolicy",
     "PER_IMAGE",
+    "PairLabels",
     "PairSampler",
     "PreferenceDataset",
     "VALID_LABELS",

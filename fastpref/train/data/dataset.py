@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .images import decode_image, decodes, image_bytes, preprocess
+from .labels import JUDGE, HumanOrder, LabelPolicy, PairLabels, label_policy_for
 from .log import format_rows, logger
 from .sources import is_hf_dataset, open_split
 
 CAPTION, IMAGE_0, IMAGE_1, LABEL = "caption", "jpg_0", "jpg_1", "label_0"
-JUDGE = "synthetic_label_0"  # the AI judge's probability that jpg_0 is preferred (DeDPO mode)
 VALID_LABELS = (0.0, 0.5, 1.0)
-# Mixed into the flip RNG's seed so that flip_seed == sampler seed still gives unrelated streams.
-_FLIP_STREAM = 0xF11B
-# Likewise for the choice of the pairs that keep their human label (human_seed).
-_HUMAN_STREAM = 0xDED0
-# Likewise for the random crops and flips of one fetch (augment_seed, sample position).
+# Mixed into the seed of the random crops and flips of one fetch (augment_seed, sample position)
+# so that augment_seed == sampler seed still gives unrelated streams.
 _AUGMENT_STREAM = 0xA06
 
 
@@ -156,13 +152,22 @@ class PreferenceDataset(torch.utils.data.Dataset):
         human_fraction: Optional[float] = None,
         human_seed: int = 0,
         judge_column: str = JUDGE,
+        label_policy: Optional[LabelPolicy] = None,
     ):
-        _check_arguments(resolution, flip_rate, max_pairs, keep_ties, synthetic_labels, human_fraction, human_seed)
+        _check_arguments(resolution, flip_rate, max_pairs)
+        by_keywords = label_policy_for(synthetic_labels, keep_ties, human_fraction, human_seed, judge_column)
+        if label_policy is None:
+            label_policy = by_keywords
+        elif by_keywords != HumanOrder():
+            raise ValueError(
+                "label_policy replaces synthetic_labels, keep_ties and human_fraction: pass one or the other"
+            )
+        self.label_policy = label_policy
         self.source = source if is_hf_dataset(source) else str(source)
         self.split = split
         self.data = source if is_hf_dataset(source) else open_split(source, split, cache_dir)
         self.resolution = resolution
-        self.keep_ties = bool(keep_ties)
+        self.keep_ties = bool(label_policy.keep_ties)
         self.flip_rate = float(flip_rate)
         self.flip_seed = int(flip_seed)
         self.check_images = bool(check_images)
@@ -175,24 +180,23 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "image_1": image_columns[1],
             "label": label_column,
         }
-        # Kept out of self.columns: the cache key (dataset_fingerprint) must not depend on the mode.
-        self.synthetic_labels = bool(synthetic_labels)
-        self.human_fraction = (
-            (float(human_fraction) if human_fraction is not None else 1.0) if self.synthetic_labels else None
-        )
-        self.human_seed = int(human_seed)
-        self.judge_column = judge_column
-        labels, judges = self._read_small_columns()
-        self._scan_rows(labels, judges)
+        # Kept out of self.columns: the cache key (dataset_fingerprint) must not depend on the policy.
+        self.synthetic_labels = bool(label_policy.synthetic_labels)
+        self.human_fraction = label_policy.human_fraction
+        self.human_seed = int(getattr(label_policy, "human_seed", human_seed))
+        self.judge_column = getattr(label_policy, "judge_column", judge_column)
+        labels, values = self._read_small_columns()
+        self._scan_rows(labels, values)
         self._select()
 
     # -- construction steps --------------------------------------------------------------------
 
-    def _read_small_columns(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def _read_small_columns(self) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         """Check the columns (a missing one raises ``ValueError`` naming its flag) and read the
-        small ones: the captions (kept as Arrow, memory-mapped), the labels and (DeDPO mode) the
-        judge's values as float64 arrays (NaN where not a number), and whether each image cell
-        is empty -- from the cells' lengths, without reading their bytes."""
+        small ones: the captions (kept as Arrow, memory-mapped), the labels and the label
+        policy's columns (DeDPO mode: the judge's) as float64 arrays (NaN where not a number),
+        and whether each image cell is empty -- from the cells' lengths, without reading their
+        bytes."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -202,13 +206,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         for key, column in self.columns.items():
             if column not in names:
                 raise ValueError(f"{flags[key]}: the dataset has no column {column!r} (it has {names})")
-        if self.synthetic_labels and self.judge_column not in names:
-            raise ValueError(
-                f"the dataset has no column {self.judge_column!r} (has {names}); synthetic_labels=True (--loss_type "
-                "dedpo) reads the judge's column"
-            )
-        small = [self.columns["caption"], self.columns["label"]]
-        small += [self.judge_column] if self.synthetic_labels else []
+        self.label_policy.check_columns(names)
+        small = [self.columns["caption"], self.columns["label"], *self.label_policy.columns]
         table = self.data.select_columns(small).with_format("arrow")[:]
         self.num_rows = table.num_rows
         self._captions = table.column(self.columns["caption"])
@@ -217,7 +216,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         else:  # not text at all: every row is malformed
             self._caption_ok = np.zeros(self.num_rows, dtype=bool)
         labels = _numbers(table.column(self.columns["label"]))
-        judges = _numbers(table.column(self.judge_column)) if self.synthetic_labels else None
+        values = {name: _numbers(table.column(name)) for name in self.label_policy.columns}
         self._images = self.data.select_columns([self.columns["image_0"], self.columns["image_1"]]).with_format("arrow")
         # From the memory-mapped table of all stored rows (then the dataset's index mapping, if it
         # has one): only the cells' offsets and validity bitmaps are read, never the bytes.
@@ -234,17 +233,15 @@ class PreferenceDataset(torch.utils.data.Dataset):
             ok = np.asarray(pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)) > 0
             ok = ok if path is None else ok | path
             self._image_ok &= ok if order is None else ok[order]
-        return labels, judges
+        return labels, values
 
-    def _scan_rows(self, labels: np.ndarray, judges: Optional[np.ndarray]) -> None:
+    def _scan_rows(self, labels: np.ndarray, values: Dict[str, np.ndarray]) -> None:
         """Sort every row into malformed, undecodable (decoded only with ``check_images``) or
-        valid; keep the valid rows' labels and judge values."""
+        valid; keep the valid rows' labels and label-policy values."""
         label_ok = np.isin(labels, VALID_LABELS)
         ok = self._caption_ok & label_ok & self._image_ok
-        judge_bad = np.zeros(self.num_rows, dtype=bool)
-        if self.synthetic_labels:
-            judge_bad = ok & ~((judges >= 0.0) & (judges <= 1.0))  # NaN fails both comparisons
-            ok &= ~judge_bad
+        unusable = ok & ~self.label_policy.usable(values, self.num_rows)
+        ok &= ~unusable
         malformed = np.flatnonzero(~ok)
         undecodable: List[int] = []
         if self.check_images:
@@ -253,10 +250,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
                     undecodable.append(row)
             ok[undecodable] = False
         self.skipped = {"malformed": malformed.tolist(), "undecodable": undecodable}
-        self.judge_malformed_rows = np.flatnonzero(judge_bad).tolist()
+        self.judge_malformed_rows = np.flatnonzero(unusable).tolist()
         self.valid_rows = np.flatnonzero(ok).astype(np.int64)
         self._label = labels[self.valid_rows]
-        self._judge = judges[self.valid_rows] if self.synthetic_labels else None
+        self._values = {name: value[self.valid_rows] for name, value in values.items()}
 
     def image_data(self, row: int, which: int) -> Optional[bytes]:
         """The encoded bytes of image ``which`` (0: ``jpg_0``, 1: ``jpg_1``) of source ``row``
@@ -265,53 +262,26 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return image_bytes(self._images[int(row)].column(column)[0].as_py())
 
     def _select(self) -> None:
-        """Drop ties (unless kept), truncate to max_pairs, order the pairs, pick the human-labelled
-        (DeDPO mode) and the flipped pairs; then log."""
+        """Drop ties (unless kept), truncate to max_pairs, let the label policy order and label
+        the pairs (flips included); then log."""
         is_tie = self._label == 0.5
-        keep = np.ones(len(self.valid_rows), dtype=bool) if self.keep_ties else ~is_tie
-        rows = self.valid_rows[keep]
-        label = self._label[keep]
-        judge = self._judge[keep] if self.synthetic_labels else None
+        keep = self.label_policy.served(self._label)
+        rows, label = self.valid_rows[keep], self._label[keep]
+        values = {name: value[keep] for name, value in self._values.items()}
         if self.max_pairs is not None and self.max_pairs < len(rows):
             # datasets' shuffle(seed).select(range(N)) draws this permutation; kept in row order
             pick = np.sort(np.random.default_rng(self.subset_seed).permutation(len(rows))[: self.max_pairs])
             rows, label = rows[pick], label[pick]
-            judge = judge[pick] if judge is not None else None
+            values = {name: value[pick] for name, value in values.items()}
         self._rows = rows
         self._tie = label == 0.5
-        n = len(rows)
-        if self.synthetic_labels:
-            # The judge orders every pair (jpg_1 first when it prefers jpg_1), so that the order of
-            # an unlabelled pair says nothing about its hidden human label.
-            self._swap = judge < 0.5
-            n_human = max(1, int(math.floor(self.human_fraction * n + 0.5))) if n else 0
-            human_mask = np.zeros(n, dtype=bool)
-            if n_human:
-                rng = np.random.default_rng([self.human_seed, _HUMAN_STREAM])
-                human_mask[rng.permutation(n)[:n_human]] = True
-            self._human_mask = human_mask
-            self.num_human_labelled = n_human
-            self.propensity = n_human / n if n else self.human_fraction
-            decided = np.flatnonzero(human_mask)  # flips apply to the human labels only
-        else:
-            self._swap = label == 0.0  # jpg_1 is the winner: serve it first
-            decided = np.flatnonzero(~self._tie)
-        n_flip = int(math.floor(self.flip_rate * len(decided) + 0.5))
-        flipped = np.zeros(len(rows), dtype=bool)
-        if n_flip:
-            rng = np.random.default_rng([self.flip_seed, _FLIP_STREAM])
-            flipped[decided[rng.permutation(len(decided))[:n_flip]]] = True
-        self._flipped = flipped
-        if self.synthetic_labels:
-            # Both labels relative to the served order: p (or 1 - p) that the first image wins.
-            self._synthetic = np.where(self._swap, 1.0 - judge, judge)
-            human = np.where(self._swap, 1.0 - label, label)
-            human = np.where(flipped, 1.0 - human, human)
-            self._human_label = np.where(self._human_mask, human, np.nan)
+        self._labels = self.label_policy.assign(
+            label, values, self.flip_rate, self.flip_seed, len(self.judge_malformed_rows)
+        )
         self.num_ties = int(is_tie.sum())
-        self.num_ties_dropped = 0 if self.keep_ties else self.num_ties
-        self.num_flipped = n_flip
-        self.flipped_rows = rows[flipped].tolist()
+        self.num_ties_dropped = int((is_tie & ~keep).sum())
+        self.num_flipped = int(self._labels.flipped.sum())
+        self.flipped_rows = rows[self._labels.flipped].tolist()
         self._log()
 
     def _log(self) -> None:
@@ -331,18 +301,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             self.flip_rate,
             self.flip_seed,
         )
-        if self.synthetic_labels:
-            logger.info(
-                "DeDPO mode: pairs ordered by the judge (%s); %d of %d pairs keep their human label "
-                "(human_fraction=%g, human_seed=%d, propensity=%.6g); %d rows with a malformed judge value skipped",
-                self.judge_column,
-                self.num_human_labelled,
-                len(self),
-                self.human_fraction,
-                self.human_seed,
-                self.propensity,
-                len(self.judge_malformed_rows),
-            )
+        self._labels.log(len(self))
         if self.num_malformed or self.num_undecodable:
             logger.warning(
                 "skipped rows: malformed %s, undecodable %s",
@@ -365,8 +324,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         keep = np.asarray([r not in drop for r in self.valid_rows.tolist()], dtype=bool)
         other.valid_rows = self.valid_rows[keep]
         other._label = self._label[keep]
-        if self._judge is not None:
-            other._judge = self._judge[keep]
+        other._values = {name: value[keep] for name, value in self._values.items()}
         other._select()
         return other
 
@@ -383,7 +341,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
     @property
     def flipped(self) -> torch.Tensor:
         """``[len(self)]`` bool: which served pairs are flipped."""
-        return torch.from_numpy(self._flipped.copy())
+        return torch.from_numpy(self._labels.flipped.copy())
 
     @property
     def rows(self) -> np.ndarray:
@@ -391,42 +349,36 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return self._rows.copy()
 
     @property
+    def labels(self) -> PairLabels:
+        """The label policy's labels of the served pairs (:class:`PairLabels`, arrays in item order)."""
+        return self._labels
+
+    @property
     def human_mask(self) -> torch.Tensor:
         """``[len(self)]`` bool: which served pairs keep their human label (DeDPO mode only)."""
-        self._require_synthetic("human_mask")
-        return torch.from_numpy(self._human_mask.copy())
+        return torch.from_numpy(self._labels.human_mask.copy())
 
-    def _require_synthetic(self, name: str) -> None:
-        if not self.synthetic_labels:
-            raise ValueError(f"{name} needs a dataset built with synthetic_labels=True (DeDPO mode)")
+    @property
+    def propensity(self) -> float:
+        """m / n, the probability that a pair keeps its human label (DeDPO mode only)."""
+        return self._labels.propensity
+
+    @property
+    def num_human_labelled(self) -> int:
+        """m, the number of served pairs that keep their human label (DeDPO mode only)."""
+        return self._labels.num_human_labelled
 
     def judge_agreement(self) -> Dict[str, float]:
-        """How far the judge is from the humans on the human-labelled pairs (DeDPO mode only).
-
-        Over the ``m`` pairs with ``human_mask``, with ``p`` = ``synthetic_label`` and ``y`` =
-        ``human_label`` as served (flips included: the labels the loss sees):
-        ``{"num_labelled": m, "accuracy": mean of 1 where the judge's preferred image is the
-        human's (p > 0.5 and y = 1, or p < 0.5 and y = 0), 0.5 where p == 0.5, else 0,
-        "mean_abs_error": mean |p - y|}``; the two means are NaN when ``m == 0``.
-        """
-        self._require_synthetic("judge_agreement")
-        p = self._synthetic[self._human_mask]
-        y = self._human_label[self._human_mask]
-        if len(p) == 0:
-            return {"num_labelled": 0, "accuracy": float("nan"), "mean_abs_error": float("nan")}
-        correct = np.where(p == 0.5, 0.5, ((p > 0.5) == (y == 1.0)).astype(np.float64))
-        return {
-            "num_labelled": int(len(p)),
-            "accuracy": float(correct.mean()),
-            "mean_abs_error": float(np.abs(p - y).mean()),
-        }
+        """How far the judge is from the humans on the human-labelled pairs (DeDPO mode only;
+        :meth:`JudgedLabels.judge_agreement <fastpref.train.data.labels.JudgedLabels.judge_agreement>`)."""
+        return self._labels.judge_agreement()
 
     def summary(self) -> dict:
         """The counts for logs and ``train_summary.json``: ``split``, ``rows`` (in the split),
         ``pairs`` and ``num_pairs`` (both the number served, after filtering and the subset),
         ``malformed``, ``undecodable`` (found while building), ``ties``, ``ties_dropped``,
         ``flipped``; DeDPO mode adds ``judge_malformed`` and ``human_labelled``."""
-        out = {
+        return {
             "split": self.split,
             "num_pairs": len(self),
             "rows": self.num_rows,
@@ -436,10 +388,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "ties": self.num_ties,
             "ties_dropped": self.num_ties_dropped,
             "flipped": self.num_flipped,
+            **self._labels.summary(),
         }
-        if self.synthetic_labels:
-            out.update(judge_malformed=len(self.judge_malformed_rows), human_labelled=self.num_human_labelled)
-        return out
 
     # -- items ---------------------------------------------------------------------------------
 
@@ -458,23 +408,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} pairs")
         index = index % len(self)
-        tie, flipped = bool(self._tie[index]), bool(self._flipped[index])
         row = int(self._rows[index])
-        info = {"index": index, "row": row, "caption": self.caption(row), "flipped": flipped, "tie": tie}
-        if self.synthetic_labels:
-            info.update(
-                human_label=float(self._human_label[index]),
-                synthetic_label=float(self._synthetic[index]),
-                human_mask=bool(self._human_mask[index]),
-                propensity=float(self.propensity),
-                swap=bool(self._swap[index]),  # the judge's order; flips touch the human label only
-            )
-        else:
-            info.update(
-                human_label=0.5 if tie else (0.0 if flipped else 1.0),
-                # stored jpg_1 goes first when it is the winner, or when a pair is flipped
-                swap=bool(self._swap[index]) != flipped,
-            )
+        info = {"index": index, "row": row, "caption": self.caption(row)}
+        info.update(flipped=bool(self._labels.flipped[index]), tie=bool(self._tie[index]))
+        info.update(self._labels.item(index))
         return info
 
     def __getitem__(self, key) -> dict:
@@ -512,7 +449,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         item["crop_top_lefts"] = torch.tensor(crops, dtype=torch.int64)
 
 
-def _check_arguments(resolution, flip_rate, max_pairs, keep_ties, synthetic_labels, human_fraction, human_seed):
+def _check_arguments(resolution, flip_rate, max_pairs):
     """``ValueError`` for a bad argument of :class:`PreferenceDataset`, before any file is read."""
     if not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")
@@ -520,25 +457,6 @@ def _check_arguments(resolution, flip_rate, max_pairs, keep_ties, synthetic_labe
         raise ValueError(f"flip_rate must be in [0, 1], got {flip_rate!r}")
     if max_pairs is not None and max_pairs < 0:
         raise ValueError(f"max_pairs must be >= 0, got {max_pairs}")
-    if human_fraction is not None:
-        if not synthetic_labels:
-            raise ValueError(
-                "human_fraction needs synthetic_labels=True (DeDPO mode): without a judge's label every pair keeps "
-                "its human label"
-            )
-        if (
-            isinstance(human_fraction, bool)
-            or not isinstance(human_fraction, (int, float))
-            or not 0.0 < human_fraction <= 1.0
-        ):
-            raise ValueError(f"human_fraction must be in (0, 1], got {human_fraction!r}")
-    if synthetic_labels and keep_ties:
-        raise ValueError(
-            "keep_ties=True cannot be used with synthetic_labels=True: a tie (label_0 = 0.5) has no 0/1 human "
-            "label, which the DeDPO estimator needs, so DeDPO mode always drops ties"
-        )
-    if isinstance(human_seed, bool) or not isinstance(human_seed, (int, np.integer)):
-        raise ValueError(f"human_seed must be an int, got {human_seed!r}")
 
 
 def _numbers(column) -> np.ndarray:
