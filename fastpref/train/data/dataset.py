@@ -1,4 +1,4 @@
-"""The preference pairs served to the trainer: :class:`PreferenceDataset`."""
+"""The preference pairs served to the trainer: :class:`PreferenceDataset` (docs/data.md)."""
 
 from __future__ import annotations
 
@@ -22,96 +22,18 @@ _AUGMENT_STREAM = 0xA06
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Pick-a-Pic v2 preference pairs over the rows of a Hugging Face dataset (:func:`open_split`
-    of ``source``, or ``source`` itself when it is a ``datasets.Dataset``), with the columns
-    ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image bytes, or the struct of a Hugging Face
-    ``Image`` feature) and ``label_0`` in {1, 0, 0.5} (other names: ``caption_column``,
-    ``image_columns``, ``label_column``). Other columns are ignored.
+    """Pick-a-Pic v2 preference pairs (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) over the
+    rows of a Hugging Face dataset, served winner first; docs/data.md has the rules.
 
-    **Bounded memory.** Building reads only the small columns (captions, labels, the judge's
-    column, and the images' lengths and null flags); the image bytes stay in the memory-mapped
-    Arrow files until an item is fetched, and the item's images are decoded then (in the
-    DataLoader worker that fetches it). What the dataset holds per row is a few numbers
-    (the index layer below), so memory and start-up do not grow with the images.
-
-    * **Winner first.** Item ``i`` holds ``pixel_values [2, 3, R, R]`` in [-1, 1], index 0 the
-      preferred image: ``jpg_0`` first when ``label_0 == 1``, ``jpg_1`` first when ``label_0 == 0``.
-    * **Ties** (``label_0 == 0.5``) are dropped unless ``keep_ties=True``; a kept tie keeps the
-      stored order and has ``human_label == 0.5``.
-    * **Malformed rows** -- a caption that is not a string, a label that is not 1, 0 or 0.5, an
-      empty image cell -- are skipped and counted while building (``num_malformed``; rows in
-      ``skipped["malformed"]``), logged once on the ``fastpref.train.data`` logger.
-    * **Undecodable rows** (image bytes PIL cannot decode). With ``check_images=True`` every image
-      is decoded while building and such rows are skipped up front (``num_undecodable``; the
-      default, for small data). With ``check_images=False`` (the trainer's way) they are found when
-      fetched: item ``i`` whose images do not decode is replaced by item ``i + 1`` (then ``i + 2``,
-      ... modulo the length) -- a rule of the index alone, so every run, process and resumed run
-      fetches the same substitute -- and the item's ``skipped_rows`` lists the source rows passed
-      over (logged as a warning; :class:`BatchEncoder` counts them for ``train_summary.json``).
-    * **Label flips.** ``flip_rate`` in [0, 1] swaps the two images of exactly
-      ``round(flip_rate * n)`` of the ``n`` non-tie pairs, chosen by ``flip_seed`` (NumPy
-      ``default_rng([flip_seed, ...])``). ``flipped`` is recorded per item (``flipped_rows``
-      lists the source rows, logged) so that the trainer can report the metric on flipped vs
-      kept pairs; ``human_label`` is the probability that the *returned first* image is the
-      human's choice (1, 0 for a flipped pair, 0.5 for a tie).
-    * **Subset.** ``max_pairs=N`` serves the seeded random subset of N of the usable pairs (after
-      ties and bad rows are dropped) that ``datasets``' ``shuffle(seed=subset_seed).select(range(N))``
-      picks (the first N of ``default_rng(subset_seed).permutation(n)``), kept in row order.
-    * **Preprocessing** (:func:`preprocess`): shorter side resized to ``R`` (PIL bilinear), centre
-      crop to ``R x R``, ``x / 127.5 - 1``. ``random_crop`` and ``hflip`` (diffusers'
-      ``--random_crop``, and flips unless ``--no_hflip``) draw one crop position and one coin per
-      fetch, the same for both images of the pair, from ``default_rng([augment_seed, 0xA06,
-      position])``: ``position`` is the sample's place in the sampler's stream when the key is an
-      ``(index, position)`` pair (:class:`PairSampler` ``with_position=True``), else the index --
-      so a resumed run draws the same. ``original_sizes [2, 2]`` (h, w before resizing) and
-      ``crop_top_lefts [2, 2]`` (top, left of the crop) feed SDXL's ``add_time_ids``.
-
-    ``dataset[i]`` (or ``dataset[(i, position)]``) is a dict: ``pixel_values [2, 3, R, R]`` float32
-    (winner first; in DeDPO mode the judge's preferred image first), ``caption`` (str),
-    ``flipped``, ``tie`` (bool), ``human_label`` (float), ``index`` (int; ``i``, or its
-    substitute's), ``row`` (int; the source row: the row's position in the split),
-    ``skipped_rows`` (list of int), ``original_sizes [2, 2]``, ``crop_top_lefts [2, 2]`` (int64).
-
-    Attributes: ``data`` (the ``datasets.Dataset``), ``split``, ``resolution``, ``num_rows`` (rows
-    in the split), ``num_malformed``, ``num_undecodable``, ``skipped`` ({"malformed": rows,
-    "undecodable": rows}), ``valid_rows`` (every row that passed, ties included), ``num_ties``
-    (ties among them), ``num_ties_dropped``, ``num_flipped``, ``flipped_rows``; ``len(dataset)``
-    is the number of pairs served.
-
-    **DeDPO mode** (``synthetic_labels=True``; docs/spec.md §5b, ``loss_type="dedpo"``). The column
-    ``judge_column`` (default ``synthetic_label_0``) must exist; it holds the judge's probability
-    ``p`` in [0, 1] that ``jpg_0`` is preferred. Rules, all explicit:
-
-    * **Order by the judge, for every pair**: ``jpg_0`` first when ``p >= 0.5``, else ``jpg_1``.
-      ``label_0`` never decides the order, so the order of a pair whose human label is hidden
-      carries no information about it.
-    * **Which pairs keep their human label**: exactly ``m = max(1, round(human_fraction * n))``
-      of the ``n`` served pairs (round half up), the first ``m`` of the permutation
-      ``default_rng([human_seed, 0xDED0]).permutation(n)`` -- its own stream, unrelated to the
-      flip and sampler streams; a larger fraction with the same seed keeps a superset.
-      ``human_fraction=None`` means 1.0 (every pair keeps its label). ``propensity = m / n``
-      exactly: the true probability that the seeded choice picked a given pair.
-    * **Per item**: ``synthetic_label`` (float) = the judge's probability that the *returned
-      first* image is preferred (``p``, or ``1 - p`` when ``jpg_1`` is served first; so always
-      >= 0.5); ``human_label`` (float) = 1.0 if the human preferred the returned first image,
-      0.0 if the second, NaN where the pair has no human label; ``human_mask`` (bool);
-      ``propensity`` (float, the same for every item).
-    * **Ties** (``label_0 == 0.5``) have no 0/1 human label, which §5b needs: they are always
-      dropped, and ``keep_ties=True`` raises ``ValueError``.
-    * **Flips** simulate human label noise: ``flip_rate`` inverts the human label of exactly
-      ``round(flip_rate * m)`` of the ``m`` human-labelled pairs (chosen by ``flip_seed`` as
-      outside DeDPO mode). They change neither the order nor ``synthetic_label``; ``flipped``
-      marks those pairs (never an unlabelled one).
-    * **Malformed judge values**: a row that passes the other checks but whose judge cell is
-      missing, NaN or outside [0, 1] is malformed: skipped, counted in ``num_malformed`` (and
-      listed in ``judge_malformed_rows``), never raised. The latent cache still encodes it, so a
-      cache built in one mode serves the other (the cache key does not depend on the mode).
-
-    Extra attributes in DeDPO mode: ``propensity`` (float), ``num_human_labelled`` (int),
-    ``judge_malformed_rows`` (list of rows, empty outside DeDPO mode), the properties
-    ``human_mask`` and :meth:`judge_agreement`. Outside DeDPO mode the judge column is not read
-    and items, counts and the cache key are exactly those of a dataset built without these
-    arguments.
+    Building reads only the small columns and sorts the rows (malformed, undecodable, valid); the
+    label policy (:mod:`.labels`: the human order, or DeDPO's judge order) then orders and labels
+    the served pairs, with seeded label flips and a seeded subset. ``dataset[i]`` (or
+    ``dataset[(i, position)]``) decodes the pair then: ``pixel_values [2, 3, R, R]`` float32
+    (the served first image at 0), ``original_sizes``, ``crop_top_lefts [2, 2]`` int64 and the
+    labels (``flipped``, ``tie`` bool, ``human_label`` float; DeDPO: ``synthetic_label``,
+    ``human_mask``, ``propensity``). Counts: ``num_rows``, ``num_malformed``, ``num_undecodable``,
+    ``num_ties``, ``num_ties_dropped``, ``num_flipped``, :meth:`summary`; ``len(dataset)`` is the
+    number of pairs served.
 
     Args:
         source: what :func:`open_split` takes (a Hub id, a folder, a parquet file), or a
@@ -119,14 +41,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
         resolution: the side ``R`` of the square images served.
         split, cache_dir: :func:`open_split`'s (``--dataset_split_name``, ``--cache_dir``).
         keep_ties: serve ties (label 0.5) in stored order instead of dropping them.
-        flip_rate, flip_seed: the share of labels flipped on purpose and its seed (see above).
+        flip_rate, flip_seed: the share of label flips and its seed.
         check_images: decode every image while building (skip the undecodable rows up front).
-        max_pairs, subset_seed: serve the seeded subset of this many pairs (see above).
-        hflip, random_crop, augment_seed: the augmentation of fetched pixels (see above).
-        synthetic_labels: DeDPO mode (see above).
+        max_pairs, subset_seed: serve the seeded subset of this many pairs.
+        hflip, random_crop, augment_seed: the horizontal flip and random crop of fetched pixels.
+        synthetic_labels: DeDPO mode (the judge order).
         human_fraction: in (0, 1]; DeDPO mode only; the share of pairs that keep a human label.
         human_seed: the seed of the choice of those pairs.
-        judge_column: the judge's column (DeDPO mode).
+        caption_column, image_columns, label_column, judge_column: the columns' names.
+        label_policy: a policy object (:class:`~.labels.LabelPolicy`) in place of
+            ``synthetic_labels``, ``keep_ties``, ``human_fraction``, ``human_seed`` and ``judge_column``.
     """
 
     def __init__(

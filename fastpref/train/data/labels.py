@@ -1,5 +1,5 @@
 """Label policies: how a :class:`~fastpref.train.data.dataset.PreferenceDataset` orders its pairs
-and labels them.
+and labels them (docs/data.md).
 
 A policy reads the columns it needs beside ``label_0`` (:attr:`columns`), says which rows those
 columns make usable, which pairs are served (ties) and, over the served pairs, gives their
