@@ -8,6 +8,7 @@ runs in seconds on two CPU cores.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np  # noqa: E402
@@ -22,6 +23,8 @@ from offline import CORRUPT, PAIRS, RES, TIES  # noqa: E402
 
 from fastpref.testing.toy_data import JUDGE_COLUMN, encode_jpeg, make_rows, write_parquet  # noqa: E402
 from fastpref.train.data import (  # noqa: E402
+    HumanOrder,
+    JudgeOrder,
     PairSampler,
     PreferenceDataset,
     collate_pairs,
@@ -392,6 +395,37 @@ def test_dedpo_malformed_judge_values_skipped_and_counted(tmp_path):
     assert [dataset[i]["synthetic_label"] for i in range(3)] == [0.7, 1.0, 1.0]  # 0 and 1 are valid
     plain = PreferenceDataset(file, RES)  # the judge is not read outside DeDPO mode
     assert plain.num_malformed == 0 and len(plain) == len(judge)
+
+
+class LoserFirst(HumanOrder):
+    """A custom label policy: the human's loser first."""
+
+    def assign(self, label, values, flip_rate, flip_seed, num_unusable):
+        labels = super().assign(label, values, flip_rate, flip_seed, num_unusable)
+        return dataclasses.replace(labels, swap=~labels.swap, human_label=1.0 - labels.human_label)
+
+
+def test_a_label_policy_object_replaces_the_keywords(tmp_path):
+    """``label_policy=`` serves what the keywords it replaces serve; a custom policy orders the pairs."""
+    file = judged_file(tmp_path / "p.parquet", [1.0, 0.0, 0.5, 1.0, 0.0, 1.0], [0.9, 0.9, 0.5, 0.2, 0.2, 0.6])
+    for policy, keywords in (
+        (HumanOrder(keep_ties=True), dict(keep_ties=True)),
+        (JudgeOrder(human_fraction=0.5, human_seed=3), dict(synthetic_labels=True, human_fraction=0.5, human_seed=3)),
+    ):
+        by_policy = PreferenceDataset(file, 16, flip_rate=0.5, label_policy=policy)
+        by_keywords = PreferenceDataset(file, 16, flip_rate=0.5, **keywords)
+        assert by_policy.summary() == by_keywords.summary()
+        for i in range(len(by_policy)):
+            assert repr(by_policy.item_info(i)) == repr(by_keywords.item_info(i))  # NaN human labels too
+            assert torch.equal(by_policy[i]["pixel_values"], by_keywords[i]["pixel_values"])
+    human = PreferenceDataset(file, 16)
+    custom = PreferenceDataset(file, 16, label_policy=LoserFirst())
+    assert custom.rows.tolist() == human.rows.tolist()
+    for i in range(len(custom)):
+        assert torch.equal(custom[i]["pixel_values"], human[i]["pixel_values"].flip(0))
+        assert custom[i]["human_label"] == 0.0
+    with pytest.raises(ValueError, match="label_policy"):
+        PreferenceDataset(file, 16, label_policy=LoserFirst(), synthetic_labels=True)
 
 
 def test_judge_agreement_matches_a_hand_computation(tmp_path):
