@@ -202,14 +202,17 @@ def test_latent_cache_hit_reuses_and_matches(models, encoders, toy, tmp_path, mo
     kwargs = dict(vae=vae, tokenizers=tokenizers, text_encoders=text_encoders, batch_size=4, shard_size=8)
     first = LatentCache.build(dataset, tmp_path, models[arch], **kwargs)
     assert not first.hit and calls and first.path.parent == tmp_path
-    assert len(first) == PAIRS - CORRUPT and first.latents.shape[1:] == (2, 4, RES // 8, RES // 8)
+    assert len(first) == PAIRS - CORRUPT and first.pair(0)["latents"].shape == (2, 4, RES // 8, RES // 8)
     assert len(list(first.path.glob("latents-*.safetensors"))) == math.ceil(PAIRS / 8)
 
     n_calls = len(calls)
     second = LatentCache.build(dataset, tmp_path, models[arch], **kwargs)
     assert second.hit and len(calls) == n_calls  # no VAE call on a hit
-    assert second.key == first.key and torch.equal(second.latents, first.latents)
-    assert torch.equal(second.prompt_embeds, first.prompt_embeds)
+    assert second.key == first.key
+    for position in range(len(first)):
+        assert torch.equal(second.pair(position)["latents"], first.pair(position)["latents"])
+    for index in range(int(first.caption_index.max()) + 1):
+        assert torch.equal(second.text(index)["prompt_embeds"], first.text(index)["prompt_embeds"])
     # A hit never loads the models either.
     monkeypatch.setattr(FAMILIES[arch], "load_encoders", lambda *a, **k: pytest.fail("models loaded on a cache hit"))
     assert LatentCache.build(dataset, tmp_path, models[arch]).hit

@@ -111,19 +111,6 @@ class LatentCache:
         offset = index - int(self._text_starts[shard])
         return {name: copy_tensor(value[offset]) for name, value in tensors.items()}
 
-    def _stacked(self, names: Sequence[str], key: str) -> torch.Tensor:
-        return torch.cat([copy_tensor(self._file(name)[key]) for name in names])
-
-    @property
-    def latents(self) -> torch.Tensor:
-        """Every cached latent pair, ``[N, 2, C, h, w]``, read into memory (small caches only)."""
-        return self._stacked(self.meta["shards"], "latents")
-
-    @property
-    def prompt_embeds(self) -> torch.Tensor:
-        """Every unique caption's embedding, ``[U, L, D]``, read into memory (small caches only)."""
-        return self._stacked(self.meta["text_shards"], "prompt_embeds")
-
     @classmethod
     def open(cls, folder: Path, hit: bool = True) -> "LatentCache":
         """The complete cache in ``folder``, every file checked (:class:`CacheFileError` if one
