@@ -143,7 +143,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         values = {name: _numbers(table.column(name)) for name in self.label_policy.columns}
         self._images = self.data.select_columns([self.columns["image_0"], self.columns["image_1"]]).with_format("arrow")
         # From the memory-mapped table of all stored rows (then the dataset's index mapping, if it
-        # has one): only the cells' offsets and validity bitmaps are read, never the bytes.
+        # has one): only the cells' offsets and validity bitmaps are read, never the bytes. datasets
+        # has no public accessor of the mapping; flatten_indices() would copy every image.
         mapping = self.data._indices
         order = None if mapping is None else np.asarray(mapping.column(0).to_numpy(zero_copy_only=False))
         self._image_ok = np.ones(self.num_rows, dtype=bool)
