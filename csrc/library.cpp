@@ -203,16 +203,16 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
 PyObject* py_option_codes(PyObject*, PyObject*) {
   PyObject* options = PyDict_New();
   if (options == nullptr) return nullptr;
-  for (int mode = 0; mode < fastpref::kNumModes; ++mode) {
+  for (int slot = 0; slot < fastpref::kNumModeSlots; ++slot) {
     PyObject* codes = PyDict_New();
-    if (codes == nullptr || PyDict_SetItemString(options, fastpref::kModeNames[mode], codes) != 0) {
+    if (codes == nullptr || PyDict_SetItemString(options, fastpref::kModeOptionNames[slot], codes) != 0) {
       Py_XDECREF(codes);
       Py_DECREF(options);
       return nullptr;
     }
     Py_DECREF(codes);  // `options` holds it
     for (const fastpref::OptionCode& entry : fastpref::kOptionCodes) {
-      if (entry.mode != mode) continue;
+      if (entry.slot != slot) continue;
       PyObject* code = PyLong_FromLongLong(entry.code);
       if (code == nullptr || PyDict_SetItemString(codes, entry.name, code) != 0) {
         Py_XDECREF(code);
@@ -225,6 +225,37 @@ PyObject* py_option_codes(PyObject*, PyObject*) {
   return options;
 }
 
+// `out[enum_name] = {member: slot}` for the entries of one slot table, in table order.
+template <size_t N>
+bool add_slots(PyObject* out, const char* enum_name, const fastpref::SlotName (&table)[N]) {
+  PyObject* slots = PyDict_New();
+  if (slots == nullptr || PyDict_SetItemString(out, enum_name, slots) != 0) {
+    Py_XDECREF(slots);
+    return false;
+  }
+  Py_DECREF(slots);  // `out` holds it
+  for (const fastpref::SlotName& entry : table) {
+    PyObject* slot = PyLong_FromLong(entry.slot);
+    if (slot == nullptr || PyDict_SetItemString(slots, entry.name, slot) != 0) {
+      Py_XDECREF(slot);
+      return false;
+    }
+    Py_DECREF(slot);
+  }
+  return true;
+}
+
+// {"SettingSlot": {member: slot}, "ModeSlot": {member: slot}} of common/options.h.
+PyObject* py_op_slots(PyObject*, PyObject*) {
+  PyObject* out = PyDict_New();
+  if (out == nullptr) return nullptr;
+  if (!add_slots(out, "SettingSlot", fastpref::kSettingSlots) || !add_slots(out, "ModeSlot", fastpref::kModeSlots)) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
 PyMethodDef kMethods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'base', 'avx2' or 'avx512'."},
     {"cpu_isas", py_cpu_isas, METH_NOARGS, "Instruction sets built into fastpref._C that this CPU supports."},
@@ -232,6 +263,9 @@ PyMethodDef kMethods[] = {
      "Use the kernels of another supported instruction set (for tests; results are bitwise identical)."},
     {"option_codes", py_option_codes, METH_NOARGS,
      "The option codes the kernels read, {option: {member: code}}, as in fastpref.loss.options."},
+    {"op_slots", py_op_slots, METH_NOARGS,
+     "The positions the kernels read in the ops' settings and modes, {enum: {member: slot}}, as in "
+     "fastpref.loss.options."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from conftest import assert_close64, call_loss, make_case, outputs
 
 import fastpref
 from fastpref.loss import autograd, dispatch
-from fastpref.loss.options import MODE_OPTIONS, LossType, Margin, Preset, Reduction, Weighting, acc_dtype
+from fastpref.loss.options import MODE_OPTIONS, LossType, ModeSlot, SettingSlot, acc_dtype, make_config
 
 CPP_REASON = fastpref.availability("cpu")["native"]
 pytestmark = pytest.mark.skipif(CPP_REASON is not None, reason=f"native backend unavailable: {CPP_REASON}")
@@ -177,6 +176,18 @@ def test_option_codes_match_the_python_enums():
     assert list(codes) == list(expected)
 
 
+def test_reordered_op_slots_in_python_or_cpp_fail_this_check():
+    """The kernels read ``settings`` and ``modes`` at the positions of csrc/common/options.h:
+    each slot there is the one of ``SettingSlot`` and ``ModeSlot`` (fastpref.loss.options) of
+    the same name, in the same order, so reordering either side breaks this test."""
+    expected = {slots.__name__: {member.name: member.value for member in slots} for slots in (SettingSlot, ModeSlot)}
+    mirrored = _C.op_slots()
+    assert mirrored == expected
+    assert {name: list(slots) for name, slots in mirrored.items()} == {
+        name: list(slots) for name, slots in expected.items()
+    }
+
+
 def test_set_cpu_isa_rejects_unknown():
     with pytest.raises(ValueError, match="not built or not supported"):
         _C._set_cpu_isa("sse1")
@@ -298,15 +309,21 @@ def test_gradcheck_float64_multi_chunk(config, path):
 def op_settings(*, beta=5.0, loss_type="sigmoid", reduction="mean"):
     """``(settings, modes)`` op arguments (as ``fastpref.loss.autograd.encode`` makes them) of the default
     Adaptive-DPO config with the given beta, loss type and reduction."""
-    settings = [beta, 15.0, 10.0, -1.0 / beta, math.nan, 0.1, beta]
-    modes = [
-        Preset.OFFICIAL.value,
-        Weighting.LINEAR.value,
-        Margin.QUADRATIC.value,
-        LossType[loss_type.upper()].value,
-        Reduction[reduction.upper()].value,
-    ]
-    return settings, modes
+    config = make_config(
+        beta=beta,
+        rho=15.0,
+        k1=10.0,
+        k2=None,
+        c2=None,
+        preset="official",
+        weighting="linear",
+        margin="quadratic",
+        loss_type=loss_type,
+        eps=0.1,
+        ipo_tau=None,
+        reduction=reduction,
+    )
+    return autograd.encode(config)
 
 
 def _op_inputs(dtype=torch.float32, *, k=2, loss_type="sigmoid", reduction="mean", shared=True):
@@ -438,12 +455,13 @@ def test_import_loads_the_backend_but_not_dynamo():
 def test_op_rejects_malformed_calls():
     model, ref, target, emas, soft, settings, modes = _op_inputs()
     forward = torch.ops.fastpref.cpp_forward.default
+    with_modes = lambda slot, code: [code if s == slot else modes[s] for s in ModeSlot]  # noqa: E731
     with pytest.raises(RuntimeError, match="settings"):
-        forward(model, ref, target, emas, soft, settings[:6], modes)
+        forward(model, ref, target, emas, soft, settings[:-1], modes)
     with pytest.raises(RuntimeError, match="modes"):
-        forward(model, ref, target, emas, soft, settings, [0, 0, 0, 9, 0])
+        forward(model, ref, target, emas, soft, settings, with_modes(ModeSlot.LOSS_TYPE, len(LossType)))
     with pytest.raises(RuntimeError, match="soft_label"):
-        forward(model, ref, target, emas, None, settings, list(modes[:3]) + [5, 0])
+        forward(model, ref, target, emas, None, settings, with_modes(ModeSlot.LOSS_TYPE, int(LossType.DEDPO)))
     with pytest.raises(RuntimeError, match="target"):
         forward(model, ref, target[:, :2], emas, soft, settings, modes)
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):

@@ -7,13 +7,20 @@ gives its math (notation of docs/spec.md §2).
 import triton
 import triton.language as tl
 
-from ..options import LossType, Margin, Preset, Reduction, Weighting
+from ..options import LossType, Margin, Preset, Reduction, SettingSlot, Weighting
 
 MAX_SLOTS = 6  # predictions summed per pass of the error kernel: policy, ref and 4 EMA models
 
-# The string options reach the head kernel as their codes (constexpr arguments), the scalar
-# settings as a ``params`` tensor in the order of fastpref.loss.autograd.encode. A kernel reads a
-# global only as a constexpr: the codes of fastpref.loss.options, by name.
+# The string options reach the head kernel as their codes (constexpr arguments named after
+# their ModeSlot), the scalar settings as a ``params`` tensor indexed by SettingSlot. A kernel
+# reads a global only as a constexpr: the codes and slots of fastpref.loss.options, by name.
+SETTING_BETA = tl.constexpr(SettingSlot.BETA.value)
+SETTING_RHO = tl.constexpr(SettingSlot.RHO.value)
+SETTING_K1 = tl.constexpr(SettingSlot.K1.value)
+SETTING_K2 = tl.constexpr(SettingSlot.K2.value)
+SETTING_C2 = tl.constexpr(SettingSlot.C2.value)
+SETTING_EPS = tl.constexpr(SettingSlot.EPS.value)
+SETTING_TAU = tl.constexpr(SettingSlot.TAU.value)
 PRESET_OFFICIAL = tl.constexpr(Preset.OFFICIAL.value)
 WEIGHTING_LINEAR = tl.constexpr(Weighting.LINEAR.value)
 WEIGHTING_SQUARE = tl.constexpr(Weighting.SQUARE.value)
@@ -173,8 +180,8 @@ def pair_head_kernel(
     n_chunks,
     batch,
     features,
-    params_ptr,  # beta, rho, k1, k2, c2, eps, tau in ACC (see PARAM_NAMES)
-    soft_label_ptr,  # [B] DeDPO label y~ (read only when LOSS == LOSS_DEDPO)
+    params_ptr,  # the settings in ACC, indexed by SettingSlot (c2 = 0 unless HAS_C2)
+    soft_label_ptr,  # [B] DeDPO label y~ (read only when LOSS_TYPE == LOSS_DEDPO)
     loss_ptr,  # [] or [B] (reduction "none")
     coef_ptr,  # [B] a_j = dLoss/dl_theta[j] for an incoming gradient of 1
     pair_stats_ptr,  # [7, B]: z, l_theta, u, c, s, W, Gamma
@@ -186,7 +193,7 @@ def pair_head_kernel(
     PRESET: tl.constexpr,
     WEIGHTING: tl.constexpr,
     MARGIN: tl.constexpr,
-    LOSS: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
     REDUCTION: tl.constexpr,
     HAS_C2: tl.constexpr,
     ACC: tl.constexpr,
@@ -209,13 +216,13 @@ def pair_head_kernel(
 
     and the mean reduction divides a_j by B.
     """
-    beta = tl.load(params_ptr + 0)
-    rho = tl.load(params_ptr + 1)
-    k1 = tl.load(params_ptr + 2)
-    k2 = tl.load(params_ptr + 3)
-    c2_given = tl.load(params_ptr + 4)
-    eps = tl.load(params_ptr + 5)
-    tau = tl.load(params_ptr + 6)
+    beta = tl.load(params_ptr + SETTING_BETA)
+    rho = tl.load(params_ptr + SETTING_RHO)
+    k1 = tl.load(params_ptr + SETTING_K1)
+    k2 = tl.load(params_ptr + SETTING_K2)
+    c2_given = tl.load(params_ptr + SETTING_C2)
+    eps = tl.load(params_ptr + SETTING_EPS)
+    tau = tl.load(params_ptr + SETTING_TAU)
 
     model = tl.arange(0, MODELS_PAD)[:, None]
     pair_1d = tl.arange(0, BATCH_PAD)
@@ -289,21 +296,21 @@ def pair_head_kernel(
 
     z = beta * l_theta
     y = z - margin
-    if LOSS == LOSS_SIGMOID:  # DPO
+    if LOSS_TYPE == LOSS_SIGMOID:  # DPO
         per_pair = weight * _softplus(-y)
         coef = -weight * beta * _sigmoid(-y)
-    elif LOSS == LOSS_IPO:
+    elif LOSS_TYPE == LOSS_IPO:
         resid = l_theta - margin / beta - 1.0 / (2.0 * tau)
         per_pair = weight * resid * resid
         coef = 2.0 * weight * resid
-    elif LOSS == LOSS_HINGE:  # relu written so that NaN propagates
+    elif LOSS_TYPE == LOSS_HINGE:  # relu written so that NaN propagates
         gap = 1.0 - y
         per_pair = weight * tl.where(gap < 0.0, 0.0, gap)
         coef = -weight * beta * tl.where(gap > 0.0, 1.0, 0.0)
-    elif LOSS == LOSS_ROBUST:
+    elif LOSS_TYPE == LOSS_ROBUST:
         per_pair = weight * ((1.0 - eps) * _softplus(-y) - eps * _softplus(y)) / (1.0 - 2.0 * eps)
         coef = -weight * beta * ((1.0 - eps) * _sigmoid(-y) + eps * _sigmoid(y)) / (1.0 - 2.0 * eps)
-    elif LOSS == LOSS_CDPO:
+    elif LOSS_TYPE == LOSS_CDPO:
         per_pair = weight * ((1.0 - eps) * _softplus(-y) + eps * _softplus(y))
         coef = weight * beta * (eps * _sigmoid(y) - (1.0 - eps) * _sigmoid(-y))
     else:  # LOSS_DEDPO
