@@ -1,4 +1,4 @@
-// Host side of the ops fastpref::cpp_forward / cpp_backward shared by every device's kernels
+// Host side of the ops fastpref::native_forward / native_backward shared by every device's kernels
 // (cpu/ops.cpp, cuda/ops.cpp): the argument checks, the accumulation dtype, the inputs as
 // StridedRows, the outputs and the head's settings. ATen, host only (never included by a .cu).
 #pragma once

@@ -585,7 +585,7 @@ def test_native_cuda_check_asks_the_dispatcher_for_each_op(monkeypatch):
 
     # The real answer, the one recorded at import (False with a CPU-only torch, as in CI).
     assert dispatch.native_cuda_kernels_registered() == dispatch._NATIVE_STATUS["cuda"]
-    registered = {"fastpref::cpp_forward", "fastpref::cpp_backward", "fastpref::cpp_loss"}
+    registered = {"fastpref::native_forward", "fastpref::native_backward", "fastpref::native_loss"}
     asked = []
 
     def has_kernel(op, key):
