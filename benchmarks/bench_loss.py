@@ -52,7 +52,7 @@ class Case:
 def full_cases() -> List[Case]:
     """SD1.5 B = 8/64 and SDXL B = 8/32 latents, fp32 and bf16, K = 0 and 2; Adaptive K = 2 in
     bf16 first, then fp32, then K = 0, so that a run cut short by ``--time-budget`` keeps the
-    cases of the issue's goals."""
+    Adaptive-DPO cases (K = 2) ahead of the Diffusion-DPO ones (K = 0)."""
     cases = []
     for ema in (2, 0):
         for dtype in ("bfloat16", "float32"):
