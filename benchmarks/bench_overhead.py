@@ -35,7 +35,7 @@ def main():
     engine running the backward. Needs the native CPU backend (``native``); stops with the reason
     when it is not built.
 
-    The public call runs twice: through ``fastpref::cpp_loss`` (the C++ autograd kernel, the
+    The public call runs twice: through ``fastpref::native_loss`` (the C++ autograd kernel, the
     eager default) and through ``fastpref.loss.autograd.FusedAdaptiveDPO`` (the Python
     autograd.Function the Triton backend uses; here ``fastpref.loss.native.run`` is swapped for
     ``autograd.run(native.OPS, ...)``). Stages are timed in interleaved rounds (every stage once
@@ -73,7 +73,7 @@ def call_stages(batch: int, shape: tuple):
         out = autograd.FusedAdaptiveDPO.apply(native.OPS, model_pred, ref_pred, target, None, settings, modes, *emas)
         return out[0]
 
-    def cpp_loss():
+    def native_loss():
         return native.LOSS_OP(model_pred, ref_pred, target, emas, None, settings, modes)[0]
 
     def public_loss():
@@ -105,8 +105,8 @@ def call_stages(batch: int, shape: tuple):
         ("backward op alone", lambda: backward_op(ones, coef, model_pred.detach(), target)),
         ("autograd.Function forward", function_loss),
         ("autograd.Function fwd + autograd.grad", fwd_bwd(function_loss)),
-        ("cpp_loss op forward", cpp_loss),
-        ("cpp_loss op fwd + autograd.grad", fwd_bwd(cpp_loss)),
+        ("native_loss op forward", native_loss),
+        ("native_loss op fwd + autograd.grad", fwd_bwd(native_loss)),
         ("public call, forward (Python autograd)", python_path(public_loss)),
         ("public call, forward", public_loss),
         ("public call, fwd + autograd.grad (Python autograd)", python_path(fwd_bwd(public_loss))),

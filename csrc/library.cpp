@@ -1,13 +1,13 @@
 // The fastpref op library, device-agnostic: the schemas of every op (TORCH_LIBRARY), the op
-// fastpref::cpp_loss (the forward op with its hand-written backward attached in C++), and the
+// fastpref::native_loss (the forward op with its hand-written backward attached in C++), and the
 // Python module fastpref._C whose import loads the library. The ops' CPU kernels are in
 // cpu/ops.cpp, their CUDA kernels (when built) in cuda/ops.cpp; this unit has no device code.
 //
-//   cpp_loss(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes)
+//   native_loss(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes)
 //       -> (loss, pair_stats, sample_err, accuracy)
 //
-// takes cpp_forward's arguments and returns its outputs without `coef`, which it keeps for the
-// backward (cpp_backward), so that an eager call neither runs a Python autograd.Function nor has
+// takes native_forward's arguments and returns its outputs without `coef`, which it keeps for the
+// backward (native_backward), so that an eager call neither runs a Python autograd.Function nor has
 // the autograd engine call back into Python for the backward. It mirrors
 // fastpref.loss.autograd.FusedAdaptiveDPO exactly: the same two ops, only model_pred gets a
 // gradient, `coef`, model_pred and target are saved, the stats never get a gradient, an undefined
@@ -16,12 +16,12 @@
 // @once_differentiable, but whether or not the incoming gradient requires grad).
 //
 // Kernels: Autograd (the torch::autograd::Function below) and, for calls that skip autograd
-// (torch.inference_mode), cpp_loss_below_autograd, registered for CPU here and for CUDA by
-// cuda/ops.cpp. Both call cpp_forward / cpp_backward through the dispatcher, which picks the
+// (torch.inference_mode), native_loss_below_autograd, registered for CPU here and for CUDA by
+// cuda/ops.cpp. Both call native_forward / native_backward through the dispatcher, which picks the
 // inputs' device; the outputs are allocated by those ops, on that device. The fake
 // implementations are registered in Python (fastpref/loss/native.py). torch.compile traces the
-// op too: AOTAutograd runs this autograd kernel on fake tensors, so its graphs hold cpp_forward
-// (forward) and cpp_backward (backward), the same ops the Python FusedAdaptiveDPO path gives.
+// op too: AOTAutograd runs this autograd kernel on fake tensors, so its graphs hold native_forward
+// (forward) and native_backward (backward), the same ops the Python FusedAdaptiveDPO path gives.
 //
 // This is the only translation unit that includes the autograd headers: they make it about as
 // slow to compile as the kernels' unit (~17 s of CPU), and ninja builds the two in parallel.
@@ -58,17 +58,19 @@ using LossOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 
 // The two ops (kernels in cpu/ops.cpp, cuda/ops.cpp), called through the dispatcher (looked up once, on first use).
 const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpref::cpp_forward", "").typed<ForwardSig>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastpref::native_forward", "").typed<ForwardSig>();
   return op;
 }
 
 const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastpref::cpp_backward", "").typed<BackwardSig>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastpref::native_backward", "").typed<BackwardSig>();
   return op;
 }
 
 constexpr const char* kTwiceMessage =
-    "fastpref::cpp_loss: trying to differentiate twice: the gradient of the fused loss is not differentiable "
+    "fastpref::native_loss: trying to differentiate twice: the gradient of the fused loss is not differentiable "
     "(double backward is not supported; backend='torch' supports it)";
 
 // The stats outputs travel through a pointer argument rather than as outputs of the Function:
@@ -124,9 +126,9 @@ struct LossFunction : public torch::autograd::Function<LossFunction> {
   }
 };
 
-LossOutputs cpp_loss_autograd(const Tensor& model_pred, const Tensor& ref_pred, const Tensor& target,
-                              at::TensorList ema_preds, const std::optional<Tensor>& soft_label,
-                              at::ArrayRef<double> settings, at::IntArrayRef modes) {
+LossOutputs native_loss_autograd(const Tensor& model_pred, const Tensor& ref_pred, const Tensor& target,
+                                 at::TensorList ema_preds, const std::optional<Tensor>& soft_label,
+                                 at::ArrayRef<double> settings, at::IntArrayRef modes) {
   Stats stats;
   variable_list loss = LossFunction::apply(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes, &stats);
   return {loss[0], stats[0], stats[1], stats[2]};
@@ -134,11 +136,11 @@ LossOutputs cpp_loss_autograd(const Tensor& model_pred, const Tensor& ref_pred, 
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> cpp_loss_below_autograd(const Tensor& model_pred, const Tensor& ref_pred,
-                                                                   const Tensor& target, at::TensorList ema_preds,
-                                                                   const std::optional<Tensor>& soft_label,
-                                                                   at::ArrayRef<double> settings,
-                                                                   at::IntArrayRef modes) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> native_loss_below_autograd(const Tensor& model_pred, const Tensor& ref_pred,
+                                                                      const Tensor& target, at::TensorList ema_preds,
+                                                                      const std::optional<Tensor>& soft_label,
+                                                                      at::ArrayRef<double> settings,
+                                                                      at::IntArrayRef modes) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto [loss, coef, pair_stats, sample_err, accuracy] =
       forward_op().call(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes);
@@ -151,20 +153,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpp_loss_below_autograd(const Tensor&
 TORCH_LIBRARY(fastpref, m) {
   m.set_python_module("fastpref.loss.native");  // where the fake (meta) implementations live
   m.def(
-      "cpp_forward(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor[] ema_preds, Tensor? soft_label, "
+      "native_forward(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor[] ema_preds, Tensor? soft_label, "
       "float[] settings, int[] modes) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-  m.def("cpp_backward(Tensor grad_loss, Tensor coef, Tensor model_pred, Tensor target) -> Tensor",
+  m.def("native_backward(Tensor grad_loss, Tensor coef, Tensor model_pred, Tensor target) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.def(
-      "cpp_loss(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor[] ema_preds, Tensor? soft_label, "
+      "native_loss(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor[] ema_preds, Tensor? soft_label, "
       "float[] settings, int[] modes) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 
-TORCH_LIBRARY_IMPL(fastpref, Autograd, m) { m.impl("cpp_loss", &fastpref::cpp_loss_autograd); }
+TORCH_LIBRARY_IMPL(fastpref, Autograd, m) { m.impl("native_loss", &fastpref::native_loss_autograd); }
 
-TORCH_LIBRARY_IMPL(fastpref, CPU, m) { m.impl("cpp_loss", &fastpref::cpp_loss_below_autograd); }
+TORCH_LIBRARY_IMPL(fastpref, CPU, m) { m.impl("native_loss", &fastpref::native_loss_below_autograd); }
 
 // ---------------------------------------------------------------------------------------------
 // The Python module fastpref._C: importing it loads this library (and so registers the ops).
@@ -203,16 +205,16 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
 PyObject* py_option_codes(PyObject*, PyObject*) {
   PyObject* options = PyDict_New();
   if (options == nullptr) return nullptr;
-  for (int mode = 0; mode < fastpref::kNumModes; ++mode) {
+  for (int slot = 0; slot < fastpref::kNumModeSlots; ++slot) {
     PyObject* codes = PyDict_New();
-    if (codes == nullptr || PyDict_SetItemString(options, fastpref::kModeNames[mode], codes) != 0) {
+    if (codes == nullptr || PyDict_SetItemString(options, fastpref::kModeOptionNames[slot], codes) != 0) {
       Py_XDECREF(codes);
       Py_DECREF(options);
       return nullptr;
     }
     Py_DECREF(codes);  // `options` holds it
     for (const fastpref::OptionCode& entry : fastpref::kOptionCodes) {
-      if (entry.mode != mode) continue;
+      if (entry.slot != slot) continue;
       PyObject* code = PyLong_FromLongLong(entry.code);
       if (code == nullptr || PyDict_SetItemString(codes, entry.name, code) != 0) {
         Py_XDECREF(code);
@@ -225,6 +227,37 @@ PyObject* py_option_codes(PyObject*, PyObject*) {
   return options;
 }
 
+// `out[enum_name] = {member: slot}` for the entries of one slot table, in table order.
+template <size_t N>
+bool add_slots(PyObject* out, const char* enum_name, const fastpref::SlotName (&table)[N]) {
+  PyObject* slots = PyDict_New();
+  if (slots == nullptr || PyDict_SetItemString(out, enum_name, slots) != 0) {
+    Py_XDECREF(slots);
+    return false;
+  }
+  Py_DECREF(slots);  // `out` holds it
+  for (const fastpref::SlotName& entry : table) {
+    PyObject* slot = PyLong_FromLong(entry.slot);
+    if (slot == nullptr || PyDict_SetItemString(slots, entry.name, slot) != 0) {
+      Py_XDECREF(slot);
+      return false;
+    }
+    Py_DECREF(slot);
+  }
+  return true;
+}
+
+// {"SettingSlot": {member: slot}, "ModeSlot": {member: slot}} of common/options.h.
+PyObject* py_op_slots(PyObject*, PyObject*) {
+  PyObject* out = PyDict_New();
+  if (out == nullptr) return nullptr;
+  if (!add_slots(out, "SettingSlot", fastpref::kSettingSlots) || !add_slots(out, "ModeSlot", fastpref::kModeSlots)) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
 PyMethodDef kMethods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels in use: 'base', 'avx2' or 'avx512'."},
     {"cpu_isas", py_cpu_isas, METH_NOARGS, "Instruction sets built into fastpref._C that this CPU supports."},
@@ -232,14 +265,17 @@ PyMethodDef kMethods[] = {
      "Use the kernels of another supported instruction set (for tests; results are bitwise identical)."},
     {"option_codes", py_option_codes, METH_NOARGS,
      "The option codes the kernels read, {option: {member: code}}, as in fastpref.loss.options."},
+    {"op_slots", py_op_slots, METH_NOARGS,
+     "The positions the kernels read in the ops' settings and modes, {enum: {member: slot}}, as in "
+     "fastpref.loss.options."},
     {nullptr, nullptr, 0, nullptr},
 };
 
 PyModuleDef kModule = {
     PyModuleDef_HEAD_INIT,
     "fastpref._C",
-    "fastpref's native kernels: importing this module registers the ops fastpref::cpp_forward, "
-    "fastpref::cpp_backward and fastpref::cpp_loss.",
+    "fastpref's native kernels: importing this module registers the ops fastpref::native_forward, "
+    "fastpref::native_backward and fastpref::native_loss.",
     -1,
     kMethods,
 };

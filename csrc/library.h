@@ -1,5 +1,5 @@
 // What library.cpp (the device-agnostic unit) gives the device units: the kernel of the op
-// fastpref::cpp_loss for calls below autograd, which each device registers for its dispatch key.
+// fastpref::native_loss for calls below autograd, which each device registers for its dispatch key.
 #pragma once
 
 #include <optional>
@@ -9,8 +9,8 @@
 
 namespace fastpref {
 
-// cpp_forward's outputs without `coef`, through the dispatcher (the inputs' device); no graph.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpp_loss_below_autograd(
+// native_forward's outputs without `coef`, through the dispatcher (the inputs' device); no graph.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_loss_below_autograd(
     const at::Tensor& model_pred, const at::Tensor& ref_pred, const at::Tensor& target, at::TensorList ema_preds,
     const std::optional<at::Tensor>& soft_label, at::ArrayRef<double> settings, at::IntArrayRef modes);
 

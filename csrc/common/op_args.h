@@ -1,4 +1,4 @@
-// Host side of the ops fastpref::cpp_forward / cpp_backward shared by every device's kernels
+// Host side of the ops fastpref::native_forward / native_backward shared by every device's kernels
 // (cpu/ops.cpp, cuda/ops.cpp): the argument checks, the accumulation dtype, the inputs as
 // StridedRows, the outputs and the head's settings. ATen, host only (never included by a .cu).
 #pragma once
@@ -116,13 +116,13 @@ inline Shape check_pred_and_target(const char* unit, const Tensor& model_pred, c
 inline Shape check_forward(const char* unit, c10::DeviceType kind, const Tensor& model_pred, const Tensor& ref_pred,
                            const Tensor& target, at::TensorList ema_preds, at::ArrayRef<double> settings,
                            at::IntArrayRef modes) {
-  TORCH_CHECK(settings.size() == 7, unit, ": settings must be (beta, rho, k1, k2, c2, eps, tau); got ",
+  TORCH_CHECK(settings.size() == kNumSettingSlots, unit, ": settings must be (beta, rho, k1, k2, c2, eps, tau); got ",
               settings.size(), " values");
-  TORCH_CHECK(modes.size() == kNumModes, unit,
+  TORCH_CHECK(modes.size() == kNumModeSlots, unit,
               ": modes must be (preset, weighting, margin, loss_type, reduction); got ", modes.size(), " values");
-  for (int i = 0; i < kNumModes; ++i) {
-    TORCH_CHECK(is_option_code(i, modes[i]), unit, ": modes[", i, "] = ", modes[i], " is not a code of ",
-                kModeNames[i]);
+  for (int slot = 0; slot < kNumModeSlots; ++slot) {
+    TORCH_CHECK(is_option_code(slot, modes[slot]), unit, ": modes[", slot, "] = ", modes[slot], " is not a code of ",
+                kModeOptionNames[slot]);
   }
   const Shape shape = check_pred_and_target(unit, model_pred, target);
   TORCH_CHECK(ref_pred.sizes() == model_pred.sizes(), unit, ": ref_pred must have model_pred's shape");
@@ -201,7 +201,7 @@ struct ForwardOutputs {
 };
 
 inline ForwardOutputs empty_outputs(const Shape& shape, at::IntArrayRef modes, const at::TensorOptions& options) {
-  const bool per_pair_loss = static_cast<Reduction>(modes[kReductionMode]) == Reduction::kNone;
+  const bool per_pair_loss = static_cast<Reduction>(modes[kReductionSlot]) == Reduction::kNone;
   ForwardOutputs out;
   out.loss = per_pair_loss ? at::empty({shape.batch}, options) : at::empty(at::IntArrayRef{}, options);
   out.coef = at::empty({shape.batch}, options);
@@ -214,7 +214,7 @@ inline ForwardOutputs empty_outputs(const Shape& shape, at::IntArrayRef modes, c
 // The soft label y~ in the accumulation dtype ([] or [B], any stride), defined for "dedpo" only.
 inline Tensor soft_label_for(const char* unit, const std::optional<Tensor>& soft_label, at::IntArrayRef modes,
                              at::ScalarType acc, const Shape& shape, c10::Device device) {
-  if (static_cast<LossType>(modes[kLossTypeMode]) != LossType::kDedpo) return Tensor();
+  if (static_cast<LossType>(modes[kLossTypeSlot]) != LossType::kDedpo) return Tensor();
   TORCH_CHECK(soft_label.has_value(), unit, ": loss_type dedpo needs soft_label");
   Tensor soft = soft_label->to(acc);
   check_device(unit, soft, "soft_label", device);
@@ -227,19 +227,19 @@ inline Tensor soft_label_for(const char* unit, const std::optional<Tensor>& soft
 template <class Acc>
 head::HeadSettings<Acc> head_settings(at::ArrayRef<double> settings, at::IntArrayRef modes) {
   head::HeadSettings<Acc> out;
-  out.beta = static_cast<Acc>(settings[0]);
-  out.rho = static_cast<Acc>(settings[1]);
-  out.k1 = static_cast<Acc>(settings[2]);
-  out.k2 = static_cast<Acc>(settings[3]);
-  out.has_c2 = !std::isnan(settings[4]);
-  out.c2 = out.has_c2 ? static_cast<Acc>(settings[4]) : Acc(0);
-  out.eps = static_cast<Acc>(settings[5]);
-  out.tau = static_cast<Acc>(settings[6]);
-  out.preset = static_cast<Preset>(modes[kPresetMode]);
-  out.weighting = static_cast<Weighting>(modes[kWeightingMode]);
-  out.margin = static_cast<Margin>(modes[kMarginMode]);
-  out.loss_type = static_cast<LossType>(modes[kLossTypeMode]);
-  out.reduction = static_cast<Reduction>(modes[kReductionMode]);
+  out.beta = static_cast<Acc>(settings[kBetaSlot]);
+  out.rho = static_cast<Acc>(settings[kRhoSlot]);
+  out.k1 = static_cast<Acc>(settings[kK1Slot]);
+  out.k2 = static_cast<Acc>(settings[kK2Slot]);
+  out.has_c2 = !std::isnan(settings[kC2Slot]);
+  out.c2 = out.has_c2 ? static_cast<Acc>(settings[kC2Slot]) : Acc(0);
+  out.eps = static_cast<Acc>(settings[kEpsSlot]);
+  out.tau = static_cast<Acc>(settings[kTauSlot]);
+  out.preset = static_cast<Preset>(modes[kPresetSlot]);
+  out.weighting = static_cast<Weighting>(modes[kWeightingSlot]);
+  out.margin = static_cast<Margin>(modes[kMarginSlot]);
+  out.loss_type = static_cast<LossType>(modes[kLossTypeSlot]);
+  out.reduction = static_cast<Reduction>(modes[kReductionSlot]);
   return out;
 }
 

@@ -5,8 +5,10 @@
 // accumulation type Acc (float or double), no ATen, FASTPREF_HOST_DEVICE so that a CUDA kernel
 // can include them.
 //
-// Each step keeps the association order of pair_head_kernel in fastpref/loss/triton/kernels.py,
-// NaN-preserving min/max/relu and stable sigmoid/softplus, so that the backends round alike.
+// The steps take the names of the Triton head's (pair_head_kernel's, in
+// fastpref/loss/triton/kernels.py) and of the eager reference's (fastpref/loss/reference.py).
+// Each keeps the association order of its Triton namesake, NaN-preserving min/max/relu and
+// stable sigmoid/softplus, so that the backends round alike.
 // Every unit that includes this header must compile it with FMA contraction off (cpu/ops.cpp:
 // fp-contract=off; nvcc: --fmad=false), or the compiler may fuse a multiply and an add into one
 // rounding (and the linker keeps one copy of each inline function for all units).
@@ -76,8 +78,8 @@ struct Metric {
 // Metric (§3) of one pair from the M = n_rows models' scaled and raw l (policy first, then the
 // EMA models), element r at [r * stride].
 template <class Acc>
-FASTPREF_HOST_DEVICE inline Metric<Acc> pair_metric(Preset preset, const Acc* scaled, const Acc* logit,
-                                                    int64_t n_rows, int64_t stride) {
+FASTPREF_HOST_DEVICE inline Metric<Acc> minority_metric(Preset preset, const Acc* scaled, const Acc* logit,
+                                                        int64_t n_rows, int64_t stride) {
   const Acc one = Acc(1);
   Metric<Acc> out;
   Acc sig = Acc(0);
@@ -154,7 +156,8 @@ struct PairLoss {
 };
 
 // Per-pair loss (§5, §5b) with y = beta * l_theta - Gamma, and its derivative in l_theta (§6; the
-// table of a_j is on pair_head_kernel). `soft_label` (y~) is read by "dedpo" only.
+// table of a_j is on pair_loss in fastpref/loss/triton/kernels.py). `soft_label` (y~) is read by
+// "dedpo" only.
 template <class Acc>
 FASTPREF_HOST_DEVICE inline PairLoss<Acc> pair_loss(LossType loss_type, Acc beta, Acc eps, Acc tau, Acc l_theta,
                                                     Acc weight, Acc margin, Acc soft_label) {
@@ -304,7 +307,7 @@ FASTPREF_HOST_DEVICE void batch_head(const Exec& exec, const HeadSettings<Acc>& 
   const Acc c2 = buf.c2[0];
   Acc* stats = buf.pair_stats;
   exec.for_each(batch, [&](int64_t j) {
-    const Metric<Acc> metric = pair_metric(set.preset, scaled + j, logit + j, n_rows, batch);
+    const Metric<Acc> metric = minority_metric(set.preset, scaled + j, logit + j, n_rows, batch);
     const Acc weight = pair_weight(set.weighting, set.k1, metric.u);
     const Acc margin = pair_margin(set.margin, set.k2, c2, metric.u);
     const Acc label = set.loss_type == LossType::kDedpo ? buf.soft[j * buf.soft_stride] : Acc(0);

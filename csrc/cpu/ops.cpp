@@ -1,5 +1,5 @@
-// The CPU implementations of the ops fastpref::cpp_forward and fastpref::cpp_backward (schemas in
-// library.cpp) and the table of instruction-set variants of their two parallel passes.
+// The CPU implementations of the ops fastpref::native_forward and fastpref::native_backward
+// (schemas in library.cpp) and the table of instruction-set variants of their two parallel passes.
 //
 // forward: one parallel pass over every prediction and the target (tasks = pairs x chunks of D,
 //   per-task partial sums written to a small [M, 2B, n_chunks] buffer), then the per-pair head
@@ -166,7 +166,7 @@ int64_t grain_for(int64_t features, int64_t elements_per_column) {
 // Ops
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_forward(const Tensor& model_pred, const Tensor& ref_pred,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpu_forward(const Tensor& model_pred, const Tensor& ref_pred,
                                                                const Tensor& target, at::TensorList ema_preds,
                                                                const std::optional<Tensor>& soft_label,
                                                                at::ArrayRef<double> settings, at::IntArrayRef modes) {
@@ -215,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpp_forward(const Tensor& mod
   return {out.loss, out.coef, out.pair_stats, out.sample_err, out.accuracy};
 }
 
-Tensor cpp_backward(const Tensor& grad_loss, const Tensor& coef, const Tensor& model_pred, const Tensor& target) {
+Tensor cpu_backward(const Tensor& grad_loss, const Tensor& coef, const Tensor& model_pred, const Tensor& target) {
   const op_args::Shape shape =
       op_args::check_backward(kUnit, c10::DeviceType::CPU, grad_loss, coef, model_pred, target);
   std::vector<Tensor> keep;
@@ -256,6 +256,6 @@ bool use_isa(const char* name) {
 #endif
 
 TORCH_LIBRARY_IMPL(fastpref, CPU, m) {
-  m.impl("cpp_forward", &fastpref::cpu::cpp_forward);
-  m.impl("cpp_backward", &fastpref::cpu::cpp_backward);
+  m.impl("native_forward", &fastpref::cpu::cpu_forward);
+  m.impl("native_backward", &fastpref::cpu::cpu_backward);
 }

@@ -1,5 +1,5 @@
-// The CUDA implementations of the ops fastpref::cpp_forward, cpp_backward and cpp_loss (schemas
-// and the autograd kernel in library.cpp): argument checks and layouts (common/op_args.h, shared
+// The CUDA implementations of the ops fastpref::native_forward, native_backward and native_loss
+// (schemas and the autograd kernel in library.cpp): argument checks and layouts (common/op_args.h, shared
 // with the CPU kernels), allocations on the inputs' device, and the launches of kernels.cu on the
 // current stream. No host synchronization and no host-to-device copy: the settings travel as
 // launch arguments, so that a call can be captured in a CUDA graph.
@@ -119,7 +119,7 @@ Tensor cuda_backward(const Tensor& grad_loss, const Tensor& coef, const Tensor& 
 }  // namespace fastpref::cuda
 
 TORCH_LIBRARY_IMPL(fastpref, CUDA, m) {
-  m.impl("cpp_forward", &fastpref::cuda::cuda_forward);
-  m.impl("cpp_backward", &fastpref::cuda::cuda_backward);
-  m.impl("cpp_loss", &fastpref::cpp_loss_below_autograd);
+  m.impl("native_forward", &fastpref::cuda::cuda_forward);
+  m.impl("native_backward", &fastpref::cuda::cuda_backward);
+  m.impl("native_loss", &fastpref::native_loss_below_autograd);
 }

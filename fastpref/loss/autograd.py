@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .options import LossConfig, LossInputs, Reduction, acc_dtype
+from .options import LossConfig, LossInputs, ModeSlot, Reduction, SettingSlot, acc_dtype
 
 STAT_NAMES = ("logits", "l_theta", "u", "confidence", "stability", "weight", "margin")
 
@@ -21,26 +21,26 @@ TWICE_MESSAGE = (
 
 
 def encode(config: LossConfig):
-    """``(settings, modes)`` op arguments of a validated config: ``settings`` = (beta, rho, k1, k2,
-    c2, eps, tau) with c2 = NaN when it is the batch mean of l_theta, ``modes`` = the option codes
-    (``fastpref.loss.options.MODE_OPTIONS``)."""
-    settings = [
-        config.beta,
-        config.rho,
-        config.k1,
-        config.k2,
-        math.nan if config.c2 is None else config.c2,
-        config.eps,
-        config.tau,
-    ]
-    return settings, list(config.modes)
+    """``(settings, modes)`` op arguments of a validated config: ``settings[slot]`` for each
+    ``SettingSlot``, with c2 = NaN when it is the batch mean of l_theta; ``modes`` = the option
+    codes, ``modes[slot]`` for each ``ModeSlot``."""
+    values = {
+        SettingSlot.BETA: config.beta,
+        SettingSlot.RHO: config.rho,
+        SettingSlot.K1: config.k1,
+        SettingSlot.K2: config.k2,
+        SettingSlot.C2: math.nan if config.c2 is None else config.c2,
+        SettingSlot.EPS: config.eps,
+        SettingSlot.TAU: config.tau,
+    }
+    return [values[slot] for slot in SettingSlot], list(config.modes)
 
 
 def fake_forward(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes):
     """Output shapes and dtypes of a forward op, for ``register_fake``."""
     acc = acc_dtype(model_pred, ref_pred, target, *ema_preds)
     batch = model_pred.shape[0] // 2
-    loss_shape = (batch,) if modes[4] == Reduction.NONE else ()
+    loss_shape = (batch,) if modes[ModeSlot.REDUCTION] == Reduction.NONE else ()
     new = lambda shape: model_pred.new_empty(shape, dtype=acc)  # noqa: E731
     return new(loss_shape), new((batch,)), new((len(STAT_NAMES), batch)), new((2, 2 * batch)), new(())
 

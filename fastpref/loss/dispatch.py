@@ -30,15 +30,15 @@ def triton_unavailable(device: torch.device) -> Optional[str]:
     )
 
 
-# The ops the native backend calls (fastpref.loss.native): cpp_loss, the C++ autograd op, runs
-# the kernels of cpp_forward and cpp_backward.
-NATIVE_KERNEL_OPS = ("fastpref::cpp_forward", "fastpref::cpp_backward")
-NATIVE_LOSS_OP = "fastpref::cpp_loss"
+# The ops the native backend calls (fastpref.loss.native): native_loss, the C++ autograd op, runs
+# the kernels of native_forward and native_backward.
+NATIVE_KERNEL_OPS = ("fastpref::native_forward", "fastpref::native_backward")
+NATIVE_LOSS_OP = "fastpref::native_loss"
 
 
 def native_cuda_kernels_registered() -> bool:
     """Whether the loaded ``fastpref._C`` holds CUDA kernels for every op the native backend calls:
-    ``cpp_forward`` and ``cpp_backward`` registered for the CUDA dispatch key, and ``cpp_loss``
+    ``native_forward`` and ``native_backward`` registered for the CUDA dispatch key, and ``native_loss``
     served there (a CUDA kernel or a composite one; its Autograd kernel alone does not serve
     ``torch.inference_mode``). False when the extension was built without CUDA."""
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key

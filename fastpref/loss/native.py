@@ -1,6 +1,6 @@
 """The ``"native"`` backend (formerly ``"cpp"``): fastpref's C++ kernels for CPU and, when built
 with CUDA, for CUDA (``csrc/``, built as ``fastpref._C``), called through the op
-``fastpref::cpp_loss``; this module registers the ops' fake implementations.
+``fastpref::native_loss``; this module registers the ops' fake implementations.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from .. import _C  # noqa: F401  (loads the library, registering the ops)
 from . import autograd
 from .options import LossConfig, LossInputs
 
-torch.library.register_fake("fastpref::cpp_forward")(autograd.fake_forward)
-torch.library.register_fake("fastpref::cpp_backward")(autograd.fake_backward)
+torch.library.register_fake("fastpref::native_forward")(autograd.fake_forward)
+torch.library.register_fake("fastpref::native_backward")(autograd.fake_backward)
 
 
-@torch.library.register_fake("fastpref::cpp_loss")
+@torch.library.register_fake("fastpref::native_loss")
 def _fake_loss(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes):
     loss, _coef, pair_stats, sample_err, accuracy = autograd.fake_forward(
         model_pred, ref_pred, target, ema_preds, soft_label, settings, modes
@@ -26,16 +26,16 @@ def _fake_loss(model_pred, ref_pred, target, ema_preds, soft_label, settings, mo
 # The forward and backward ops (schemas on fastpref.loss.autograd.run), and the two tied together
 # by a C++ autograd kernel: the forward op's arguments; outputs (loss, pair_stats, sample_err,
 # accuracy).
-OPS = (torch.ops.fastpref.cpp_forward.default, torch.ops.fastpref.cpp_backward.default)
-LOSS_OP = torch.ops.fastpref.cpp_loss.default
+OPS = (torch.ops.fastpref.native_forward.default, torch.ops.fastpref.native_backward.default)
+LOSS_OP = torch.ops.fastpref.native_loss.default
 
 
 def run(inputs: LossInputs, config: LossConfig, return_stats: bool):
     """The loss (and stats) of validated CPU or CUDA inputs on the native kernels.
 
-    Runs ``fastpref::cpp_loss`` (csrc/library.cpp): in eager mode neither the forward nor the
+    Runs ``fastpref::native_loss`` (csrc/library.cpp): in eager mode neither the forward nor the
     autograd engine's backward enters Python, and under ``torch.compile`` AOTAutograd traces its
-    autograd kernel into ``cpp_forward`` (forward graph) and ``cpp_backward`` (backward graph),
+    autograd kernel into ``native_forward`` (forward graph) and ``native_backward`` (backward graph),
     opaque ops with fakes. The results are bitwise those of ``fastpref.loss.autograd.run(OPS, ...)``,
     the Python ``autograd.Function`` over the same two ops that the Triton backend uses. The ops
     read the inputs in place, whatever their float dtypes and strides (csrc/README.md).

@@ -66,8 +66,41 @@ class Reduction(IntEnum):
     NONE = 2
 
 
-# The options in the order of the fused ops' ``modes`` argument.
-MODE_OPTIONS = (Preset, Weighting, Margin, LossType, Reduction)
+# The positional arguments of the fused ops (csrc/common/options.h mirrors both enums).
+
+
+class SettingSlot(IntEnum):
+    """Position of each scalar in the fused ops' ``settings`` argument."""
+
+    BETA = 0
+    RHO = 1
+    K1 = 2
+    K2 = 3
+    C2 = 4  # NaN when c2 is the batch mean of l_theta
+    EPS = 5
+    TAU = 6
+
+
+class ModeSlot(IntEnum):
+    """Position of each option's code in the fused ops' ``modes`` argument; a member's name in
+    lower case is the option's keyword."""
+
+    PRESET = 0
+    WEIGHTING = 1
+    MARGIN = 2
+    LOSS_TYPE = 3
+    REDUCTION = 4
+
+
+_OPTION_AT_SLOT = {
+    ModeSlot.PRESET: Preset,
+    ModeSlot.WEIGHTING: Weighting,
+    ModeSlot.MARGIN: Margin,
+    ModeSlot.LOSS_TYPE: LossType,
+    ModeSlot.REDUCTION: Reduction,
+}
+# The option enums in ``ModeSlot`` order: ``MODE_OPTIONS[slot]`` is the option at ``slot``.
+MODE_OPTIONS = tuple(_OPTION_AT_SLOT[slot] for slot in ModeSlot)
 
 
 def choices(option) -> Tuple[str, ...]:
@@ -105,7 +138,7 @@ DEDPO_ARGS = ("synthetic_label", "human_label", "human_mask", "propensity")
 class LossConfig:
     """Validated scalar settings of one loss call (docs/spec.md §3-§5). ``k2`` and ``tau`` are resolved;
     ``c2`` stays ``None`` when it is the batch mean of ``l_theta``. ``modes`` holds the codes of
-    the five string options in ``MODE_OPTIONS`` order."""
+    the five string options, ``modes[slot]`` for each ``ModeSlot``."""
 
     beta: float
     rho: float
@@ -260,18 +293,18 @@ def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, 
     tau = beta if ipo_tau is None else _check_real("ipo_tau", ipo_tau)
     if not tau > 0 or math.isinf(tau):
         raise ValueError(f"ipo_tau (tau) must be a finite number > 0; got {tau}")
-    chosen = (
-        check_choice("preset", preset, PRESETS),
-        check_choice("weighting", weighting, WEIGHTINGS),
-        check_choice("margin", margin, MARGINS),
-        check_choice("loss_type", loss_type, LOSS_TYPES),
-        check_choice("reduction", reduction, REDUCTIONS),
-    )
+    chosen = {
+        ModeSlot.PRESET: check_choice("preset", preset, PRESETS),
+        ModeSlot.WEIGHTING: check_choice("weighting", weighting, WEIGHTINGS),
+        ModeSlot.MARGIN: check_choice("margin", margin, MARGINS),
+        ModeSlot.LOSS_TYPE: check_choice("loss_type", loss_type, LOSS_TYPES),
+        ModeSlot.REDUCTION: check_choice("reduction", reduction, REDUCTIONS),
+    }
     # In float32 (the accumulation dtype unless an input is float64) the kernels and the reference
     # would turn a larger scalar into inf. k2 and c2 matter only where the margin uses them (the
     # default k2 = -1/beta overflows for a tiny beta, which Diffusion-DPO's margin="none" never reads).
     scalars = [("beta", beta, ""), ("rho", rho, ""), ("k1", k1, "")]
-    if chosen[2] != "none":
+    if chosen[ModeSlot.MARGIN] != "none":
         scalars += [("k2", k2, k2_note), ("c2", c2, "")]
     scalars.append(("ipo_tau", tau, ""))
     return LossConfig(
@@ -280,14 +313,15 @@ def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, 
         k1=k1,
         k2=k2,
         c2=c2,
-        preset=chosen[0],
-        weighting=chosen[1],
-        margin=chosen[2],
-        loss_type=chosen[3],
+        preset=chosen[ModeSlot.PRESET],
+        weighting=chosen[ModeSlot.WEIGHTING],
+        margin=chosen[ModeSlot.MARGIN],
+        loss_type=chosen[ModeSlot.LOSS_TYPE],
         eps=eps,
         tau=tau,
-        reduction=chosen[4],
-        modes=tuple(option[choice.upper()].value for option, choice in zip(MODE_OPTIONS, chosen)),
+        reduction=chosen[ModeSlot.REDUCTION],
+        # a dict lookup: indexing a sequence with an IntEnum makes torch.compile (2.13) recurse forever
+        modes=tuple(_OPTION_AT_SLOT[slot][chosen[slot].upper()].value for slot in ModeSlot),
         float32_error=_float32_error(scalars),
     )
 

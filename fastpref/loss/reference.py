@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .options import LossConfig, LossInputs
 
 
-def per_sample_errors(pred: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
+def sample_error(pred: torch.Tensor, inputs: LossInputs) -> torch.Tensor:
     """Spec §2: ``e[i] = mean_d (pred[i, d] - target[i, d])^2``; ``[2B]`` in the accumulation dtype.
     A shared ``[B, *S]`` target serves both halves. The target is a constant (docs/spec.md §6)."""
     target = inputs.target.detach()
@@ -98,11 +98,11 @@ def forward(inputs: LossInputs, config: LossConfig, return_stats: bool):
     """The whole loss of docs/spec.md §2-§5 on validated inputs. Returns ``(loss, stats)``; ``stats`` is
     ``None`` unless ``return_stats``; ``loss`` is a scalar, or ``[B]`` for ``reduction="none"``."""
     batch = inputs.batch
-    err_policy = per_sample_errors(inputs.model_pred, inputs)
-    err_ref = per_sample_errors(inputs.ref_pred.detach(), inputs)  # a constant, like the EMAs
+    err_policy = sample_error(inputs.model_pred, inputs)
+    err_ref = sample_error(inputs.ref_pred.detach(), inputs)  # a constant, like the EMAs
     l_theta = pair_logit(err_policy, err_ref, batch)
     with torch.no_grad():
-        ema_logits = [pair_logit(per_sample_errors(p, inputs), err_ref, batch) for p in inputs.ema_preds]
+        ema_logits = [pair_logit(sample_error(p, inputs), err_ref, batch) for p in inputs.ema_preds]
         stacked = torch.stack([l_theta.detach()] + ema_logits)
         u, confidence, stability = minority_metric(stacked, config)
         weight = pair_weight(u, config)

@@ -20,7 +20,7 @@ from test_numerics import NAN_SITES
 from test_parity import BETA, check_low_precision
 
 import fastpref
-from fastpref.loss.options import LOSS_TYPES, MODE_OPTIONS
+from fastpref.loss.options import LOSS_TYPES, MODE_OPTIONS, ModeSlot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_suite.sh)")
 
@@ -36,10 +36,9 @@ LAYOUTS = ("contiguous", "batch_strided", "col_strided", "channels_last", "expan
 def head_configs():
     """Configs in which every value of every option (preset, weighting, margin, loss type,
     reduction) appears: option i takes its value ``index % len(option)``."""
-    names = ("preset", "weighting", "margin", "loss_type", "reduction")
     count = max(len(option) for option in MODE_OPTIONS)
     return [
-        {name: option(index % len(option)).name.lower() for name, option in zip(names, MODE_OPTIONS)}
+        {slot.name.lower(): option(index % len(option)).name.lower() for slot, option in zip(ModeSlot, MODE_OPTIONS)}
         for index in range(count)
     ]
 
@@ -63,8 +62,8 @@ def gpu_case(dtype=torch.float32, **kwargs):
 
 
 def test_head_configs_take_every_option_value():
-    for position, option in enumerate(MODE_OPTIONS):
-        taken = {list(config.values())[position] for config in HEAD_CONFIGS}
+    for slot, option in zip(ModeSlot, MODE_OPTIONS):
+        taken = {config[slot.name.lower()] for config in HEAD_CONFIGS}
         assert taken == {member.name.lower() for member in option}
     assert {config["loss_type"] for config in HEAD_CONFIGS} == set(LOSS_TYPES)
 

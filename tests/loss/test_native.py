@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import subprocess
 import sys
 
@@ -18,12 +17,12 @@ from conftest import assert_close64, call_loss, make_case, outputs
 
 import fastpref
 from fastpref.loss import autograd, dispatch
-from fastpref.loss.options import MODE_OPTIONS, LossType, Margin, Preset, Reduction, Weighting, acc_dtype
+from fastpref.loss.options import MODE_OPTIONS, LossType, ModeSlot, SettingSlot, acc_dtype, make_config
 
-CPP_REASON = fastpref.availability("cpu")["native"]
-pytestmark = pytest.mark.skipif(CPP_REASON is not None, reason=f"native backend unavailable: {CPP_REASON}")
+NATIVE_REASON = fastpref.availability("cpu")["native"]
+pytestmark = pytest.mark.skipif(NATIVE_REASON is not None, reason=f"native backend unavailable: {NATIVE_REASON}")
 
-if CPP_REASON is None:
+if NATIVE_REASON is None:
     from fastpref import _C
     from fastpref.loss import native
 
@@ -56,7 +55,7 @@ def cpu_isa(name: str):
 @contextlib.contextmanager
 def python_autograd(enabled: bool):
     """``enabled``: the native backend's calls run its two ops through ``autograd.FusedAdaptiveDPO``
-    (Python autograd: ``autograd.run(native.OPS, ...)``); otherwise through ``fastpref::cpp_loss``
+    (Python autograd: ``autograd.run(native.OPS, ...)``); otherwise through ``fastpref::native_loss``
     (the C++ autograd kernel, every call's path)."""
     if not enabled:
         yield
@@ -73,10 +72,10 @@ def python_autograd(enabled: bool):
         native.run = real_run
 
 
-AUTOGRAD_PATHS = {"cpp_loss": False, "python": True}  # path name -> python_autograd(enabled)
+AUTOGRAD_PATHS = {"native_loss": False, "python": True}  # path name -> python_autograd(enabled)
 
 
-def run_cpp(case, config, *, tensors=None, upstream=None):
+def run_native(case, config, *, tensors=None, upstream=None):
     """Loss, gradient and stats of the native backend as a dict of tensors (original dtypes)."""
     if upstream is None and config.get("reduction") == "none":
         upstream = torch.linspace(-1.0, 1.5, case.batch, dtype=torch.float64)
@@ -144,10 +143,10 @@ def test_bitwise_across_thread_counts_and_calls(dtype_name, config_name):
     config = CONFIGS[config_name]
     tensors = case.build()
     with num_threads(1):
-        single = run_cpp(case, config, tensors=tensors)
+        single = run_native(case, config, tensors=tensors)
     with num_threads(2):
-        double = run_cpp(case, config, tensors=tensors)
-        again = run_cpp(case, config, tensors=tensors)
+        double = run_native(case, config, tensors=tensors)
+        again = run_native(case, config, tensors=tensors)
     assert_bitwise(single, double, "between 1 and 2 threads")
     assert_bitwise(double, again, "between two identical calls")
 
@@ -163,7 +162,7 @@ def test_bitwise_across_instruction_sets(dtype_name, layout):
     results = {}
     for isa in isas:
         with cpu_isa(isa), num_threads(2):
-            results[isa] = run_cpp(case, CONFIGS["adaptive-official"], tensors=tensors)
+            results[isa] = run_native(case, CONFIGS["adaptive-official"], tensors=tensors)
     for isa in isas:
         assert_bitwise(results["base"], results[isa], f"between base and {isa}")
 
@@ -175,6 +174,18 @@ def test_option_codes_match_the_python_enums():
     codes = _C.option_codes()
     assert codes == expected
     assert list(codes) == list(expected)
+
+
+def test_reordered_op_slots_in_python_or_cpp_fail_this_check():
+    """The kernels read ``settings`` and ``modes`` at the positions of csrc/common/options.h:
+    each slot there is the one of ``SettingSlot`` and ``ModeSlot`` (fastpref.loss.options) of
+    the same name, in the same order, so reordering either side breaks this test."""
+    expected = {slots.__name__: {member.name: member.value for member in slots} for slots in (SettingSlot, ModeSlot)}
+    mirrored = _C.op_slots()
+    assert mirrored == expected
+    assert {name: list(slots) for name, slots in mirrored.items()} == {
+        name: list(slots) for name, slots in expected.items()
+    }
 
 
 def test_set_cpu_isa_rejects_unknown():
@@ -197,8 +208,8 @@ def test_strided_layouts_match_contiguous_bitwise(layout):
         [e.contiguous() for e in ema],
     )
     for config in CONFIGS.values():
-        strided_result = run_cpp(case, config, tensors=(model, ref, target, ema))
-        assert_bitwise(strided_result, run_cpp(case, config, tensors=contiguous), layout)
+        strided_result = run_native(case, config, tensors=(model, ref, target, ema))
+        assert_bitwise(strided_result, run_native(case, config, tensors=contiguous), layout)
 
 
 def test_many_irreducible_inner_dims():
@@ -246,7 +257,7 @@ def _correct_rounding_case(acc_dtype, model_dtype):
 
 @pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_low_precision_gradient_rounding(model_dtype):
-    backward = torch.ops.fastpref.cpp_backward.default
+    backward = torch.ops.fastpref.native_backward.default
     # From float64 accumulation: correctly rounded (no double rounding through float32).
     grad_loss, coef, model, target, expected = _correct_rounding_case(torch.float64, model_dtype)
     grad = backward(grad_loss, coef, model, target)
@@ -298,15 +309,21 @@ def test_gradcheck_float64_multi_chunk(config, path):
 def op_settings(*, beta=5.0, loss_type="sigmoid", reduction="mean"):
     """``(settings, modes)`` op arguments (as ``fastpref.loss.autograd.encode`` makes them) of the default
     Adaptive-DPO config with the given beta, loss type and reduction."""
-    settings = [beta, 15.0, 10.0, -1.0 / beta, math.nan, 0.1, beta]
-    modes = [
-        Preset.OFFICIAL.value,
-        Weighting.LINEAR.value,
-        Margin.QUADRATIC.value,
-        LossType[loss_type.upper()].value,
-        Reduction[reduction.upper()].value,
-    ]
-    return settings, modes
+    config = make_config(
+        beta=beta,
+        rho=15.0,
+        k1=10.0,
+        k2=None,
+        c2=None,
+        preset="official",
+        weighting="linear",
+        margin="quadratic",
+        loss_type=loss_type,
+        eps=0.1,
+        ipo_tau=None,
+        reduction=reduction,
+    )
+    return autograd.encode(config)
 
 
 def _op_inputs(dtype=torch.float32, *, k=2, loss_type="sigmoid", reduction="mean", shared=True):
@@ -333,30 +350,30 @@ def _op_inputs(dtype=torch.float32, *, k=2, loss_type="sigmoid", reduction="mean
 )
 def test_opcheck(kwargs):
     args = _op_inputs(**kwargs)
-    torch.library.opcheck(torch.ops.fastpref.cpp_forward.default, args)
-    loss, coef, *_ = torch.ops.fastpref.cpp_forward.default(*args)
+    torch.library.opcheck(torch.ops.fastpref.native_forward.default, args)
+    loss, coef, *_ = torch.ops.fastpref.native_forward.default(*args)
     grad_loss = torch.ones_like(loss)
     model, target = args[0], args[2]
-    torch.library.opcheck(torch.ops.fastpref.cpp_backward.default, (grad_loss, coef, model, target))
+    torch.library.opcheck(torch.ops.fastpref.native_backward.default, (grad_loss, coef, model, target))
     expanded = torch.ones((), dtype=loss.dtype).expand(coef.shape)  # a stride-0 [B] upstream
-    torch.library.opcheck(torch.ops.fastpref.cpp_backward.default, (expanded, coef, model, target))
-    # cpp_loss with model_pred requiring grad: also checks its autograd kernel, traced by
+    torch.library.opcheck(torch.ops.fastpref.native_backward.default, (expanded, coef, model, target))
+    # native_loss with model_pred requiring grad: also checks its autograd kernel, traced by
     # AOTAutograd on fake tensors with static and dynamic shapes.
-    torch.library.opcheck(torch.ops.fastpref.cpp_loss.default, (model.clone().requires_grad_(True),) + args[1:])
+    torch.library.opcheck(torch.ops.fastpref.native_loss.default, (model.clone().requires_grad_(True),) + args[1:])
 
 
 def test_fake_outputs_match_real():
     args = _op_inputs(dtype=torch.bfloat16, reduction="none")
-    real = torch.ops.fastpref.cpp_forward.default(*args)
+    real = torch.ops.fastpref.native_forward.default(*args)
     fake = autograd.fake_forward(*args)
     for r, f in zip(real, fake):
         assert r.shape == f.shape and r.dtype == f.dtype
-    loss_outputs = torch.ops.fastpref.cpp_loss.default(*args)
+    loss_outputs = torch.ops.fastpref.native_loss.default(*args)
     fake_loss_outputs = native._fake_loss(*args)
     assert len(loss_outputs) == len(fake_loss_outputs) == 4
     for r, f in zip(loss_outputs, fake_loss_outputs):
         assert r.shape == f.shape and r.dtype == f.dtype
-    grad = torch.ops.fastpref.cpp_backward.default(torch.ones_like(real[0]), real[1], args[0], args[2])
+    grad = torch.ops.fastpref.native_backward.default(torch.ones_like(real[0]), real[1], args[0], args[2])
     fake_grad = autograd.fake_backward(torch.ones_like(real[0]), real[1], args[0], args[2])
     assert grad.shape == fake_grad.shape and grad.dtype == fake_grad.dtype and grad.is_contiguous()
 
@@ -437,13 +454,14 @@ def test_import_loads_the_backend_but_not_dynamo():
 
 def test_op_rejects_malformed_calls():
     model, ref, target, emas, soft, settings, modes = _op_inputs()
-    forward = torch.ops.fastpref.cpp_forward.default
+    forward = torch.ops.fastpref.native_forward.default
+    with_modes = lambda slot, code: [code if s == slot else modes[s] for s in ModeSlot]  # noqa: E731
     with pytest.raises(RuntimeError, match="settings"):
-        forward(model, ref, target, emas, soft, settings[:6], modes)
+        forward(model, ref, target, emas, soft, settings[:-1], modes)
     with pytest.raises(RuntimeError, match="modes"):
-        forward(model, ref, target, emas, soft, settings, [0, 0, 0, 9, 0])
+        forward(model, ref, target, emas, soft, settings, with_modes(ModeSlot.LOSS_TYPE, len(LossType)))
     with pytest.raises(RuntimeError, match="soft_label"):
-        forward(model, ref, target, emas, None, settings, list(modes[:3]) + [5, 0])
+        forward(model, ref, target, emas, None, settings, with_modes(ModeSlot.LOSS_TYPE, int(LossType.DEDPO)))
     with pytest.raises(RuntimeError, match="target"):
         forward(model, ref, target[:, :2], emas, soft, settings, modes)
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
@@ -461,12 +479,14 @@ def test_tasks_cover_every_column():
     for column in itertools.chain(range(0, features, 511), [CHUNK - 1, CHUNK, features - 1]):
         model.zero_()
         model[1, column] = 3.0
-        _, _, _, sample_err, _ = torch.ops.fastpref.cpp_forward.default(model, ref, target, [], None, settings, modes)
+        _, _, _, sample_err, _ = torch.ops.fastpref.native_forward.default(
+            model, ref, target, [], None, settings, modes
+        )
         assert sample_err[0].tolist() == [0.0, 9.0 / features], column
 
 
 # ---------------------------------------------------------------------------------------------
-# fastpref::cpp_loss (C++ autograd kernel) against autograd.FusedAdaptiveDPO (Python autograd)
+# fastpref::native_loss (C++ autograd kernel) against autograd.FusedAdaptiveDPO (Python autograd)
 # ---------------------------------------------------------------------------------------------
 
 PATH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f64": torch.float64}
@@ -492,8 +512,8 @@ def test_autograd_paths_bitwise_equal(dtype_name, k, config_name):
     results = {}
     for path, python in AUTOGRAD_PATHS.items():
         with python_autograd(python):
-            results[path] = run_cpp(case, PATH_CONFIGS[config_name], tensors=tensors)
-    assert_bitwise(results["cpp_loss"], results["python"], f"[{dtype_name} K={k} {config_name}]")
+            results[path] = run_native(case, PATH_CONFIGS[config_name], tensors=tensors)
+    assert_bitwise(results["native_loss"], results["python"], f"[{dtype_name} K={k} {config_name}]")
 
 
 def _loss(tensors, **config):
@@ -551,7 +571,7 @@ def test_stats_never_get_gradients(path):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         loss.backward(seed)
     names = {event.name for event in prof.events()}
-    assert "fastpref::cpp_backward" in names
+    assert "fastpref::native_backward" in names
     assert not [name for name in names if any(word in name for word in ("zero", "fill", "ones"))], sorted(names)
 
 

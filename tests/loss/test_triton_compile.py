@@ -37,7 +37,7 @@ def axis_values(specs):
 
 
 def test_covering_subset_takes_every_value_of_every_axis():
-    from fastpref.loss.options import MODE_OPTIONS
+    from fastpref.loss.options import MODE_OPTIONS, ModeSlot
     from fastpref.loss.triton import kernels, ops
 
     full = ops.launchable_specializations()
@@ -48,8 +48,8 @@ def test_covering_subset_takes_every_value_of_every_axis():
     assert values[("pair_errors_kernel", "NUM_SLOTS")] == set(range(1, kernels.MAX_SLOTS + 1))
     assert values[("pair_errors_kernel", "BLOCK")] == set(ops.gpu_block_sizes()) == {1 << i for i in range(11)}
     assert values[("pair_head_kernel", "NUM_MODELS")] == set(range(2, ops.CHECKED_MAX_EMA + 3))
-    for option, name in zip(MODE_OPTIONS, ("PRESET", "WEIGHTING", "MARGIN", "LOSS", "REDUCTION")):
-        assert values[("pair_head_kernel", name)] == {member.value for member in option}, name
+    for slot in ModeSlot:
+        assert values[("pair_head_kernel", slot.name)] == {member.value for member in MODE_OPTIONS[slot]}, slot.name
 
 
 class _Recorder:

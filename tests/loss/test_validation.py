@@ -296,6 +296,39 @@ def test_choices_are_the_accepted_values():
         fastpref.CHOICES["weighting"] = ("linear",)
 
 
+def test_reordered_op_slots_fail_against_the_documented_order():
+    """The fused ops' positional contract: ``settings`` = (beta, rho, k1, k2, c2, eps, tau) and
+    ``modes`` = the codes of (preset, weighting, margin, loss_type, reduction). ``SettingSlot``
+    and ``ModeSlot`` number their members 0, 1, ... in that order, ``MODE_OPTIONS`` follows
+    ``ModeSlot``, and ``encode`` writes each value at its slot."""
+    from fastpref.loss.autograd import encode
+    from fastpref.loss.options import (
+        MODE_OPTIONS,
+        LossType,
+        Margin,
+        ModeSlot,
+        Preset,
+        Reduction,
+        SettingSlot,
+        Weighting,
+        make_config,
+    )
+
+    assert [(m.name, m.value) for m in SettingSlot] == [
+        (name, slot) for slot, name in enumerate(("BETA", "RHO", "K1", "K2", "C2", "EPS", "TAU"))
+    ]
+    assert [(m.name, m.value) for m in ModeSlot] == [
+        (name, slot) for slot, name in enumerate(("PRESET", "WEIGHTING", "MARGIN", "LOSS_TYPE", "REDUCTION"))
+    ]
+    assert MODE_OPTIONS == (Preset, Weighting, Margin, LossType, Reduction)
+    keywords = dict(preset="paper", weighting="sqrt", margin="linear", loss_type="hinge", reduction="none")
+    config = make_config(beta=2.0, rho=3.0, k1=4.0, k2=5.0, c2=6.0, eps=0.25, ipo_tau=8.0, **keywords)
+    settings, modes = encode(config)
+    assert settings == [2.0, 3.0, 4.0, 5.0, 6.0, 0.25, 8.0]
+    assert modes == [MODE_OPTIONS[slot][keywords[slot.name.lower()].upper()] for slot in ModeSlot]
+    assert modes == [Preset.PAPER, Weighting.SQRT, Margin.LINEAR, LossType.HINGE, Reduction.NONE]
+
+
 @pytest.mark.parametrize("fn", ENTRY_POINTS)
 @pytest.mark.parametrize("backend", ["bogus", "cuda", "triton_backend", ""])
 def test_unknown_backend(fn, backend):
@@ -552,7 +585,7 @@ def test_native_cuda_check_asks_the_dispatcher_for_each_op(monkeypatch):
 
     # The real answer, the one recorded at import (False with a CPU-only torch, as in CI).
     assert dispatch.native_cuda_kernels_registered() == dispatch._NATIVE_STATUS["cuda"]
-    registered = {"fastpref::cpp_forward", "fastpref::cpp_backward", "fastpref::cpp_loss"}
+    registered = {"fastpref::native_forward", "fastpref::native_backward", "fastpref::native_loss"}
     asked = []
 
     def has_kernel(op, key):

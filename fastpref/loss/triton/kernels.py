@@ -1,19 +1,26 @@
 """Triton kernels of the fused loss: one pass for the per-sample errors, one program for the
 per-pair head, one pass for the gradient (launched by ``fastpref.loss.triton.ops``). Every sum runs
-in a fixed order with no atomics, so results are bitwise reproducible; each kernel's docstring
-gives its math (notation of docs/spec.md §2).
+in a fixed order with no atomics, so results are bitwise reproducible; each kernel's or step's
+docstring gives its math (notation of docs/spec.md §2).
 """
 
 import triton
 import triton.language as tl
 
-from ..options import LossType, Margin, Preset, Reduction, Weighting
+from ..options import LossType, Margin, Preset, Reduction, SettingSlot, Weighting
 
 MAX_SLOTS = 6  # predictions summed per pass of the error kernel: policy, ref and 4 EMA models
 
-# The string options reach the head kernel as their codes (constexpr arguments), the scalar
-# settings as a ``params`` tensor in the order of fastpref.loss.autograd.encode. A kernel reads a
-# global only as a constexpr: the codes of fastpref.loss.options, by name.
+# The string options reach the head kernel as their codes (constexpr arguments named after
+# their ModeSlot), the scalar settings as a ``params`` tensor indexed by SettingSlot. A kernel
+# reads a global only as a constexpr: the codes and slots of fastpref.loss.options, by name.
+SETTING_BETA = tl.constexpr(SettingSlot.BETA.value)
+SETTING_RHO = tl.constexpr(SettingSlot.RHO.value)
+SETTING_K1 = tl.constexpr(SettingSlot.K1.value)
+SETTING_K2 = tl.constexpr(SettingSlot.K2.value)
+SETTING_C2 = tl.constexpr(SettingSlot.C2.value)
+SETTING_EPS = tl.constexpr(SettingSlot.EPS.value)
+SETTING_TAU = tl.constexpr(SettingSlot.TAU.value)
 PRESET_OFFICIAL = tl.constexpr(Preset.OFFICIAL.value)
 WEIGHTING_LINEAR = tl.constexpr(Weighting.LINEAR.value)
 WEIGHTING_SQUARE = tl.constexpr(Weighting.SQUARE.value)
@@ -28,7 +35,7 @@ LOSS_ROBUST = tl.constexpr(LossType.ROBUST.value)
 LOSS_CDPO = tl.constexpr(LossType.CDPO.value)
 LOSS_DEDPO = tl.constexpr(LossType.DEDPO.value)
 REDUCTION_MEAN = tl.constexpr(Reduction.MEAN.value)
-REDUCTION_SUM = tl.constexpr(Reduction.SUM.value)
+REDUCTION_NONE = tl.constexpr(Reduction.NONE.value)
 
 
 @triton.jit
@@ -38,6 +45,7 @@ def _squared_error(pred_ptr, row, stride_row, stride_col, cols, mask, target):
     return diff * diff
 
 
+# Over 80 lines: Triton has no arrays of pointers, so the six slots are spelled out one by one.
 @triton.jit
 def pair_errors_kernel(
     partial_ptr,  # [n_models, 2B, n_chunks] partial sums of squared errors, ACC
@@ -167,14 +175,216 @@ def _softplus(x):
     return tl.where(x > 0, x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
 
 
+# The head's steps, named as in fastpref/loss/reference.py and csrc/common/pair_head.h. They
+# work on the head kernel's tile [MODELS_PAD, BATCH_PAD] (model row 0 the policy, 1 the
+# reference, 2.. the EMAs) or on its [BATCH_PAD] rows of pairs.
+
+
+@triton.jit
+def sample_error(
+    partial_ptr,
+    offs_w,
+    offs_l,
+    tile_mask,
+    n_chunks,
+    features,
+    MODELS_PAD: tl.constexpr,
+    BATCH_PAD: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """§2: ``(e[j], e[j+B])`` of every model row and pair from ``partial`` at ``offs_w`` and
+    ``offs_l``: each row's chunk partial sums added in chunk order (bitwise reproducible), over D."""
+    sum_w = tl.zeros([MODELS_PAD, BATCH_PAD], ACC)
+    sum_l = tl.zeros([MODELS_PAD, BATCH_PAD], ACC)
+    for c in range(n_chunks):
+        sum_w += tl.load(partial_ptr + offs_w + c, mask=tile_mask, other=0.0)
+        sum_l += tl.load(partial_ptr + offs_l + c, mask=tile_mask, other=0.0)
+    return sum_w / features, sum_l / features
+
+
+@triton.jit
+def model_row(tile, model, index):
+    """Row ``index`` (a model) of a tile, as a ``[BATCH_PAD]`` row."""
+    return tl.sum(tl.where(model == index, tile, 0.0), axis=0)
+
+
+@triton.jit
+def pair_logit(ref_w, ref_l, err_w, err_l):
+    """§2: ``l = (e_ref[j] - e[j]) - (e_ref[j+B] - e[j+B])``."""
+    return (ref_w - err_w) - (ref_l - err_l)
+
+
+@triton.jit
+def logit_norm(logit):
+    """§3, official preset: ``max(||l_m||, 1e-12)`` over the batch, per model row, keeping NaN."""
+    norm = tl.sqrt(tl.sum(logit * logit, axis=1))
+    return tl.where(norm < 1e-12, 1e-12, norm)
+
+
+@triton.jit
+def scaled_logit(logit, rho, PRESET: tl.constexpr):
+    """§3: ``rho * l``, divided by ``logit_norm`` under the official preset."""
+    if PRESET == PRESET_OFFICIAL:
+        norm = logit_norm(logit)
+        scaled = rho * logit / norm[:, None]
+    else:
+        scaled = rho * logit
+    return scaled
+
+
+@triton.jit
+def minority_metric(
+    logit, metric_rows, rho, PRESET: tl.constexpr, N_ROWS: tl.constexpr, BATCH_PAD: tl.constexpr, ACC: tl.constexpr
+):
+    """§3: ``(u, confidence c, stability s)`` of each pair from the l of the ``metric_rows`` (the
+    M = N_ROWS rows of the policy and the EMAs)."""
+    logit = tl.where(metric_rows, logit, 0.0)
+    scaled = scaled_logit(logit, rho, PRESET)
+    confidence = 1.0 - tl.sum(tl.where(metric_rows, _sigmoid(scaled), 0.0), axis=0) / N_ROWS
+    if N_ROWS > 1:
+        spread_of = scaled if PRESET == PRESET_OFFICIAL else logit
+        mean = tl.sum(spread_of, axis=0) / N_ROWS
+        dev = tl.where(metric_rows, spread_of - mean[None, :], 0.0)
+        var = tl.sum(dev * dev, axis=0) / (N_ROWS - 1)
+        if PRESET == PRESET_OFFICIAL:
+            std = tl.sqrt(var)
+            stability = tl.where(std > 1.0, 1.0, std)  # min(std, 1) that keeps NaN
+        else:
+            stability = var
+    else:
+        stability = tl.full([BATCH_PAD], 1.0, ACC)
+    return confidence * stability, confidence, stability
+
+
+@triton.jit
+def pair_weight(u, k1, WEIGHTING: tl.constexpr, BATCH_PAD: tl.constexpr, ACC: tl.constexpr):
+    """§4: the weight W."""
+    if WEIGHTING == WEIGHTING_LINEAR:
+        weight = 1.0 / (1.0 + k1 * u)
+    elif WEIGHTING == WEIGHTING_SQUARE:
+        weight = 1.0 / (1.0 + k1 * u * u)
+    elif WEIGHTING == WEIGHTING_SQRT:
+        weight = 1.0 / (1.0 + k1 * tl.sqrt(u))
+    elif WEIGHTING == WEIGHTING_SIGMOID:
+        weight = 1.0 / (1.0 + tl.exp(k1 * u))
+    else:  # none
+        weight = tl.full([BATCH_PAD], 1.0, ACC)
+    return weight
+
+
+@triton.jit
+def batch_sum(values, in_batch):
+    """The sum over the batch's pairs of a ``[BATCH_PAD]`` row."""
+    return tl.sum(tl.where(in_batch, values, 0.0), axis=0)
+
+
+@triton.jit
+def batch_mean(values, in_batch, batch):
+    """§4: the default margin offset c2 is the batch mean of l_theta."""
+    return batch_sum(values, in_batch) / batch
+
+
+@triton.jit
+def pair_margin(u, k2, c2, MARGIN: tl.constexpr, BATCH_PAD: tl.constexpr, ACC: tl.constexpr):
+    """§4: the margin Gamma."""
+    if MARGIN == MARGIN_QUADRATIC:
+        margin = k2 * u * u + c2
+    elif MARGIN == MARGIN_LINEAR:
+        margin = k2 * u + c2
+    else:  # none
+        margin = tl.zeros([BATCH_PAD], ACC)
+    return margin
+
+
+@triton.jit
+def pair_loss(l_theta, weight, margin, beta, eps, tau, soft_label, LOSS_TYPE: tl.constexpr):
+    """§5, §5b: the per-pair loss ``L_j`` and ``a_j = dL_j/dl_theta[j]`` (the gradient kernel's
+    input), with ``y = beta * l_theta - Gamma``. ``a_j`` follows from ``dy/dl_theta = beta``,
+    ``softplus' = sigmoid`` and ``sigmoid(-y) = 1 - sigmoid(y)``, with u, W, Gamma and c2
+    stop-gradient (docs/spec.md §6); ``soft_label`` (y~) is read by "dedpo" only:
+
+        sigmoid  L = W softplus(-y)                          a = -W beta sigmoid(-y)
+        ipo      L = W r^2, r = l - Gamma/beta - 1/(2 tau)   a = 2 W r
+        hinge    L = W relu(1 - y)                           a = -W beta [1 - y > 0]
+        robust   L = W ((1-e) softplus(-y) - e softplus(y)) / (1-2e)
+                                                             a = -W beta ((1-e) sigmoid(-y) + e sigmoid(y)) / (1-2e)
+        cdpo     L = W ((1-e) softplus(-y) + e softplus(y))  a = W beta (e sigmoid(y) - (1-e) sigmoid(-y))
+        dedpo    L = W (softplus(-y) + (1 - y~) y)           a = W beta (sigmoid(y) - y~)
+    """
+    y = beta * l_theta - margin
+    if LOSS_TYPE == LOSS_SIGMOID:  # DPO
+        per_pair = weight * _softplus(-y)
+        coef = -weight * beta * _sigmoid(-y)
+    elif LOSS_TYPE == LOSS_IPO:
+        resid = l_theta - margin / beta - 1.0 / (2.0 * tau)
+        per_pair = weight * resid * resid
+        coef = 2.0 * weight * resid
+    elif LOSS_TYPE == LOSS_HINGE:  # relu written so that NaN propagates
+        gap = 1.0 - y
+        per_pair = weight * tl.where(gap < 0.0, 0.0, gap)
+        coef = -weight * beta * tl.where(gap > 0.0, 1.0, 0.0)
+    elif LOSS_TYPE == LOSS_ROBUST:
+        per_pair = weight * ((1.0 - eps) * _softplus(-y) - eps * _softplus(y)) / (1.0 - 2.0 * eps)
+        coef = -weight * beta * ((1.0 - eps) * _sigmoid(-y) + eps * _sigmoid(y)) / (1.0 - 2.0 * eps)
+    elif LOSS_TYPE == LOSS_CDPO:
+        per_pair = weight * ((1.0 - eps) * _softplus(-y) + eps * _softplus(y))
+        coef = weight * beta * (eps * _sigmoid(y) - (1.0 - eps) * _sigmoid(-y))
+    else:  # LOSS_DEDPO
+        per_pair = weight * (_softplus(-y) + (1.0 - soft_label) * y)
+        coef = weight * beta * (_sigmoid(y) - soft_label)
+    return per_pair, coef
+
+
+@triton.jit
+def reduced_coef(coef, batch, REDUCTION: tl.constexpr):
+    """§5: ``a_j`` of the reduced loss (the mean divides by B) ..."""
+    if REDUCTION == REDUCTION_MEAN:
+        coef = coef / batch
+    return coef
+
+
+@triton.jit
+def reduced_loss(total, batch, REDUCTION: tl.constexpr):
+    """... and the loss from the sum of the per-pair losses ("none" keeps them per pair instead)."""
+    if REDUCTION == REDUCTION_MEAN:
+        total = total / batch
+    return total
+
+
+@triton.jit
+def implicit_accuracy(z, in_batch, batch):
+    """§8: the share of pairs with z > 0, ties counted half."""
+    wins = tl.sum(tl.where(in_batch & (z > 0), 1.0, 0.0), axis=0)
+    ties = tl.sum(tl.where(in_batch & (z == 0), 1.0, 0.0), axis=0)
+    return (wins + 0.5 * ties) / batch
+
+
+@triton.jit
+def store_row(ptr, row, batch, pair, in_batch, values):
+    """Row ``row`` of a ``[rows, B]`` output."""
+    tl.store(ptr + row * batch + pair, values, mask=in_batch)
+
+
+@triton.jit
+def store_pair_stats(ptr, batch, pair, in_batch, z, l_theta, u, confidence, stability, weight, margin):
+    """The ``[7, B]`` pair stats, rows in the order of ``fastpref.loss.autograd.STAT_NAMES``."""
+    store_row(ptr, 0, batch, pair, in_batch, z)
+    store_row(ptr, 1, batch, pair, in_batch, l_theta)
+    store_row(ptr, 2, batch, pair, in_batch, u)
+    store_row(ptr, 3, batch, pair, in_batch, confidence)
+    store_row(ptr, 4, batch, pair, in_batch, stability)
+    store_row(ptr, 5, batch, pair, in_batch, weight)
+    store_row(ptr, 6, batch, pair, in_batch, margin)
+
+
 @triton.jit
 def pair_head_kernel(
     partial_ptr,
     n_chunks,
     batch,
     features,
-    params_ptr,  # beta, rho, k1, k2, c2, eps, tau in ACC (see PARAM_NAMES)
-    soft_label_ptr,  # [B] DeDPO label y~ (read only when LOSS == LOSS_DEDPO)
+    params_ptr,  # the settings in ACC, indexed by SettingSlot (c2 = 0 unless HAS_C2)
+    soft_label_ptr,  # [B] DeDPO label y~ (read only when LOSS_TYPE == LOSS_DEDPO)
     loss_ptr,  # [] or [B] (reduction "none")
     coef_ptr,  # [B] a_j = dLoss/dl_theta[j] for an incoming gradient of 1
     pair_stats_ptr,  # [7, B]: z, l_theta, u, c, s, W, Gamma
@@ -186,156 +396,63 @@ def pair_head_kernel(
     PRESET: tl.constexpr,
     WEIGHTING: tl.constexpr,
     MARGIN: tl.constexpr,
-    LOSS: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
     REDUCTION: tl.constexpr,
     HAS_C2: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """One program: per-sample errors -> l -> metric u -> W, Gamma -> loss and a_j (docs/spec.md §2-§5).
-    Tile [MODELS_PAD, BATCH_PAD]: model row 0 is the policy, 1 the reference, 2.. the EMAs.
-
-    ``l_m[j] = (e_ref[j] - e_m[j]) - (e_ref[j+B] - e_m[j+B])``, ``z = beta * l_theta``,
-    ``y = z - Gamma``. The coefficient ``a_j = dLoss/dl_theta[j]`` of each head (the gradient
-    kernel's input) follows from ``dy/dl_theta = beta``, ``softplus' = sigmoid`` and
-    ``sigmoid(-y) = 1 - sigmoid(y)``, with u, W, Gamma and c2 stop-gradient (docs/spec.md §6):
-
-        sigmoid  L = W softplus(-y)                          a = -W beta sigmoid(-y)
-        ipo      L = W r^2, r = l - Gamma/beta - 1/(2 tau)   a = 2 W r
-        hinge    L = W relu(1 - y)                           a = -W beta [1 - y > 0]
-        robust   L = W ((1-e) softplus(-y) - e softplus(y)) / (1-2e)
-                                                             a = -W beta ((1-e) sigmoid(-y) + e sigmoid(y)) / (1-2e)
-        cdpo     L = W ((1-e) softplus(-y) + e softplus(y))  a = W beta (e sigmoid(y) - (1-e) sigmoid(-y))
-        dedpo    L = W (softplus(-y) + (1 - y~) y)           a = W beta (sigmoid(y) - y~)
-
-    and the mean reduction divides a_j by B.
-    """
-    beta = tl.load(params_ptr + 0)
-    rho = tl.load(params_ptr + 1)
-    k1 = tl.load(params_ptr + 2)
-    k2 = tl.load(params_ptr + 3)
-    c2_given = tl.load(params_ptr + 4)
-    eps = tl.load(params_ptr + 5)
-    tau = tl.load(params_ptr + 6)
+    """One program, the whole batch: errors -> l -> metric u -> W, Gamma -> loss and a_j ->
+    reduction (docs/spec.md §2-§5), one step each above; ``z = beta * l_theta``."""
+    beta = tl.load(params_ptr + SETTING_BETA)
+    rho = tl.load(params_ptr + SETTING_RHO)
+    k1 = tl.load(params_ptr + SETTING_K1)
+    k2 = tl.load(params_ptr + SETTING_K2)
+    c2_given = tl.load(params_ptr + SETTING_C2)
+    eps = tl.load(params_ptr + SETTING_EPS)
+    tau = tl.load(params_ptr + SETTING_TAU)
 
     model = tl.arange(0, MODELS_PAD)[:, None]
-    pair_1d = tl.arange(0, BATCH_PAD)
-    pair = pair_1d[None, :]
-    in_batch = pair_1d < batch
-    tile_mask = (model < NUM_MODELS) & (pair < batch)
+    pair = tl.arange(0, BATCH_PAD)
+    in_batch = pair < batch
+    tile_mask = (model < NUM_MODELS) & (pair[None, :] < batch)
 
-    # Per-sample errors: chunk partial sums added in a fixed order (bitwise reproducible).
-    sum_w = tl.zeros([MODELS_PAD, BATCH_PAD], ACC)
-    sum_l = tl.zeros([MODELS_PAD, BATCH_PAD], ACC)
-    offs_w = model * (2 * batch * n_chunks) + pair * n_chunks
+    offs_w = model * (2 * batch * n_chunks) + pair[None, :] * n_chunks
     offs_l = offs_w + batch * n_chunks
-    for c in range(n_chunks):
-        sum_w += tl.load(partial_ptr + offs_w + c, mask=tile_mask, other=0.0)
-        sum_l += tl.load(partial_ptr + offs_l + c, mask=tile_mask, other=0.0)
-    err_w = sum_w / features
-    err_l = sum_l / features
+    err_w, err_l = sample_error(partial_ptr, offs_w, offs_l, tile_mask, n_chunks, features, MODELS_PAD, BATCH_PAD, ACC)
+    ref_w = model_row(err_w, model, 1)
+    ref_l = model_row(err_l, model, 1)
+    logit = pair_logit(ref_w[None, :], ref_l[None, :], err_w, err_l)  # every model row; the ref's is 0
+    l_theta = model_row(logit, model, 0)
 
-    # l_m = (e_ref - e_m)_w - (e_ref - e_m)_l for every model row (the ref row gives 0).
-    ref_w = tl.sum(tl.where(model == 1, err_w, 0.0), axis=0)
-    ref_l = tl.sum(tl.where(model == 1, err_l, 0.0), axis=0)
-    logit = (ref_w[None, :] - err_w) - (ref_l[None, :] - err_l)
-    l_theta = tl.sum(tl.where(model == 0, logit, 0.0), axis=0)
-
-    # Metric u over the M = K + 1 rows (policy and EMAs), docs/spec.md §3.
     metric_rows = (model != 1) & tile_mask
-    n_rows: tl.constexpr = NUM_MODELS - 1
-    logit = tl.where(metric_rows, logit, 0.0)
-    if PRESET == PRESET_OFFICIAL:
-        norm = tl.sqrt(tl.sum(logit * logit, axis=1))
-        norm = tl.where(norm < 1e-12, 1e-12, norm)  # max(norm, 1e-12) that keeps NaN
-        scaled = rho * logit / norm[:, None]
-    else:
-        scaled = rho * logit
-    confidence = 1.0 - tl.sum(tl.where(metric_rows, _sigmoid(scaled), 0.0), axis=0) / n_rows
-    if n_rows > 1:
-        spread_of = scaled if PRESET == PRESET_OFFICIAL else logit
-        mean = tl.sum(spread_of, axis=0) / n_rows
-        dev = tl.where(metric_rows, spread_of - mean[None, :], 0.0)
-        var = tl.sum(dev * dev, axis=0) / (n_rows - 1)
-        if PRESET == PRESET_OFFICIAL:
-            std = tl.sqrt(var)
-            stability = tl.where(std > 1.0, 1.0, std)  # min(std, 1) that keeps NaN
-        else:
-            stability = var
-    else:
-        stability = tl.full([BATCH_PAD], 1.0, ACC)
-    u = confidence * stability
-
-    if WEIGHTING == WEIGHTING_LINEAR:
-        weight = 1.0 / (1.0 + k1 * u)
-    elif WEIGHTING == WEIGHTING_SQUARE:
-        weight = 1.0 / (1.0 + k1 * u * u)
-    elif WEIGHTING == WEIGHTING_SQRT:
-        weight = 1.0 / (1.0 + k1 * tl.sqrt(u))
-    elif WEIGHTING == WEIGHTING_SIGMOID:
-        weight = 1.0 / (1.0 + tl.exp(k1 * u))
-    else:  # none
-        weight = tl.full([BATCH_PAD], 1.0, ACC)
-
+    u, confidence, stability = minority_metric(logit, metric_rows, rho, PRESET, NUM_MODELS - 1, BATCH_PAD, ACC)
+    weight = pair_weight(u, k1, WEIGHTING, BATCH_PAD, ACC)
     if HAS_C2:
         c2 = c2_given
     else:
-        c2 = tl.sum(tl.where(in_batch, l_theta, 0.0), axis=0) / batch
-    if MARGIN == MARGIN_QUADRATIC:
-        margin = k2 * u * u + c2
-    elif MARGIN == MARGIN_LINEAR:
-        margin = k2 * u + c2
-    else:  # none
-        margin = tl.zeros([BATCH_PAD], ACC)
-
+        c2 = batch_mean(l_theta, in_batch, batch)
+    margin = pair_margin(u, k2, c2, MARGIN, BATCH_PAD, ACC)
     z = beta * l_theta
-    y = z - margin
-    if LOSS == LOSS_SIGMOID:  # DPO
-        per_pair = weight * _softplus(-y)
-        coef = -weight * beta * _sigmoid(-y)
-    elif LOSS == LOSS_IPO:
-        resid = l_theta - margin / beta - 1.0 / (2.0 * tau)
-        per_pair = weight * resid * resid
-        coef = 2.0 * weight * resid
-    elif LOSS == LOSS_HINGE:  # relu written so that NaN propagates
-        gap = 1.0 - y
-        per_pair = weight * tl.where(gap < 0.0, 0.0, gap)
-        coef = -weight * beta * tl.where(gap > 0.0, 1.0, 0.0)
-    elif LOSS == LOSS_ROBUST:
-        per_pair = weight * ((1.0 - eps) * _softplus(-y) - eps * _softplus(y)) / (1.0 - 2.0 * eps)
-        coef = -weight * beta * ((1.0 - eps) * _sigmoid(-y) + eps * _sigmoid(y)) / (1.0 - 2.0 * eps)
-    elif LOSS == LOSS_CDPO:
-        per_pair = weight * ((1.0 - eps) * _softplus(-y) + eps * _softplus(y))
-        coef = weight * beta * (eps * _sigmoid(y) - (1.0 - eps) * _sigmoid(-y))
-    else:  # LOSS_DEDPO
-        soft = tl.load(soft_label_ptr + pair_1d, mask=in_batch, other=0.0)
-        per_pair = weight * (_softplus(-y) + (1.0 - soft) * y)
-        coef = weight * beta * (_sigmoid(y) - soft)
-
-    if REDUCTION == REDUCTION_MEAN:
-        tl.store(loss_ptr, tl.sum(tl.where(in_batch, per_pair, 0.0), axis=0) / batch)
-        coef = coef / batch
-    elif REDUCTION == REDUCTION_SUM:
-        tl.store(loss_ptr, tl.sum(tl.where(in_batch, per_pair, 0.0), axis=0))
+    if LOSS_TYPE == LOSS_DEDPO:
+        soft_label = tl.load(soft_label_ptr + pair, mask=in_batch, other=0.0)
     else:
-        tl.store(loss_ptr + pair_1d, per_pair, mask=in_batch)
-    tl.store(coef_ptr + pair_1d, coef, mask=in_batch)
+        soft_label = tl.zeros([BATCH_PAD], ACC)
+    per_pair, coef = pair_loss(l_theta, weight, margin, beta, eps, tau, soft_label, LOSS_TYPE)
 
-    tl.store(pair_stats_ptr + 0 * batch + pair_1d, z, mask=in_batch)
-    tl.store(pair_stats_ptr + 1 * batch + pair_1d, l_theta, mask=in_batch)
-    tl.store(pair_stats_ptr + 2 * batch + pair_1d, u, mask=in_batch)
-    tl.store(pair_stats_ptr + 3 * batch + pair_1d, confidence, mask=in_batch)
-    tl.store(pair_stats_ptr + 4 * batch + pair_1d, stability, mask=in_batch)
-    tl.store(pair_stats_ptr + 5 * batch + pair_1d, weight, mask=in_batch)
-    tl.store(pair_stats_ptr + 6 * batch + pair_1d, margin, mask=in_batch)
-    policy_w = tl.sum(tl.where(model == 0, err_w, 0.0), axis=0)
-    policy_l = tl.sum(tl.where(model == 0, err_l, 0.0), axis=0)
-    tl.store(sample_err_ptr + pair_1d, policy_w, mask=in_batch)
-    tl.store(sample_err_ptr + batch + pair_1d, policy_l, mask=in_batch)
-    tl.store(sample_err_ptr + 2 * batch + pair_1d, ref_w, mask=in_batch)
-    tl.store(sample_err_ptr + 3 * batch + pair_1d, ref_l, mask=in_batch)
-    wins = tl.sum(tl.where(in_batch & (z > 0), 1.0, 0.0), axis=0)
-    ties = tl.sum(tl.where(in_batch & (z == 0), 1.0, 0.0), axis=0)
-    tl.store(accuracy_ptr, (wins + 0.5 * ties) / batch)
+    if REDUCTION == REDUCTION_NONE:
+        tl.store(loss_ptr + pair, per_pair, mask=in_batch)
+    else:
+        tl.store(loss_ptr, reduced_loss(batch_sum(per_pair, in_batch), batch, REDUCTION))
+    coef = reduced_coef(coef, batch, REDUCTION)
+    tl.store(coef_ptr + pair, coef, mask=in_batch)
+    store_pair_stats(pair_stats_ptr, batch, pair, in_batch, z, l_theta, u, confidence, stability, weight, margin)
+    policy_w = model_row(err_w, model, 0)
+    policy_l = model_row(err_l, model, 0)
+    store_row(sample_err_ptr, 0, batch, pair, in_batch, policy_w)
+    store_row(sample_err_ptr, 1, batch, pair, in_batch, policy_l)
+    store_row(sample_err_ptr, 2, batch, pair, in_batch, ref_w)
+    store_row(sample_err_ptr, 3, batch, pair, in_batch, ref_l)
+    tl.store(accuracy_ptr, implicit_accuracy(z, in_batch, batch))
 
 
 @triton.jit

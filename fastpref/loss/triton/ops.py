@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import autograd
-from ..options import LossConfig, LossInputs, Reduction, acc_dtype
+from ..options import LossConfig, LossInputs, ModeSlot, Reduction, SettingSlot, acc_dtype
 from . import kernels as K
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -118,8 +118,7 @@ def errors_specialization(slot_dtypes, target_dtype, shared_target: bool, block:
 @functools.lru_cache(maxsize=1024)
 def head_specialization(num_models: int, batch: int, modes, has_c2: bool, acc) -> Specialization:
     """The head kernel for ``num_models`` = K + 2 predictions, ``batch`` pairs and the option codes
-    ``modes`` (a tuple, ``fastpref.loss.options.MODE_OPTIONS`` order)."""
-    preset, weighting, margin, loss_type, reduction = modes
+    ``modes`` (a tuple indexed by ``fastpref.loss.options.ModeSlot``)."""
     pointers = tuple(
         (name, acc)
         for name in (
@@ -137,11 +136,7 @@ def head_specialization(num_models: int, batch: int, modes, has_c2: bool, acc) -
         ("NUM_MODELS", num_models),
         ("MODELS_PAD", triton.next_power_of_2(num_models)),
         ("BATCH_PAD", triton.next_power_of_2(batch)),
-        ("PRESET", int(preset)),
-        ("WEIGHTING", int(weighting)),
-        ("MARGIN", int(margin)),
-        ("LOSS", int(loss_type)),
-        ("REDUCTION", int(reduction)),
+        *((slot.name, int(modes[slot])) for slot in ModeSlot),  # the kernel's constexprs of the options
         ("HAS_C2", has_c2),
         ("ACC", acc),
     )
@@ -198,7 +193,14 @@ def launchable_specializations(covering: bool = False) -> List[Specialization]:
     group_sizes = sorted({size for k in range(CHECKED_MAX_EMA + 1) for _, size in slot_groups(k + 2)})
     pair_counts = [1 << i for i in range(CHECKED_MAX_PAIRS.bit_length())]
     mode_values = [list(option) for option in MODE_OPTIONS]
-    default_modes = (Preset.OFFICIAL, Weighting.LINEAR, Margin.QUADRATIC, LossType.SIGMOID, Reduction.MEAN)
+    defaults = {
+        ModeSlot.PRESET: Preset.OFFICIAL,
+        ModeSlot.WEIGHTING: Weighting.LINEAR,
+        ModeSlot.MARGIN: Margin.QUADRATIC,
+        ModeSlot.LOSS_TYPE: LossType.SIGMOID,
+        ModeSlot.REDUCTION: Reduction.MEAN,
+    }
+    default_modes = tuple(defaults[slot] for slot in ModeSlot)
     heads_at = dict(num_models=4, batch=8)
 
     def errors(pair, size, shared, block):
@@ -302,9 +304,13 @@ def triton_forward(
             **spec.launch_keywords,
         )
 
-    reduction = modes[4]
-    has_c2 = not math.isnan(settings[4])
-    params = _params(tuple(0.0 if (i == 4 and not has_c2) else float(v) for i, v in enumerate(settings)), acc, device)
+    reduction = modes[ModeSlot.REDUCTION]
+    has_c2 = not math.isnan(settings[SettingSlot.C2])
+    params = _params(
+        tuple(0.0 if (slot == SettingSlot.C2 and not has_c2) else float(v) for slot, v in zip(SettingSlot, settings)),
+        acc,
+        device,
+    )
     loss = torch.empty((batch,) if reduction == Reduction.NONE else (), dtype=acc, device=device)
     coef = torch.empty(batch, dtype=acc, device=device)
     pair_stats = torch.empty((len(autograd.STAT_NAMES), batch), dtype=acc, device=device)
