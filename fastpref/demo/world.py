@@ -1,7 +1,7 @@
 """The toy preference world of ``fastpref demo``: 54 colour x position prompts, 8x8 coloured-square
 images used directly as diffusion latents, a closed-form reward, a tiny base UNet pretrained on a
 distribution that only partly matches the prompts, preference pairs of its DDIM samples, the
-label minorities (flips, a structured minority, a biased judge) and the evaluation. Everything is
+labels (label flips, a biased judge) and the evaluation. Everything is
 deterministic for :attr:`WorldConfig.seed` and cached by :func:`load_or_build`; docs/demo.md
 describes the world in full.
 """
@@ -60,7 +60,6 @@ class WorldConfig:
         num_pairs: preference pairs sampled from the base model (over the training prompts).
         sample_steps: DDIM steps for pair sampling and evaluation.
         eval_samples: DDIM samples per held-out prompt at evaluation.
-        minority_colour: the colour whose pairs the structured minority labels.
     """
 
     seed: int = 0
@@ -78,7 +77,6 @@ class WorldConfig:
     num_pairs: int = 1024
     sample_steps: int = 10
     eval_samples: int = 16
-    minority_colour: str = "red"
 
     def __post_init__(self):
         if self.image_size < self.blob_size + 2 or (self.image_size - self.blob_size) % 2:
@@ -87,8 +85,6 @@ class WorldConfig:
             )
         if len(self.base_mix) != len(BASE_KINDS) or abs(sum(self.base_mix) - 1.0) > 1e-6 or min(self.base_mix) < 0:
             raise ValueError(f"base_mix must be {len(BASE_KINDS)} probabilities summing to 1, got {self.base_mix}")
-        if self.minority_colour not in colour_names():
-            raise ValueError(f"minority_colour must be one of {colour_names()}, got {self.minority_colour!r}")
         for name in ("pretrain_steps", "pretrain_batch", "num_pairs", "sample_steps", "eval_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -176,21 +172,9 @@ def reward(images: torch.Tensor, prompt_ids: torch.Tensor, config: WorldConfig) 
     return 1.0 - 0.5 * (e_in + e_out)
 
 
-def brightness(images: torch.Tensor) -> torch.Tensor:
-    """Mean brightness in [0, 1] (float32 ``[N]``) of images ``[N, 3, H, W]`` in [-1, 1]: the
-    structured minority's criterion (it prefers the brighter, "vivid" image)."""
-    return to_unit(images).mean(dim=(1, 2, 3))
-
-
 # ----------------------------------------------------------------------------------------------
 # prompt split, embeddings
 # ----------------------------------------------------------------------------------------------
-
-
-def minority_prompt_ids(config: WorldConfig) -> torch.Tensor:
-    """Int64 ``[9]``: every prompt (training and held-out) of ``config.minority_colour``."""
-    ids = torch.arange(NUM_PROMPTS)
-    return ids[prompt_colour(ids) == colour_names().index(config.minority_colour)]
 
 
 def split_prompts(config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +371,7 @@ def sample_pairs(config: WorldConfig, unet) -> Dict[str, torch.Tensor]:
     ``num_pairs / 45`` times, in a seeded order), stored winner first by :func:`reward`:
 
     ``latents`` float32 ``[N, 2, 3, H, W]``; ``prompt`` int64 ``[N]``; ``reward`` float32
-    ``[N, 2]`` (``reward[:, 0] >= reward[:, 1]``); ``brightness`` float32 ``[N, 2]``."""
+    ``[N, 2]`` (``reward[:, 0] >= reward[:, 1]``)."""
     train, _ = split_prompts(config)
     rng = np.random.default_rng([config.seed, 0xA1B5])
     prompt = torch.from_numpy(rng.permutation(np.resize(train.numpy(), config.num_pairs))).long()
@@ -399,33 +383,25 @@ def sample_pairs(config: WorldConfig, unet) -> Dict[str, torch.Tensor]:
     swap = rewards[:, 1] > rewards[:, 0]
     images = torch.where(swap[:, None, None, None, None], images.flip(1), images)
     rewards = torch.where(swap[:, None], rewards.flip(1), rewards)
-    return {
-        "latents": images.contiguous(),
-        "prompt": prompt,
-        "reward": rewards.contiguous(),
-        "brightness": brightness(images.flatten(0, 1)).view(-1, 2),
-    }
+    return {"latents": images.contiguous(), "prompt": prompt, "reward": rewards.contiguous()}
 
 
 @torch.no_grad()
-def evaluate(
-    unet, config: WorldConfig, *, prompt_ids: Optional[torch.Tensor] = None, seed: int = 12345
-) -> Dict[str, object]:
-    """Mean reward of ``eval_samples`` DDIM samples per prompt (default: the held-out prompts),
-    all from noise seed ``seed``. Returns ``{"mean": float, "per_colour": {name: float}}``
-    (colours without an evaluated prompt are left out)."""
-    if prompt_ids is None:
-        _, prompt_ids = split_prompts(config)
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.int64).repeat_interleave(config.eval_samples)
+def evaluate(unet, config: WorldConfig, *, seed: int = 12345) -> Dict[str, object]:
+    """Mean reward of ``eval_samples`` DDIM samples per held-out prompt, all from noise seed
+    ``seed``. Returns ``{"mean": float, "per_colour": {name: float}}`` (every colour has a
+    held-out prompt)."""
+    _, held_out = split_prompts(config)
+    prompt = held_out.repeat_interleave(config.eval_samples)
     images = ddim_sample(unet, embedding_table(config)[prompt], steps=config.sample_steps, seed=seed)
     r = reward(images, prompt, config)
     colours = prompt_colour(prompt)
-    per_colour = {name: float(r[colours == i].mean()) for i, name in enumerate(colour_names()) if (colours == i).any()}
+    per_colour = {name: float(r[colours == i].mean()) for i, name in enumerate(colour_names())}
     return {"mean": float(r.mean()), "per_colour": per_colour}
 
 
 # ----------------------------------------------------------------------------------------------
-# labels: flips, the structured minority, the synthetic judge
+# labels: label flips, the synthetic judge
 # ----------------------------------------------------------------------------------------------
 
 
@@ -438,16 +414,6 @@ def flip_mask(num_pairs: int, rate: float, seed: int) -> torch.Tensor:
     mask = torch.zeros(num_pairs, dtype=torch.bool)
     mask[torch.from_numpy(chosen)] = True
     return mask
-
-
-def structured_minority(pairs: Dict[str, torch.Tensor], config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The structured minority: every pair whose prompt has ``minority_colour`` is labelled by
-    the "vivid" annotators, who prefer the brighter image (more ink, whatever its shape or
-    place). Returns ``(member, swapped)``, bool ``[N]`` each: the pairs they label, and those
-    whose label then disagrees with the reward (their images are to be swapped, as a flip)."""
-    member = prompt_colour(pairs["prompt"]) == colour_names().index(config.minority_colour)
-    swapped = member & (pairs["brightness"][:, 1] > pairs["brightness"][:, 0])
-    return member, swapped
 
 
 def synthetic_judge(
@@ -535,7 +501,6 @@ def load_or_build(config: WorldConfig, cache_dir, progress: Optional[Callable[[s
     pairs = sample_pairs(config, unet)
     seconds["pairs"] = time.perf_counter() - start
     base_reward = evaluate(unet, config)
-    base_reward["minority_colour_all_prompts"] = evaluate(unet, config, prompt_ids=minority_prompt_ids(config))["mean"]
     state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
     path.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ def test_world_is_deterministic_for_a_seed_and_cached(tmp_path):
     assert first.path.name == f"world-{TINY.key()}"
     for key in first.base_state:
         assert torch.equal(first.base_state[key], second.base_state[key]), key
-    for key in ("latents", "prompt", "reward", "brightness"):
+    for key in ("latents", "prompt", "reward"):
         assert torch.equal(first.pairs[key], second.pairs[key]), key
     assert first.base_reward == second.base_reward
     pairs = first.pairs
@@ -141,11 +141,7 @@ def test_labels():
     pairs = {
         "prompt": prompts,
         "reward": torch.stack([torch.full((tw.NUM_PROMPTS,), 0.9), torch.full((tw.NUM_PROMPTS,), 0.5)], 1),
-        "brightness": torch.stack([torch.full((tw.NUM_PROMPTS,), 0.2), torch.full((tw.NUM_PROMPTS,), 0.3)], 1),
     }
-    member, swapped = tw.structured_minority(pairs, config)
-    assert torch.equal(member, tw.prompt_colour(prompts) == tw.colour_names().index(config.minority_colour))
-    assert torch.equal(swapped, member)  # the loser is brighter here: every minority label goes against the reward
     judge, biased = tw.synthetic_judge(pairs, config, noise=0.0)
     assert torch.equal(
         biased,
