@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..train import PairSampler, PreferenceTrainer, TrainConfig
+from . import labels
 from . import world as tw
 from .config import (
     ABLATION_RATE,
@@ -110,11 +111,13 @@ def run_data(world: tw.World, spec: RunSpec, study: StudyConfig) -> Dict[str, to
     indices = torch.arange(n)
     out: Dict[str, torch.Tensor] = {}
     if spec.study in ("flip", "tune", "ablation"):
-        swap = tw.flip_mask(n, spec.rate / 100.0, spec.seed)
+        swap = labels.flip_mask(n, spec.rate / 100.0, spec.seed)
     elif spec.study == "dedpo":
-        judge, _ = tw.synthetic_judge(pairs, world.config, biased_colours=study.judge_biased_colours, seed=spec.seed)
+        judge, _ = labels.synthetic_judge(
+            pairs, world.config, biased_colours=study.judge_biased_colours, seed=spec.seed
+        )
         propensity = float(spec.variant) if spec.variant is not None else 0.0
-        human = tw.flip_mask(n, propensity, spec.seed + 7_000_000)  # a separate seeded choice
+        human = labels.flip_mask(n, propensity, spec.seed + 7_000_000)  # a separate seeded choice
         if spec.method == "human-only":
             swap = torch.zeros(n, dtype=torch.bool)
             indices = torch.nonzero(human).flatten()

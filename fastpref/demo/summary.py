@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import labels
 from . import world as tw
 from .config import (
     ABLATION_DEFAULT,
@@ -278,7 +279,7 @@ def dedpo(records: Sequence[dict], world: tw.World, study: StudyConfig) -> dict:
     and on all-human labels (the clean DPO runs of the flip study: same seed, pairs, order,
     steps); per propensity, DPO on the human-labelled pairs only and DeDPO, with DeDPO's paired
     differences against both partial baselines and the spread of its debiased labels across seeds."""
-    judge, biased = tw.synthetic_judge(world.pairs, world.config, biased_colours=study.judge_biased_colours, seed=0)
+    judge, biased = labels.synthetic_judge(world.pairs, world.config, biased_colours=study.judge_biased_colours, seed=0)
     right = judge > 0.5
     synthetic = find(records, "dedpo", "synthetic")
     out = {
