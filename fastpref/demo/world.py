@@ -119,9 +119,9 @@ def prompt_position(prompt_ids: torch.Tensor) -> torch.Tensor:
 
 def prompt_text(prompt_id: int) -> str:
     """E.g. ``"red square, top left"``."""
-    colour, position = divmod(int(prompt_id), NUM_POSITIONS)
+    color, position = divmod(int(prompt_id), NUM_POSITIONS)
     row, column = divmod(position, len(COLUMNS))
-    return f"{COLOURS[colour][0]} square, {ROWS[row]} {COLUMNS[column]}"
+    return f"{COLOURS[color][0]} square, {ROWS[row]} {COLUMNS[column]}"
 
 
 def corner(position: torch.Tensor, config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +149,8 @@ def templates(prompt_ids: torch.Tensor, config: WorldConfig) -> Tuple[torch.Tens
     prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.int64)
     top, left = corner(prompt_position(prompt_ids), config)
     mask = square_masks(top, left, config)
-    colour = colour_table()[prompt_colour(prompt_ids)]
-    return mask[:, None] * colour[:, :, None, None], mask
+    color = colour_table()[prompt_colour(prompt_ids)]
+    return mask[:, None] * color[:, :, None, None], mask
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -182,8 +182,8 @@ def split_prompts(config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     its colour from a seeded shuffle of the colours repeated (so each colour is held out once or
     twice, and every colour and every position keeps training prompts)."""
     rng = np.random.default_rng([config.seed, 0x5E1D])
-    colours = np.concatenate([rng.permutation(NUM_COLOURS), rng.permutation(NUM_COLOURS)])[:NUM_POSITIONS]
-    held = sorted(int(c) * NUM_POSITIONS + p for p, c in enumerate(colours))
+    colors = np.concatenate([rng.permutation(NUM_COLOURS), rng.permutation(NUM_COLOURS)])[:NUM_POSITIONS]
+    held = sorted(int(c) * NUM_POSITIONS + p for p, c in enumerate(colors))
     train = [i for i in range(NUM_PROMPTS) if i not in held]
     return torch.tensor(train, dtype=torch.int64), torch.tensor(held, dtype=torch.int64)
 
@@ -192,10 +192,10 @@ def embedding_table(config: WorldConfig) -> torch.Tensor:
     """Float32 ``[NUM_PROMPTS, 2, embed_dim]``: each prompt's (colour token, position token),
     standard normal entries drawn from the seed (one vector per colour, one per position)."""
     gen = torch.Generator().manual_seed(config.seed * 1000003 + 17)
-    colour_tokens = torch.randn(NUM_COLOURS, config.embed_dim, generator=gen)
+    color_tokens = torch.randn(NUM_COLOURS, config.embed_dim, generator=gen)
     position_tokens = torch.randn(NUM_POSITIONS, config.embed_dim, generator=gen)
     ids = torch.arange(NUM_PROMPTS)
-    return torch.stack([colour_tokens[prompt_colour(ids)], position_tokens[prompt_position(ids)]], dim=1)
+    return torch.stack([color_tokens[prompt_colour(ids)], position_tokens[prompt_position(ids)]], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,13 +237,13 @@ def draw_base_images(
     kind = torch.multinomial(
         torch.tensor(config.base_mix, dtype=torch.float64), n, replacement=True, generator=generator
     )
-    colour = prompt_colour(prompt_ids).clone()
+    color = prompt_colour(prompt_ids).clone()
     position = prompt_position(prompt_ids)
     top, left = corner(position, config)
 
     step = torch.randint(0, 2, (n,), generator=generator) * 2 - 1  # neighbour colour: +-1 in hexagon order
     wrong = kind == BASE_KINDS.index("wrong_colour")
-    colour[wrong] = (colour[wrong] + step[wrong]) % NUM_COLOURS
+    color[wrong] = (color[wrong] + step[wrong]) % NUM_COLOURS
 
     tops, lefts, counts = _shift_table(config)
     pick = (torch.rand(n, generator=generator) * counts[position]).long().clamp(max=tops.shape[1] - 1)
@@ -256,7 +256,7 @@ def draw_base_images(
     level = torch.where(kind == BASE_KINDS.index("faded"), level, torch.ones(n))
 
     unit = (
-        square_masks(top, left, config)[:, None] * colour_table()[colour][:, :, None, None] * level[:, None, None, None]
+        square_masks(top, left, config)[:, None] * colour_table()[color][:, :, None, None] * level[:, None, None, None]
     )
     unit = unit + config.pixel_noise * torch.randn(unit.shape, generator=generator)
     return unit * 2.0 - 1.0, kind
@@ -395,8 +395,8 @@ def evaluate(unet, config: WorldConfig, *, seed: int = 12345) -> Dict[str, objec
     prompt = held_out.repeat_interleave(config.eval_samples)
     images = ddim_sample(unet, embedding_table(config)[prompt], steps=config.sample_steps, seed=seed)
     r = reward(images, prompt, config)
-    colours = prompt_colour(prompt)
-    per_colour = {name: float(r[colours == i].mean()) for i, name in enumerate(colour_names())}
+    colors = prompt_colour(prompt)
+    per_colour = {name: float(r[colors == i].mean()) for i, name in enumerate(colour_names())}
     return {"mean": float(r.mean()), "per_colour": per_colour}
 
 
