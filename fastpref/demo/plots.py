@@ -94,7 +94,8 @@ def _yerr(means: Sequence[float], intervals: Sequence) -> list:
 
 
 def reward_vs_flip(results: dict, figure) -> bool:
-    """Held-out reward (mean and 95 % interval over seeds) of every method at each flip rate, with the base model."""
+    """Held-out reward (mean and 95 % interval over seeds) of every method at each label-flip
+    rate, with the base model."""
     axes = figure.subplots()
     rates = list(results["flip_rates"])
     methods = list(results["reward"])
@@ -124,7 +125,7 @@ def reward_vs_flip(results: dict, figure) -> bool:
 
 
 def paired(results: dict, figure) -> bool:
-    """Per-seed differences against DPO (mean and 95 % interval) at each flip rate, and each seed's."""
+    """Per-seed differences against DPO (mean and 95 % interval) at each label-flip rate, and each seed's."""
     axes = figure.subplots()
     rates = list(results["flip_rates"])
     diffs = results["paired_vs_dpo"]
@@ -172,8 +173,8 @@ def _band(axes, curve: dict, color: str, label: str, scale: float = 1.0) -> bool
 
 
 def curves(results: dict, figure) -> bool:
-    """Held-out reward (curve evaluation) against the optimizer step, one panel per curve flip
-    rate, every method's mean and 95 % band, the base model and the chosen budget."""
+    """Held-out reward (curve evaluation) against the optimizer step, one panel per curve
+    label-flip rate, every method's mean and 95 % band, the base model and the chosen budget."""
     data = results.get("curves")
     if not data:
         return False
@@ -241,7 +242,7 @@ def diagnostics(results: dict, figure) -> bool:
 
 def flipped_ratio_vs_u(results: dict, figure) -> bool:
     """The paper's Fig. 3: the share of flipped pairs in each equal-count bin of Adaptive-DPO's u,
-    low to high, one line per flip rate; a dotted line marks the flip rate (no signal in u).
+    low to high, one line per label-flip rate; a dotted line marks the label-flip rate (no signal in u).
     Bins with fewer than ``MIN_BIN_COUNT`` pairs are left out."""
     bins = {rate: b for rate, b in results["u_bins"].items() if isinstance(b, dict)}
     if not bins:

@@ -53,12 +53,12 @@ class RunSpec:
 
 
 def budget_specs(study: StudyConfig) -> List[RunSpec]:
-    """The runs that choose the headline budget: DPO's learning curves at 0 % flips."""
+    """The runs that choose the headline budget: DPO's learning curves at 0 % label flips."""
     return [RunSpec("flip", "dpo", 0, seed, study.curve_steps, curve=True) for seed in range(study.seeds)]
 
 
 def core_specs(study: StudyConfig, steps: int, rates: Sequence[int] = FLIP_RATES) -> List[RunSpec]:
-    """The headline study: every method at every flip rate of ``rates``, ``steps`` each."""
+    """The headline study: every method at every label-flip rate of ``rates``, ``steps`` each."""
     specs = [
         RunSpec("flip", method, rate, seed, steps, table_step=steps)
         for seed in range(study.seeds)
@@ -70,9 +70,9 @@ def core_specs(study: StudyConfig, steps: int, rates: Sequence[int] = FLIP_RATES
 
 def full_specs(study: StudyConfig, steps: int) -> List[RunSpec]:
     """``fastpref demo --full`` after the budget runs, most important first: the headline study,
-    its runs continued to ``curve_steps`` as learning curves (DPO's at 0 % flips are the budget
-    runs); DeDPO at every propensity and the ablations of u
-    (``extra_seeds`` seeds each). Every table's run takes ``steps``."""
+    its runs continued to ``curve_steps`` as learning curves (DPO's at 0 % label flips are the
+    budget runs); DeDPO at every propensity and the ablations of u (``extra_seeds`` seeds each).
+    Every table's run takes ``steps``."""
     headline = []
     for spec in core_specs(study, steps):
         curve = not (spec.method == "dpo" and spec.rate == 0)
