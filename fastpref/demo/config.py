@@ -1,4 +1,4 @@
-"""The design of the ``fastpref demo`` study: its arms (methods, flip rates, the learning-curve
+"""The design of the ``fastpref demo`` study: its arms (methods, label-flip rates, the learning-curve
 arms, the ablations of u, DeDPO's label sources and propensities) with their display names, its
 size and the baseline's hyper-parameters (:class:`StudyConfig`), and the method
 hyper-parameters every run shares. docs/demo.md records how they were chosen."""
@@ -35,7 +35,7 @@ DEDPO_NAMES = {
     "dedpo": "DeDPO (judge + human labels)",
     "all-human": "DPO, all-human labels (upper bound)",
 }
-# The grid the baseline (DPO at 0 % flips) was tuned on (``fastpref demo --tune``).
+# The grid the baseline (DPO at 0 % label flips) was tuned on (``fastpref demo --tune``).
 TUNE_BETAS = (25.0, 50.0, 100.0, 250.0, 1000.0)
 TUNE_LRS = (1e-4, 3e-4, 1e-3)
 U_BINS = 10  # equal-count bins of u for the paper's Fig. 3
@@ -47,10 +47,10 @@ CURVE_NOISE_SEED = 54321  # the curves' (cheaper) evaluation: other noise, so th
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
     """The study's size and the baseline's hyper-parameters. The world, beta and learning rate
-    were fixed on DPO at 0 % flips only (beta 50: the paper's 1000 is for SD's 16384-dim latents
-    and far too large for these 192-pixel ones); the step budget is where DPO's learning curve at
-    0 % flips peaks (``fastpref demo --full`` measures it); every method then runs with the
-    spec's default hyper-parameters (:func:`method_defaults`).
+    were fixed on DPO at 0 % label flips only (beta 50: the paper's 1000 is for SD's 16384-dim
+    latents and far too large for these 192-pixel ones); the step budget is where DPO's learning
+    curve at 0 % label flips peaks (``fastpref demo --full`` measures it); every method then runs
+    with the spec's default hyper-parameters (:func:`method_defaults`).
 
     Attributes:
         world: the toy world.
@@ -123,7 +123,7 @@ def quick_config() -> StudyConfig:
 def method_defaults() -> dict:
     """The method hyper-parameters every run uses (the spec's / paper's defaults, unchanged):
     rho = 15, k1 = 10, k2 = -1/beta, c2 = the batch mean of l, EMA decays 0.9999 and 0.5,
-    eps = 0.1 for Robust-DPO (at every flip rate, not the true rate)."""
+    eps = 0.1 for Robust-DPO (at every label-flip rate, not the true rate)."""
     from ..train import TrainConfig
 
     default = TrainConfig()

@@ -17,7 +17,7 @@ from .config import DEDPO_NAMES, METHOD_NAMES, MIN_BIN_COUNT
 
 SIZES = {"curves.png": (10.0, 4.2), "diagnostics.png": (10.0, 7.5)}  # the rest: (7.5, 4.4)
 
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 STYLE = {
     "font.size": 10,
     "axes.titlesize": 11,
@@ -79,11 +79,11 @@ def _dodge(count: int, width: float) -> List[float]:
     return [width * (i / (count - 1) - 0.5) for i in range(count)]
 
 
-def _base_line(axes, value: Optional[float], label: str, colour: str = "grey"):
+def _base_line(axes, value: Optional[float], label: str, color: str = "grey"):
     """A dashed horizontal line at the base model's reward (none when ``value`` is None)."""
     if value is None:
         return None
-    return axes.axhline(value, color=colour, linestyle="--", linewidth=1, label=label)
+    return axes.axhline(value, color=color, linestyle="--", linewidth=1, label=label)
 
 
 def _yerr(means: Sequence[float], intervals: Sequence) -> list:
@@ -94,18 +94,19 @@ def _yerr(means: Sequence[float], intervals: Sequence) -> list:
 
 
 def reward_vs_flip(results: dict, figure) -> bool:
-    """Held-out reward (mean and 95 % interval over seeds) of every method at each flip rate, with the base model."""
+    """Held-out reward (mean and 95 % interval over seeds) of every method at each label-flip
+    rate, with the base model."""
     axes = figure.subplots()
     rates = list(results["flip_rates"])
     methods = list(results["reward"])
-    for method, colour, offset in zip(methods, COLOURS, _dodge(len(methods), 1.6)):
+    for method, color, offset in zip(methods, COLORS, _dodge(len(methods), 1.6)):
         mean = [results["reward"][method][str(rate)] for rate in rates]
         intervals = [results["reward_interval95"][method][str(rate)] for rate in rates]
         axes.errorbar(
             [rate + offset for rate in rates],
             mean,
             yerr=_yerr(mean, intervals),
-            color=colour,
+            color=color,
             marker="o",
             markersize=4,
             capsize=3,
@@ -124,11 +125,11 @@ def reward_vs_flip(results: dict, figure) -> bool:
 
 
 def paired(results: dict, figure) -> bool:
-    """Per-seed differences against DPO (mean and 95 % interval) at each flip rate, and each seed's."""
+    """Per-seed differences against DPO (mean and 95 % interval) at each label-flip rate, and each seed's."""
     axes = figure.subplots()
     rates = list(results["flip_rates"])
     diffs = results["paired_vs_dpo"]
-    for (method, by_rate), colour, offset in zip(diffs.items(), COLOURS[1:], _dodge(len(diffs), 2.0)):
+    for (method, by_rate), color, offset in zip(diffs.items(), COLORS[1:], _dodge(len(diffs), 2.0)):
         xs = [rate + offset for rate in rates]
         mean = [by_rate[str(rate)]["mean"] for rate in rates]
         intervals = [(by_rate[str(r)]["low"], by_rate[str(r)]["high"]) for r in rates]
@@ -136,14 +137,14 @@ def paired(results: dict, figure) -> bool:
             xs,
             mean,
             yerr=_yerr(mean, intervals),
-            color=colour,
+            color=color,
             fmt="o",
             capsize=4,
             label=f"{METHOD_NAMES[method]} − DPO",
         )
         for x, rate in zip(xs, rates):
             seeds = by_rate[str(rate)]["differences"]
-            axes.scatter([x + 0.35] * len(seeds), seeds, color=colour, s=8, alpha=0.5)
+            axes.scatter([x + 0.35] * len(seeds), seeds, color=color, s=8, alpha=0.5)
     axes.axhline(0.0, color="grey", linewidth=1)
     axes.set_xticks(rates, [f"{rate} %" for rate in rates])
     axes.set_xlabel("share of training labels flipped")
@@ -153,7 +154,7 @@ def paired(results: dict, figure) -> bool:
     return True
 
 
-def _band(axes, curve: dict, colour: str, label: str, scale: float = 1.0) -> bool:
+def _band(axes, curve: dict, color: str, label: str, scale: float = 1.0) -> bool:
     """A mean line with its 95 % interval as a band; False when the curve holds no value."""
     points = [
         (s, m, lo, hi)
@@ -163,17 +164,17 @@ def _band(axes, curve: dict, colour: str, label: str, scale: float = 1.0) -> boo
     if not points:
         return False
     steps, mean, low, high = zip(*points)
-    axes.plot(steps, [scale * m for m in mean], color=colour, linewidth=1.5, marker="o", markersize=2.5, label=label)
+    axes.plot(steps, [scale * m for m in mean], color=color, linewidth=1.5, marker="o", markersize=2.5, label=label)
     if all(v is not None for v in low + high):
         axes.fill_between(
-            steps, [scale * v for v in low], [scale * v for v in high], color=colour, alpha=0.18, linewidth=0
+            steps, [scale * v for v in low], [scale * v for v in high], color=color, alpha=0.18, linewidth=0
         )
     return True
 
 
 def curves(results: dict, figure) -> bool:
-    """Held-out reward (curve evaluation) against the optimizer step, one panel per curve flip
-    rate, every method's mean and 95 % band, the base model and the chosen budget."""
+    """Held-out reward (curve evaluation) against the optimizer step, one panel per curve
+    label-flip rate, every method's mean and 95 % band, the base model and the chosen budget."""
     data = results.get("curves")
     if not data:
         return False
@@ -181,9 +182,9 @@ def curves(results: dict, figure) -> bool:
     panels = figure.subplots(1, len(rates), sharey=True, squeeze=False)[0]
     budget = results["steps"]
     for axes, rate in zip(panels, rates):
-        for (method, by_rate), colour in zip(data.items(), COLOURS):
+        for (method, by_rate), color in zip(data.items(), COLORS):
             if rate in by_rate:
-                _band(axes, by_rate[rate]["reward"], colour, METHOD_NAMES[method])
+                _band(axes, by_rate[rate]["reward"], color, METHOD_NAMES[method])
         axes.axvline(budget, color="black", linestyle=":", linewidth=1, label=f"budget ({budget} steps)")
         axes.set_title(f"{rate} % of labels flipped")
         axes.set_xlabel("optimizer step")
@@ -204,31 +205,31 @@ def diagnostics(results: dict, figure) -> bool:
     rate = sorted(adaptive, key=int)[-1]
     a, d = adaptive[rate], data.get("dpo", {}).get(rate)
     (auc, weight), (acc, scale) = figure.subplots(2, 2)
-    _band(auc, a["auroc_u_flipped"], COLOURS[1], "u (Adaptive-DPO)")
-    _band(auc, a["auroc_minus_l_flipped"], COLOURS[3], "−l_θ (Adaptive-DPO)")
+    _band(auc, a["auroc_u_flipped"], COLORS[1], "u (Adaptive-DPO)")
+    _band(auc, a["auroc_minus_l_flipped"], COLORS[3], "−l_θ (Adaptive-DPO)")
     if d:
-        _band(auc, d["auroc_minus_l_flipped"], COLOURS[0], "−l_θ (DPO)")
+        _band(auc, d["auroc_minus_l_flipped"], COLORS[0], "−l_θ (DPO)")
     auc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     auc.set_title("AUROC for flipped vs kept pairs")
     auc.legend(loc="lower right")
-    _band(weight, a["weight_kept"], COLOURS[2], "kept pairs")
-    _band(weight, a["weight_flipped"], COLOURS[1], "flipped pairs")
+    _band(weight, a["weight_kept"], COLORS[2], "kept pairs")
+    _band(weight, a["weight_flipped"], COLORS[1], "flipped pairs")
     weight.set_title("Adaptive-DPO's mean weight W")
     weight.legend(loc="lower right")
     for runs, name, style in ((a, "Adaptive-DPO", "-"), (d, "DPO", "--")):
         if runs:
-            for key, colour, label in (
-                ("implicit_acc_kept", COLOURS[2], "kept"),
-                ("implicit_acc_flipped", COLOURS[1], "flipped"),
+            for key, color, label in (
+                ("implicit_acc_kept", COLORS[2], "kept"),
+                ("implicit_acc_flipped", COLORS[1], "flipped"),
             ):
-                if _band(acc, runs[key], colour, f"{name}, {label}"):
+                if _band(acc, runs[key], color, f"{name}, {label}"):
                     acc.lines[-1].set_linestyle(style)
     acc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     acc.set_title("Implicit accuracy (l_θ > 0) on the presented labels")
     acc.legend(loc="best", fontsize=8)
-    _band(scale, a["l_rms"], COLOURS[1], "Adaptive-DPO")
+    _band(scale, a["l_rms"], COLORS[1], "Adaptive-DPO")
     if d:
-        _band(scale, d["l_rms"], COLOURS[0], "DPO")
+        _band(scale, d["l_rms"], COLORS[0], "DPO")
     scale.set_yscale("log")
     scale.set_title("RMS of l_θ over the pairs (the scale u divides out)")
     scale.legend(loc="lower right")
@@ -241,22 +242,22 @@ def diagnostics(results: dict, figure) -> bool:
 
 def flipped_ratio_vs_u(results: dict, figure) -> bool:
     """The paper's Fig. 3: the share of flipped pairs in each equal-count bin of Adaptive-DPO's u,
-    low to high, one line per flip rate; a dotted line marks the flip rate (no signal in u).
+    low to high, one line per label-flip rate; a dotted line marks the label-flip rate (no signal in u).
     Bins with fewer than ``MIN_BIN_COUNT`` pairs are left out."""
     bins = {rate: b for rate, b in results["u_bins"].items() if isinstance(b, dict)}
     if not bins:
         return False
     axes = figure.subplots()
     count = 0
-    for (rate, b), colour in zip(bins.items(), COLOURS):
+    for (rate, b), color in zip(bins.items(), COLORS):
         points = [
             (i + 1, 100 * ratio)
             for i, (ratio, n) in enumerate(zip(b["flipped_ratio"], b["count"]))
             if ratio is not None and n >= MIN_BIN_COUNT
         ]
         if points:
-            axes.plot(*zip(*points), color=colour, marker="o", markersize=4, label=f"{rate} % of labels flipped")
-        axes.axhline(float(rate), color=colour, linestyle=":", linewidth=1, label=f"{rate} %: u without signal")
+            axes.plot(*zip(*points), color=color, marker="o", markersize=4, label=f"{rate} % of labels flipped")
+        axes.axhline(float(rate), color=color, linestyle=":", linewidth=1, label=f"{rate} %: u without signal")
         count = max(count, len(b["count"]))
     axes.set_xticks(range(1, count + 1))
     axes.set_xlabel("bin of u, lowest to highest (equal-count bins; edges in results.json)")
@@ -275,22 +276,22 @@ def dedpo(results: dict, figure) -> bool:
     axes = figure.subplots()
     props = list(d["by_propensity"])
     xs = [float(p) for p in props]
-    for arm, colour, offset in zip(("human-only", "dedpo"), COLOURS, _dodge(2, 0.03)):
+    for arm, color, offset in zip(("human-only", "dedpo"), COLORS, _dodge(2, 0.03)):
         rows = [d["by_propensity"][p][arm] for p in props]
         mean = [r["mean"] for r in rows]
         axes.errorbar(
             [x + offset for x in xs],
             mean,
             yerr=_yerr(mean, [(r["low"], r["high"]) for r in rows]),
-            color=colour,
+            color=color,
             marker="o",
             capsize=4,
             label=DEDPO_NAMES[arm],
         )
-    for arm, colour in (("synthetic", COLOURS[3]), ("all-human", COLOURS[2])):
+    for arm, color in (("synthetic", COLORS[3]), ("all-human", COLORS[2])):
         axes.axhline(
             d[arm]["mean"],
-            color=colour,
+            color=color,
             linestyle="--",
             linewidth=1,
             label=f"{DEDPO_NAMES[arm]} ({d[arm]['mean']:.3f})",

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..train import PairSampler, PreferenceTrainer, TrainConfig
+from . import labels
 from . import world as tw
 from .config import (
     ABLATION_RATE,
@@ -52,12 +53,12 @@ class RunSpec:
 
 
 def budget_specs(study: StudyConfig) -> List[RunSpec]:
-    """The runs that choose the headline budget: DPO's learning curves at 0 % flips."""
+    """The runs that choose the headline budget: DPO's learning curves at 0 % label flips."""
     return [RunSpec("flip", "dpo", 0, seed, study.curve_steps, curve=True) for seed in range(study.seeds)]
 
 
 def core_specs(study: StudyConfig, steps: int, rates: Sequence[int] = FLIP_RATES) -> List[RunSpec]:
-    """The headline study: every method at every flip rate of ``rates``, ``steps`` each."""
+    """The headline study: every method at every label-flip rate of ``rates``, ``steps`` each."""
     specs = [
         RunSpec("flip", method, rate, seed, steps, table_step=steps)
         for seed in range(study.seeds)
@@ -69,9 +70,9 @@ def core_specs(study: StudyConfig, steps: int, rates: Sequence[int] = FLIP_RATES
 
 def full_specs(study: StudyConfig, steps: int) -> List[RunSpec]:
     """``fastpref demo --full`` after the budget runs, most important first: the headline study,
-    its runs continued to ``curve_steps`` as learning curves (DPO's at 0 % flips are the budget
-    runs); DeDPO at every propensity and the ablations of u
-    (``extra_seeds`` seeds each). Every table's run takes ``steps``."""
+    its runs continued to ``curve_steps`` as learning curves (DPO's at 0 % label flips are the
+    budget runs); DeDPO at every propensity and the ablations of u (``extra_seeds`` seeds each).
+    Every table's run takes ``steps``."""
     headline = []
     for spec in core_specs(study, steps):
         curve = not (spec.method == "dpo" and spec.rate == 0)
@@ -110,11 +111,13 @@ def run_data(world: tw.World, spec: RunSpec, study: StudyConfig) -> Dict[str, to
     indices = torch.arange(n)
     out: Dict[str, torch.Tensor] = {}
     if spec.study in ("flip", "tune", "ablation"):
-        swap = tw.flip_mask(n, spec.rate / 100.0, spec.seed)
+        swap = labels.flip_mask(n, spec.rate / 100.0, spec.seed)
     elif spec.study == "dedpo":
-        judge, _ = tw.synthetic_judge(pairs, world.config, biased_colours=study.judge_biased_colours, seed=spec.seed)
+        judge, _ = labels.synthetic_judge(
+            pairs, world.config, biased_colours=study.judge_biased_colours, seed=spec.seed
+        )
         propensity = float(spec.variant) if spec.variant is not None else 0.0
-        human = tw.flip_mask(n, propensity, spec.seed + 7_000_000)  # a separate seeded choice
+        human = labels.flip_mask(n, propensity, spec.seed + 7_000_000)  # a separate seeded choice
         if spec.method == "human-only":
             swap = torch.zeros(n, dtype=torch.bool)
             indices = torch.nonzero(human).flatten()

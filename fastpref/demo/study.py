@@ -1,9 +1,9 @@
 """``fastpref demo``: Adaptive-DPO's label-flip study (paper Tab. 2 / Tab. 8, Fig. 3) in the toy
 world of :mod:`fastpref.demo.world`, trained through fastpref's own trainer, with paired
 statistics over seeds. The command builds (or loads) the world and runs the headline study
-(every method at every flip rate, at the recorded budget); ``--full`` first measures the budget
-on DPO's learning curves at 0 % flips, then runs the headline study at it with learning curves,
-u's diagnostics and ablations, and DeDPO at three propensities. Both write
+(every method at every label-flip rate, at the recorded budget); ``--full`` first measures the
+budget on DPO's learning curves at 0 % label flips, then runs the headline study at it with
+learning curves, u's diagnostics and ablations, and DeDPO at three propensities. Both write
 results.json, results.md and the plots; ``--tune`` runs the baseline's tuning grid instead.
 docs/demo.md describes the protocol and the results.
 """
@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tune",
         action="store_true",
-        help="only run the baseline's tuning grid (DPO at 0 %% flips) and write tuning.json",
+        help="only run the baseline's tuning grid (DPO at 0 %% label flips) and write tuning.json",
     )
     parser.add_argument(
         "--tune_betas", type=float, nargs="+", default=list(TUNE_BETAS), help="betas of the --tune grid"
@@ -154,7 +154,7 @@ def run_study(
         budget = choose_budget(records)
         budget["configured_steps"] = study.steps
         steps = budget["steps"]
-        print(f"budget: {steps} steps (DPO's curve at 0 % flips peaks there; the core study's is {study.steps})")
+        print(f"budget: {steps} steps (DPO's curve at 0 % label flips peaks there; the core study's is {study.steps})")
     specs = full_specs(study, steps) if full else core_specs(study, steps)
     with tqdm(total=len(specs), desc="demo runs", unit="run") as progress:
         records += run_all(specs, world, study, output_dir, jobs, lambda r: progress.update(1))
@@ -251,7 +251,7 @@ def run_tuning(
     from tqdm.auto import tqdm
 
     betas, lrs, steps = tuple(betas), tuple(lrs), (study.steps,)
-    with tqdm(total=len(betas) * len(lrs) * study.seeds, desc="tuning DPO at 0 % flips", unit="run") as progress:
+    with tqdm(total=len(betas) * len(lrs) * study.seeds, desc="tuning DPO at 0 % label flips", unit="run") as progress:
         rows = tune(world, study, output_dir, jobs, betas, lrs, steps, lambda r: progress.update(1))
     grid = {"base_reward": world.base_reward["mean"], "grid": rows}
     write_text_atomic(output_dir / "tuning.json", json.dumps(_json_ready(grid), indent=1))
@@ -273,7 +273,7 @@ def tune(
     steps: Sequence[int],
     progress=None,
 ) -> List[dict]:
-    """DPO at 0 % flips over a grid of beta x learning rate x steps, every seed: the only runs
+    """DPO at 0 % label flips over a grid of beta x learning rate x steps, every seed: the only runs
     the baseline's hyper-parameters were chosen from. Returns one row per grid point."""
     specs = [
         RunSpec("tune", "dpo", 0, seed, n, table_step=n, beta=b, learning_rate=lr)

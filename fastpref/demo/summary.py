@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import labels
 from . import world as tw
 from .config import (
     ABLATION_DEFAULT,
@@ -91,12 +92,12 @@ def _pooled(runs: Sequence[dict], key: str) -> np.ndarray:
 
 
 def choose_budget(records: Sequence[dict]) -> dict:
-    """The headline budget from DPO's learning curves at 0 % flips (and nothing else): the curve
-    step (not 0) where their mean over seeds peaks. Returns ``{"steps", "rule", "curve"}``, the
+    """The headline budget from DPO's learning curves at 0 % label flips (and nothing else): the
+    curve step (not 0) where their mean over seeds peaks. Returns ``{"steps", "rule", "curve"}``, the
     curve as ``{"step": [...], "mean": [...], "low": [...], "high": [...]}``."""
     runs = [r for r in records if r["study"] == "flip" and r["method"] == "dpo" and r["rate"] == 0 and r.get("curve")]
     if not runs:
-        raise ValueError("no DPO learning curve at 0 % flips to choose the budget from")
+        raise ValueError("no DPO learning curve at 0 % label flips to choose the budget from")
     curve = _curve_of(runs, "reward")
     peak = int(np.argmax(curve["mean"][1:])) + 1
     return {
@@ -121,7 +122,7 @@ def _curve_of(runs: Sequence[dict], key: str) -> dict:
 
 
 def learning_curves(records: Sequence[dict]) -> Dict[str, dict]:
-    """Every curve arm (method x flip rate; DPO at 0 % are the budget runs): each of
+    """Every curve arm (method x label-flip rate; DPO at 0 % are the budget runs): each of
     :data:`CURVE_KEYS` against the step, mean and 95 % interval over seeds."""
     out: Dict[str, dict] = {}
     for method in METHODS:
@@ -134,7 +135,7 @@ def learning_curves(records: Sequence[dict]) -> Dict[str, dict]:
 
 def flip_table(records: Sequence[dict], base: float, rates: Sequence[int]) -> dict:
     """Reward (mean, std and 95 % interval over seeds), gain over the base model and share of
-    clean DPO's gain kept, per method and flip rate, with clean DPO's gain."""
+    clean DPO's gain kept, per method and label-flip rate, with clean DPO's gain."""
     clean_gain = mean_std(_rewards(find(records, "flip", "dpo", 0)))[0] - base
     reward, reward_std, interval, gain, retained = {}, {}, {}, {}, {}
     for method in METHODS:
@@ -157,8 +158,8 @@ def flip_table(records: Sequence[dict], base: float, rates: Sequence[int]) -> di
 
 
 def paired_vs_dpo(records: Sequence[dict], rates: Sequence[int]) -> Dict[str, dict]:
-    """Per method other than DPO and flip rate: the per-seed reward differences method - DPO
-    (same seed: same pairs, order, flips and noise) with their mean and 95 % t-interval."""
+    """Per method other than DPO and label-flip rate: the per-seed reward differences method - DPO
+    (same seed: same pairs, order, label flips and noise) with their mean and 95 % t-interval."""
     out: Dict[str, dict] = {}
     for method in METHODS[1:]:
         out[method] = {}
@@ -195,7 +196,7 @@ def _quantiles(values: np.ndarray) -> Optional[List[float]]:
 
 def metric_by_label(records: Sequence[dict], rates: Sequence[int]) -> Dict[str, dict]:
     """Adaptive-DPO's mean u, mean weight W and W's 10/50/90 % quantiles on kept and on flipped
-    pairs per flip rate (all seeds, every step after the warm-up up to the budget)."""
+    pairs per label-flip rate (all seeds, every step after the warm-up up to the budget)."""
     out = {}
     for rate in rates:
         runs = _with_metric(find(records, "flip", "adaptive", rate))
@@ -215,7 +216,7 @@ def metric_by_label(records: Sequence[dict], rates: Sequence[int]) -> Dict[str, 
 
 
 def u_bins(records: Sequence[dict], rates: Sequence[int]) -> dict:
-    """The paper's Fig. 3: per flip rate, ``U_BINS`` equal-count bins of Adaptive-DPO's u (all
+    """The paper's Fig. 3: per label-flip rate, ``U_BINS`` equal-count bins of Adaptive-DPO's u (all
     seeds, every step after the warm-up up to the budget), their edges, pair counts and shares
     of flipped pairs."""
     bins: dict = {
@@ -275,10 +276,10 @@ def ablation(records: Sequence[dict]) -> dict:
 
 def dedpo(records: Sequence[dict], world: tw.World, study: StudyConfig) -> dict:
     """The DeDPO comparison: the judge's accuracy (seed 0's noise); DPO on the judge's labels
-    and on all-human labels (the clean DPO runs of the flip study: same seed, pairs, order,
+    and on all-human labels (the clean DPO runs of the label-flip study: same seed, pairs, order,
     steps); per propensity, DPO on the human-labelled pairs only and DeDPO, with DeDPO's paired
     differences against both partial baselines and the spread of its debiased labels across seeds."""
-    judge, biased = tw.synthetic_judge(world.pairs, world.config, biased_colours=study.judge_biased_colours, seed=0)
+    judge, biased = labels.synthetic_judge(world.pairs, world.config, biased_colours=study.judge_biased_colours, seed=0)
     right = judge > 0.5
     synthetic = find(records, "dedpo", "synthetic")
     out = {

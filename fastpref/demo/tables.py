@@ -1,6 +1,6 @@
 """The study's tables (``results.md``) from a results dictionary (``results.json``): the headline
 budget, the label-flip table (paper Tab. 2 layout, with 95 % intervals), the paired differences
-with one conclusion per flip rate, Adaptive-DPO's metric, the ablations of u and the DeDPO
+with one conclusion per label-flip rate, Adaptive-DPO's metric, the ablations of u and the DeDPO
 comparison."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def budget_lines(results: dict) -> List[str]:
 
 
 def flip_table(results: dict) -> List[str]:
-    """Method, flip rate, reward (mean and 95 % interval), std, gain over the base model, the
+    """Method, label-flip rate, reward (mean and 95 % interval), std, gain over the base model, the
     share of clean DPO's gain kept, and the AUROC of u for flipped vs kept pairs (Adaptive-DPO)."""
     base = results["base_reward"]
     lines = [
@@ -123,7 +123,7 @@ def flip_table(results: dict) -> List[str]:
 
 
 def paired_table(results: dict) -> List[str]:
-    """The per-seed differences against DPO at each flip rate and one conclusion per rate."""
+    """The per-seed differences against DPO at each label-flip rate and one conclusion per rate."""
     paired = results["paired_vs_dpo"]
     methods = list(paired)
     lines = [

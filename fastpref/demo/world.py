@@ -1,7 +1,7 @@
 """The toy preference world of ``fastpref demo``: 54 colour x position prompts, 8x8 coloured-square
 images used directly as diffusion latents, a closed-form reward, a tiny base UNet pretrained on a
-distribution that only partly matches the prompts, preference pairs of its DDIM samples, the
-label minorities (flips, a structured minority, a biased judge) and the evaluation. Everything is
+distribution that only partly matches the prompts, preference pairs of its DDIM samples and the
+evaluation (the pairs' other labels are in :mod:`fastpref.demo.labels`). Everything is
 deterministic for :attr:`WorldConfig.seed` and cached by :func:`load_or_build`; docs/demo.md
 describes the world in full.
 """
@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,7 +60,6 @@ class WorldConfig:
         num_pairs: preference pairs sampled from the base model (over the training prompts).
         sample_steps: DDIM steps for pair sampling and evaluation.
         eval_samples: DDIM samples per held-out prompt at evaluation.
-        minority_colour: the colour whose pairs the structured minority labels.
     """
 
     seed: int = 0
@@ -78,7 +77,6 @@ class WorldConfig:
     num_pairs: int = 1024
     sample_steps: int = 10
     eval_samples: int = 16
-    minority_colour: str = "red"
 
     def __post_init__(self):
         if self.image_size < self.blob_size + 2 or (self.image_size - self.blob_size) % 2:
@@ -87,8 +85,6 @@ class WorldConfig:
             )
         if len(self.base_mix) != len(BASE_KINDS) or abs(sum(self.base_mix) - 1.0) > 1e-6 or min(self.base_mix) < 0:
             raise ValueError(f"base_mix must be {len(BASE_KINDS)} probabilities summing to 1, got {self.base_mix}")
-        if self.minority_colour not in colour_names():
-            raise ValueError(f"minority_colour must be one of {colour_names()}, got {self.minority_colour!r}")
         for name in ("pretrain_steps", "pretrain_batch", "num_pairs", "sample_steps", "eval_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -123,9 +119,9 @@ def prompt_position(prompt_ids: torch.Tensor) -> torch.Tensor:
 
 def prompt_text(prompt_id: int) -> str:
     """E.g. ``"red square, top left"``."""
-    colour, position = divmod(int(prompt_id), NUM_POSITIONS)
+    color, position = divmod(int(prompt_id), NUM_POSITIONS)
     row, column = divmod(position, len(COLUMNS))
-    return f"{COLOURS[colour][0]} square, {ROWS[row]} {COLUMNS[column]}"
+    return f"{COLOURS[color][0]} square, {ROWS[row]} {COLUMNS[column]}"
 
 
 def corner(position: torch.Tensor, config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -153,8 +149,8 @@ def templates(prompt_ids: torch.Tensor, config: WorldConfig) -> Tuple[torch.Tens
     prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.int64)
     top, left = corner(prompt_position(prompt_ids), config)
     mask = square_masks(top, left, config)
-    colour = colour_table()[prompt_colour(prompt_ids)]
-    return mask[:, None] * colour[:, :, None, None], mask
+    color = colour_table()[prompt_colour(prompt_ids)]
+    return mask[:, None] * color[:, :, None, None], mask
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -176,21 +172,9 @@ def reward(images: torch.Tensor, prompt_ids: torch.Tensor, config: WorldConfig) 
     return 1.0 - 0.5 * (e_in + e_out)
 
 
-def brightness(images: torch.Tensor) -> torch.Tensor:
-    """Mean brightness in [0, 1] (float32 ``[N]``) of images ``[N, 3, H, W]`` in [-1, 1]: the
-    structured minority's criterion (it prefers the brighter, "vivid" image)."""
-    return to_unit(images).mean(dim=(1, 2, 3))
-
-
 # ----------------------------------------------------------------------------------------------
 # prompt split, embeddings
 # ----------------------------------------------------------------------------------------------
-
-
-def minority_prompt_ids(config: WorldConfig) -> torch.Tensor:
-    """Int64 ``[9]``: every prompt (training and held-out) of ``config.minority_colour``."""
-    ids = torch.arange(NUM_PROMPTS)
-    return ids[prompt_colour(ids) == colour_names().index(config.minority_colour)]
 
 
 def split_prompts(config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +182,8 @@ def split_prompts(config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     its colour from a seeded shuffle of the colours repeated (so each colour is held out once or
     twice, and every colour and every position keeps training prompts)."""
     rng = np.random.default_rng([config.seed, 0x5E1D])
-    colours = np.concatenate([rng.permutation(NUM_COLOURS), rng.permutation(NUM_COLOURS)])[:NUM_POSITIONS]
-    held = sorted(int(c) * NUM_POSITIONS + p for p, c in enumerate(colours))
+    colors = np.concatenate([rng.permutation(NUM_COLOURS), rng.permutation(NUM_COLOURS)])[:NUM_POSITIONS]
+    held = sorted(int(c) * NUM_POSITIONS + p for p, c in enumerate(colors))
     train = [i for i in range(NUM_PROMPTS) if i not in held]
     return torch.tensor(train, dtype=torch.int64), torch.tensor(held, dtype=torch.int64)
 
@@ -208,10 +192,10 @@ def embedding_table(config: WorldConfig) -> torch.Tensor:
     """Float32 ``[NUM_PROMPTS, 2, embed_dim]``: each prompt's (colour token, position token),
     standard normal entries drawn from the seed (one vector per colour, one per position)."""
     gen = torch.Generator().manual_seed(config.seed * 1000003 + 17)
-    colour_tokens = torch.randn(NUM_COLOURS, config.embed_dim, generator=gen)
+    color_tokens = torch.randn(NUM_COLOURS, config.embed_dim, generator=gen)
     position_tokens = torch.randn(NUM_POSITIONS, config.embed_dim, generator=gen)
     ids = torch.arange(NUM_PROMPTS)
-    return torch.stack([colour_tokens[prompt_colour(ids)], position_tokens[prompt_position(ids)]], dim=1)
+    return torch.stack([color_tokens[prompt_colour(ids)], position_tokens[prompt_position(ids)]], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,13 +237,13 @@ def draw_base_images(
     kind = torch.multinomial(
         torch.tensor(config.base_mix, dtype=torch.float64), n, replacement=True, generator=generator
     )
-    colour = prompt_colour(prompt_ids).clone()
+    color = prompt_colour(prompt_ids).clone()
     position = prompt_position(prompt_ids)
     top, left = corner(position, config)
 
     step = torch.randint(0, 2, (n,), generator=generator) * 2 - 1  # neighbour colour: +-1 in hexagon order
     wrong = kind == BASE_KINDS.index("wrong_colour")
-    colour[wrong] = (colour[wrong] + step[wrong]) % NUM_COLOURS
+    color[wrong] = (color[wrong] + step[wrong]) % NUM_COLOURS
 
     tops, lefts, counts = _shift_table(config)
     pick = (torch.rand(n, generator=generator) * counts[position]).long().clamp(max=tops.shape[1] - 1)
@@ -272,7 +256,7 @@ def draw_base_images(
     level = torch.where(kind == BASE_KINDS.index("faded"), level, torch.ones(n))
 
     unit = (
-        square_masks(top, left, config)[:, None] * colour_table()[colour][:, :, None, None] * level[:, None, None, None]
+        square_masks(top, left, config)[:, None] * colour_table()[color][:, :, None, None] * level[:, None, None, None]
     )
     unit = unit + config.pixel_noise * torch.randn(unit.shape, generator=generator)
     return unit * 2.0 - 1.0, kind
@@ -387,7 +371,7 @@ def sample_pairs(config: WorldConfig, unet) -> Dict[str, torch.Tensor]:
     ``num_pairs / 45`` times, in a seeded order), stored winner first by :func:`reward`:
 
     ``latents`` float32 ``[N, 2, 3, H, W]``; ``prompt`` int64 ``[N]``; ``reward`` float32
-    ``[N, 2]`` (``reward[:, 0] >= reward[:, 1]``); ``brightness`` float32 ``[N, 2]``."""
+    ``[N, 2]`` (``reward[:, 0] >= reward[:, 1]``)."""
     train, _ = split_prompts(config)
     rng = np.random.default_rng([config.seed, 0xA1B5])
     prompt = torch.from_numpy(rng.permutation(np.resize(train.numpy(), config.num_pairs))).long()
@@ -399,80 +383,21 @@ def sample_pairs(config: WorldConfig, unet) -> Dict[str, torch.Tensor]:
     swap = rewards[:, 1] > rewards[:, 0]
     images = torch.where(swap[:, None, None, None, None], images.flip(1), images)
     rewards = torch.where(swap[:, None], rewards.flip(1), rewards)
-    return {
-        "latents": images.contiguous(),
-        "prompt": prompt,
-        "reward": rewards.contiguous(),
-        "brightness": brightness(images.flatten(0, 1)).view(-1, 2),
-    }
+    return {"latents": images.contiguous(), "prompt": prompt, "reward": rewards.contiguous()}
 
 
 @torch.no_grad()
-def evaluate(
-    unet, config: WorldConfig, *, prompt_ids: Optional[torch.Tensor] = None, seed: int = 12345
-) -> Dict[str, object]:
-    """Mean reward of ``eval_samples`` DDIM samples per prompt (default: the held-out prompts),
-    all from noise seed ``seed``. Returns ``{"mean": float, "per_colour": {name: float}}``
-    (colours without an evaluated prompt are left out)."""
-    if prompt_ids is None:
-        _, prompt_ids = split_prompts(config)
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.int64).repeat_interleave(config.eval_samples)
+def evaluate(unet, config: WorldConfig, *, seed: int = 12345) -> Dict[str, object]:
+    """Mean reward of ``eval_samples`` DDIM samples per held-out prompt, all from noise seed
+    ``seed``. Returns ``{"mean": float, "per_colour": {name: float}}`` (every colour has a
+    held-out prompt)."""
+    _, held_out = split_prompts(config)
+    prompt = held_out.repeat_interleave(config.eval_samples)
     images = ddim_sample(unet, embedding_table(config)[prompt], steps=config.sample_steps, seed=seed)
     r = reward(images, prompt, config)
-    colours = prompt_colour(prompt)
-    per_colour = {name: float(r[colours == i].mean()) for i, name in enumerate(colour_names()) if (colours == i).any()}
+    colors = prompt_colour(prompt)
+    per_colour = {name: float(r[colors == i].mean()) for i, name in enumerate(colour_names())}
     return {"mean": float(r.mean()), "per_colour": per_colour}
-
-
-# ----------------------------------------------------------------------------------------------
-# labels: flips, the structured minority, the synthetic judge
-# ----------------------------------------------------------------------------------------------
-
-
-def flip_mask(num_pairs: int, rate: float, seed: int) -> torch.Tensor:
-    """Bool ``[num_pairs]``: exactly ``round(rate * num_pairs)`` pairs, chosen by ``seed``."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate must be in [0, 1], got {rate}")
-    count = int(round(rate * num_pairs))
-    chosen = np.random.default_rng([int(seed), 0xF11B]).permutation(num_pairs)[:count]
-    mask = torch.zeros(num_pairs, dtype=torch.bool)
-    mask[torch.from_numpy(chosen)] = True
-    return mask
-
-
-def structured_minority(pairs: Dict[str, torch.Tensor], config: WorldConfig) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The structured minority: every pair whose prompt has ``minority_colour`` is labelled by
-    the "vivid" annotators, who prefer the brighter image (more ink, whatever its shape or
-    place). Returns ``(member, swapped)``, bool ``[N]`` each: the pairs they label, and those
-    whose label then disagrees with the reward (their images are to be swapped, as a flip)."""
-    member = prompt_colour(pairs["prompt"]) == colour_names().index(config.minority_colour)
-    swapped = member & (pairs["brightness"][:, 1] > pairs["brightness"][:, 0])
-    return member, swapped
-
-
-def synthetic_judge(
-    pairs: Dict[str, torch.Tensor],
-    config: WorldConfig,
-    *,
-    biased_colours: Sequence[str] = ("blue", "magenta"),
-    strength: float = 2.0,
-    noise: float = 1.0,
-    seed: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A biased, noisy AI judge: its probability, float32 ``[N]``, that the stored first image
-    (the reward's winner) is better, ``sigmoid(sign * strength * d + noise * z)`` with ``d`` the
-    reward difference over its std across pairs, ``sign = -1`` on prompts of ``biased_colours``
-    (the judge is systematically wrong there) and ``+1`` elsewhere, ``z`` standard normal from
-    ``seed``. Returns ``(probability, biased)``, ``biased`` bool ``[N]``."""
-    d = pairs["reward"][:, 0] - pairs["reward"][:, 1]
-    d = d / d.std().clamp_min(1e-8)
-    names = colour_names()
-    biased = torch.zeros_like(d, dtype=torch.bool)
-    for name in biased_colours:
-        biased |= prompt_colour(pairs["prompt"]) == names.index(name)
-    sign = 1.0 - 2.0 * biased.to(torch.float32)
-    z = torch.from_numpy(np.random.default_rng([int(seed), 0x7D6E]).standard_normal(d.shape[0])).to(torch.float32)
-    return torch.sigmoid(sign * strength * d + noise * z), biased
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,7 +460,6 @@ def load_or_build(config: WorldConfig, cache_dir, progress: Optional[Callable[[s
     pairs = sample_pairs(config, unet)
     seconds["pairs"] = time.perf_counter() - start
     base_reward = evaluate(unet, config)
-    base_reward["minority_colour_all_prompts"] = evaluate(unet, config, prompt_ids=minority_prompt_ids(config))["mean"]
     state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
     path.mkdir(parents=True, exist_ok=True)

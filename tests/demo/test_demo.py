@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("diffusers", reason="the toy world needs the train extra (diffusers)")
 pytest.importorskip("accelerate", reason="the trainer needs the train extra (accelerate)")
 
-from fastpref.demo import config, runs, stats, study, summary, tables  # noqa: E402
+from fastpref.demo import config, labels, runs, stats, study, summary, tables  # noqa: E402
 from fastpref.demo import world as tw  # noqa: E402
 
 
@@ -113,7 +113,7 @@ def test_world_is_deterministic_for_a_seed_and_cached(tmp_path):
     assert first.path.name == f"world-{TINY.key()}"
     for key in first.base_state:
         assert torch.equal(first.base_state[key], second.base_state[key]), key
-    for key in ("latents", "prompt", "reward", "brightness"):
+    for key in ("latents", "prompt", "reward"):
         assert torch.equal(first.pairs[key], second.pairs[key]), key
     assert first.base_reward == second.base_reward
     pairs = first.pairs
@@ -131,22 +131,18 @@ def test_world_is_deterministic_for_a_seed_and_cached(tmp_path):
 
 
 def test_labels():
-    mask = tw.flip_mask(1000, 0.2, seed=5)
+    mask = labels.flip_mask(1000, 0.2, seed=5)
     assert mask.dtype == torch.bool and int(mask.sum()) == 200
-    assert torch.equal(mask, tw.flip_mask(1000, 0.2, seed=5))
-    assert not torch.equal(mask, tw.flip_mask(1000, 0.2, seed=6))
-    assert int(tw.flip_mask(1000, 0.0, seed=5).sum()) == 0
+    assert torch.equal(mask, labels.flip_mask(1000, 0.2, seed=5))
+    assert not torch.equal(mask, labels.flip_mask(1000, 0.2, seed=6))
+    assert int(labels.flip_mask(1000, 0.0, seed=5).sum()) == 0
     config = tw.WorldConfig()
     prompts = torch.arange(tw.NUM_PROMPTS)
     pairs = {
         "prompt": prompts,
         "reward": torch.stack([torch.full((tw.NUM_PROMPTS,), 0.9), torch.full((tw.NUM_PROMPTS,), 0.5)], 1),
-        "brightness": torch.stack([torch.full((tw.NUM_PROMPTS,), 0.2), torch.full((tw.NUM_PROMPTS,), 0.3)], 1),
     }
-    member, swapped = tw.structured_minority(pairs, config)
-    assert torch.equal(member, tw.prompt_colour(prompts) == tw.colour_names().index(config.minority_colour))
-    assert torch.equal(swapped, member)  # the loser is brighter here: every minority label goes against the reward
-    judge, biased = tw.synthetic_judge(pairs, config, noise=0.0)
+    judge, biased = labels.synthetic_judge(pairs, config, noise=0.0)
     assert torch.equal(
         biased,
         (tw.prompt_colour(prompts) == tw.colour_names().index("blue"))
@@ -159,7 +155,7 @@ def test_dedpo_run_data_is_relative_to_the_presented_order(tmp_path):
     world = tw.load_or_build(TINY, tmp_path)
     study = config.StudyConfig(world=TINY)
     data = runs.run_data(world, runs.RunSpec("dedpo", "dedpo", 0, 0, 1, variant="0.5"), study)
-    judge, _ = tw.synthetic_judge(world.pairs, TINY, biased_colours=study.judge_biased_colours, seed=0)
+    judge, _ = labels.synthetic_judge(world.pairs, TINY, biased_colours=study.judge_biased_colours, seed=0)
     assert torch.equal(data["swap"], judge < 0.5)
     assert (data["synthetic_label"] >= 0.5).all()  # the judge's preferred image is presented first
     human = data["human_mask"]
