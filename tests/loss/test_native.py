@@ -7,6 +7,7 @@ extension is not built (``fastpref.availability`` says why).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from conftest import assert_close64, call_loss, make_case, outputs
 
 import fastpref
 from fastpref.loss import autograd, dispatch
-from fastpref.loss.options import MODE_OPTIONS, LossType, ModeSlot, SettingSlot, acc_dtype, make_config
+from fastpref.loss.options import CONFIG_KEYS, MODE_OPTIONS, LossType, ModeSlot, SettingSlot, acc_dtype, make_config
 
 NATIVE_REASON = fastpref.availability("cpu")["native"]
 pytestmark = pytest.mark.skipif(NATIVE_REASON is not None, reason=f"native backend unavailable: {NATIVE_REASON}")
@@ -309,20 +310,9 @@ def test_gradcheck_float64_multi_chunk(config, path):
 def op_settings(*, beta=5.0, loss_type="sigmoid", reduction="mean"):
     """``(settings, modes)`` op arguments (as ``fastpref.loss.autograd.encode`` makes them) of the default
     Adaptive-DPO config with the given beta, loss type and reduction."""
-    config = make_config(
-        beta=beta,
-        rho=15.0,
-        k1=10.0,
-        k2=None,
-        c2=None,
-        preset="official",
-        weighting="linear",
-        margin="quadratic",
-        loss_type=loss_type,
-        eps=0.1,
-        ipo_tau=None,
-        reduction=reduction,
-    )
+    defaults = inspect.signature(fastpref.adaptive_dpo_loss).parameters
+    keywords = {name: defaults[name].default for name in CONFIG_KEYS}
+    config = make_config(**dict(keywords, beta=beta, loss_type=loss_type, reduction=reduction))
     return autograd.encode(config)
 
 
