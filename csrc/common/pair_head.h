@@ -5,8 +5,8 @@
 // accumulation type Acc (float or double), no ATen, FASTPREF_HOST_DEVICE so that a CUDA kernel
 // can include them.
 //
-// The steps take the names of the Triton head's (pair_head_kernel's, in
-// fastpref/loss/triton/kernels.py) and of the eager reference's (fastpref/loss/reference.py).
+// The steps take the names of the Triton head's (pair_head_kernel's steps, in
+// fastpref/loss/triton/pair_head.py) and of the eager reference's (fastpref/loss/reference.py).
 // Each keeps the association order of its Triton namesake, NaN-preserving min/max/relu and
 // stable sigmoid/softplus, so that the backends round alike.
 // Every unit that includes this header must compile it with FMA contraction off (cpu/ops.cpp:
@@ -156,7 +156,7 @@ struct PairLoss {
 };
 
 // Per-pair loss (§5, §5b) with y = beta * l_theta - Gamma, and its derivative in l_theta (§6; the
-// table of a_j is on pair_loss in fastpref/loss/triton/kernels.py). `soft_label` (y~) is read by
+// table of a_j is on pair_loss in fastpref/loss/triton/pair_head.py). `soft_label` (y~) is read by
 // "dedpo" only.
 template <class Acc>
 FASTPREF_HOST_DEVICE inline PairLoss<Acc> pair_loss(LossType loss_type, Acc beta, Acc eps, Acc tau, Acc l_theta,
