@@ -5,11 +5,9 @@ backward ``torch.library`` op (contract on :func:`run`), tied together here by
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .options import LossConfig, LossInputs, ModeSlot, Reduction, SettingSlot, acc_dtype
+from .options import LossConfig, LossInputs, ModeSlot, Reduction, acc_dtype
 
 STAT_NAMES = ("logits", "l_theta", "u", "confidence", "stability", "weight", "margin")
 
@@ -21,19 +19,9 @@ TWICE_MESSAGE = (
 
 
 def encode(config: LossConfig):
-    """``(settings, modes)`` op arguments of a validated config: ``settings[slot]`` for each
-    ``SettingSlot``, with c2 = NaN when it is the batch mean of l_theta; ``modes`` = the option
-    codes, ``modes[slot]`` for each ``ModeSlot``."""
-    values = {
-        SettingSlot.BETA: config.beta,
-        SettingSlot.RHO: config.rho,
-        SettingSlot.K1: config.k1,
-        SettingSlot.K2: config.k2,
-        SettingSlot.C2: math.nan if config.c2 is None else config.c2,
-        SettingSlot.EPS: config.eps,
-        SettingSlot.TAU: config.tau,
-    }
-    return [values[slot] for slot in SettingSlot], list(config.modes)
+    """``(settings, modes)`` op arguments of a validated config: its ``settings`` and ``modes``
+    (made once by ``make_config``, indexed by ``SettingSlot`` and ``ModeSlot``) as lists."""
+    return list(config.settings), list(config.modes)
 
 
 def fake_forward(model_pred, ref_pred, target, ema_preds, soft_label, settings, modes):

@@ -137,8 +137,9 @@ DEDPO_ARGS = ("synthetic_label", "human_label", "human_mask", "propensity")
 @dataclass(frozen=True)
 class LossConfig:
     """Validated scalar settings of one loss call (docs/spec.md §3-§5). ``k2`` and ``tau`` are resolved;
-    ``c2`` stays ``None`` when it is the batch mean of ``l_theta``. ``modes`` holds the codes of
-    the five string options, ``modes[slot]`` for each ``ModeSlot``."""
+    ``c2`` stays ``None`` when it is the batch mean of ``l_theta``. ``settings`` and ``modes`` are
+    the fused ops' arguments, made once: ``settings[slot]`` for each ``SettingSlot`` (c2 = NaN
+    when it is the batch mean), ``modes[slot]`` the code of each ``ModeSlot``'s option."""
 
     beta: float
     rho: float
@@ -152,6 +153,7 @@ class LossConfig:
     eps: float
     tau: float
     reduction: str
+    settings: Tuple[float, ...]
     modes: Tuple[int, ...]
     # The ValueError message when a scalar the loss uses overflows float32 (None when all fit):
     # finite as Python floats, they must also be finite in the accumulation dtype, which only the
@@ -307,6 +309,15 @@ def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, 
     if chosen[ModeSlot.MARGIN] != "none":
         scalars += [("k2", k2, k2_note), ("c2", c2, "")]
     scalars.append(("ipo_tau", tau, ""))
+    settings = {
+        SettingSlot.BETA: beta,
+        SettingSlot.RHO: rho,
+        SettingSlot.K1: k1,
+        SettingSlot.K2: k2,
+        SettingSlot.C2: math.nan if c2 is None else c2,
+        SettingSlot.EPS: eps,
+        SettingSlot.TAU: tau,
+    }
     return LossConfig(
         beta=beta,
         rho=rho,
@@ -320,7 +331,8 @@ def make_config(*, beta, rho, k1, k2, c2, preset, weighting, margin, loss_type, 
         eps=eps,
         tau=tau,
         reduction=chosen[ModeSlot.REDUCTION],
-        # a dict lookup: indexing a sequence with an IntEnum makes torch.compile (2.13) recurse forever
+        # dict lookups: indexing a sequence with an IntEnum makes torch.compile (2.13) recurse forever
+        settings=tuple(settings[slot] for slot in SettingSlot),
         modes=tuple(_OPTION_AT_SLOT[slot][chosen[slot].upper()].value for slot in ModeSlot),
         float32_error=_float32_error(scalars),
     )

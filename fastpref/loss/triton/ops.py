@@ -306,11 +306,10 @@ def triton_forward(
 
     reduction = modes[ModeSlot.REDUCTION]
     has_c2 = not math.isnan(settings[SettingSlot.C2])
-    params = _params(
-        tuple(0.0 if (slot == SettingSlot.C2 and not has_c2) else float(v) for slot, v in zip(SettingSlot, settings)),
-        acc,
-        device,
-    )
+    values = [float(v) for v in settings]
+    if not has_c2:
+        values[SettingSlot.C2] = 0.0
+    params = _params(tuple(values), acc, device)
     loss = torch.empty((batch,) if reduction == Reduction.NONE else (), dtype=acc, device=device)
     coef = torch.empty(batch, dtype=acc, device=device)
     pair_stats = torch.empty((len(autograd.STAT_NAMES), batch), dtype=acc, device=device)
