@@ -99,6 +99,7 @@ def call_stages(batch: int, shape: tuple):
     stages = [
         ("make_config (uncached)", lambda: make_config(**keywords)),
         ("cached_config", lambda: cached_config(values)),
+        ("autograd.encode", lambda: autograd.encode(config)),
         ("make_inputs", lambda: make_inputs(model_pred, ref_pred, target, emas, config, labels)),
         ("dispatch.select", lambda: dispatch.select("auto", inputs)),
         ("forward op alone", lambda: forward_op(model_pred.detach(), ref_pred, target, emas, None, settings, modes)),
