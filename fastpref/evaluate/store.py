@@ -1,0 +1,64 @@
+"""The evaluation's files in ``--output_dir``, one per (model, prompt, seed), so that an
+interrupted run resumes where it stopped and a new model reuses the base's images::
+
+    images/<model>/<key>.png                  written atomically; present = done
+    images/<model>/settings.json              what made them (a rerun must match)
+    scores/<metric>/<model>/<key>.json        {"score": float}, atomically
+    scores/<metric>/settings.json             the scorer's weights
+
+``<key>`` is ``<prompt index>-<hash of the prompt>-seed<seed>``: another prompt list never
+reuses a file made for a different prompt."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Tuple
+
+from fastpref.files import write_json_atomic
+
+SETTINGS = "settings.json"
+
+
+def key(index: int, prompt: str, seed: int) -> str:
+    digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
+    return f"{index:05d}-{digest}-seed{seed}"
+
+
+def image_file(output_dir, model: str, item: Tuple[int, str, int]) -> Path:
+    return Path(output_dir) / "images" / model / f"{key(*item)}.png"
+
+
+def score_file(output_dir, metric: str, model: str, item: Tuple[int, str, int]) -> Path:
+    return Path(output_dir) / "scores" / metric / model / f"{key(*item)}.json"
+
+
+def claim(folder: Path, settings: dict, what: str) -> None:
+    """Make ``folder`` and record ``settings`` there; if it holds other settings, ``ValueError``
+    naming the differences (its files were made otherwise). Stale temporary files of a killed
+    run are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+    file = folder / SETTINGS
+    if file.is_file():
+        old = json.loads(file.read_text())
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(
+                f"--output_dir: {folder} holds {what} made with other settings ("
+                + "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+                + "); use another --output_dir or remove that folder"
+            )
+        return
+    write_json_atomic(file, settings)
+
+
+def read_score(file: Path) -> float:
+    return float(json.loads(file.read_text())["score"])
+
+
+def write_score(file: Path, value: float) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(file, {"score": float(value)})
