@@ -89,7 +89,16 @@ def from_named(named: NamedSet, root: Optional[str], cache_dir: Optional[str]) -
                 Path(hf_hub_download(named.repo, f, repo_type="dataset", cache_dir=cache_dir)) for f in named.files
             ]
         return [prompt for file in files for prompt in from_json(file, "prompt")]
-    return from_dataset(root or named.repo, named.split, named.column, cache_dir)
+    if root is None:
+        return from_dataset(named.repo, named.split, named.column, cache_dir)
+    import datasets  # a local copy: any file layout datasets reads (PartiPrompts.tsv, parquet)
+
+    if not Path(root).expanduser().is_dir():
+        raise FileNotFoundError(f"--prompt_set_path: {root} is not a folder")
+    dataset = datasets.load_dataset(str(Path(root).expanduser()), split=named.split, cache_dir=cache_dir)
+    if named.column not in dataset.column_names:
+        raise ValueError(f"--prompt_set_path: {root} has no column {named.column!r} (it has {dataset.column_names})")
+    return dataset[named.column]
 
 
 def load_prompts(
