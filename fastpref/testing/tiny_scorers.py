@@ -87,3 +87,26 @@ def make_tiny_scorers(root, seed: int = 0) -> Dict[str, str]:
         "aesthetic.processor": str(root / "aesthetic" / "clip"),
         "aesthetic.mlp": str(root / "aesthetic" / "mlp"),
     }
+
+
+WEIGHTS_FILE = "weights.txt"
+
+
+def main(argv=None) -> int:
+    """``python -m fastpref.testing.tiny_scorers DIR``: write the tiny scorers into DIR, and their
+    ``--scorer_weights`` (``NAME.ROLE=FOLDER ...``) into ``DIR/weights.txt`` and to stdout."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastpref.testing.tiny_scorers", description=main.__doc__)
+    parser.add_argument("dir", help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    weights = make_tiny_scorers(args.dir, args.seed)
+    line = " ".join(f"{key}={value}" for key, value in weights.items())
+    (Path(args.dir) / WEIGHTS_FILE).write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
