@@ -22,7 +22,7 @@ from .report import markdown
 from .scorers import make_scorer, scorer_class
 from .scoring import read_scores, score_images
 from .statistics import LEVEL, compare
-from .store import claim
+from .store import check_settings, claim
 
 logger = logging.getLogger("fastpref.evaluate")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -76,6 +76,28 @@ def generation_settings(plan: Plan, model: cands.Candidate) -> dict:
     }
 
 
+def folders(plan: Plan):
+    """``(folder, settings, what)`` of every model's images and every metric's scores."""
+    out = Path(plan.args.output_dir)
+    for model in plan.models:
+        yield out / "images" / model.name, generation_settings(plan, model), "images"
+    for metric in plan.args.metrics:
+        weights = {**scorer_class(metric).weights, **plan.weights.get(metric, {})}
+        yield out / "scores" / metric, {"weights": weights}, "scores"
+
+
+def prepare_folders(plan: Plan, accelerator) -> None:
+    """Before any work: every process checks that no folder holds files made with other settings
+    (so that all fail alike, none waits for a failed one); then the main process makes the
+    folders, clears a killed run's temporary files and records the settings."""
+    for folder, settings, what in folders(plan):
+        check_settings(folder, settings, what)
+    if accelerator.is_main_process:
+        for folder, settings, _ in folders(plan):
+            claim(folder, settings)
+    accelerator.wait_for_everyone()
+
+
 def evaluate(plan: Plan) -> dict:
     """Run ``plan``; returns the ``eval.json`` dictionary on the main process (which writes the
     reports), None on the others."""
@@ -90,12 +112,8 @@ def evaluate(plan: Plan) -> dict:
     mine = shard(work, accelerator.process_index, accelerator.num_processes)
     names = [model.name for model in plan.models]
 
+    prepare_folders(plan, accelerator)
     for model in plan.models:
-        folder = out / "images" / model.name
-        if accelerator.is_main_process:
-            claim(folder, generation_settings(plan, model), "images")
-        accelerator.wait_for_everyone()
-        claim(folder, generation_settings(plan, model), "images")  # every process checks: no silent mixing
 
         def make_pipeline(model=model):
             return cands.build_pipeline(model, plan.source, plan.family, dtype, accelerator.device)
@@ -116,10 +134,6 @@ def evaluate(plan: Plan) -> dict:
 
     for metric in args.metrics:
         weights = plan.weights.get(metric, {})
-        sources = {**scorer_class(metric).weights, **weights}
-        if accelerator.is_main_process:
-            claim(out / "scores" / metric, {"weights": sources}, "scores")
-        accelerator.wait_for_everyone()
 
         def load_scorer(metric=metric, weights=weights):
             return make_scorer(metric, weights, accelerator.device, dtype)

@@ -34,25 +34,32 @@ def score_file(output_dir, metric: str, model: str, item: Tuple[int, str, int]) 
     return Path(output_dir) / "scores" / metric / model / f"{key(*item)}.json"
 
 
-def claim(folder: Path, settings: dict, what: str) -> None:
-    """Make ``folder`` and record ``settings`` there; if it holds other settings, ``ValueError``
-    naming the differences (its files were made otherwise). Stale temporary files of a killed
-    run are removed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.tmp*"):
-        stale.unlink(missing_ok=True)
-    file = folder / SETTINGS
-    if file.is_file():
-        old = json.loads(file.read_text())
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(
-                f"--output_dir: {folder} holds {what} made with other settings ("
-                + "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
-                + "); use another --output_dir or remove that folder"
-            )
+def check_settings(folder: Path, settings: dict, what: str) -> None:
+    """``ValueError`` naming the differences if ``folder`` records settings other than
+    ``settings`` (its files were made otherwise); read-only, so every process may call it."""
+    file = Path(folder) / SETTINGS
+    if not file.is_file():
         return
-    write_json_atomic(file, settings)
+    old = json.loads(file.read_text())
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(
+            f"--output_dir: {folder} holds {what} made with other settings ("
+            + "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+            + "); use another --output_dir or remove that folder"
+        )
+
+
+def claim(folder: Path, settings: dict) -> None:
+    """Make ``folder``, remove the temporary files a killed run left in it, and record
+    ``settings`` unless it holds them (:func:`check_settings` first). One process only, while
+    no other writes there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.rglob(".*.tmp*"):
+        stale.unlink(missing_ok=True)
+    if not (folder / SETTINGS).is_file():
+        write_json_atomic(folder / SETTINGS, settings)
 
 
 def read_score(file: Path) -> float:
