@@ -28,7 +28,7 @@ class HPSv2(Scorer):
         import open_clip
 
         model, _, self.preprocess = open_clip.create_model_and_transforms(ARCHITECTURE, pretrained=None)
-        checkpoint = torch.load(hub_file(sources["model"], CHECKPOINT), map_location="cpu", weights_only=False)
+        checkpoint = torch.load(hub_file(sources["model"], CHECKPOINT), map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"])
         self.model = model.to(self.device, self.dtype).eval()
         self.tokenizer = open_clip.get_tokenizer(ARCHITECTURE)
