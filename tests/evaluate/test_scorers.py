@@ -75,3 +75,14 @@ def test_a_missing_package_names_its_extra(monkeypatch, name, package, extra):
     ):
         make_scorer(name)
     assert SCORERS[name].extra == extra
+
+
+def test_the_readme_table_states_each_scorers_ids_scale_and_extra():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Evaluation: `fastpref eval`") : readme.index("## Benchmarks")]
+    for name, scorer in SCORERS.items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{name}` |"))
+        assert all(f"`{model_id}`" in row for model_id in scorer.weights.values()), name
+        assert scorer.scale in row and scorer.extra in row, name
