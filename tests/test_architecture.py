@@ -61,7 +61,7 @@ def test_trainer_uses_the_loss_only_through_the_public_api():
     def private_loss(name):
         return name.startswith("fastpref.loss") or (name.startswith("fastpref.reference.") and name not in public)
 
-    assert offending(room_files("train") + room_files("demo"), private_loss) == []
+    assert offending(room_files("train") + room_files("demo") + room_files("evaluate"), private_loss) == []
 
 
 def test_no_room_below_the_evaluation_imports_it():
