@@ -7,6 +7,8 @@ fastpref make-toy-data DIR --pairs N [--resolution R --seed S --ties T --corrupt
                           generated preference pairs in the Pick-a-Pic v2 parquet schema
 fastpref train --pretrained_model_name_or_path M --dataset_name D --output_dir O [...]
                           Diffusion-DPO / Adaptive-DPO fine-tuning (``fastpref train --help``)
+fastpref eval --pretrained_model_name_or_path M --models RUN --prompts P --output_dir O [...]
+                          base vs trained outputs: reward models, paired win rates (``fastpref eval --help``)
 fastpref demo [--quick | --full]
                           the toy-world label-flip study (the README's main job)
 """
@@ -56,6 +58,7 @@ COMMANDS = {
     "make-tiny-model": _module_main("testing.tiny_model"),
     "make-toy-data": _module_main("testing.toy_data"),
     "train": _module_main("train.cli"),
+    "eval": _module_main("evaluate.cli"),
     "demo": _module_main("demo.study"),
 }
 

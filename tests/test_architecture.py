@@ -61,11 +61,19 @@ def test_trainer_uses_the_loss_only_through_the_public_api():
     def private_loss(name):
         return name.startswith("fastpref.loss") or (name.startswith("fastpref.reference.") and name not in public)
 
-    assert offending(room_files("train") + room_files("demo"), private_loss) == []
+    assert offending(room_files("train") + room_files("demo") + room_files("evaluate"), private_loss) == []
+
+
+def test_no_room_below_the_evaluation_imports_it():
+    """fastpref.evaluate sits above train: it may import the trainer and the public API, but the
+    loss, the trainer and the demo never import it."""
+    files = room_files("loss") + room_files("train") + room_files("demo")
+    files += [path for path in PACKAGE.glob("*.py") if path.name != "cli.py"]  # the command line starts it
+    assert offending(files, lambda name: name.startswith("fastpref.evaluate")) == []
 
 
 def test_production_code_never_imports_the_test_fixtures():
-    production = room_files("loss") + room_files("train") + room_files("demo")
+    production = room_files("loss") + room_files("train") + room_files("demo") + room_files("evaluate")
     production += [path for path in PACKAGE.glob("*.py")]
     assert offending(production, lambda name: name.startswith("fastpref.testing")) == []
 

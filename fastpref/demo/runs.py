@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..stats import auroc
 from ..train import PairSampler, PreferenceTrainer, TrainConfig
 from . import labels
 from . import world as tw
@@ -26,7 +27,6 @@ from .config import (
     METHODS,
     StudyConfig,
 )
-from .stats import auroc
 
 PER_PAIR = ("u", "weight", "flipped")  # the per-pair arrays a record holds up to its table step
 RECORD_FORMAT = 1  # bump when a run's record changes: cached records of another format are not read

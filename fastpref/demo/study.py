@@ -27,6 +27,7 @@ import torch
 
 from ..files import write_text_atomic
 from ..machine import cpu_model, library_versions
+from ..stats import mean_std
 from . import plots
 from . import world as tw
 from .config import (
@@ -40,7 +41,6 @@ from .config import (
     quick_config,
 )
 from .runs import PER_PAIR, RunSpec, budget_specs, core_specs, full_specs, run_all
-from .stats import mean_std
 from .summary import choose_budget, summarize
 from .tables import markdown
 

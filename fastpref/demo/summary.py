@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..stats import auroc, flipped_ratio_per_bin, mean_interval, mean_std, paired_difference
 from . import labels
 from . import world as tw
 from .config import (
@@ -19,7 +20,6 @@ from .config import (
     U_BINS,
     StudyConfig,
 )
-from .stats import auroc, flipped_ratio_per_bin, mean_interval, mean_std, paired_difference
 
 CURVE_KEYS = (
     "reward",

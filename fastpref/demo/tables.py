@@ -33,7 +33,7 @@ def _fmt(mean: Optional[float], std: Optional[float] = None, digits: int = 3) ->
 
 
 def _ci(summary: Optional[dict], digits: int = 3, sign: bool = False) -> str:
-    """``mean [low, high]`` of a :func:`fastpref.demo.stats.mean_interval` summary."""
+    """``mean [low, high]`` of a :func:`fastpref.stats.mean_interval` summary."""
     if summary is None or summary.get("mean") is None:
         return "n/a"
     f = f"{{:{'+' if sign else ''}.{digits}f}}"

@@ -16,7 +16,8 @@ import torch
 pytest.importorskip("diffusers", reason="the toy world needs the train extra (diffusers)")
 pytest.importorskip("accelerate", reason="the trainer needs the train extra (accelerate)")
 
-from fastpref.demo import config, labels, runs, stats, study, summary, tables  # noqa: E402
+from fastpref import stats  # noqa: E402
+from fastpref.demo import config, labels, runs, study, summary, tables  # noqa: E402
 from fastpref.demo import world as tw  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The study's statistics: mean and std over seeds, t-intervals of a mean and of paired
+"""Statistics shared by the demo and the evaluation: mean and std over seeds, t-intervals of a mean and of paired
 (per-seed) differences, the AUROC of a score for a binary label (ties counted one half), and
 the share of positives per bin of a score (the paper's Fig. 3)."""
 
