@@ -49,6 +49,30 @@ def open_split(name, split: str = "train", cache_dir: Optional[str] = None):
         ) from None
 
 
+def default_split(name, split: str = "train", cache_dir: Optional[str] = None) -> str:
+    """The split to train on when the user named none: ``split`` (``train``) where ``name`` has
+    it, else ``validation`` where it has that (diffusers' script's default split, which its
+    example data sets use), else ``split`` (the error then names the splits there are). A Hub id
+    asks the Hub (``datasets.get_dataset_split_names``); when it cannot answer, ``split``."""
+    import datasets
+
+    path = Path(str(name)).expanduser()
+    try:
+        if path.is_file():
+            return split
+        if (path / "dataset_dict.json").is_file():
+            found = list(datasets.load_from_disk(str(path)))
+        elif (path / "state.json").is_file():
+            return split
+        elif path.is_dir():
+            found = list(parquet_splits(path))
+        else:
+            found = datasets.get_dataset_split_names(str(name), cache_dir=cache_dir)
+    except Exception:  # offline, unknown: open_split says what is wrong, naming the flag
+        return split
+    return "validation" if split not in found and "validation" in found else split
+
+
 def parquet_splits(folder) -> Dict[str, List[str]]:
     """``{split: [parquet files]}`` of a local folder, the splits named as ``datasets`` names them
     (``data/train-00000-of-00002.parquet`` is ``train``; without split names every file is
