@@ -257,7 +257,7 @@ def test_validate_names_the_damaged_file(tmp_path):
 
 
 @pytest.mark.parametrize("point", ["before-optimizer-step", "after-optimizer-step"])
-def test_an_interrupt_inside_a_step_saves_that_whole_step(reference, tiny_run, tmp_path, monkeypatch, point):
+def test_an_interrupt_inside_a_step_saves_that_whole_step(reference, tiny_run, tmp_path, monkeypatch, caplog, point):
     """Ctrl-C inside step 2 -- before ``optimizer.step()``, or after it and before the step
     counters -- stops the run at the end of step 2 with a checkpoint of it (exit 130): the
     uninterrupted run's ``checkpoint-2``, and resumed, its weights and log."""
@@ -291,4 +291,5 @@ def test_an_interrupt_inside_a_step_saves_that_whole_step(reference, tiny_run, t
     assert (summary["state"], summary["global_step"]) == ("interrupted", 2)
     assert main(tiny_args(tiny_run, out, *RUN, "--resume_from_checkpoint", "latest")) == 0
     assert same_weights(out, reference) and log_of(out) == log_of(reference)
+    assert "resume: changed --checkpointing_steps 0 (this command: 1)" in caplog.text
     assert json.loads((out / "train_summary.json").read_text())["state"] == "finished"

@@ -90,12 +90,28 @@ def unchanged(folder, before):
 
 def locked_by_another_run(tiny_run, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     holder = open(out / LOCK_FILE, "a+")  # another open file: flock conflicts even in one process
     fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
     holder.write("fastpref train, pid 4242 on node-7, since 2026-01-01 00:00:00\n")
     holder.flush()
     return out, [], holder
+
+
+def resumed_while_locked(tiny_run, tmp_path):
+    out = a_run(tiny_run, tmp_path / "out", finished=False)
+    _, _, holder = locked_by_another_run(tiny_run, tmp_path)
+    return out, ["--resume_from_checkpoint", "latest"], holder
+
+
+def a_pipeline_folder(tiny_run, tmp_path):
+    out = tmp_path / "pipeline"
+    shutil.copytree(tiny_run["model"], out)
+    return out, [], None
+
+
+def the_data_folder(tiny_run, tmp_path):
+    return tiny_run["data"], [], None
 
 
 def finished_without_checkpoints(tiny_run, tmp_path):
@@ -130,6 +146,9 @@ def changed_meaning(tiny_run, tmp_path):
 MATRIX = {
     # case: (setup, the words of the one-line error)
     "start-locked": (locked_by_another_run, ["is in use by another run (fastpref train, pid 4242 on node-7"]),
+    "resume-locked": (resumed_while_locked, ["is in use by another run (fastpref train, pid 4242 on node-7"]),
+    "start-in-a-pipeline-folder": (a_pipeline_folder, ["already holds a run (model_index.json, unet)"]),
+    "start-in-the-data-folder": (the_data_folder, ["holds --dataset_name"]),
     "resume-latest-finished-no-checkpoint": (
         finished_without_checkpoints,
         ["--resume_from_checkpoint latest:", "holds a finished run (pytorch_lora_weights.safetensors)"],
@@ -297,3 +316,12 @@ def test_a_data_set_with_only_a_validation_split_trains_on_it(tiny_run, tmp_path
     assert len(PreferenceDataset(data, 32, split=plan.data.dataset_split_name, check_images=False)) > 0
     named = plan_of(tiny_run, tmp_path / "out", "--dataset_name", data, "--dataset_split_name", "train")
     assert named.data.dataset_split_name == "train" and named.notes == ()
+
+
+def test_a_tracker_that_is_not_installed_stops_at_start_up(train_main, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    code, err = train_main(tmp_path / "out", "--report_to", "tensorboard")
+    assert code == 2 and "fastpref train: error: --report_to tensorboard: tensorboard is not installed" in err

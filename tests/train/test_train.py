@@ -408,6 +408,7 @@ def test_nonfinite_abort_saves_a_checkpoint(world, tmp_path):
     assert result.returncode == 3, result.stderr[-2000:]
     assert "non-finite" in result.stderr
     assert list(out.glob("checkpoint-*"))
+    assert json.loads((out / "train_summary.json").read_text())["state"] == "aborted"
 
 
 def test_bad_arguments_fail_with_a_message(world, tmp_path):
