@@ -130,11 +130,31 @@ def check_installed(run: RunArguments) -> None:
         )
     if run.report_to in ("wandb", "all") and find_spec("wandb") is None:
         raise ArgumentError(f"--report_to {run.report_to}: wandb is not installed (pip install wandb)")
+    if run.report_to in ("wandb", "all") and not wandb_logged_in():
+        raise ArgumentError(
+            f"--report_to {run.report_to}: no wandb login here (run `wandb login`, set WANDB_API_KEY, or "
+            "WANDB_MODE=offline)"
+        )
     if run.report_to in ("tensorboard", "all") and find_spec("tensorboard") is None:
         raise ArgumentError(
             f"--report_to {run.report_to}: tensorboard is not installed (pip install tensorboard); "
             "or pass --report_to none"
         )
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb can log here without asking: ``WANDB_API_KEY``, an offline or disabled
+    ``WANDB_MODE``, or the ``api.wandb.ai`` entry that ``wandb login`` writes to ``~/.netrc``."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    try:
+        hosts = netrc.netrc(os.environ.get("NETRC")).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return base in hosts
 
 
 def check_optimizer_installed(config: TrainConfig) -> None:
@@ -170,7 +190,9 @@ def check_optimizer_values(config: TrainConfig) -> None:
 def check_writable(data_args: DataArguments) -> None:
     """The folders the run writes besides ``--output_dir``: ``--cache_dir`` and, with
     ``--cache_latents``, ``--latent_cache_dir`` (made where missing, as the run would)."""
-    folders = [("cache_dir", data_args.cache_dir)]
+    import datasets.config
+
+    folders = [("cache_dir", data_args.cache_dir or str(datasets.config.HF_DATASETS_CACHE))]
     if data_args.cache_latents:
         folders.append(("latent_cache_dir", data_args.latent_cache_dir))
     for flag, value in folders:

@@ -325,3 +325,24 @@ def test_a_tracker_that_is_not_installed_stops_at_start_up(train_main, tmp_path,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     code, err = train_main(tmp_path / "out", "--report_to", "tensorboard")
     assert code == 2 and "fastpref train: error: --report_to tensorboard: tensorboard is not installed" in err
+
+
+def test_wandb_without_a_login_stops_at_start_up(train_main, tmp_path, monkeypatch):
+    if find_spec("wandb") is None:
+        pytest.skip("wandb is not installed here (that has its own message)")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    code, err = train_main(tmp_path / "out", "--report_to", "wandb")
+    assert code == 2 and "fastpref train: error: --report_to wandb: no wandb login here" in err
+
+
+def test_an_empty_parquet_file_is_named(train_main, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"caption": pa.array([], pa.string()), "label_0": pa.array([], pa.float64())}), data)
+    code, err = train_main(tmp_path / "out", "--dataset_name", data)
+    assert code == 2 and "Traceback" not in err
+    assert f"fastpref train: error: --dataset_name: the 'train' parquet files hold no rows ({data})" in err
