@@ -64,6 +64,7 @@ def check_output_dir(run: RunArguments, inputs: Optional[dict] = None) -> None:
                 f"--output_dir: {output_dir} holds {flag} {value}; a run writes (and --overwrite_output_dir "
                 "moves) its output folder: choose another --output_dir"
             )
+    OutputDirLock(output_dir).check_free()  # a held folder: name the holder, not what it wrote so far
     check_use(run)
 
 
@@ -173,7 +174,25 @@ class OutputDirLock:
         """Create the folder if needed and take the lock; :class:`ArgumentError` naming the holder
         when another process has it."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        handle = open(self.folder / LOCK_FILE, "a+")
+        handle = self._lock(open(self.folder / LOCK_FILE, "a+"))
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"fastpref train, pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def check_free(self) -> None:
+        """:class:`ArgumentError` naming the holder if another process holds the lock now;
+        nothing is created or written."""
+        try:
+            handle = open(self.folder / LOCK_FILE)
+        except OSError:
+            return  # no lock file: no run has held the folder
+        self._lock(handle).close()
+
+    def _lock(self, handle):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -186,13 +205,7 @@ class OutputDirLock:
                 f"--output_dir: {self.folder} is in use by another run ({holder}); wait for it to end or "
                 "choose another --output_dir"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        handle.write(f"fastpref train, pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
-        handle.flush()
-        self.handle = handle
-        return self
+        return handle
 
     def release(self) -> None:
         if self.handle is not None:

@@ -98,6 +98,12 @@ def locked_by_another_run(tiny_run, tmp_path):
     return out, [], holder
 
 
+def started_while_another_run_writes(tiny_run, tmp_path):
+    out = a_run(tiny_run, tmp_path / "out", finished=False)
+    _, _, holder = locked_by_another_run(tiny_run, tmp_path)
+    return out, ["--overwrite_output_dir"], holder
+
+
 def resumed_while_locked(tiny_run, tmp_path):
     out = a_run(tiny_run, tmp_path / "out", finished=False)
     _, _, holder = locked_by_another_run(tiny_run, tmp_path)
@@ -146,6 +152,7 @@ def changed_meaning(tiny_run, tmp_path):
 MATRIX = {
     # case: (setup, the words of the one-line error)
     "start-locked": (locked_by_another_run, ["is in use by another run (fastpref train, pid 4242 on node-7"]),
+    "overwrite-locked": (started_while_another_run_writes, ["is in use by another run (fastpref train, pid 4242"]),
     "resume-locked": (resumed_while_locked, ["is in use by another run (fastpref train, pid 4242 on node-7"]),
     "start-in-a-pipeline-folder": (a_pipeline_folder, ["already holds a run (model_index.json, unet)"]),
     "start-in-the-data-folder": (the_data_folder, ["holds --dataset_name"]),
