@@ -19,6 +19,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .checkpoints import save_checkpoint
 from .output_dir import LOG_FILE
 from .trainer import NonFiniteLossError, PreferenceTrainer
 
@@ -91,21 +92,27 @@ def run_steps(
     batches,
     encode,
     run,
-    checkpoint: Callable[[], Path],
+    run_id: str,
     accelerator,
     validate=None,
     interrupts: Optional[Interrupts] = None,
+    checkpoint: Optional[Callable[[], Path]] = None,
 ) -> None:
     """Train until ``max_train_steps``: log each optimizer step (``train_log.jsonl``, trackers,
-    progress bar), save ``checkpoint()`` every ``--checkpointing_steps`` and call ``validate()``
-    (main process) every ``--validation_steps``. A non-finite abort saves a checkpoint and
-    re-raises; a signal recorded by ``interrupts`` saves one at the end of its step and raises
-    :class:`Interrupted`."""
+    progress bar), save a checkpoint every ``--checkpointing_steps`` (``checkpoint()``; default:
+    :func:`~fastpref.train.checkpoints.save_checkpoint` of run ``run_id``) and call
+    ``validate()`` (main process) every ``--validation_steps``. A non-finite abort saves a
+    checkpoint and re-raises; a signal recorded by ``interrupts`` saves one at the end of its
+    step and raises :class:`Interrupted`."""
     from tqdm.auto import tqdm
 
     config, output_dir = trainer.config, Path(run.output_dir)
     max_steps = config.max_train_steps
     saved_at = None
+    if checkpoint is None:
+
+        def checkpoint() -> Path:
+            return save_checkpoint(accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit, run_id)
 
     def save() -> Path:
         nonlocal saved_at

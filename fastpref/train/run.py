@@ -109,9 +109,14 @@ def train(plan: RunPlan) -> dict:
       are functions of the step);
     - ``logs/`` (TensorBoard with ``--report_to tensorboard``), ``train_log.jsonl`` (one line per
       optimizer step: loss, implicit accuracy, mean u, W, Gamma, u on flipped vs kept pairs, LR,
-      skipped steps) and ``train_summary.json``;
+      skipped steps) and ``train_summary.json`` (written at the start, at every checkpoint and
+      at the end; its ``state``: running, finished, interrupted or aborted);
     - ``validation/step-N/*.png`` with ``--run_validation`` (also logged to the trackers);
     - ``README.md``, the model card; with ``--push_to_hub`` the folder is uploaded at the end.
+
+    The process of global rank 0 holds the folder's lock (:func:`~fastpref.train.output_dir.claim`)
+    from start to end. SIGINT / SIGTERM stop the run at the end of the step in progress, with a
+    checkpoint (:class:`~fastpref.train.loop.Interrupted`).
     """
     # One process (global rank 0) owns the folder for the whole run; the kernel drops the lock
     # when the process ends, however it ends.
@@ -184,10 +189,11 @@ def _train(plan: RunPlan) -> dict:
                 iter(loader),
                 inputs.encode,
                 run,
-                checkpoint,
+                run_id,
                 accelerator,
                 validate if run.run_validation else None,
                 interrupts,
+                checkpoint,
             )
         except KeyboardInterrupt:  # Interrupted (a checkpoint saved), or a second signal (none)
             summary("interrupted")
