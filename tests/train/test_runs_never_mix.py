@@ -211,6 +211,31 @@ def test_the_lock_is_released_by_the_kernel_and_names_its_holder(tmp_path):
     OutputDirLock(tmp_path / "out").acquire().release()
 
 
+def test_a_second_process_into_a_running_runs_folder_stops(train_main, tiny_run, tmp_path):
+    """The report's case: two ``fastpref train`` processes into one folder. The second stops
+    naming the first (its pid); once the first is killed, the folder is free again."""
+    import subprocess
+    import sys
+    import time
+
+    from offline import ROOT
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fastpref.cli", "train", *tiny_args(tiny_run, out, "--max_train_steps", 10**6)]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / LOCK_FILE).is_file() or not (out / LOCK_FILE).read_text():
+            assert first.poll() is None and time.time() < deadline, "the first run ended early"
+            time.sleep(0.05)
+        code, err = train_main(out, "--overwrite_output_dir")
+        assert code == 2 and f"is in use by another run (fastpref train, pid {first.pid} on " in err, err[-2000:]
+    finally:
+        first.kill()
+        first.wait()
+    OutputDirLock(out).acquire().release()
+
+
 def test_resume_applies_and_lists_the_changeable_settings(tiny_run, tmp_path):
     """Steps, checkpointing and logging may change on a resume (logged); nothing else is compared
     as changed."""
