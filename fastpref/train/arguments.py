@@ -154,7 +154,12 @@ class RunArguments:
     )
     resume_from_checkpoint: Optional[str] = field(
         default=None,
-        metadata={"help": "a checkpoint folder, or 'latest' in --output_dir (the newest usable one)"},
+        metadata={
+            "help": "a checkpoint folder of the run in --output_dir, or 'latest' (the newest usable one); the "
+            "command must ask for the run's settings, but for the length, checkpointing, logging, validation "
+            "and Hub flags (changes logged); another --learning_rate, objective, data, batch, model, rank or "
+            "seed is refused"
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,

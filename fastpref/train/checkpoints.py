@@ -5,9 +5,10 @@ diffusers' formats.
 Crash safety. These hold at every instant, whatever kills the process:
 
 - The newest complete checkpoint on disk is intact. A checkpoint is complete when its folder
-  is named ``checkpoint-N`` and its manifest (``checkpoint.json``: step, run id, the size of
-  every file) matches its files. :func:`save_checkpoint` writes ``checkpoint-N.partial``, writes
-  the manifest, fsyncs every file and the folder, and only then renames it to ``checkpoint-N``.
+  is named ``checkpoint-N`` and its manifest (``checkpoint.json``: step, run id, the run's
+  settings, the size and sha256 of every file) matches its files. :func:`save_checkpoint`
+  writes ``checkpoint-N.partial``, writes the manifest, fsyncs every file and the folder, and
+  only then renames it to ``checkpoint-N``.
 - Re-saving a step renames the old ``checkpoint-N`` to ``checkpoint-N.old`` first (never a
   delete before the new one is in place); :func:`recover` renames it back if the process died
   between the two renames.
@@ -15,8 +16,8 @@ Crash safety. These hold at every instant, whatever kills the process:
   checkpoints of this run (the manifest's run id: written by this run, or by the run it resumed
   from). A folder is renamed ``*.deleting`` before it is removed, so a half-deleted folder never
   carries a checkpoint's name.
-- Resuming ``latest`` validates the newest checkpoint (manifest, file sizes, then loading) and
-  falls back to the previous one, with a warning naming the file, when it fails.
+- Resuming ``latest`` validates the newest checkpoint (manifest, file sizes and checksums, then
+  loading) and falls back to the previous one, with a warning naming the file, when it fails.
 
 Test hook: ``FASTPREF_FAULT=save:<point>[:<step>]`` makes the process SIGKILL itself at
 ``<point>`` of the save sequence (:data:`SAVE_POINTS`; of the save of ``<step>`` only, when
@@ -25,6 +26,9 @@ given). It is read in :func:`save_checkpoint` only; the fault-injection tests us
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -105,17 +109,29 @@ def discard(path: Path, point: Optional[str] = None, step: int = 0) -> None:
     shutil.rmtree(doomed)
 
 
-def write_manifest(folder: Path, step: int, run_id: str) -> None:
-    """``checkpoint.json`` in ``folder``: the step, the run id and every file's size; every file
-    and the folder are fsynced first, so the manifest never describes data still in flight."""
-    sizes = {}
+def sha256_of(file: Path) -> str:
+    """The sha256 of ``file``'s bytes, hex."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, step: int, run_id: str, settings: Optional[dict] = None) -> None:
+    """``checkpoint.json`` in ``folder``: the step, the run id, the run's ``settings`` (what a
+    resume compares with its command) and every file's size and sha256; every file and the folder
+    are fsynced first, so the manifest never describes data still in flight."""
+    sizes, sums = {}, {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
-        sizes[file.relative_to(folder).as_posix()] = file.stat().st_size
+        name = file.relative_to(folder).as_posix()
+        sizes[name], sums[name] = file.stat().st_size, sha256_of(file)
     for sub in {p.parent for p in folder.rglob("*")} | {folder}:
         fsync_dir(sub)
-    write_json_atomic(folder / MANIFEST, {"step": step, "run_id": run_id, "files": sizes})
+    manifest = {"step": step, "run_id": run_id, "files": sizes, "sha256": sums, "settings": settings or {}}
+    write_json_atomic(folder / MANIFEST, manifest)
 
 
 def read_manifest(folder) -> dict:
@@ -143,10 +159,13 @@ def rotate(output_dir, total_limit: Optional[int], run_id: str, saved: Path) -> 
         discard(old, "rotating", step_of(saved))
 
 
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[int], run_id: str) -> Path:
+def save_checkpoint(
+    accelerator, output_dir, step: int, total_limit: Optional[int], run_id: str, settings: Optional[dict] = None
+) -> Path:
     """Save the accelerator's state as ``checkpoint-<step>`` in the order of :data:`SAVE_POINTS`
     (see the module docstring); returns the folder. Hand-written around ``save_state`` because
-    accelerate's own checkpoint naming writes in place."""
+    accelerate's own checkpoint naming writes in place. A full disk raises ``OSError(ENOSPC)``
+    naming the folder (the ``.partial`` folder is removed; the previous checkpoints stay)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = final.with_name(final.name + ".partial")
@@ -154,11 +173,13 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[in
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    with disk_full_named(partial):
+        accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         fault("written", step)
-        write_manifest(partial, step, run_id)
+        with disk_full_named(partial):
+            write_manifest(partial, step, run_id, settings)
         fault("synced", step)
         if final.exists():
             if old.exists():
@@ -173,6 +194,21 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: Optional[in
         fault("saved", step)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def disk_full_named(path: Path):
+    """Turn a full disk inside the block (an ``OSError`` ENOSPC, or torch's "file write failed")
+    into ``OSError(ENOSPC)`` whose message names ``path``; a ``.partial`` ``path`` is removed."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        full = getattr(error, "errno", None) == errno.ENOSPC or "file write failed" in str(error)
+        if not full:
+            raise
+        if path.name.endswith(".partial"):
+            shutil.rmtree(path, ignore_errors=True)
+        raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}") from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,8 +233,9 @@ def recover(output_dir) -> None:
 
 
 def validate(folder) -> dict:
-    """The manifest of ``folder`` if every file it lists is there with the size recorded at save
-    time; :class:`CheckpointError` naming the first file that is not."""
+    """The manifest of ``folder`` if every file it lists is there with the size and sha256
+    recorded at save time; :class:`CheckpointError` naming the first file that is not. (A
+    manifest written before checksums were recorded is checked by size only.)"""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest.get("step") != step_of(folder):
@@ -209,6 +246,9 @@ def validate(folder) -> dict:
             raise CheckpointError(f"{file}: missing")
         if file.stat().st_size != size:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, {size} when saved (truncated?)")
+    for name, digest in manifest.get("sha256", {}).items():
+        if sha256_of(folder / name) != digest:
+            raise CheckpointError(f"{folder / name}: its sha256 differs from the one saved (damaged)")
     return manifest
 
 

@@ -5,8 +5,12 @@ allows (:func:`fastpref.train.run.resolve` calls them in order: paths first, the
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import tempfile
 from pathlib import Path
+from typing import List, Optional
 
 import fastpref
 
@@ -124,8 +128,83 @@ def check_installed(run: RunArguments) -> None:
             "--enable_xformers_memory_efficient_attention: xformers is not installed; install the build that "
             "matches your torch and CUDA (pip install 'fastpref[xformers]'), or drop the flag"
         )
-    if run.report_to == "wandb" and find_spec("wandb") is None:
-        raise ArgumentError("--report_to wandb: wandb is not installed (pip install wandb)")
+    if run.report_to in ("wandb", "all") and find_spec("wandb") is None:
+        raise ArgumentError(f"--report_to {run.report_to}: wandb is not installed (pip install wandb)")
+    if run.report_to in ("wandb", "all") and not wandb_logged_in():
+        raise ArgumentError(
+            f"--report_to {run.report_to}: no wandb login here (run `wandb login`, set WANDB_API_KEY, or "
+            "WANDB_MODE=offline)"
+        )
+    if run.report_to in ("tensorboard", "all") and find_spec("tensorboard") is None:
+        raise ArgumentError(
+            f"--report_to {run.report_to}: tensorboard is not installed (pip install tensorboard); "
+            "or pass --report_to none"
+        )
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb can log here without asking: ``WANDB_API_KEY``, an offline or disabled
+    ``WANDB_MODE``, or the ``api.wandb.ai`` entry that ``wandb login`` writes to ``~/.netrc``."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    try:
+        hosts = netrc.netrc(os.environ.get("NETRC")).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return base in hosts
+
+
+def check_optimizer_installed(config: TrainConfig) -> None:
+    """``--use_8bit_adam`` needs bitsandbytes (found, not imported)."""
+    from importlib.util import find_spec
+
+    if config.use_8bit_adam and find_spec("bitsandbytes") is None:
+        raise ArgumentError(
+            "--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes; it needs a CUDA GPU), "
+            "or drop the flag"
+        )
+
+
+def check_optimizer_values(config: TrainConfig) -> None:
+    """The values the optimizer, the LR schedule and the EMA footprints would otherwise refuse only
+    after the model has loaded: the schedule's name, Adam's betas, epsilon and weight decay, the
+    decays, the clipping norm."""
+    from diffusers.optimization import SchedulerType
+
+    names = [kind.value for kind in SchedulerType]
+    if config.lr_scheduler not in names:
+        raise ArgumentError(f"--lr_scheduler must be one of {', '.join(names)}, got {config.lr_scheduler!r}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ArgumentError(f"--{name} must be in [0, 1), got {getattr(config, name)}")
+    for name in ("adam_epsilon", "adam_weight_decay", "max_grad_norm"):
+        if not getattr(config, name) >= 0.0:
+            raise ArgumentError(f"--{name} must be >= 0, got {getattr(config, name)}")
+    if config.uses_footprints and not all(0.0 <= decay <= 1.0 for decay in config.ema_decays):
+        raise ArgumentError(f"--ema_decays must each be in [0, 1], got {','.join(map(str, config.ema_decays))}")
+
+
+def check_writable(data_args: DataArguments) -> None:
+    """The folders the run writes besides ``--output_dir``: ``--cache_dir`` and, with
+    ``--cache_latents``, ``--latent_cache_dir`` (made where missing, as the run would)."""
+    import datasets.config
+
+    folders = [("cache_dir", data_args.cache_dir or str(datasets.config.HF_DATASETS_CACHE))]
+    if data_args.cache_latents:
+        folders.append(("latent_cache_dir", data_args.latent_cache_dir))
+    for flag, value in folders:
+        if value is None:
+            continue
+        folder = Path(value).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise ArgumentError(f"--{flag}: cannot write in {value} ({error.strerror or error})") from None
 
 
 def check_train_settings(settings: dict, family: ModelFamily) -> TrainConfig:
@@ -180,3 +259,86 @@ def check_batch_fits(batch_size: int, processes: int, summary: dict, dataset_nam
             f"--train_batch_size {batch_size} x {processes} process(es) is more than the {summary['pairs']} usable "
             f"pairs in {dataset_name}: every batch would repeat pairs; lower --train_batch_size"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# a resume: the command against the checkpoint's settings
+# --------------------------------------------------------------------------------------------
+
+# The settings a resume may change: applied and logged. Every other recorded setting (the
+# objective and its options, the data and its split, the batch geometry, the model, the LoRA
+# rank, the seed, the optimizer and LR schedule) must equal the checkpoint's.
+RESUME_CHANGEABLE = frozenset(
+    {
+        "max_train_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "report_to",
+        "logging_dir",
+        "tracker_name",
+        "no_progress",
+        "run_validation",
+        "validation_steps",
+        "validation_prompts",
+        "validation_inference_steps",
+        "push_to_hub",
+        "hub_model_id",
+        "allow_tf32",
+        "enable_xformers_memory_efficient_attention",
+        "prior_generation_precision",
+        "dataloader_num_workers",
+        "vae_encode_batch_size",
+        "latent_cache_dir",
+        "cache_dir",
+        "max_nonfinite_steps",
+        "loss_backend",
+        "gradient_checkpointing",
+    }
+)
+# Not recorded: a secret, and where the run is and how this command reached it.
+NOT_RECORDED = frozenset({"hub_token", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank"})
+# Per-process sizes: compared as the global batch (train_batch_size x processes) instead.
+PER_PROCESS = frozenset({"train_batch_size"})
+PATHS = ("pretrained_model_name_or_path", "dataset_name", "pretrained_vae_model_name_or_path")
+
+
+def recorded_settings(data_args: DataArguments, config: TrainConfig, run: RunArguments, processes: int) -> dict:
+    """The settings a checkpoint records (JSON values; local paths absolute), and
+    ``global_batch_size``: what :func:`resume_differences` compares."""
+    values = {**vars(data_args), **dataclasses.asdict(config), **vars(run)}
+    values = {k: v for k, v in values.items() if not k.startswith("_") and k not in NOT_RECORDED}
+    for name in PATHS:
+        if values.get(name) and Path(values[name]).expanduser().exists():
+            values[name] = os.path.abspath(Path(values[name]).expanduser())
+    values["global_batch_size"] = run.train_batch_size * processes
+    return json.loads(json.dumps(values, default=str))
+
+
+def resume_differences(recorded: dict, current: dict) -> tuple:
+    """``(refused, changed)``: lines ``--flag recorded (this command: value)`` for the settings
+    that differ from the checkpoint's, split by :data:`RESUME_CHANGEABLE`. A setting the
+    checkpoint does not record (written by an older fastpref) is not compared."""
+    refused: List[str] = []
+    changed: List[str] = []
+    for name, value in current.items():
+        if name not in recorded or name in PER_PROCESS or recorded[name] == value:
+            continue
+        flag = "--train_batch_size x processes" if name == "global_batch_size" else f"--{name}"
+        line = f"{flag} {recorded[name]} (this command: {value})"
+        (changed if name in RESUME_CHANGEABLE else refused).append(line)
+    return refused, changed
+
+
+def check_resume_settings(recorded: Optional[dict], current: dict, checkpoint: str) -> List[str]:
+    """Refuse a resume whose command changes what the run means (:class:`ArgumentError` naming
+    every difference in one line); returns the lines of the changes it applies (to be logged)."""
+    if not recorded:
+        return []
+    refused, changed = resume_differences(recorded, current)
+    if refused:
+        raise ArgumentError(
+            f"--resume_from_checkpoint: {checkpoint} was trained with other settings: {'; '.join(refused)}. A resume "
+            "continues the run as it was: drop or change these flags, or start a new run in another --output_dir"
+        )
+    return changed

@@ -11,16 +11,20 @@ once, :func:`fastpref.train.run.train` runs the result.
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 
 from .arguments import ArgumentError, build_parser, given_flags, parse_args
+from .loop import Interrupted
 from .run import resolve, train
 from .trainer import NonFiniteLossError
 
 
 def main(argv=None) -> int:
-    """``fastpref train``; exit code 2 for bad arguments (argparse's usage and message) or data,
-    3 for a non-finite abort."""
+    """``fastpref train``; exit code 2 for bad arguments (argparse's usage and message), bad data
+    or a full disk, 3 for a non-finite abort, 128 + the signal's number for SIGINT (130) or
+    SIGTERM (143)."""
     parser = build_parser()
     data_args, settings, run = parse_args(argv, parser)
     try:
@@ -32,6 +36,22 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"fastpref train: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"fastpref train: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
+    except Interrupted as stop:
+        print(
+            f"fastpref train: {signal.Signals(stop.signum).name} at step {stop.step}: saved {stop.checkpoint}; "
+            "continue with --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        print("fastpref train: stopped at once (a second signal); the newest checkpoint is intact", file=sys.stderr)
+        return 128 + signal.SIGINT
     except NonFiniteLossError as error:  # the message says what to do
         print(f"fastpref train: {error}", file=sys.stderr)
         return 3

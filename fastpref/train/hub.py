@@ -11,8 +11,8 @@ from typing import Optional
 logger = logging.getLogger("fastpref.train")
 
 # Not uploaded: the training state of each checkpoint (the final weights are at the folder's root)
-# and what an interrupted save or rotation leaves.
-IGNORE_PATTERNS = ["checkpoint-*", "*.partial", "*.old", "*.deleting", "step_*", "epoch_*"]
+# and what an interrupted save or rotation leaves, and the run's lock file.
+IGNORE_PATTERNS = ["checkpoint-*", "*.partial", "*.old", "*.deleting", "step_*", "epoch_*", ".fastpref.lock"]
 
 
 class HubError(ValueError):

@@ -6,22 +6,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Optional, Set
+from typing import Optional, Set, Tuple
 
 import torch
 
 from . import checks, hub
 from .arguments import DataArguments, RunArguments, defaults_that_differ
 from .assembly import build_trainer, load_data, make_accelerator, make_loader, run_config
-from .checkpoints import new_run_id, resume, save_checkpoint, save_weights
+from .checkpoints import disk_full_named, new_run_id, resume, save_checkpoint, save_weights
 from .config import TrainConfig
+from .data.sources import default_split
 from .families import ModelFamily
-from .loop import run_steps
+from .loop import Interrupts, run_steps
 from .models import ModelSource
-from .output_dir import LOG_FILE, check_output_dir, move_aside
-from .summary import run_summary, write_outputs
+from .output_dir import LOG_FILE, check_output_dir, claim, newest_manifest
+from .summary import run_summary, write_outputs, write_summary
+from .trainer import NonFiniteLossError
 from .validation import run_validation
 
 logger = logging.getLogger("fastpref.train")
@@ -33,7 +36,8 @@ class RunPlan:
     TrainConfig fields, ``None`` for the run defaults not given), the flags the command line set
     (``given``; ``None``: unknown), the model ``source`` and its ``family``, the training
     ``resolution`` and the :class:`TrainConfig` (checked; the values only the run knows are set
-    by :func:`~fastpref.train.assembly.run_config`)."""
+    by :func:`~fastpref.train.assembly.run_config`); ``notes``: the choices made for the user,
+    logged when the run starts."""
 
     data: DataArguments
     settings: dict
@@ -43,6 +47,7 @@ class RunPlan:
     family: ModelFamily
     resolution: int
     config: TrainConfig
+    notes: Tuple[str, ...] = ()
 
     @property
     def output_dir(self) -> Path:
@@ -54,18 +59,37 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     path in the message), then the values -- and resolve the model's source and family (its
     configs read once: a Hub id is asked once), the resolution and the :class:`TrainConfig`.
     :class:`~fastpref.train.arguments.ArgumentError` names the flag and what it allows."""
+    # absolute: "--output_dir ." names the same folder after --overwrite_output_dir moved it aside
+    run = dataclasses.replace(run, output_dir=os.path.abspath(Path(run.output_dir).expanduser()))
     source = ModelSource.of(data_args)
     family = checks.check_model(source)
     checks.check_dataset_path(data_args.dataset_name)
-    check_output_dir(run)
+    notes = []
+    if given is not None and "dataset_split_name" not in given:
+        split = default_split(data_args.dataset_name, data_args.dataset_split_name, data_args.cache_dir)
+        if split != data_args.dataset_split_name:
+            notes.append(
+                f"--dataset_split_name not given and {data_args.dataset_name} has no split "
+                f"{data_args.dataset_split_name!r}: training on its {split!r} split (diffusers' default)"
+            )
+            data_args = dataclasses.replace(data_args, dataset_split_name=split)
+    inputs = {"--pretrained_model_name_or_path": source.path, "--dataset_name": data_args.dataset_name}
+    check_output_dir(run, inputs)
     checks.check_data_values(data_args, settings["loss_type"])
     checks.check_run_values(run)
     config = checks.check_train_settings(settings, family)
+    checks.check_optimizer_values(config)
     checks.check_family_options(config, family, source)
     checks.check_installed(run)
+    checks.check_optimizer_installed(config)
+    checks.check_writable(data_args)
     checks.check_hub(run)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # what accelerate launch will start
+    manifest = newest_manifest(Path(run.output_dir), run.resume_from_checkpoint)
+    current = checks.recorded_settings(data_args, config, run, processes)
+    checks.check_resume_settings(manifest and manifest.get("settings"), current, run.resume_from_checkpoint)
     resolution = data_args.resolution if data_args.resolution is not None else family.defaults.resolution
-    return RunPlan(data_args, dict(settings), run, given, source, family, resolution, config)
+    return RunPlan(data_args, dict(settings), run, given, source, family, resolution, config, tuple(notes))
 
 
 def train(plan: RunPlan) -> dict:
@@ -85,22 +109,38 @@ def train(plan: RunPlan) -> dict:
       are functions of the step);
     - ``logs/`` (TensorBoard with ``--report_to tensorboard``), ``train_log.jsonl`` (one line per
       optimizer step: loss, implicit accuracy, mean u, W, Gamma, u on flipped vs kept pairs, LR,
-      skipped steps) and ``train_summary.json``;
+      skipped steps) and ``train_summary.json`` (written at the start, at every checkpoint and
+      at the end; its ``state``: running, finished, interrupted or aborted);
     - ``validation/step-N/*.png`` with ``--run_validation`` (also logged to the trackers);
     - ``README.md``, the model card; with ``--push_to_hub`` the folder is uploaded at the end.
+
+    The process of global rank 0 holds the folder's lock (:func:`~fastpref.train.output_dir.claim`)
+    from start to end. SIGINT / SIGTERM stop the run at the end of the step in progress, with a
+    checkpoint (:class:`~fastpref.train.loop.Interrupted`).
     """
+    # One process (global rank 0) owns the folder for the whole run; the kernel drops the lock
+    # when the process ends, however it ends.
+    lock = claim(plan.run) if os.environ.get("RANK", "0") == "0" else None
+    try:
+        return _train(plan)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(plan: RunPlan) -> dict:
     from accelerate.utils import set_seed
 
     run, output_dir = plan.run, plan.output_dir
     accelerator = make_accelerator(run, plan.settings["mixed_precision"])
     log_differences(plan)
+    recorded = checks.recorded_settings(plan.data, plan.config, run, accelerator.num_processes)
+    changes = check_resume(plan, newest_manifest(output_dir, run.resume_from_checkpoint), recorded)
     allow_tf32(run.allow_tf32)
     checks.check_backend(plan.config.loss_backend, accelerator.device)
     set_seed(plan.config.seed)
     repo_id = None
     if accelerator.is_main_process:
-        if run.overwrite_output_dir and not run.resume_from_checkpoint:
-            move_aside(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         if run.push_to_hub:
             repo_id = hub.create_repository(run.hub_model_id, output_dir, run.hub_token)
@@ -111,29 +151,75 @@ def train(plan: RunPlan) -> dict:
     config = run_config(plan, len(inputs.dataset), accelerator)
     trainer = build_trainer(plan, config, accelerator)
     resumed = resume(accelerator, trainer, run.resume_from_checkpoint, output_dir, output_dir / LOG_FILE)
+    if resumed is not None:  # the checkpoint loaded may be an older one than the one checked first
+        changes = check_resume(plan, resumed, recorded)
+    for line in changes:
+        logger.warning("resume: changed %s", line)
     run_id = resumed["run_id"] if resumed else new_run_id()
     if accelerator.is_main_process and run.report_to != "none":
         name = run.tracker_name or plan.family.defaults.tracker_name
         accelerator.init_trackers(name, config=hparams(plan.data, plan.settings, run))
 
     validated = {}  # step -> the validation images of that step
+    started = time.perf_counter()
+
+    def summary(state: str) -> dict:
+        seconds = time.perf_counter() - started
+        result = run_summary(plan, trainer, inputs, seconds, accelerator.num_processes, run_id, state)
+        if accelerator.is_main_process and state != "finished":
+            write_summary(output_dir, result)
+        return result
 
     def validate():
         validated[trainer.global_step] = run_validation(trainer, plan.source, run, plan.resolution, output_dir)
 
-    loader = make_loader(inputs.dataset, run.train_batch_size, plan.data.dataloader_num_workers, trainer, accelerator)
-    started = time.perf_counter()
-    run_steps(trainer, iter(loader), inputs.encode, run, run_id, accelerator, validate if run.run_validation else None)
+    def checkpoint() -> Path:
+        folder = save_checkpoint(
+            accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit, run_id, recorded
+        )
+        summary("running")
+        return folder
 
-    save_checkpoint(accelerator, output_dir, trainer.global_step, run.checkpoints_total_limit, run_id)
-    save_weights(accelerator, trainer, output_dir)
-    if run.run_validation and accelerator.is_main_process and trainer.global_step not in validated:
-        validate()  # the final weights
-    result = run_summary(plan, trainer, inputs, time.perf_counter() - started, accelerator.num_processes)
-    if accelerator.is_main_process:
-        write_outputs(plan, trainer, result, validated.get(trainer.global_step, []), repo_id)
+    summary("running")
+    loader = make_loader(inputs.dataset, run.train_batch_size, plan.data.dataloader_num_workers, trainer, accelerator)
+    with Interrupts() as interrupts:
+        try:
+            run_steps(
+                trainer,
+                iter(loader),
+                inputs.encode,
+                run,
+                run_id,
+                accelerator,
+                validate if run.run_validation else None,
+                interrupts,
+                checkpoint,
+            )
+        except KeyboardInterrupt:  # Interrupted (a checkpoint saved), or a second signal (none)
+            summary("interrupted")
+            raise
+        except NonFiniteLossError:
+            summary("aborted")
+            raise
+        checkpoint()
+        with disk_full_named(output_dir):
+            save_weights(accelerator, trainer, output_dir)
+        if run.run_validation and accelerator.is_main_process and trainer.global_step not in validated:
+            validate()  # the final weights
+        result = summary("finished")
+        if accelerator.is_main_process:
+            write_outputs(plan, trainer, result, validated.get(trainer.global_step, []), repo_id)
     accelerator.end_training()
     return result
+
+
+def check_resume(plan: RunPlan, manifest: Optional[dict], recorded: dict) -> list:
+    """The resumed checkpoint's recorded settings against this run's
+    (:func:`~fastpref.train.checks.check_resume_settings`); the changed lines to log."""
+    if manifest is None:
+        return []
+    checkpoint = plan.run.resume_from_checkpoint
+    return checks.check_resume_settings(manifest.get("settings"), recorded, checkpoint)
 
 
 def log_differences(plan: RunPlan) -> None:
@@ -142,6 +228,8 @@ def log_differences(plan: RunPlan) -> None:
     values = {**vars(plan.data), **plan.settings, **vars(plan.run)}
     for line in defaults_that_differ(values, plan.family, plan.given):
         logger.warning("default differs from diffusers' script: %s", line)
+    for note in plan.notes:
+        logger.warning(note)
     note = plan.family.beta_note(plan.settings["beta"]) if plan.settings["beta"] is not None else None
     if note is not None:
         logger.warning(note)

@@ -1,5 +1,6 @@
-"""What a finished ``fastpref train`` run writes besides its weights: ``train_summary.json``, the
-model card (``README.md``) and, with ``--push_to_hub``, the upload of the folder."""
+"""What a ``fastpref train`` run writes besides its weights: ``train_summary.json`` (written when
+the run starts, at every checkpoint and when it ends: never stale), the model card (``README.md``)
+and, with ``--push_to_hub``, the upload of the folder."""
 
 from __future__ import annotations
 
@@ -29,19 +30,45 @@ def card_settings(config: TrainConfig, run, resolution: int, processes: int, dat
     return values
 
 
-def run_summary(plan, trainer, inputs, seconds: float, processes: int) -> dict:
-    """The summary of a finished run, as ``train_summary.json`` holds it."""
+# train_summary.json's "state": "running" while the run holds its folder (a summary that says
+# "running" in a folder no process has locked is a run that was killed), "finished", "interrupted"
+# (a signal: it saved a checkpoint and stopped) or "aborted" (non-finite losses).
+STATES = ("running", "finished", "interrupted", "aborted")
+
+
+def run_summary(plan, trainer, inputs, seconds: float, processes: int, run_id: str, state: str) -> dict:
+    """The summary of the run as it stands, as ``train_summary.json`` holds it: what a reader
+    needs to know what the folder holds (the run id, the state, the step; the objective and its
+    options, the learning rate, the rank, the seed, the resolution, the batch geometry, the data)."""
+    if state not in STATES:
+        raise ValueError(f"state must be one of {STATES}, got {state!r}")
     config = trainer.config
     result = {
-        "status": "finished",
+        "run_id": run_id,
+        "state": state,
+        "status": state,
         "arch": plan.family.name,
+        "model": plan.source.path,
         "global_step": trainer.global_step,
+        "max_train_steps": config.max_train_steps,
         "skipped_steps": trainer.skipped_steps,
         "seconds": seconds,
-        "data": inputs.summary,
+        "data": {"dataset": plan.data.dataset_name, **inputs.summary},
         "loss_type": config.loss_type,
         "beta": config.beta,
         "k1": config.k1,
+        "rho": config.rho,
+        "weighting": config.resolved_weighting,
+        "margin": config.resolved_margin,
+        "ema_decays": list(config.ema_decays) if config.uses_footprints else [],
+        "seed": config.seed,
+        "learning_rate": config.learning_rate,
+        "lr_scheduler": config.lr_scheduler,
+        "lora_rank": config.lora_rank,
+        "resolution": plan.resolution,
+        "train_batch_size": plan.run.train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "mixed_precision": config.mixed_precision,
         "processes": processes,
     }
     if inputs.judge is not None:
@@ -49,11 +76,16 @@ def run_summary(plan, trainer, inputs, seconds: float, processes: int) -> dict:
     return result
 
 
+def write_summary(output_dir, result: dict) -> None:
+    """``train_summary.json``, atomically."""
+    write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(result, indent=2) + "\n")
+
+
 def write_outputs(plan, trainer, result: dict, images, repo_id) -> None:
     """``train_summary.json``, the model card with the last validation ``images``, and the
     upload to ``repo_id`` (``--push_to_hub``); main process only."""
     output_dir, run = plan.output_dir, plan.run
-    write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(result, indent=2) + "\n")
+    write_summary(output_dir, result)
     settings = card_settings(trainer.config, run, plan.resolution, result["processes"], plan.data.dataset_name)
     write_model_card(
         output_dir,

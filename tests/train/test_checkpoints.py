@@ -9,6 +9,7 @@ process with a stand-in accelerator (fast, both a new step and a re-saved one), 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 
@@ -224,20 +225,71 @@ def newest_after_recovery_real(out):
     return ckpt.step_of(folders[-1]), folders[-1]
 
 
-def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(reference, train_subprocess, tmp_path):
-    """Item 7 and 4: the newest checkpoint has a truncated file and the log a torn last line;
-    ``latest`` warns naming the file, resumes from the previous checkpoint and ends bitwise as
-    the uninterrupted run, with its log."""
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(reference, train_subprocess, tmp_path):
+    """Item 7 and 4: the newest checkpoint has a damaged file (its size kept: only the checksum
+    tells) and the log a torn last line; ``latest`` warns naming the file, resumes from the
+    previous checkpoint and ends bitwise as the uninterrupted run, with its log."""
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    (out / "train_summary.json").unlink()
+    (out / "pytorch_lora_weights.safetensors").unlink()  # not finished yet: killed in its last save
     torn = out / "checkpoint-3" / "optimizer.bin"
-    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    data = bytearray(torn.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+    torn.write_bytes(bytes(data))
     with open(out / "train_log.jsonl", "a") as handle:
         handle.write('{"step": 4, "loss": 0.69')
     result = train_subprocess(out, *RUN, "--resume_from_checkpoint", "latest")
-    assert f"{torn}: " in result.stderr and "trying the previous one" in result.stderr
+    assert f"{torn}: its sha256 differs" in result.stderr and "trying the previous one" in result.stderr
     assert "resumed from" in result.stderr and "checkpoint-2 at step 2" in result.stderr
     assert same_weights(out, reference)
     assert log_of(out) == log_of(reference)
     assert same_checkpoint(out / "checkpoint-3", reference / "checkpoint-3")
+
+
+def test_validate_names_the_damaged_file(tmp_path):
+    """Item 3 of issue 20: same size, other bytes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    folder = save(out, 1, b"0123456789")
+    (folder / STATE_FILE).write_bytes(b"0123456780")
+    with pytest.raises(ckpt.CheckpointError, match=r"state\.bin: its sha256 differs from the one saved"):
+        ckpt.validate(folder)
+
+
+@pytest.mark.parametrize("point", ["before-optimizer-step", "after-optimizer-step"])
+def test_an_interrupt_inside_a_step_saves_that_whole_step(reference, tiny_run, tmp_path, monkeypatch, caplog, point):
+    """Ctrl-C inside step 2 -- before ``optimizer.step()``, or after it and before the step
+    counters -- stops the run at the end of step 2 with a checkpoint of it (exit 130): the
+    uninterrupted run's ``checkpoint-2``, and resumed, its weights and log."""
+    import torch
+    from offline import tiny_args
+
+    from fastpref.train.cli import main
+
+    out = tmp_path / "out"
+    original, calls = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(point)
+        if len(calls) == 2 and point == "before-optimizer-step":
+            os.kill(os.getpid(), signal.SIGINT)
+        result = original(self, *args, **kwargs)
+        if len(calls) == 2 and point == "after-optimizer-step":
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    try:
+        code = main(tiny_args(tiny_run, out, *RUN[:2], "--checkpointing_steps", 0))
+    except BaseException as error:  # noqa: BLE001 -- before deferral: KeyboardInterrupt mid-step
+        code = repr(error)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    assert code == 128 + signal.SIGINT
+    assert [p.name for p in ckpt.checkpoints(out)] == ["checkpoint-2"]
+    assert same_checkpoint(out / "checkpoint-2", reference / "checkpoint-2")
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["state"], summary["global_step"]) == ("interrupted", 2)
+    assert main(tiny_args(tiny_run, out, *RUN, "--resume_from_checkpoint", "latest")) == 0
+    assert same_weights(out, reference) and log_of(out) == log_of(reference)
+    assert "resume: changed --checkpointing_steps 0 (this command: 1)" in caplog.text
+    assert json.loads((out / "train_summary.json").read_text())["state"] == "finished"

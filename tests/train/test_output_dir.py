@@ -51,6 +51,7 @@ def test_overwrite_output_dir_moves_the_old_run_aside(train_subprocess, tmp_path
     )
     assert "moved the previous contents" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        ".fastpref.lock",
         "README.md",
         "checkpoint-2",
         "pytorch_lora_weights.safetensors",
@@ -71,7 +72,7 @@ def test_a_run_killed_before_its_first_checkpoint(train_subprocess, train_main, 
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert steps_logged(out) == [1] and (out / "checkpoint-1.partial").is_dir()
     code, err = train_main(out, *args)
-    assert code == 2 and "already holds a run (checkpoint-1.partial, train_log.jsonl)" in err
+    assert code == 2 and "already holds a run (checkpoint-1.partial, train_log.jsonl, train_summary.json)" in err
     result = train_subprocess(out, *args, "--resume_from_checkpoint", "latest")
     assert "no checkpoint" in result.stderr
     assert steps_logged(out) == [1, 2]

@@ -408,6 +408,7 @@ def test_nonfinite_abort_saves_a_checkpoint(world, tmp_path):
     assert result.returncode == 3, result.stderr[-2000:]
     assert "non-finite" in result.stderr
     assert list(out.glob("checkpoint-*"))
+    assert json.loads((out / "train_summary.json").read_text())["state"] == "aborted"
 
 
 def test_bad_arguments_fail_with_a_message(world, tmp_path):
@@ -461,7 +462,7 @@ def test_resume_after_sigkill_is_bitwise(world, tmp_path):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (killed / "train_summary.json").exists(), "the run finished before it could be killed"
+    assert json.loads((killed / "train_summary.json").read_text())["state"] == "running", "it finished first"
     run_train(world, killed, *args, "--resume_from_checkpoint", "latest")
     a, b = (
         load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors"),

@@ -49,6 +49,30 @@ def open_split(name, split: str = "train", cache_dir: Optional[str] = None):
         ) from None
 
 
+def default_split(name, split: str = "train", cache_dir: Optional[str] = None) -> str:
+    """The split to train on when the user named none: ``split`` (``train``) where ``name`` has
+    it, else ``validation`` where it has that (diffusers' script's default split, which its
+    example data sets use), else ``split`` (the error then names the splits there are). A Hub id
+    asks the Hub (``datasets.get_dataset_split_names``); when it cannot answer, ``split``."""
+    import datasets
+
+    path = Path(str(name)).expanduser()
+    try:
+        if path.is_file():
+            return split
+        if (path / "dataset_dict.json").is_file():
+            found = list(datasets.load_from_disk(str(path)))
+        elif (path / "state.json").is_file():
+            return split
+        elif path.is_dir():
+            found = list(parquet_splits(path))
+        else:
+            found = datasets.get_dataset_split_names(str(name), cache_dir=cache_dir)
+    except Exception:  # offline, unknown: open_split says what is wrong, naming the flag
+        return split
+    return "validation" if split not in found and "validation" in found else split
+
+
 def parquet_splits(folder) -> Dict[str, List[str]]:
     """``{split: [parquet files]}`` of a local folder, the splits named as ``datasets`` names them
     (``data/train-00000-of-00002.parquet`` is ``train``; without split names every file is
@@ -68,12 +92,35 @@ def parquet_splits(folder) -> Dict[str, List[str]]:
     return splits
 
 
+def check_parquet(files: List[str], split: str) -> None:
+    """Every parquet file of ``split`` has a readable footer, and the split has rows (``datasets``
+    fails on either with a traceback of its own); ``ValueError`` naming the file."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for file in files:
+        try:
+            rows += pq.ParquetFile(file).metadata.num_rows
+        except Exception as error:  # pyarrow's ArrowInvalid, OSError: a torn, empty or foreign file
+            raise ValueError(f"--dataset_name: {file} is not a readable parquet file ({error})") from None
+    if rows == 0:
+        raise ValueError(f"--dataset_name: the {split!r} parquet files hold no rows ({', '.join(files)})")
+
+
 def _load_parquet(splits: Dict[str, List[str]], split: str, cache_dir, name=None):
     import datasets
 
     if split not in splits:
         raise ValueError(f"--dataset_split_name: {name} has no split {split!r} (it has {sorted(splits)})")
-    return datasets.load_dataset("parquet", data_files={split: splits[split]}, split=split, cache_dir=cache_dir)
+    check_parquet(splits[split], split)
+    try:
+        return datasets.load_dataset("parquet", data_files={split: splits[split]}, split=split, cache_dir=cache_dir)
+    except Exception as error:  # pyarrow's or datasets' own: an empty, torn or foreign file
+        cause = error.__cause__ or error
+        raise ValueError(
+            f"--dataset_name: cannot read the {split!r} parquet files of {name or splits[split][0]} "
+            f"({type(cause).__name__}: {cause}; an empty or damaged file?)"
+        ) from None
 
 
 def is_hf_dataset(value) -> bool:
