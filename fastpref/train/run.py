@@ -62,6 +62,7 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     checks.check_run_values(run)
     config = checks.check_train_settings(settings, family)
     checks.check_family_options(config, family, source)
+    family = family.configured(config)  # the family's run settings (the flow flags)
     checks.check_installed(run)
     checks.check_hub(run)
     resolution = data_args.resolution if data_args.resolution is not None else family.defaults.resolution
@@ -142,6 +143,19 @@ def log_differences(plan: RunPlan) -> None:
     values = {**vars(plan.data), **plan.settings, **vars(plan.run)}
     for line in defaults_that_differ(values, plan.family, plan.given):
         logger.warning("default differs from diffusers' script: %s", line)
+    config, family = plan.config, plan.family
+    given = "" if plan.settings["beta"] is None else "given, "
+    logger.info(
+        "model family %s (%s): beta %g (%sthe family's default %g), learning rate %g",
+        family.name,
+        family.title,
+        config.beta,
+        given,
+        family.defaults.beta,
+        config.learning_rate,
+    )
+    if family.settings_note() is not None:
+        logger.info(family.settings_note())
     note = plan.family.beta_note(plan.settings["beta"]) if plan.settings["beta"] is not None else None
     if note is not None:
         logger.warning(note)

@@ -167,7 +167,8 @@ class LatentCache:
         source = as_source(source)
         given = [m for m in [vae, *(text_encoders or [])] if m is not None]
         dtype = next(given[0].parameters()).dtype if given else dtype
-        key, components = cache_key(dataset, source, dtype=dtype, modules=given)
+        family = family if family is not None else source.family
+        key, components = cache_key(dataset, source, dtype=dtype, modules=given, text_encoding=family.encoding_key())
         folder = Path(cache_dir) / key
         processes = Processes.of(accelerator)
         found = cls._open_if_whole(folder)
@@ -176,7 +177,6 @@ class LatentCache:
             logger.info("latent cache hit: %s (%d rows)", folder, len(found))
             return found
         processes.on_main(building.prepare_folder, folder, components)
-        family = family if family is not None else source.family
         encoders = Encoders.load(family, source, vae, tokenizers, text_encoders, dtype=dtype, device=device)
         plan = ShardPlan.of(dataset, shard_size)
         latent_todo, text_todo = building.shards_to_encode(folder, plan, processes)
