@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -68,14 +69,24 @@ def test_flow_lora_adaptive_run_from_the_cache(flow_models, pairs, tmp_path, arc
     from safetensors.torch import load_file
 
     model, out, cache = flow_models[arch], tmp_path / "out", tmp_path / "cache"
+    flags = ["--loss_type", "adaptive", "--metric_warmup_steps", "1", "--max_train_steps", "2"]
+    flags += ["--checkpointing_steps", "1", "--learning_rate", "1e-2", "--lora_rank", "4", "--cache_latents"]
+    flags += ["--latent_cache_dir", cache]
     logs = train(
-        model, pairs, out, "--loss_type", "adaptive", "--metric_warmup_steps", "1", "--max_train_steps", "2",
-        "--checkpointing_steps", "1", "--learning_rate", "1e-2", "--lora_rank", "4", "--cache_latents",
-        "--latent_cache_dir", cache, "--run_validation", "--validation_steps", "2", "--validation_prompts",
+        model, pairs, out, *flags, "--run_validation", "--validation_steps", "2", "--validation_prompts",
         "a red circle", "--validation_inference_steps", "1", "--report_to", "tensorboard",
     )  # fmt: skip
     assert [line["step"] for line in logs] == [1, 2] and logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(line["loss"]) for line in logs)
+
+    # resumed from checkpoint-1 (the sigmas and noise are functions of the step): bitwise the same step 2
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+    shutil.copyfile(out / "train_log.jsonl", resumed / "train_log.jsonl")
+    again = train(model, pairs, resumed, *flags, "--resume_from_checkpoint", "latest", "--report_to", "none")
+    assert again == logs
+    weights = [load_file(folder / "pytorch_lora_weights.safetensors") for folder in (out, resumed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
     (folder,) = cache.iterdir()  # text embeddings once per distinct caption, keyed by max_sequence_length
     meta, key = json.loads((folder / "meta.json").read_text()), json.loads((folder / "key.json").read_text())
