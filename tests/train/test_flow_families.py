@@ -118,14 +118,17 @@ def test_flux_packs_latents_in_2x2_patches_and_back():
         family.denoiser_inputs({**batch, "latents": torch.randn(4, 16, 3, 4)}, "cpu", torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
 @pytest.mark.parametrize("scheme", ["sigma_sqrt", "cosmap"])
 @pytest.mark.parametrize("precondition", [0, 1])
-def test_the_loss_weight_enters_every_models_errors_alike(scheme, precondition):
+def test_the_loss_weight_enters_every_models_errors_alike(scheme, precondition, backend):
     """docs/spec.md §2b: the family's ``sqrt(w)``-scaled predictions and target give per-sample
     errors ``w * e`` for the policy, the reference and the footprints; the fused loss on them
     matches the float64 reference, and its l_theta is the float64 weighted errors' logit."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
+    if fastpref.availability("cpu")[backend] is not None:
+        pytest.skip(f"backend {backend}: {fastpref.availability('cpu')[backend]}")
     pairs, shape = 3, (16, 4, 4)
     family = FAMILIES["sd3"].configured(TrainConfig(weighting_scheme=scheme, precondition_outputs=precondition))
     gen = torch.Generator().manual_seed(0)
@@ -148,7 +151,7 @@ def test_the_loss_weight_enters_every_models_errors_alike(scheme, precondition):
         torch.testing.assert_close(got, errors[m], rtol=1e-5, atol=0)
 
     keywords = dict(ema_preds=[preds["ema"]], beta=50.0, return_stats=True)
-    loss, stats = fastpref.adaptive_dpo_loss(preds["policy"], preds["ref"], target, **keywords)
+    loss, stats = fastpref.adaptive_dpo_loss(preds["policy"], preds["ref"], target, backend=backend, **keywords)
     as64 = [t.double() for t in (preds["policy"], preds["ref"], target)]
     keywords64 = {**keywords, "ema_preds": [preds["ema"].double()]}
     loss64, stats64 = fastpref.reference.adaptive_dpo_loss(*as64, **keywords64)
