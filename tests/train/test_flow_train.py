@@ -79,14 +79,14 @@ def test_flow_lora_adaptive_run_from_the_cache(flow_models, pairs, tmp_path, arc
     assert [line["step"] for line in logs] == [1, 2] and logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(line["loss"]) for line in logs)
 
-    # resumed from checkpoint-1 (the sigmas and noise are functions of the step): bitwise the same step 2
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
-    shutil.copyfile(out / "train_log.jsonl", resumed / "train_log.jsonl")
-    again = train(model, pairs, resumed, *flags, "--resume_from_checkpoint", "latest", "--report_to", "none")
-    assert again == logs
-    weights = [load_file(folder / "pytorch_lora_weights.safetensors") for folder in (out, resumed)]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    if arch == "flux":  # resumed from checkpoint-1 (sigmas and noise are functions of the step): the same step 2
+        resumed = tmp_path / "resumed"  # (both families, two processes, SIGKILLed: benchmarks/ddp_flow_check.py)
+        shutil.copytree(out / "checkpoint-1", resumed / "checkpoint-1")
+        shutil.copyfile(out / "train_log.jsonl", resumed / "train_log.jsonl")
+        again = train(model, pairs, resumed, *flags, "--resume_from_checkpoint", "latest", "--report_to", "none")
+        assert again == logs
+        weights = [load_file(folder / "pytorch_lora_weights.safetensors") for folder in (out, resumed)]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
     (folder,) = cache.iterdir()  # text embeddings once per distinct caption, keyed by max_sequence_length
     meta, key = json.loads((folder / "meta.json").read_text()), json.loads((folder / "key.json").read_text())
