@@ -150,6 +150,14 @@ def check_family_options(config: TrainConfig, family: ModelFamily, source: Model
         raise ArgumentError(f"--{flow[0]}: a flow-matching flag (sd3, flux); {source.path} holds {family.description}")
 
 
+def check_resolution(resolution: int, family: ModelFamily) -> None:
+    """The training resolution suits the family (FLUX packs 2x2 latents: a multiple of 16)."""
+    if resolution % family.resolution_multiple:
+        raise ArgumentError(
+            f"--resolution must be a multiple of {family.resolution_multiple} for {family.title}, got {resolution}"
+        )
+
+
 def check_hub(run: RunArguments) -> None:
     """``--push_to_hub``: the Hub and the token work now, not after training."""
     if run.push_to_hub:

@@ -66,6 +66,7 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     checks.check_installed(run)
     checks.check_hub(run)
     resolution = data_args.resolution if data_args.resolution is not None else family.defaults.resolution
+    checks.check_resolution(resolution, family)
     return RunPlan(data_args, dict(settings), run, given, source, family, resolution, config)
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 import fastpref  # noqa: E402
 from fastpref.train import TrainConfig  # noqa: E402
 from fastpref.train.arguments import ArgumentError  # noqa: E402
-from fastpref.train.checks import check_family_options  # noqa: E402
+from fastpref.train.checks import check_family_options, check_resolution  # noqa: E402
 from fastpref.train.families import FAMILIES, of_denoiser, recognise  # noqa: E402
 from fastpref.train.models import ModelSource  # noqa: E402
 
@@ -116,6 +116,9 @@ def test_flux_packs_latents_in_2x2_patches_and_back():
     family.transformer_call(Constant(guidance_embeds=False), latents, torch.rand(4), inputs)
     with pytest.raises(ValueError, match="multiple of 16"):
         family.denoiser_inputs({**batch, "latents": torch.randn(4, 16, 3, 4)}, "cpu", torch.float32)
+    with pytest.raises(ArgumentError, match="^--resolution must be a multiple of 16 for FLUX.1, got 40"):
+        check_resolution(40, family)
+    check_resolution(40, FAMILIES["sd3"])
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])

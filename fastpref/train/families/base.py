@@ -89,6 +89,8 @@ class ModelFamily(abc.ABC):
     has_turbo: bool = False
     #: whether the flow-matching flags (``--weighting_scheme``, ``--max_sequence_length``...) apply
     takes_flow_options: bool = False
+    #: the training resolution must be a multiple of it (the VAE's 8; FLUX packs 2x2 latents: 16)
+    resolution_multiple: int = 8
 
     def configured(self, config) -> "ModelFamily":
         """The family as a run with ``config`` (a ``TrainConfig``) uses it: a copy holding the

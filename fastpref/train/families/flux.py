@@ -42,6 +42,7 @@ class FLUX(FlowFamily):
     card_license = "other"
     card_tags = ("flux", "flux-diffusers")
     transformer_class = "FluxTransformer2DModel"
+    resolution_multiple = 2 * VAE_SCALE_FACTOR  # 2x2 packed latents
     # diffusers' FLUX script: uniform sigmas, no preconditioning, 512 T5 tokens, guidance 3.5
     settings = FlowSettings(weighting_scheme="none", precondition_outputs=False, max_sequence_length=512)
 
