@@ -25,7 +25,7 @@ if not torch.cuda.is_available():  # as benchmarks/bench_loss.py: must precede a
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from report import result_path, slug, write_json  # noqa: E402
-from step_mode import DECAYS, MIXED_PRECISION, SD15_LOSS, VARIANTS, run_mode  # noqa: E402
+from step_mode import DECAYS, MIXED_PRECISION, VARIANTS, run_mode  # noqa: E402
 from step_models import MODELS, Components, build_components, make_batches  # noqa: E402
 from step_report import print_header, print_report  # noqa: E402
 from step_timing import synchronizer  # noqa: E402
@@ -48,7 +48,10 @@ def parse_args(argv=None):
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_step.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", choices=tuple(MODELS), default="tiny", help="tiny (CPU, default) or sd15-random (GPU)"
+        "--model",
+        choices=tuple(MODELS),
+        default="tiny",
+        help="tiny (SD1.5, CPU, default), tiny-sd3 / tiny-flux (the flow families, CPU) or sd15-random (GPU)",
     )
     parser.add_argument(
         "--steps",
@@ -247,8 +250,9 @@ def run_config(args, components: Components, batches, device: torch.device) -> d
         "ema_decays": list(DECAYS),
         "metric_warmup_steps": 0,
         "loss_backend": "auto",
-        "beta": SD15_LOSS["beta"],
-        "k1": SD15_LOSS["k1"],
+        "family": components.family.name,
+        "beta": components.family.defaults.beta,
+        "k1": components.family.defaults.k1,
         "seed": args.seed,
         "quick": args.quick,
         "torch_threads": torch.get_num_threads(),

@@ -48,7 +48,9 @@ LABELS = {
 }
 
 
-def train_config(method: str, lora_rank: int, mixed_precision: str, seed: int) -> TrainConfig:
+def train_config(method: str, lora_rank: int, mixed_precision: str, seed: int, family=None) -> TrainConfig:
+    """The step's settings; beta and k1 the family's defaults (SD 1.5's: :data:`SD15_LOSS`)."""
+    loss = SD15_LOSS if family is None else dict(beta=family.defaults.beta, k1=family.defaults.k1)
     return TrainConfig(
         loss_type="dpo" if method == "dpo" else "adaptive",
         ema_decays=DECAYS,
@@ -58,7 +60,7 @@ def train_config(method: str, lora_rank: int, mixed_precision: str, seed: int) -
         learning_rate=1e-5,
         max_train_steps=1_000_000,
         seed=seed,
-        **SD15_LOSS,
+        **loss,
     )
 
 
@@ -68,7 +70,7 @@ def build_variants(keys, components, batches, encoding, lora_rank, mixed_precisi
     for method in METHODS:
         if not any(k.split("/")[0] == method for k in keys):
             continue
-        config = train_config(method, lora_rank, mixed_precision, seed)
+        config = train_config(method, lora_rank, mixed_precision, seed, components.family)
         kind = AuthorsTrainer if method == "authors" else PreferenceTrainer
         trainers[method] = kind(components.new_unet(), components.noise_scheduler, config, accelerator)
     variants = []
@@ -122,7 +124,7 @@ def run_mode(args, lora_rank: int, keys, components, batches, accelerator, sync)
         probe = batched_probe(prober, batches, sync, reps=max(1, args.breakdown_rounds))
 
     median = {v.key: statistics.median(v.times_ms) for v in variants}
-    pairs = batches[1]["encoder_hidden_states"].shape[0]
+    pairs = batches[1]["latents"].shape[0] // 2
     return {
         "mode": mode,
         "lora_rank": lora_rank,

@@ -1,9 +1,10 @@
-"""The models the step benchmark trains and encodes with, and its batches: a tiny SD1.5
-pipeline, or one of Stable Diffusion 1.5's published sizes with random weights."""
+"""The models the step benchmark trains and encodes with, and its batches: a tiny SD1.5, SD3 or
+FLUX.1 pipeline, or one of Stable Diffusion 1.5's published sizes with random weights."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,10 @@ SD15 = FAMILIES["sd15"]
 MODELS = {
     "tiny": dict(resolution=64, batch=4, dtype="fp32"),
     "sd15-random": dict(resolution=512, batch=8, dtype="bf16"),
+    # fastpref.testing.tiny_model's flow-matching pipelines (CPU): the family's own defaults
+    # (SD3: logit-normal sigmas, preconditioned outputs, 77 T5 tokens; FLUX.1 dev: guidance 3.5, 512 T5 tokens)
+    "tiny-sd3": dict(resolution=64, batch=4, dtype="fp32"),
+    "tiny-flux": dict(resolution=64, batch=4, dtype="fp32"),
 }
 
 # Stable Diffusion 1.5's published component configs (runwayml/stable-diffusion-v1-5: unet/, vae/,
@@ -81,7 +86,8 @@ CAPTIONS = (
 
 @dataclasses.dataclass
 class Components:
-    """What the benchmark trains and encodes with: ``new_unet()`` makes a fresh policy UNet."""
+    """What the benchmark trains and encodes with: ``new_unet()`` makes a fresh policy denoiser
+    (a UNet, or a flow family's transformer) of model ``family``."""
 
     new_unet: Callable[[], object]
     noise_scheduler: object
@@ -89,6 +95,7 @@ class Components:
     tokenizers: list
     text_encoders: list
     description: str
+    family: object = SD15
 
 
 def build_components(
@@ -96,7 +103,12 @@ def build_components(
 ) -> Components:
     """The models of ``model``: ``tiny`` (default, :func:`tiny_components`) or ``sd15-random``
     (:func:`sd15_random_components`)."""
-    builders = {"tiny": tiny_components, "sd15-random": sd15_random_components}
+    builders = {
+        "tiny": tiny_components,
+        "sd15-random": sd15_random_components,
+        "tiny-sd3": functools.partial(tiny_flow_components, "sd3"),
+        "tiny-flux": functools.partial(tiny_flow_components, "flux"),
+    }
     if model not in builders:
         raise ValueError(f"model must be one of {tuple(MODELS)}, got {model!r}")
     return builders[model](device, weight_dtype, workdir, seed)
@@ -123,6 +135,26 @@ def tiny_components(device: torch.device, weight_dtype: torch.dtype, workdir: Pa
         tokenizers,
         text_encoders,
         "fastpref.testing.tiny_model SD1.5 (random weights, tiny widths)",
+    )
+
+
+def tiny_flow_components(arch: str, device: torch.device, weight_dtype: torch.dtype, workdir: Path, seed: int):
+    """``fastpref.testing.tiny_model``'s ``arch`` pipeline (``sd3`` or ``flux``: a flow-matching
+    transformer, CLIP and T5 encoders) written to ``workdir``, loaded as ``fastpref train`` loads it."""
+    from fastpref.testing.tiny_model import make_tiny_model
+
+    path = make_tiny_model(workdir / f"tiny-{arch}", arch=arch, seed=seed)
+    source = ModelSource(str(path))
+    family = source.family
+    vae, tokenizers, text_encoders = family.load_encoders(source, dtype=weight_dtype, device=device)
+    return Components(
+        lambda: family.load_denoiser(source, torch.float32),
+        family.load_noise_scheduler(source),
+        vae,
+        tokenizers,
+        text_encoders,
+        f"fastpref.testing.tiny_model {family.title} (random weights, tiny widths)",
+        family,
     )
 
 
@@ -183,9 +215,10 @@ def make_batches(components: Components, pairs: int, resolution: int, seed: int)
 
 def encode(components: Components, raw: dict) -> dict:
     """The trainer's batch from pixels and captions: VAE latents of the 2B images and the text
-    embeddings of the B captions, as ``fastpref train`` does without ``--cache_latents``."""
-    pixels = raw["pixel_values"]
+    conditioning of the B captions (the family's ``encode_images``, ``encode_prompts`` and
+    ``batch_conditioning``), as ``fastpref train`` does without ``--cache_latents``."""
+    family, pixels = components.family, raw["pixel_values"]
     device = next(components.vae.parameters()).device
-    latents = SD15.encode_images(components.vae, pixels.to(device))
-    text = SD15.encode_prompts(raw["captions"], components.tokenizers, components.text_encoders)
-    return {"latents": latents.float(), "encoder_hidden_states": text["prompt_embeds"]}
+    latents = family.encode_images(components.vae, pixels.to(device))
+    text = family.encode_prompts(raw["captions"], components.tokenizers, components.text_encoders)
+    return {"latents": latents.float(), **family.batch_conditioning(text, pixels.shape[-1])}

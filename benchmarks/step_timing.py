@@ -161,27 +161,29 @@ def batched_probe(trainer, batches, sync, reps: int) -> Dict[str, float]:
     against one no-grad forward of 6B samples, with the policy's weights: the most a single
     batched forward could save."""
     _, cached = batches
-    acc = trainer.accelerator
+    acc, family = trainer.accelerator, trainer.family
     device = acc.device
-    latents = cached["latents"].to(device, trainer.weight_dtype)
-    cond = cached["encoder_hidden_states"].to(device, trainer.weight_dtype)
-    cond = torch.cat([cond, cond])
-    timesteps = torch.randint(0, 1000, (latents.shape[0],), device=device)
+    tripled = {k: torch.cat([v] * 3) for k, v in cached.items()}  # 3x the pairs (and their images)
+    small = (cached["latents"], family.denoiser_inputs(cached, device, trainer.weight_dtype))
+    large = (tripled["latents"], family.denoiser_inputs(tripled, device, trainer.weight_dtype))
+    generator = torch.Generator().manual_seed(0)
+    timesteps = family.draw_timesteps(trainer.noise_scheduler, generator, cached["latents"].shape[0], False)
     unet = trainer.base_unet
     three, one = [], []
 
-    def forward(x, t, c):
+    def forward(latents, inputs, t):
         with torch.no_grad(), acc.autocast():
-            return unet(x, t, c).sample
+            x = latents.to(device, trainer.weight_dtype)
+            return family.denoise(unet, x, t.to(device), inputs)
 
-    big = (torch.cat([latents] * 3), torch.cat([timesteps] * 3), torch.cat([cond] * 3))
-    forward(latents, timesteps, cond)
+    big = (*large, torch.cat([timesteps] * 3))
+    forward(*small, timesteps)
     forward(*big)
     for _ in range(reps):
         sync()
         begin = time.perf_counter()
         for _ in range(3):
-            forward(latents, timesteps, cond)
+            forward(*small, timesteps)
         sync()
         three.append((time.perf_counter() - begin) * 1e3)
         begin = time.perf_counter()

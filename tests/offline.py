@@ -40,6 +40,20 @@ def models(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="session")
+def flow_models(tmp_path_factory):
+    """The tiny flow-matching pipelines (``fastpref make-tiny-model --arch sd3|flux``): ``{"sd3":
+    path, "flux": path}`` (FLUX.1 dev's layout, with its guidance embedding)."""
+    from fastpref import cli
+
+    root = tmp_path_factory.mktemp("flow_models")
+    paths = {}
+    for arch in ("sd3", "flux"):
+        paths[arch] = root / arch
+        assert cli.main(["make-tiny-model", str(paths[arch]), "--arch", arch, "--seed", "0"]) == 0
+    return paths
+
+
 def write_toy(root, *extra):
     """``PAIRS`` toy pairs at ``RES`` px with ``TIES`` ties and ``CORRUPT`` undecodable rows
     (``fastpref make-toy-data``; ``extra``: more flags); returns the parquet file."""

@@ -1,5 +1,6 @@
-"""Tiny random-weight Stable Diffusion 1.5 / SDXL pipelines, written from configs for tests and
-offline use (:func:`make_tiny_model`, ``fastpref make-tiny-model``); nothing is downloaded.
+"""Tiny random-weight Stable Diffusion 1.5 / SDXL / SD3 / FLUX.1 pipelines, written from configs
+for tests and offline use (:func:`make_tiny_model`, ``fastpref make-tiny-model``); nothing is
+downloaded (the T5 tokenizer of SD3 and FLUX is a Unigram model built here, as the CLIP one).
 """
 
 from __future__ import annotations
@@ -128,6 +129,38 @@ def load_tokenizer(folder: Path):
     )
 
 
+# T5's tokenizer (SD3's tokenizer_3, FLUX's tokenizer_2): a SentencePiece-style Unigram model built
+# with the tokenizers library (no sentencepiece, no download); its specials are T5's, ids 0-2.
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+T5_MAX_LENGTH = 512  # the real T5 tokenizers' model_max_length
+
+
+def build_t5_tokenizer(words: Sequence[str] = VOCAB_WORDS):
+    """A ``T5TokenizerFast`` whose pieces are ``words`` (``"\u2581red"``...), the word boundary
+    ``"\u2581"`` and the printable ASCII characters (any other character is ``<unk>``); it adds
+    ``</s>`` after the text as T5 does and pads with ``<pad>`` (id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [(token, 0.0) for token in T5_SPECIALS]
+    pieces += [("\u2581" + word, -1.0) for word in words] + [("\u2581", -2.0)]
+    pieces += [(chr(code), -5.0) for code in range(ord("!"), ord("~") + 1)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=T5_SPECIALS.index("<unk>")))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", T5_SPECIALS.index("</s>"))]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=T5_MAX_LENGTH,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # component configs
 # --------------------------------------------------------------------------------------------
@@ -184,6 +217,76 @@ UNET_KWARGS = {
 
 #: the VAE's latent scaling factor of each model
 VAE_SCALING_FACTOR = {"sd15": 0.18215, "sdxl": 0.13025}
+#: the flow models' VAE latent normalisation (the real VAEs' config values)
+FLOW_VAE = {
+    "sd3": dict(scaling_factor=1.5305, shift_factor=0.0609),
+    "flux": dict(scaling_factor=0.3611, shift_factor=0.1159),
+    "flux-schnell": dict(scaling_factor=0.3611, shift_factor=0.1159),
+}
+T5_WIDTH = 64  # the T5 encoder's d_model: SD3 pads its two CLIPs' concatenated 32 + 32 to it
+
+#: the tiny transformer of each flow model (the real ones' structure, tiny widths; one block of each kind)
+TRANSFORMER_KWARGS = {
+    # 32 px -> 4x4 latents -> 2x2 patches; pooled: the two CLIPs' 32 + 32
+    "sd3": dict(
+        sample_size=4,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=T5_WIDTH,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    ),
+    # packed 2x2 latent patches: 16 x 4 = 64 input channels; rope axes sum to the head width
+    "flux": dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=32,
+        guidance_embeds=True,  # FLUX.1 dev is guidance-distilled
+        axes_dims_rope=(4, 6, 6),
+    ),
+}
+TRANSFORMER_KWARGS["flux-schnell"] = dict(TRANSFORMER_KWARGS["flux"], guidance_embeds=False)
+
+#: the flow models' FlowMatchEulerDiscreteScheduler configs (the real ones' values)
+FLOW_SCHEDULERS = {
+    "sd3": dict(num_train_timesteps=1000, shift=3.0),
+    "flux": dict(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+    "flux-schnell": dict(num_train_timesteps=1000, shift=1.0),
+}
+
+
+def t5_encoder_config(vocab_size: int):
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=T5_WIDTH,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",  # T5 v1.1 (T5-XXL)'s
+        pad_token_id=0,
+        eos_token_id=1,
+    )
 
 
 def unet_kwargs(arch: str) -> dict:
@@ -191,18 +294,21 @@ def unet_kwargs(arch: str) -> dict:
 
 
 def vae_kwargs(arch: str) -> dict:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=4,
-        sample_size=64,
-        scaling_factor=VAE_SCALING_FACTOR[arch],
-    )
+    if arch in FLOW_VAE:  # SD3 / FLUX: 16 latent channels, a shift factor, no quant convs
+        return dict(VAE_COMMON, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **FLOW_VAE[arch])
+    return dict(VAE_COMMON, latent_channels=4, scaling_factor=VAE_SCALING_FACTOR[arch])
+
+
+VAE_COMMON = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 16, 32, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
 
 
 SCHEDULER_CONFIG = dict(
@@ -263,8 +369,65 @@ def sdxl_pipeline(vocab_size: int, tokenizer_files: Path):
     )
 
 
+def sd3_pipeline(vocab_size: int, tokenizer_files: Path):
+    """A tiny ``StableDiffusion3Pipeline``: two CLIPs with projections and a T5 encoder."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    transformer = SD3Transformer2DModel(**TRANSFORMER_KWARGS["sd3"])
+    vae = AutoencoderKL(**vae_kwargs("sd3"))
+    text_encoder = CLIPTextModelWithProjection(text_encoder_config(vocab_size, act="quick_gelu"))  # CLIP ViT-L's
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(vocab_size, act="gelu"))  # OpenCLIP bigG's
+    tokenizer_3 = build_t5_tokenizer()
+    text_encoder_3 = T5EncoderModel(t5_encoder_config(len(tokenizer_3)))
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULERS["sd3"]),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=load_tokenizer(tokenizer_files),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=load_tokenizer(tokenizer_files),
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def flux_pipeline(vocab_size: int, tokenizer_files: Path, arch: str = "flux"):
+    """A tiny ``FluxPipeline``: CLIP (pooled) and T5 (sequence); ``arch`` "flux" has FLUX.1 dev's
+    guidance embedding, "flux-schnell" not."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    transformer = FluxTransformer2DModel(**TRANSFORMER_KWARGS[arch])
+    vae = AutoencoderKL(**vae_kwargs(arch))
+    text_encoder = CLIPTextModel(text_encoder_config(vocab_size, act="quick_gelu"))
+    tokenizer_2 = build_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(t5_encoder_config(len(tokenizer_2)))
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULERS[arch]),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=load_tokenizer(tokenizer_files),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer.eval(),
+    )
+
+
 #: how each tiny pipeline is built
-PIPELINES = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline}
+PIPELINES = {
+    "sd15": sd15_pipeline,
+    "sdxl": sdxl_pipeline,
+    "sd3": sd3_pipeline,
+    "flux": flux_pipeline,
+    "flux-schnell": lambda vocab_size, files: flux_pipeline(vocab_size, files, "flux-schnell"),
+}
 ARCHS = tuple(PIPELINES)
 
 
@@ -274,9 +437,9 @@ ARCHS = tuple(PIPELINES)
 
 
 def make_tiny_model(path, arch: str = "sd15", seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a tiny random-weight ``arch`` pipeline ("sd15" or "sdxl") into ``path``; returns it.
+    """Write a tiny random-weight ``arch`` pipeline (one of :data:`ARCHS`) into ``path``; returns it.
 
-    The diffusers-format folder::
+    The diffusers-format folder, as the real models' (SD 1.5 / SDXL)::
 
         model_index.json
         unet/            UNet2DConditionModel   (config.json + diffusion_pytorch_model.safetensors)
@@ -288,13 +451,24 @@ def make_tiny_model(path, arch: str = "sd15", seed: int = 0, overwrite: bool = F
         tokenizer_2/     CLIPTokenizer                 (sdxl only)
         fastpref_tiny.json  what wrote it (arch, seed)
 
-    It loads offline with ``StableDiffusionPipeline.from_pretrained(path)`` /
-    ``StableDiffusionXLPipeline.from_pretrained(path)`` or by component
-    (``UNet2DConditionModel.from_pretrained(path, subfolder="unet")``). The shapes follow the
-    real models where the trainer can depend on them (latent channels 4, VAE factor 8, text
-    length 77, SDXL's two text encoders whose hidden states are concatenated, its pooled
-    embedding and the six ``add_time_ids``); the widths are tiny (32/64 channels, 32-wide text
-    encoders) so that a UNet forward takes milliseconds on a CPU.
+    SD3 (``sd3``): ``transformer/`` (SD3Transformer2DModel), ``vae/`` (16 latent channels, SD3's
+    scaling and shift factors), ``text_encoder/`` and ``text_encoder_2/``
+    (CLIPTextModelWithProjection) with ``tokenizer/``, ``tokenizer_2/`` (CLIP), ``text_encoder_3/``
+    (T5EncoderModel) with ``tokenizer_3/`` (T5TokenizerFast, ``tokenizer.json``) and ``scheduler/``
+    (FlowMatchEulerDiscreteScheduler, shift 3). FLUX.1 (``flux``: dev, with its guidance embedding;
+    ``flux-schnell``: without): ``transformer/`` (FluxTransformer2DModel), ``vae/``,
+    ``text_encoder/`` (CLIPTextModel) with ``tokenizer/``, ``text_encoder_2/`` (T5EncoderModel)
+    with ``tokenizer_2/`` (T5) and ``scheduler/`` (dev: dynamic shifting; schnell: shift 1).
+
+    It loads offline with the family's pipeline's ``from_pretrained(path)``
+    (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
+    ``FluxPipeline``) or by component (``UNet2DConditionModel.from_pretrained(path,
+    subfolder="unet")``). The shapes follow the real models where the trainer can depend on them
+    (latent channels 4 / 16, VAE factor 8, CLIP length 77, SDXL's two text encoders whose hidden
+    states are concatenated, its pooled embedding and the six ``add_time_ids``; SD3's CLIP
+    embeddings padded to T5's width, FLUX's 2x2 latent packing); the widths are tiny (32/64
+    channels, 32/64-wide text encoders, one block of each kind) so that a forward takes
+    milliseconds on a CPU. Default resolution: 32 px for the transformers.
 
     Weights are initialised under ``torch.manual_seed(seed)`` (the global RNG state is restored
     afterwards), so a given seed writes the same weights. ``path`` may exist if it holds no
@@ -322,7 +496,10 @@ def make_tiny_model(path, arch: str = "sd15", seed: int = 0, overwrite: bool = F
     # it too, which is what older (and slow) CLIPTokenizer implementations read.
     for name in ("tokenizer", "tokenizer_2"):
         for file in ("vocab.json", "merges.txt"):
-            if (path / name).is_dir() and not (path / name / file).exists():
+            is_clip = (path / name / "tokenizer_config.json").is_file() and "CLIP" in (
+                path / name / "tokenizer_config.json"
+            ).read_text()
+            if is_clip and not (path / name / file).exists():
                 shutil.copyfile(staging / file, path / name / file)
     shutil.rmtree(staging)
     (path / "fastpref_tiny.json").write_text(

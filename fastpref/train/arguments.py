@@ -44,7 +44,7 @@ class DataArguments:
     pretrained_model_name_or_path: str = field(
         metadata={
             "help": "local diffusers pipeline folder (or a hub id where the hub is reachable); its model family "
-            "(sd15, sdxl) is recognised from its configs"
+            "(sd15, sdxl, sd3, flux) is recognised from its configs"
         }
     )
     dataset_name: str = field(

@@ -221,9 +221,20 @@ def check_train_settings(settings: dict, family: ModelFamily) -> TrainConfig:
 
 
 def check_family_options(config: TrainConfig, family: ModelFamily, source: ModelSource) -> None:
-    """The options that only some families take (``--is_turbo``)."""
+    """The options that only some families take (``--is_turbo``, the flow-matching flags)."""
     if config.is_turbo and not family.has_turbo:
         raise ArgumentError(f"--is_turbo: {source.path} holds {family.description}; SDXL Turbo is an SDXL model")
+    flow = config.flow_options_given
+    if flow and not family.takes_flow_options:
+        raise ArgumentError(f"--{flow[0]}: a flow-matching flag (sd3, flux); {source.path} holds {family.description}")
+
+
+def check_resolution(resolution: int, family: ModelFamily) -> None:
+    """The training resolution suits the family (FLUX packs 2x2 latents: a multiple of 16)."""
+    if resolution % family.resolution_multiple:
+        raise ArgumentError(
+            f"--resolution must be a multiple of {family.resolution_multiple} for {family.title}, got {resolution}"
+        )
 
 
 def check_hub(run: RunArguments) -> None:

@@ -13,6 +13,7 @@ from typing import Literal, Optional, get_args
 import fastpref
 
 from .families import FAMILIES
+from .families.sd3 import WEIGHTING_SCHEMES
 
 # The trainer's objectives (--loss_type); each but sft is fastpref.adaptive_dpo_loss with one of the
 # loss's per-pair heads (HEADS), whose names are fastpref.CHOICES["loss_type"].
@@ -27,6 +28,8 @@ Weighting = Literal[fastpref.CHOICES["weighting"]]
 Margin = Literal[fastpref.CHOICES["margin"]]
 MetricPreset = Literal[fastpref.CHOICES["preset"]]
 LossBackend = Literal[fastpref.CHOICES["backend"]]
+WeightingScheme = Literal[WEIGHTING_SCHEMES]
+MAX_SEQUENCE_LENGTH = 512  # T5's longest input in the SD3 and FLUX pipelines
 
 MIXED_PRECISION = get_args(MixedPrecision)
 ADAPTIVE_TYPES = ("adaptive", "adaptive-ipo")
@@ -191,12 +194,51 @@ class TrainConfig:
         ),
     )
 
+    # -- flow-matching families (sd3, flux): diffusers' train_dreambooth_lora_sd3.py / _flux.py flags;
+    # None: the family's default (its diffusers script's). Refused for the SD families.
+    weighting_scheme: Optional[WeightingScheme] = field(
+        default=None,
+        metadata=_help(
+            "flow families: the sigma density and loss weight (diffusers' names): logit_normal, mode, uniform with "
+            "sigma_sqrt (w = sigma^-2) or cosmap weights, or none (uniform, w = 1); None: logit_normal (sd3), "
+            "none (flux)"
+        ),
+    )
+    logit_mean: Optional[float] = field(default=None, metadata=_help("flow families: logit_normal's mean (0)"))
+    logit_std: Optional[float] = field(default=None, metadata=_help("flow families: logit_normal's std (1)"))
+    mode_scale: Optional[float] = field(default=None, metadata=_help("flow families: the mode density's scale (1.29)"))
+    precondition_outputs: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "flow families: 1 maps the prediction to x0 = noisy - sigma * pred and regresses x0 (diffusers' SD3 "
+            "script); 0 regresses the velocity noise - x0; None: 1 (sd3), 0 (flux)"
+        ),
+    )
+    flow_shift: Optional[float] = field(
+        default=None,
+        metadata=_help("flow families: the flow-matching scheduler's shift of the sigmas; None: its config's"),
+    )
+    guidance_scale: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "flux: the guidance embedding's value in training (guidance-distilled FLUX.1 dev) and at validation; "
+            "None: 3.5 (diffusers' FLUX script)"
+        ),
+    )
+    max_sequence_length: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            f"flow families: T5 tokens per caption, at most {MAX_SEQUENCE_LENGTH}; None: 77 (sd3), 512 (flux)"
+        ),
+    )
+
     def __post_init__(self):
         self.loss_type = DIFFUSERS_LOSS_TYPES.get(self.loss_type, self.loss_type)
         if self.loss_type not in OBJECTIVES:
             raise ValueError(f"loss_type must be one of {OBJECTIVES}, got {self.loss_type!r}")
         self.ema_decays = tuple(Decays(self.ema_decays))
         self._check_run_values()
+        self._check_flow_values()
         if self.metric_warmup_steps is not None and self.metric_warmup_steps < 0:
             raise ValueError(f"metric_warmup_steps must be >= 0, got {self.metric_warmup_steps}")
         if self.uses_footprints and not self.ema_decays:
@@ -217,6 +259,27 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a {'positive' if least else 'non-negative'} int, got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def _check_flow_values(self) -> None:
+        """The flow-matching fields' values (whether the family takes them is checked at start-up)."""
+        if self.weighting_scheme is not None and self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {self.weighting_scheme!r}")
+        if self.logit_std is not None and not self.logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+        if self.precondition_outputs not in (None, 0, 1):
+            raise ValueError(f"precondition_outputs must be 0 or 1, got {self.precondition_outputs!r}")
+        if self.flow_shift is not None and not self.flow_shift > 0:
+            raise ValueError(f"flow_shift must be > 0, got {self.flow_shift}")
+        length = self.max_sequence_length
+        if length is not None and (not isinstance(length, int) or not 1 <= length <= MAX_SEQUENCE_LENGTH):
+            raise ValueError(f"max_sequence_length must be an int in [1, {MAX_SEQUENCE_LENGTH}], got {length!r}")
+
+    @property
+    def flow_options_given(self) -> list:
+        """The flow-matching fields this config sets (refused by the SD families)."""
+        names = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
+        names += ("flow_shift", "guidance_scale", "max_sequence_length")
+        return [name for name in names if getattr(self, name) is not None]
 
     def for_run(self, *, max_train_steps: int, learning_rate: float, mixed_precision: str) -> "TrainConfig":
         """A copy with the values only the run knows (the step count from the data, the scaled

@@ -80,6 +80,7 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     config = checks.check_train_settings(settings, family)
     checks.check_optimizer_values(config)
     checks.check_family_options(config, family, source)
+    family = family.configured(config)  # the family's run settings (the flow flags)
     checks.check_installed(run)
     checks.check_optimizer_installed(config)
     checks.check_writable(data_args)
@@ -89,6 +90,7 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     current = checks.recorded_settings(data_args, config, run, processes)
     checks.check_resume_settings(manifest and manifest.get("settings"), current, run.resume_from_checkpoint)
     resolution = data_args.resolution if data_args.resolution is not None else family.defaults.resolution
+    checks.check_resolution(resolution, family)
     return RunPlan(data_args, dict(settings), run, given, source, family, resolution, config, tuple(notes))
 
 
@@ -230,6 +232,19 @@ def log_differences(plan: RunPlan) -> None:
         logger.warning("default differs from diffusers' script: %s", line)
     for note in plan.notes:
         logger.warning(note)
+    config, family = plan.config, plan.family
+    given = "" if plan.settings["beta"] is None else "given, "
+    logger.info(
+        "model family %s (%s): beta %g (%sthe family's default %g), learning rate %g",
+        family.name,
+        family.title,
+        config.beta,
+        given,
+        family.defaults.beta,
+        config.learning_rate,
+    )
+    if family.settings_note() is not None:
+        logger.info(family.settings_note())
     note = plan.family.beta_note(plan.settings["beta"]) if plan.settings["beta"] is not None else None
     if note is not None:
         logger.warning(note)

@@ -83,7 +83,7 @@ class PreferenceTrainer:
         from diffusers.optimization import get_scheduler
 
         self.config = config
-        self.family = family if family is not None else families.of_denoiser(unet)
+        self.family = (family if family is not None else families.of_denoiser(unet)).configured(config)
         if accelerator is None:
             accelerator = Accelerator(mixed_precision=config.mixed_precision)
         self.accelerator = accelerator

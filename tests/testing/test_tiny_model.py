@@ -1,8 +1,9 @@
-"""``fastpref.testing.tiny_model`` and ``fastpref make-tiny-model``: tiny random-weight SD1.5/SDXL
-pipelines that load offline and run, seeded."""
+"""``fastpref.testing.tiny_model`` and ``fastpref make-tiny-model``: tiny random-weight SD1.5/SDXL/
+SD3/FLUX.1 pipelines that load offline and run, seeded."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,46 @@ def test_tiny_model_is_seeded(models, tmp_path):
     assert not all(torch.equal(first[k], third[k]) for k in first)
     with pytest.raises(FileExistsError):
         make_tiny_model(again, "sd15")
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_tiny_flow_model_loads_offline_and_runs(flow_models, arch):
+    """The SD3 / FLUX.1 fixtures: the real pipelines' folders (T5 tokenizer included), loaded by
+    the pipeline a user runs, recognised from their configs, sampling an image."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    path = flow_models[arch]
+    assert ModelSource(str(path)).family.name == arch
+    t5 = "tokenizer_3" if arch == "sd3" else "tokenizer_2"
+    expected = {"model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler", t5}
+    expected |= {"text_encoder_2", "tokenizer_2", "text_encoder_3"} if arch == "sd3" else {"text_encoder_2"}
+    assert expected <= {p.name for p in path.iterdir()} and not (path / "unet").exists()
+    assert (path / t5 / "tokenizer.json").exists()
+
+    cls = StableDiffusion3Pipeline if arch == "sd3" else FluxPipeline
+    pipe = cls.from_pretrained(path, local_files_only=True)
+    tokenizer = getattr(pipe, t5)
+    assert tokenizer("a red circle").input_ids == [3, 22, 33, 1]  # whole words (after 3 specials), </s>
+    assert tokenizer.pad_token_id == 0 and tokenizer.model_max_length == 512
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor
+    assert pipe.transformer.config.get("guidance_embeds", False) == (arch == "flux")
+    image = pipe(
+        "a red circle",
+        num_inference_steps=1,
+        height=RES,
+        width=RES,
+        max_sequence_length=8,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert image.shape == (1, RES, RES, 3) and np.isfinite(image).all()
+
+
+def test_tiny_flux_schnell_has_no_guidance_embedding(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from fastpref.testing.tiny_model import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "schnell", "flux-schnell")
+    assert not FluxTransformer2DModel.load_config(path / "transformer")["guidance_embeds"]
+    assert ModelSource(str(path)).family.name == "flux"

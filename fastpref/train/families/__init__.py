@@ -9,11 +9,13 @@ from types import MappingProxyType
 from typing import Dict
 
 from .base import FamilyDefaults, ModelFamily, TextEncoders
+from .flux import FLUX
+from .sd3 import SD3
 from .sd15 import SD15
 from .sdxl import SDXL
 
 #: every family, by name; :func:`recognise` asks them in this order
-FAMILIES = MappingProxyType({family.name: family for family in (SD15(), SDXL())})
+FAMILIES = MappingProxyType({family.name: family for family in (SD15(), SDXL(), SD3(), FLUX())})
 
 
 def recognise(configs: Dict[str, dict], where: str, families=None) -> ModelFamily:
@@ -42,8 +44,20 @@ def recognise(configs: Dict[str, dict], where: str, families=None) -> ModelFamil
 def of_denoiser(module) -> ModelFamily:
     """The family of an in-memory denoiser, from its config (as :func:`recognise` from a folder's)."""
     config = getattr(module, "config", None)
-    config = dict(config) if config is not None else {}
-    return recognise({"unet": config}, type(module).__name__)
+    config = {"_class_name": type(module).__name__, **(dict(config) if config is not None else {})}
+    folder = "unet" if "addition_embed_type" in config else "transformer"  # every UNet2DConditionModel has it
+    return recognise({folder: config}, type(module).__name__)
 
 
-__all__ = ["FAMILIES", "FamilyDefaults", "ModelFamily", "TextEncoders", "recognise", "of_denoiser", "SD15", "SDXL"]
+__all__ = [
+    "FAMILIES",
+    "FamilyDefaults",
+    "ModelFamily",
+    "TextEncoders",
+    "recognise",
+    "of_denoiser",
+    "SD15",
+    "SDXL",
+    "SD3",
+    "FLUX",
+]

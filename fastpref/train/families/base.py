@@ -31,7 +31,8 @@ sigmas from its density (logit-normal, mode, ...); :meth:`add_noise` interpolate
 ``(1 - sigma) x0 + sigma noise``; :meth:`target` returns the velocity ``noise - x0`` per image
 (``[2B, ...]``); :meth:`denoiser_inputs` / :meth:`denoise` call the transformer (packing
 FLUX's latents there); a per-sample loss weight, if its scheme has one, is the one thing the
-loss's inputs would gain. The step loop, the data layer and the cache stay as they are.
+loss's inputs would gain (it is applied as ``sqrt(w)`` on prediction and target instead, see
+``docs/spec.md``). The step loop, the data layer and the cache stay as they are.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ class TextEncoders:
 
 
 class ModelFamily(abc.ABC):
-    """One kind of diffusion model (see the module docstring). Instances hold no state: one per
-    family, registered in :data:`fastpref.train.families.FAMILIES`."""
+    """One kind of diffusion model (see the module docstring). Instances hold no mutable state: one
+    per family, registered in :data:`fastpref.train.families.FAMILIES` (a run's settings are a
+    configured copy, :meth:`configured`)."""
 
     #: the family's name (``"sd15"``), as logged, written in ``train_summary.json`` and cache metadata
     name: str
@@ -85,6 +87,24 @@ class ModelFamily(abc.ABC):
     card_tags: Tuple[str, ...] = ()
     #: whether ``--is_turbo`` (a distilled few-step checkpoint) applies
     has_turbo: bool = False
+    #: whether the flow-matching flags (``--weighting_scheme``, ``--max_sequence_length``...) apply
+    takes_flow_options: bool = False
+    #: the training resolution must be a multiple of it (the VAE's 8; FLUX packs 2x2 latents: 16)
+    resolution_multiple: int = 8
+
+    def configured(self, config) -> "ModelFamily":
+        """The family as a run with ``config`` (a ``TrainConfig``) uses it: a copy holding the
+        run's family settings (the flow flags), or ``self`` when it has none."""
+        return self
+
+    def encoding_key(self) -> dict:
+        """The settings the text embeddings depend on beyond the model (the latent cache's key
+        holds them): ``{}`` by default; the flow families' ``max_sequence_length``."""
+        return {}
+
+    def settings_note(self) -> Optional[str]:
+        """A start-up log line naming the family's run settings, if it has any."""
+        return None
 
     # -- recognition ---------------------------------------------------------------------------
 

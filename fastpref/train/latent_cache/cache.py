@@ -29,15 +29,18 @@ class LatentCache:
     complete and whole (``hit=True``); otherwise it encodes what is missing and opens it
     (``hit=False``). The key is :func:`cache_key`: the dataset (its Arrow files, or the content
     of its rows) and columns, the model (folder contents, or Hub id and revision; variant; VAE),
-    the resolution and the encoding dtype -- so a changed file, model or resolution gets a new
+    the resolution, the encoding dtype and the family's text-encoding settings (the flow families'
+    ``max_sequence_length``) -- so a changed file, model or resolution gets a new
     folder, and anything else (another run, a resume, other ties / flips / subset) reuses it.
 
     Contents, per source row that passes the dataset's cheap checks (ties included, and in DeDPO
     mode the rows skipped only for a malformed judge value; a row that does not decode is listed
     in ``undecodable_rows`` instead), in stored order (``jpg_0``, ``jpg_1``; :meth:`view` puts
-    the winner first): latents ``[2, 4, R/8, R/8]`` = :func:`encode_images` (posterior mean x
-    scaling factor), ``original_sizes``, ``crop_top_lefts [2, 2]``; per unique caption:
-    ``prompt_embeds [77, D]`` and for SDXL ``pooled_prompt_embeds [P]`` (:func:`encode_prompts`);
+    the winner first): latents ``[2, C, R/8, R/8]`` = :func:`encode_images` (posterior mean,
+    shifted and scaled), ``original_sizes``, ``crop_top_lefts [2, 2]``; per unique caption, the
+    family's ``encode_prompts`` by name: ``prompt_embeds [77, D]`` and for SDXL
+    ``pooled_prompt_embeds [P]``; SD3 / FLUX: T5's ``prompt_embeds [max_sequence_length, D]``,
+    ``pooled_prompt_embeds [P]`` and SD3's ``clip_prompt_embeds [77, D']``;
     each row's caption index; and the encoding of the empty caption. All float32 by default, in
     safetensors files: ``captions.safetensors`` (rows, caption index, empty caption),
     ``text-0000k.safetensors`` and ``latents-0000k.safetensors`` (``shard_size`` captions / rows
@@ -167,7 +170,8 @@ class LatentCache:
         source = as_source(source)
         given = [m for m in [vae, *(text_encoders or [])] if m is not None]
         dtype = next(given[0].parameters()).dtype if given else dtype
-        key, components = cache_key(dataset, source, dtype=dtype, modules=given)
+        family = family if family is not None else source.family
+        key, components = cache_key(dataset, source, dtype=dtype, modules=given, text_encoding=family.encoding_key())
         folder = Path(cache_dir) / key
         processes = Processes.of(accelerator)
         found = cls._open_if_whole(folder)
@@ -176,7 +180,6 @@ class LatentCache:
             logger.info("latent cache hit: %s (%d rows)", folder, len(found))
             return found
         processes.on_main(building.prepare_folder, folder, components)
-        family = family if family is not None else source.family
         encoders = Encoders.load(family, source, vae, tokenizers, text_encoders, dtype=dtype, device=device)
         plan = ShardPlan.of(dataset, shard_size)
         latent_todo, text_todo = building.shards_to_encode(folder, plan, processes)

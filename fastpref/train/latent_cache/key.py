@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -133,11 +133,13 @@ def cache_key(
     *,
     dtype: torch.dtype = torch.float32,
     modules: Sequence = (),
+    text_encoding: Optional[dict] = None,
 ) -> Tuple[str, dict]:
     """``(key, components)``: the key is the first 24 hex digits of the SHA-256 of the JSON of
     ``components`` (format version, dataset and model fingerprints, resolution, latent choice,
-    encoding dtype). ``source``: a :class:`ModelSource` (a bare path or Hub id: that pipeline at
-    its default revision, no variant, its own VAE)."""
+    encoding dtype, and the family's text-encoding settings ``text_encoding``, such as the flow
+    families' ``max_sequence_length``, when it has any). ``source``: a :class:`ModelSource` (a
+    bare path or Hub id: that pipeline at its default revision, no variant, its own VAE)."""
     components = {
         "format": CACHE_FORMAT,
         "dataset": dataset_fingerprint(dataset),
@@ -147,5 +149,7 @@ def cache_key(
         "latents": "posterior-mean",
         "dtype": str(dtype).replace("torch.", ""),
     }
+    if text_encoding:  # only where the family has such settings: the SD families' keys stay as they were
+        components["text_encoding"] = dict(text_encoding)
     blob = json.dumps(components, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:24], components
