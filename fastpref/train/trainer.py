@@ -230,7 +230,8 @@ class PreferenceTrainer:
         ``loss``, ``implicit_acc``, ``u_mean``, ``weight_mean``, ``margin_mean`` (and ``u_flipped``
         / ``u_kept`` when the batch says which pairs were flipped), ``lr``, ``stepped`` (bool: an
         optimizer step ended here), ``skipped`` (bool: this window was skipped), ``metric_on``;
-        and detached ``[B]`` tensors ``u``, ``weight``, ``margin``, ``l_theta``, ``flipped``."""
+        and detached ``[B]`` tensors ``u``, ``confidence`` (c), ``stability`` (s), ``weight``,
+        ``margin``, ``l_theta``, ``flipped``."""
         config, accelerator = self.config, self.accelerator
         inputs = self.family.denoiser_inputs(batch, accelerator.device, self.weight_dtype)
         latents = batch["latents"].to(accelerator.device, torch.float32)
@@ -336,7 +337,8 @@ class PreferenceTrainer:
             local = slice(None)
             if stats["u"].shape[0] != pairs:  # global metric: this process's pairs
                 local = slice(rank * pairs, (rank + 1) * pairs)
-            per_pair = {name: stats[name][local].detach() for name in ("u", "weight", "margin", "l_theta")}
+            names = ("u", "confidence", "stability", "weight", "margin", "l_theta")
+            per_pair = {name: stats[name][local].detach() for name in names}
             logs.update(per_pair)
             logs["implicit_acc"] = float(stats["implicit_acc"])
             logs["u_mean"] = float(per_pair["u"].float().mean()) if metric_on else 0.0
