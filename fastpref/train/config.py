@@ -27,6 +27,9 @@ Weighting = Literal[fastpref.CHOICES["weighting"]]
 Margin = Literal[fastpref.CHOICES["margin"]]
 MetricPreset = Literal[fastpref.CHOICES["preset"]]
 LossBackend = Literal[fastpref.CHOICES["backend"]]
+# How the EMA footprints of the metric u are kept (docs/spec.md §9): "fastpref" (float32, the
+# metric warm-up once per run) or "authors" (as the authors' dpo_train_un.py).
+FootprintRecipe = Literal["fastpref", "authors"]
 
 MIXED_PRECISION = get_args(MixedPrecision)
 ADAPTIVE_TYPES = ("adaptive", "adaptive-ipo")
@@ -141,7 +144,17 @@ class TrainConfig:
     metric_warmup_steps: Optional[int] = field(
         default=None,
         metadata=_help(
-            "micro-steps with u := 0 (W = 1, Gamma = c2); None: 2 x gradient_accumulation_steps, the authors'"
+            "micro-steps with u := 0 (W = 1, Gamma = c2); None: 2 x gradient_accumulation_steps (with "
+            "footprint_recipe authors: 2, the authors' ema_warmup_steps, counted in micro-batches)"
+        ),
+    )
+    footprint_recipe: FootprintRecipe = field(
+        default="fastpref",
+        metadata=_help(
+            "fastpref: EMA footprints kept in float32 and the metric warm-up once per run; authors: as the "
+            "authors' dpo_train_un.py, footprints stored and updated in the mixed-precision dtype (fp16/bf16) and "
+            "the metric warm-up restarted at every epoch. The default keeps the footprints' small EMA steps, which "
+            "fp16 rounds away (docs/spec.md §9)"
         ),
     )
     global_metric: bool = field(
@@ -197,6 +210,10 @@ class TrainConfig:
             raise ValueError(f"loss_type must be one of {OBJECTIVES}, got {self.loss_type!r}")
         self.ema_decays = tuple(Decays(self.ema_decays))
         self._check_run_values()
+        if self.footprint_recipe not in get_args(FootprintRecipe):
+            raise ValueError(
+                f"footprint_recipe must be one of {get_args(FootprintRecipe)}, got {self.footprint_recipe!r}"
+            )
         if self.metric_warmup_steps is not None and self.metric_warmup_steps < 0:
             raise ValueError(f"metric_warmup_steps must be >= 0, got {self.metric_warmup_steps}")
         if self.uses_footprints and not self.ema_decays:
@@ -246,7 +263,9 @@ class TrainConfig:
 
     @property
     def warmup_micro_steps(self) -> int:
-        return 2 * self.gradient_accumulation_steps if self.metric_warmup_steps is None else self.metric_warmup_steps
+        if self.metric_warmup_steps is not None:
+            return self.metric_warmup_steps
+        return 2 if self.footprint_recipe == "authors" else 2 * self.gradient_accumulation_steps
 
     def loss_keywords(self, metric_on: bool) -> dict:
         """Keywords of ``fastpref.adaptive_dpo_loss`` (without the per-batch tensors).
