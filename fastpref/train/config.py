@@ -144,8 +144,7 @@ class TrainConfig:
     metric_warmup_steps: Optional[int] = field(
         default=None,
         metadata=_help(
-            "micro-steps with u := 0 (W = 1, Gamma = c2); None: 2 x gradient_accumulation_steps (with "
-            "footprint_recipe authors: 2, the authors' ema_warmup_steps, counted in micro-batches)"
+            "micro-steps with u := 0 (W = 1, Gamma = c2); None: 2 x gradient_accumulation_steps, the authors'"
         ),
     )
     footprint_recipe: FootprintRecipe = field(
@@ -263,9 +262,7 @@ class TrainConfig:
 
     @property
     def warmup_micro_steps(self) -> int:
-        if self.metric_warmup_steps is not None:
-            return self.metric_warmup_steps
-        return 2 if self.footprint_recipe == "authors" else 2 * self.gradient_accumulation_steps
+        return 2 * self.gradient_accumulation_steps if self.metric_warmup_steps is None else self.metric_warmup_steps
 
     def loss_keywords(self, metric_on: bool) -> dict:
         """Keywords of ``fastpref.adaptive_dpo_loss`` (without the per-batch tensors).

@@ -77,6 +77,21 @@ def test_authors_footprints_are_their_ema_model_in_the_mixed_precision_dtype():
                 assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs), (step, k)
 
 
+def test_fp16_footprints_lose_small_ema_steps():
+    """Why the default keeps float32: at update 1000 the 0.9999 footprint moves by 1 - d = 0.9 %
+    of its distance to the policy; a 2 % distance is then a step of 1.8e-4, under half an fp16 ulp
+    at 1.0 (4.9e-4): fp16 rounds it away and the footprint stands still, float32 keeps it."""
+    from fastpref.train.footprints import ema_decay
+
+    weight = 1 - ema_decay(0.9999, 1000, warmup=True)
+    policy = torch.full((4,), 1.02)
+    half, single = torch.ones(4, dtype=torch.float16), torch.ones(4)
+    for footprint in (half, single):
+        footprint.sub_(weight * (footprint - policy))  # EMAModel.step's update
+    assert torch.equal(half, torch.ones(4, dtype=torch.float16))
+    torch.testing.assert_close(single, torch.full((4,), 1 + 0.02 * weight))
+
+
 def test_trainer_keeps_the_footprints_in_the_recipes_dtype():
     """Under bf16 mixed precision the authors' recipe stores the footprints in bf16, fastpref's in float32."""
     from accelerate.state import AcceleratorState
@@ -106,9 +121,11 @@ def test_authors_warmup_restarts_every_epoch():
 
 
 def test_authors_warmup_counts_micro_batches():
-    """Their ``ema_warmup_steps = 2`` counts dataloader micro-batches, whatever the accumulation."""
-    assert TrainConfig(footprint_recipe="authors", gradient_accumulation_steps=4).warmup_micro_steps == 2
-    assert TrainConfig(gradient_accumulation_steps=4).warmup_micro_steps == 8
+    """Their ``ema_warmup_steps = 2`` is multiplied by the accumulation steps once parsed (their
+    config.py), and compared with the dataloader's index: 2 x accumulation micro-batches per
+    epoch, fastpref's default length in either recipe."""
+    for recipe in ("fastpref", "authors"):
+        assert TrainConfig(footprint_recipe=recipe, gradient_accumulation_steps=4).warmup_micro_steps == 8
 
 
 def test_footprint_recipe_is_checked():
