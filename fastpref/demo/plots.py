@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .config import DEDPO_NAMES, METHOD_NAMES, MIN_BIN_COUNT
 
-SIZES = {"curves.png": (10.0, 4.2), "diagnostics.png": (10.0, 7.5)}  # the rest: (7.5, 4.4)
+# figure sizes in inches; the rest: (7.5, 4.4)
+SIZES = {"curves.png": (10.0, 4.2), "diagnostics.png": (10.0, 7.5), "reward_vs_flip.png": (10.0, 4.4)}
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 STYLE = {
@@ -139,12 +140,11 @@ def paired(results: dict, figure) -> bool:
             mean,
             yerr=_yerr(mean, intervals),
             color=color,
-            fmt="o",
+            fmt="D" if method == "oracle" else "o",  # an upper bound, not a method
+            markerfacecolor="white" if method == "oracle" else color,
             capsize=4,
             label=f"{METHOD_NAMES[method]} − DPO",
         )
-        if method == "oracle":
-            axes.lines[-1].set_linestyle("--")
         for x, rate in zip(xs, rates):
             seeds = by_rate[str(rate)]["differences"]
             axes.scatter([x + 0.35] * len(seeds), seeds, color=color, s=8, alpha=0.5)
