@@ -111,3 +111,31 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], level:
     out["differences"] = [float(d) for d in values - baseline]
     out["excludes_zero"] = None if out["low"] is None else bool(out["low"] > 0 or out["high"] < 0)
     return out
+
+
+def ratio_interval(numerator: Sequence[float], denominator: Sequence[float], level: float = 0.95) -> dict:
+    """The ratio of the means of two paired samples, ``mean(a) / mean(b)`` (per-seed values
+    ``a``, ``b`` of equal length), with Fieller's ``level`` interval: the ratios R for which
+    the paired t-test of ``mean(a - R b) = 0`` does not reject (``n - 1`` degrees of freedom).
+    Hand-written, as :func:`t_quantile`. Returns ``{"mean", "low", "high", "n", "bounded"}``;
+    when ``mean(b)`` is not itself distinguishable from zero at ``level`` the set is unbounded
+    (``bounded`` False, ``low`` and ``high`` None), and so is ``mean`` when ``mean(b)`` is 0."""
+    a, b = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired values need the same seeds, got {a.shape} and {b.shape}")
+    n = len(a)
+    mean_a, mean_b = float(a.mean()), float(b.mean())
+    out = {"mean": mean_a / mean_b if mean_b != 0 else None, "low": None, "high": None, "n": n, "bounded": False}
+    if n < 2:
+        return out
+    t2 = t_quantile(0.5 + level / 2, n - 1) ** 2 / n
+    covariance = np.cov(a, b, ddof=1)
+    s_aa, s_ab, s_bb = float(covariance[0, 0]), float(covariance[0, 1]), float(covariance[1, 1])
+    # (mean_a - R mean_b)^2 <= t2 (s_aa - 2 R s_ab + R^2 s_bb): q2 R^2 - 2 q1 R + q0 <= 0
+    q2, q1, q0 = mean_b**2 - t2 * s_bb, mean_a * mean_b - t2 * s_ab, mean_a**2 - t2 * s_aa
+    discriminant = q1 * q1 - q2 * q0
+    if q2 <= 0 or discriminant < 0:
+        return out
+    root = math.sqrt(discriminant)
+    out.update(low=(q1 - root) / q2, high=(q1 + root) / q2, bounded=True)
+    return out

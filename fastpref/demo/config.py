@@ -11,8 +11,18 @@ from typing import Dict, Tuple
 from .world import WorldConfig
 
 FLIP_RATES = (0, 20)  # 20 %: the rate of the paper's bars
-METHODS = ("dpo", "adaptive", "robust")
-METHOD_NAMES = {"dpo": "DPO", "adaptive": "Adaptive-DPO", "robust": "Robust-DPO"}
+# "oracle": DPO on the kept (unflipped) pairs only, in the same order with the flipped ones
+# skipped, same seeds and noise: an upper bound no real method has (it knows which pairs were
+# flipped). At 0 % flips it is DPO itself, so it runs only at the other rates.
+METHODS = ("dpo", "adaptive", "robust", "oracle")
+REAL_METHODS = METHODS[1:3]  # the methods compared with DPO and with the oracle
+METHOD_NAMES = {
+    "dpo": "DPO",
+    "adaptive": "Adaptive-DPO",
+    "robust": "Robust-DPO",
+    "oracle": "Oracle (DPO on kept pairs; upper bound, no real method)",
+}
+SHORT_NAMES = {**METHOD_NAMES, "oracle": "Oracle"}  # for column heads and legends
 ABLATION_RATE = 20
 # The ablations of u (Adaptive-DPO at ABLATION_RATE, the headline budget): the TrainConfig
 # fields each one changes. "4 x 8 pairs" is the local metric of 4 processes without

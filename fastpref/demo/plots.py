@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .config import DEDPO_NAMES, METHOD_NAMES, MIN_BIN_COUNT
 
-SIZES = {"curves.png": (10.0, 4.2), "diagnostics.png": (10.0, 7.5)}  # the rest: (7.5, 4.4)
+# figure sizes in inches; the rest: (7.5, 4.4)
+SIZES = {"curves.png": (10.0, 4.2), "diagnostics.png": (10.0, 7.5), "reward_vs_flip.png": (10.0, 4.4)}
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 STYLE = {
@@ -95,7 +96,7 @@ def _yerr(means: Sequence[float], intervals: Sequence) -> list:
 
 def reward_vs_flip(results: dict, figure) -> bool:
     """Held-out reward (mean and 95 % interval over seeds) of every method at each label-flip
-    rate, with the base model."""
+    rate, with the base model; the oracle (an upper bound) dashed."""
     axes = figure.subplots()
     rates = list(results["flip_rates"])
     methods = list(results["reward"])
@@ -111,6 +112,7 @@ def reward_vs_flip(results: dict, figure) -> bool:
             markersize=4,
             capsize=3,
             linewidth=1.5,
+            linestyle="--" if method == "oracle" else "-",  # an upper bound, not a method
             label=METHOD_NAMES.get(method, method),
         )
     _base_line(axes, results["base_reward"], f"base model ({results['base_reward']:.3f})")
@@ -120,7 +122,7 @@ def reward_vs_flip(results: dict, figure) -> bool:
     axes.set_title(
         f"Held-out reward vs flip rate, {results['steps']} steps (mean, 95 % interval, {results['seeds']} seeds)"
     )
-    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return True
 
 
@@ -138,7 +140,8 @@ def paired(results: dict, figure) -> bool:
             mean,
             yerr=_yerr(mean, intervals),
             color=color,
-            fmt="o",
+            fmt="D" if method == "oracle" else "o",  # an upper bound, not a method
+            markerfacecolor="white" if method == "oracle" else color,
             capsize=4,
             label=f"{METHOD_NAMES[method]} − DPO",
         )
@@ -150,7 +153,7 @@ def paired(results: dict, figure) -> bool:
     axes.set_xlabel("share of training labels flipped")
     axes.set_ylabel("reward difference vs DPO, same seed")
     axes.set_title(f"Paired differences against DPO: mean, 95 % interval, seeds (dots); {results['steps']} steps")
-    axes.legend(loc="upper left")
+    axes.legend(loc="upper left", fontsize=8)
     return True
 
 
@@ -196,8 +199,9 @@ def curves(results: dict, figure) -> bool:
 
 def diagnostics(results: dict, figure) -> bool:
     """u's diagnostics against the step at the curves' non-zero flip rate: AUROC for flipped
-    pairs of Adaptive-DPO's u and of -l_theta (DPO's, Adaptive-DPO's); W on flipped and kept
-    pairs; implicit accuracy on flipped and kept pairs (DPO, Adaptive-DPO); RMS of l_theta."""
+    pairs of Adaptive-DPO's u, c, s and of -l_theta (DPO's, Adaptive-DPO's); W on flipped and kept
+    pairs and the flipped pairs' share of the gradient scale (DPO, Adaptive-DPO); implicit
+    accuracy on flipped and kept pairs (DPO, Adaptive-DPO); RMS of l_theta."""
     data = results.get("curves", {})
     adaptive = {r: c for r, c in data.get("adaptive", {}).items() if r != "0"}
     if not adaptive:
@@ -206,16 +210,21 @@ def diagnostics(results: dict, figure) -> bool:
     a, d = adaptive[rate], data.get("dpo", {}).get(rate)
     (auc, weight), (acc, scale) = figure.subplots(2, 2)
     _band(auc, a["auroc_u_flipped"], COLORS[1], "u (Adaptive-DPO)")
+    _band(auc, a["auroc_confidence_flipped"], COLORS[4], "c, u's confidence")
+    _band(auc, a["auroc_stability_flipped"], COLORS[5], "s, u's stability")
     _band(auc, a["auroc_minus_l_flipped"], COLORS[3], "−l_θ (Adaptive-DPO)")
     if d:
         _band(auc, d["auroc_minus_l_flipped"], COLORS[0], "−l_θ (DPO)")
     auc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     auc.set_title("AUROC for flipped vs kept pairs")
-    auc.legend(loc="lower right")
-    _band(weight, a["weight_kept"], COLORS[2], "kept pairs")
-    _band(weight, a["weight_flipped"], COLORS[1], "flipped pairs")
-    weight.set_title("Adaptive-DPO's mean weight W")
-    weight.legend(loc="lower right")
+    auc.legend(loc="lower right", fontsize=8)
+    _band(weight, a["weight_kept"], COLORS[2], "W, kept pairs")
+    _band(weight, a["weight_flipped"], COLORS[1], "W, flipped pairs")
+    _band(weight, a["grad_share_flipped"], COLORS[3], "flipped share of |dL/dy|, Adaptive-DPO")
+    if d:
+        _band(weight, d["grad_share_flipped"], COLORS[0], "flipped share of |dL/dy|, DPO")
+    weight.set_title("Adaptive-DPO's W; flipped pairs' share of the push")
+    weight.legend(loc="center right", fontsize=8)
     for runs, name, style in ((a, "Adaptive-DPO", "-"), (d, "DPO", "--")):
         if runs:
             for key, color, label in (

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,8 +28,13 @@ from .config import (
     StudyConfig,
 )
 
-PER_PAIR = ("u", "weight", "flipped")  # the per-pair arrays a record holds up to its table step
-RECORD_FORMAT = 1  # bump when a run's record changes: cached records of another format are not read
+# The per-pair arrays a record holds up to its table step: u's factors and W on the steps after
+# the metric's warm-up (``flipped`` marks those pairs), and on every step the policy's l_theta,
+# the gradient scale |dL/dy| and which of those pairs were flipped (``seen_flipped``).
+METRIC_ARRAYS = ("u", "confidence", "stability", "weight", "flipped")
+STEP_ARRAYS = ("l_theta", "grad_scale", "seen_flipped")
+PER_PAIR = METRIC_ARRAYS + STEP_ARRAYS
+RECORD_FORMAT = 2  # bump when a run's record changes: cached records of another format are not read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,7 @@ def core_specs(study: StudyConfig, steps: int, rates: Sequence[int] = FLIP_RATES
         for seed in range(study.seeds)
         for method in METHODS
         for rate in rates
+        if not (method == "oracle" and rate == 0)  # the oracle at 0 % flips is DPO
     ]
     return _slow_first(specs)
 
@@ -96,14 +102,16 @@ def _slow_first(specs: List[RunSpec]) -> List[RunSpec]:
 def _loss_type(spec: RunSpec) -> str:
     if spec.study == "dedpo":
         return "dedpo" if spec.method == "dedpo" else "dpo"
-    return spec.method
+    return "dpo" if spec.method == "oracle" else spec.method
 
 
 def run_data(world: tw.World, spec: RunSpec, study: StudyConfig) -> Dict[str, torch.Tensor]:
     """The labelled data of a run over the world's pairs (stored winner first by the reward):
 
-    ``indices`` int64 ``[M]`` (the pairs it trains on), ``swap`` bool ``[N]`` (present the stored
-    loser first), ``flipped`` bool ``[N]`` (the presented label disagrees with the reward), and
+    ``indices`` int64 ``[M]`` (the pairs its order runs over), ``swap`` bool ``[N]`` (present the
+    stored loser first), ``flipped`` bool ``[N]`` (the presented label disagrees with the reward),
+    for the oracle ``keep`` bool ``[N]`` (it trains on the kept pairs only: the same order as DPO's
+    with the flipped pairs skipped), and
     for DeDPO ``synthetic_label``, ``human_label``, ``human_mask``, ``propensity`` (``[N]``,
     relative to the presented order)."""
     pairs = world.pairs
@@ -131,7 +139,37 @@ def run_data(world: tw.World, spec: RunSpec, study: StudyConfig) -> Dict[str, to
     else:
         raise ValueError(f"unknown study {spec.study!r}")
     out.update(indices=indices, swap=swap, flipped=swap.clone())
+    if spec.method == "oracle":
+        out["keep"] = ~swap
     return out
+
+
+def pair_order(data: Dict[str, torch.Tensor], seed: int) -> Iterator[int]:
+    """The pairs a run trains on, in order: ``fastpref.train.PairSampler``'s seeded order over
+    ``data["indices"]``, without the pairs ``data["keep"]`` leaves out (the oracle's flipped
+    pairs): the oracle sees DPO's order with the flipped pairs skipped."""
+    indices, keep = data["indices"], data.get("keep")
+    for position in PairSampler(len(indices), seed=seed, infinite=True):
+        index = int(indices[position])
+        if keep is None or bool(keep[index]):
+            yield index
+
+
+def gradient_scale(config: TrainConfig, logs: dict) -> Optional[np.ndarray]:
+    """|dL_j/dy_j| per pair (``y = beta * l_theta - Gamma``, spec §5), float64 ``[B]``: how hard
+    the loss pushes on pair j. The sigmoid head (DPO, Adaptive-DPO, the oracle):
+    ``W sigmoid(-y)``; Robust-DPO: ``W ((1 - eps) sigmoid(-y) + eps sigmoid(y)) / (1 - 2 eps)``;
+    None for other heads."""
+    l_theta = logs["l_theta"].double().cpu().numpy()
+    y = config.beta * l_theta - logs["margin"].double().cpu().numpy()
+    weight = logs["weight"].double().cpu().numpy()
+    sigmoid = lambda x: 0.5 * (1.0 + np.tanh(0.5 * x))  # noqa: E731 (stable for any finite x)
+    if config.loss_type in ("dpo", "adaptive"):
+        return weight * sigmoid(-y)
+    if config.loss_type == "robust":
+        eps = config.eps
+        return weight * ((1 - eps) * sigmoid(-y) + eps * sigmoid(y)) / (1 - 2 * eps)
+    return None
 
 
 def debiased_labels(data: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -176,12 +214,20 @@ def train_config(spec: RunSpec, study: StudyConfig) -> TrainConfig:
     return TrainConfig(**fields)
 
 
+def flipped_share(scale: np.ndarray, flipped: np.ndarray) -> Optional[float]:
+    """The flipped pairs' share of the summed gradient scale ``sum_flipped / sum_all`` (None
+    when the sum is 0)."""
+    total = float(np.sum(scale))
+    return float(np.sum(scale[np.asarray(flipped, dtype=bool)])) / total if total > 0 else None
+
+
 def window_diagnostics(window: Dict[str, List[np.ndarray]], adaptive: bool) -> dict:
     """u's diagnostics over the pairs of a window of steps (every micro-batch pooled): implicit
     accuracy (``l_theta > 0``, ties one half) on kept and flipped pairs, the RMS of ``l_theta``
     (the scale u's normalisation divides out), the AUROC for flipped pairs of ``-l_theta`` (the
-    policy's own ranking), and for Adaptive-DPO the AUROC of u and mean u and W on kept and flipped
-    pairs (steps after the metric's warm-up only). Absent values are None."""
+    policy's own ranking), the flipped pairs' share of the gradient scale, and for Adaptive-DPO
+    the AUROC of u, c and s and mean u and W on kept and flipped pairs (steps after the metric's
+    warm-up only). Absent values are None."""
     out: Dict[str, Optional[float]] = {}
     l_theta = np.concatenate(window["l_theta"])
     flipped = np.concatenate(window["flipped"]).astype(bool)
@@ -191,12 +237,15 @@ def window_diagnostics(window: Dict[str, List[np.ndarray]], adaptive: bool) -> d
     out["l_rms"] = float(np.sqrt(np.mean(l_theta.astype(np.float64) ** 2)))
     both = flipped.any() and (~flipped).any()
     out["auroc_minus_l_flipped"] = auroc(-l_theta, flipped) if both else None
+    if window["grad_scale"]:
+        out["grad_share_flipped"] = flipped_share(np.concatenate(window["grad_scale"]), flipped)
     if adaptive and window["u"]:
-        u = np.concatenate(window["u"])
-        w = np.concatenate(window["weight"])
         f = np.concatenate(window["metric_flipped"]).astype(bool)
-        out["auroc_u_flipped"] = auroc(u, f) if f.any() and (~f).any() else None
-        for name, values in (("u", u), ("weight", w)):
+        for name in ("u", "confidence", "stability"):
+            values = np.concatenate(window[name])
+            out[f"auroc_{name}_flipped"] = auroc(values, f) if f.any() and (~f).any() else None
+        w = np.concatenate(window["weight"])
+        for name, values in (("u", np.concatenate(window["u"])), ("weight", w)):
             out[f"{name}_kept"] = float(values[~f].mean()) if (~f).any() else None
             out[f"{name}_flipped"] = float(values[f].mean()) if f.any() else None
     return out
@@ -209,7 +258,9 @@ def train_run(world: tw.World, spec: RunSpec, study: StudyConfig) -> dict:
     the world's ``eval_samples`` per held-out prompt, noise :data:`EVAL_NOISE_SEED`, after
     ``table_step`` steps; None without one), ``loss`` / ``implicit_acc`` over the last fifth of
     those steps, per-pair arrays ``u``, ``weight``, ``flipped``
-    over the steps after the metric's warm-up up to ``table_step`` (runs with the metric), and
+    over the steps after the metric's warm-up up to ``table_step`` (runs with the metric;
+    with ``confidence``, ``stability``), ``l_theta``, ``grad_scale``, ``seen_flipped`` over
+    every step up to ``table_step`` (:data:`STEP_ARRAYS`), and
     with ``curve`` a list ``curve`` of points ``{"step", "reward"}`` (``curve_eval_samples`` per
     prompt, noise :data:`CURVE_NOISE_SEED`, step 0 = the base model) with
     :func:`window_diagnostics` of the steps since the last point; ``seconds`` (wall) and
@@ -219,10 +270,9 @@ def train_run(world: tw.World, spec: RunSpec, study: StudyConfig) -> dict:
     trainer = PreferenceTrainer(world.base_unet(), tw.make_scheduler(), config)
     adaptive = trainer.footprints is not None
     data = run_data(world, spec, study)
-    indices = data["indices"]
     table = world.table
     micro_pairs = study.batch_pairs // config.gradient_accumulation_steps
-    order = iter(PairSampler(len(indices), seed=spec.seed, infinite=True))
+    order = pair_order(data, spec.seed)
     curve_world = dataclasses.replace(world.config, eval_samples=study.curve_eval_samples)
 
     def curve_point(step: int) -> dict:
@@ -232,25 +282,35 @@ def train_run(world: tw.World, spec: RunSpec, study: StudyConfig) -> dict:
     record.update(beta=config.beta, learning_rate=config.learning_rate, reward=None, per_colour=None)
     collected: Dict[str, list] = {key: [] for key in PER_PAIR}
     tail: Dict[str, list] = {"loss": [], "implicit_acc": []}
-    empty = lambda: {"l_theta": [], "flipped": [], "u": [], "weight": [], "metric_flipped": []}  # noqa: E731
+    window_keys = ("l_theta", "flipped", "grad_scale", "u", "confidence", "stability", "weight", "metric_flipped")
+    empty = lambda: {key: [] for key in window_keys}  # noqa: E731
     window = empty()
     curve = [curve_point(0)] if spec.curve else []
     for step in range(spec.steps):
         for _ in range(config.gradient_accumulation_steps):
-            idx = indices[torch.tensor([next(order) for _ in range(micro_pairs)])]
+            idx = torch.tensor([next(order) for _ in range(micro_pairs)])
             logs = trainer.train_step(make_batch(world, data, idx, table))
+            before_table = spec.table_step is not None and step < spec.table_step
             flipped = logs["flipped"].cpu().numpy()
-            window["l_theta"].append(logs["l_theta"].float().cpu().numpy())
+            per_step = {"l_theta": logs["l_theta"].float().cpu().numpy(), "seen_flipped": flipped}
+            scale = gradient_scale(config, logs)
+            if scale is not None:
+                per_step["grad_scale"] = scale
+                window["grad_scale"].append(scale)
+            window["l_theta"].append(per_step["l_theta"])
             window["flipped"].append(flipped)
+            if before_table:
+                for key, values in per_step.items():
+                    collected[key].append(values)
             if logs.get("metric_on"):
-                u, w = logs["u"].float().cpu().numpy(), logs["weight"].float().cpu().numpy()
-                window["u"].append(u)
-                window["weight"].append(w)
+                metric = {key: logs[key].float().cpu().numpy() for key in METRIC_ARRAYS[:-1]}
+                metric["flipped"] = flipped
+                for key in METRIC_ARRAYS[:-1]:
+                    window[key].append(metric[key])
                 window["metric_flipped"].append(flipped)
-                if spec.table_step is not None and step < spec.table_step:
-                    collected["u"].append(u)
-                    collected["weight"].append(w)
-                    collected["flipped"].append(flipped)
+                if before_table:
+                    for key, values in metric.items():
+                        collected[key].append(values)
             if spec.table_step is not None and spec.table_step - max(1, spec.table_step // 5) <= step < spec.table_step:
                 tail["loss"].append(logs["loss"])
                 tail["implicit_acc"].append(logs.get("implicit_acc", float("nan")))

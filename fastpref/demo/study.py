@@ -202,6 +202,8 @@ def write_results(results: dict, output_dir: Path) -> str:
     table = markdown(results)
     host = results["machine"]
     flags = (" --quick" if results["quick"] else "") + (" --full" if results["full"] else "")
+    default_seeds = (quick_config() if results["quick"] else full_config()).seeds
+    flags += f" --seeds {results['seeds']}" if results["seeds"] != default_seeds else ""
     header = (
         f"# fastpref demo\n\n`fastpref demo{flags}` on {host['cpu'] or host['platform']} ({host['cpu_count']} cores, "
         f"{host['jobs']} worker processes of {host['threads_per_process']} thread), torch {results['torch']}, "

@@ -9,17 +9,19 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..stats import auroc, flipped_ratio_per_bin, mean_interval, mean_std, paired_difference
-from . import labels
+from ..stats import auroc, flipped_ratio_per_bin, mean_interval, mean_std, paired_difference, ratio_interval
+from . import labels, paper
 from . import world as tw
 from .config import (
     ABLATION_DEFAULT,
     ABLATION_RATE,
     ABLATIONS,
     METHODS,
+    REAL_METHODS,
     U_BINS,
     StudyConfig,
 )
+from .runs import flipped_share
 
 CURVE_KEYS = (
     "reward",
@@ -28,6 +30,9 @@ CURVE_KEYS = (
     "l_rms",
     "auroc_minus_l_flipped",
     "auroc_u_flipped",
+    "auroc_confidence_flipped",
+    "auroc_stability_flipped",
+    "grad_share_flipped",
     "u_kept",
     "u_flipped",
     "weight_kept",
@@ -52,6 +57,9 @@ def summarize(records: Sequence[dict], world: tw.World, study: StudyConfig, budg
         out["budget"] = budget
     out.update(flip_table(table, base, rates))
     out["paired_vs_dpo"] = paired_vs_dpo(table, rates)
+    out["oracle_share"] = oracle_share(table, rates)
+    out["diagnostics"] = diagnostics(table, rates)
+    out["paper_comparison"] = paper_comparison(table, base, rates)
     out.update(metric_auroc(table, rates))
     out["adaptive_metric"] = metric_by_label(table, rates)
     out["u_bins"] = u_bins(table, rates)
@@ -75,6 +83,14 @@ def find(records: Sequence[dict], study: str, method: str, rate: int = 0, varian
         ),
         key=lambda r: r["seed"],
     )
+
+
+def arm(records: Sequence[dict], method: str, rate: int) -> List[dict]:
+    """The label-flip study's runs of one method and rate, by seed; the oracle at 0 % flips is
+    DPO's runs (with no flipped pair it trains on every pair: it is DPO)."""
+    if method == "oracle" and rate == 0:
+        method = "dpo"
+    return find(records, "flip", method, rate)
 
 
 def _rewards(runs: Sequence[dict]) -> List[float]:
@@ -127,7 +143,7 @@ def learning_curves(records: Sequence[dict]) -> Dict[str, dict]:
     out: Dict[str, dict] = {}
     for method in METHODS:
         for rate in sorted({r["rate"] for r in records if r.get("curve")}):
-            runs = [r for r in find(records, "flip", method, rate) if r.get("curve")]
+            runs = [r for r in arm(records, method, rate) if r.get("curve")]
             if runs:
                 out.setdefault(method, {})[str(rate)] = {key: _curve_of(runs, key) for key in CURVE_KEYS}
     return out
@@ -136,12 +152,12 @@ def learning_curves(records: Sequence[dict]) -> Dict[str, dict]:
 def flip_table(records: Sequence[dict], base: float, rates: Sequence[int]) -> dict:
     """Reward (mean, std and 95 % interval over seeds), gain over the base model and share of
     clean DPO's gain kept, per method and label-flip rate, with clean DPO's gain."""
-    clean_gain = mean_std(_rewards(find(records, "flip", "dpo", 0)))[0] - base
+    clean_gain = mean_std(_rewards(arm(records, "dpo", 0)))[0] - base
     reward, reward_std, interval, gain, retained = {}, {}, {}, {}, {}
     for method in METHODS:
         reward[method], reward_std[method], interval[method], gain[method], retained[method] = {}, {}, {}, {}, {}
         for rate in rates:
-            summary = mean_interval(_rewards(find(records, "flip", method, rate)))
+            summary = mean_interval(_rewards(arm(records, method, rate)))
             m, key = summary["mean"], str(rate)
             reward[method][key], reward_std[method][key] = m, summary["std"]
             interval[method][key] = [summary["low"], summary["high"]]
@@ -158,15 +174,105 @@ def flip_table(records: Sequence[dict], base: float, rates: Sequence[int]) -> di
 
 
 def paired_vs_dpo(records: Sequence[dict], rates: Sequence[int]) -> Dict[str, dict]:
-    """Per method other than DPO and label-flip rate: the per-seed reward differences method - DPO
-    (same seed: same pairs, order, label flips and noise) with their mean and 95 % t-interval."""
+    """Per method other than DPO (the oracle included) and label-flip rate: the per-seed reward
+    differences method - DPO (same seed: same pairs, order, label flips and noise) with their mean
+    and 95 % t-interval."""
     out: Dict[str, dict] = {}
     for method in METHODS[1:]:
         out[method] = {}
         for rate in rates:
             out[method][str(rate)] = paired_difference(
-                _rewards(find(records, "flip", method, rate)), _rewards(find(records, "flip", "dpo", rate))
+                _rewards(arm(records, method, rate)), _rewards(arm(records, "dpo", rate))
             )
+    return out
+
+
+def oracle_share(records: Sequence[dict], rates: Sequence[int]) -> Dict[str, dict]:
+    """Per real method and label-flip rate > 0: the share of the oracle's gain over DPO that the
+    method recovers, ``mean(method - DPO) / mean(oracle - DPO)`` over seeds, with Fieller's 95 %
+    interval for paired samples (:func:`fastpref.stats.ratio_interval`); 1 = all of the
+    oracle's gain, 0 = none."""
+    out: Dict[str, dict] = {}
+    for method in REAL_METHODS:
+        out[method] = {}
+        for rate in rates:
+            if rate == 0:
+                continue
+            dpo = np.asarray(_rewards(arm(records, "dpo", rate)))
+            ours = np.asarray(_rewards(arm(records, method, rate)))
+            oracle = np.asarray(_rewards(arm(records, "oracle", rate)))
+            if len(oracle) == len(dpo) == len(ours) and len(dpo):
+                out[method][str(rate)] = ratio_interval(ours - dpo, oracle - dpo)
+    return out
+
+
+def _per_seed(values: Sequence[Optional[float]]) -> Optional[dict]:
+    """:func:`mean_interval` of the values that exist, with the per-seed values; None if none."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {**mean_interval(present), "per_seed": [None if v is None else float(v) for v in values]}
+
+
+def _auroc_or_none(scores: np.ndarray, positive: np.ndarray) -> Optional[float]:
+    positive = np.asarray(positive, dtype=bool)
+    return auroc(scores, positive) if positive.any() and (~positive).any() else None
+
+
+def diagnostics(records: Sequence[dict], rates: Sequence[int]) -> Dict[str, dict]:
+    """What explains the result, per label-flip rate > 0 and method, each per seed (every step
+    up to the budget; u's factors after the metric's warm-up) then mean and 95 % interval over
+    seeds: the AUROC for flipped pairs of the policy's own ``-l_theta`` and (Adaptive-DPO) of u,
+    c and s; and the flipped pairs' share of the summed gradient scale ``|dL/dy|`` (``W
+    sigmoid(-y)`` for the sigmoid head), against their share of the pairs seen (the oracle's is
+    0: it never sees them)."""
+    out: Dict[str, dict] = {}
+    for rate in rates:
+        if rate == 0:
+            continue
+        by_method: Dict[str, dict] = {}
+        for method in METHODS:
+            runs = [r for r in arm(records, method, rate) if r.get("l_theta") is not None]
+            if not runs:
+                continue
+            row = {
+                "auroc_minus_l_flipped": _per_seed([_auroc_or_none(-r["l_theta"], r["seen_flipped"]) for r in runs]),
+                "flipped_share_of_pairs": _per_seed([float(np.mean(r["seen_flipped"])) for r in runs]),
+            }
+            if all(r.get("grad_scale") is not None for r in runs):
+                row["grad_share_flipped"] = _per_seed([flipped_share(r["grad_scale"], r["seen_flipped"]) for r in runs])
+            metric = _with_metric(runs)
+            for name in ("u", "confidence", "stability"):
+                if metric:
+                    row[f"auroc_{name}_flipped"] = _per_seed([_auroc_or_none(r[name], r["flipped"]) for r in metric])
+            by_method[method] = row
+        out[str(rate)] = by_method
+    return out
+
+
+def paper_comparison(records: Sequence[dict], base: float, rates: Sequence[int]) -> dict:
+    """The toy's figures in the units of the paper's (:mod:`fastpref.demo.paper`), per label-flip
+    rate > 0: the share of clean DPO's gain that DPO keeps, and Adaptive-DPO's flip-specific
+    advantage ``((A_r - D_r) - (A_0 - D_0)) / (D_0 - base)`` (A, D: Adaptive-DPO's and DPO's
+    reward at rate r and 0 %), per seed (paired) with its mean and 95 % interval; next to the
+    paper's range over its four metrics (Tab. 1-3, SD 1.5, Pick-a-Pic validation)."""
+    out = {"paper": paper.flip_figures(), "toy": {}}
+    dpo0 = np.asarray(_rewards(arm(records, "dpo", 0)))
+    ada0 = np.asarray(_rewards(arm(records, "adaptive", 0)))
+    if not len(dpo0) or len(ada0) != len(dpo0):
+        return out
+    clean_gain = float(dpo0.mean()) - base
+    for rate in rates:
+        if rate == 0 or clean_gain <= 0:
+            continue
+        dpo, ada = np.asarray(_rewards(arm(records, "dpo", rate))), np.asarray(_rewards(arm(records, "adaptive", rate)))
+        if len(dpo) != len(dpo0) or len(ada) != len(dpo0):
+            continue
+        out["toy"][str(rate)] = {
+            "dpo_keeps_share_of_clean_gain": mean_interval((dpo - base) / clean_gain),
+            "adaptive_flip_specific_advantage": mean_interval(((ada - dpo) - (ada0 - dpo0)) / clean_gain),
+            "adaptive_minus_dpo_at_0_share": mean_interval((ada0 - dpo0) / clean_gain),
+        }
     return out
 
 
@@ -178,7 +284,7 @@ def metric_auroc(records: Sequence[dict], rates: Sequence[int]) -> dict:
     for rate in rates:
         if rate == 0:
             continue
-        values = [auroc(r["u"], r["flipped"]) for r in _with_metric(find(records, "flip", "adaptive", rate))]
+        values = [auroc(r["u"], r["flipped"]) for r in _with_metric(arm(records, "adaptive", rate))]
         summary = mean_interval(values) if values else {"mean": None, "std": None, "low": None, "high": None}
         key = str(rate)
         out["auroc_u_flipped"][key], out["auroc_u_flipped_std"][key] = summary["mean"], summary["std"]

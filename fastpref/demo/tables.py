@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from .config import DEDPO_NAMES, METHOD_NAMES, METHODS
+from .config import DEDPO_NAMES, METHOD_NAMES, METHODS, REAL_METHODS, SHORT_NAMES
 
 
 def markdown(results: dict) -> str:
@@ -16,6 +16,9 @@ def markdown(results: dict) -> str:
         budget_lines,
         flip_table,
         paired_table,
+        oracle_table,
+        diagnostics_table,
+        paper_table,
         metric_table,
         ablation_table,
         dedpo_table,
@@ -102,7 +105,8 @@ def flip_table(results: dict) -> List[str]:
         _row("Base model", "–", f"{base:.3f}", "–", "–", "–", "–"),
     ]
     for method in METHODS:
-        for i, rate in enumerate(results["flip_rates"]):
+        rates = [r for r in results["flip_rates"] if method != "oracle" or r > 0]  # the oracle at 0 % is DPO
+        for i, rate in enumerate(rates):
             key = str(rate)
             low, high = results["reward_interval95"][method][key]
             au = "–"
@@ -126,20 +130,121 @@ def paired_table(results: dict) -> List[str]:
     """The per-seed differences against DPO at each label-flip rate and one conclusion per rate."""
     paired = results["paired_vs_dpo"]
     methods = list(paired)
+    shown = lambda m, rate: m != "oracle" or rate > 0  # noqa: E731 (the oracle at 0 % is DPO)
     lines = [
         "",
         "Paired differences in reward against DPO (same seed: same pairs, order, flips and noise); "
-        "mean over seeds [95 % t-interval]:",
+        "mean over seeds [95 % t-interval]. The oracle knows which pairs were flipped: an upper bound "
+        "no real method has.",
         "",
-        _row("Flip rate (%)", *(f"{METHOD_NAMES[m]} − DPO" for m in methods)),
+        _row("Flip rate (%)", *(f"{SHORT_NAMES[m]} − DPO" for m in methods)),
         "|---|" + "---|" * len(methods),
     ]
     for rate in results["flip_rates"]:
-        lines.append(_row(str(rate), *(_ci(paired[m][str(rate)], sign=True) for m in methods)))
+        cells = (_ci(paired[m][str(rate)], sign=True) if shown(m, rate) else "– (= 0)" for m in methods)
+        lines.append(_row(str(rate), *cells))
     lines.append("")
     for rate in results["flip_rates"]:
-        sentences = [conclusion(f"{METHOD_NAMES[m]} − DPO", paired[m][str(rate)]) for m in methods]
+        sentences = [conclusion(f"{SHORT_NAMES[m]} − DPO", paired[m][str(rate)]) for m in methods if shown(m, rate)]
         lines.append(f"- {rate} % flips: " + " ".join(sentences))
+    return lines
+
+
+def _ratio(summary: Optional[dict]) -> str:
+    """A :func:`fastpref.stats.ratio_interval` as a percentage with its interval."""
+    if summary is None or summary.get("mean") is None:
+        return "n/a"
+    mean = f"{100 * summary['mean']:+.0f} %"
+    if not summary["bounded"]:
+        return f"{mean} [unbounded: the oracle's gain is not distinguishable from 0]"
+    return f"{mean} [{100 * summary['low']:+.0f} %, {100 * summary['high']:+.0f} %]"
+
+
+def oracle_table(results: dict) -> List[str]:
+    """The headroom: the share of the oracle's gain over DPO that each real method recovers."""
+    share = results.get("oracle_share")
+    rates = [r for r in results["flip_rates"] if r > 0]
+    if not share or not rates:
+        return []
+    lines = [
+        "",
+        "Share of the oracle's gain over DPO that each method recovers, (method − DPO) / (oracle − DPO): "
+        "ratio of the mean paired differences over seeds [Fieller's 95 % interval]; 100 % = all the "
+        "headroom the flipped pairs leave, 0 % = none.",
+        "",
+        _row("Flip rate (%)", "Oracle − DPO", *(SHORT_NAMES[m] for m in REAL_METHODS)),
+        "|---|---|" + "---|" * len(REAL_METHODS),
+    ]
+    for rate in rates:
+        key = str(rate)
+        cells = (_ratio(share.get(m, {}).get(key)) for m in REAL_METHODS)
+        lines.append(_row(key, _ci(results["paired_vs_dpo"]["oracle"][key], sign=True), *cells))
+    return lines
+
+
+def diagnostics_table(results: dict) -> List[str]:
+    """u's factors as detectors of the flipped pairs, and the flipped pairs' share of the push."""
+    diag = results.get("diagnostics")
+    if not diag:
+        return []
+    lines = [
+        "",
+        "What explains it, per method at each flip rate (per seed over every step up to the budget, then "
+        "mean [95 % interval] over seeds): the AUROC for flipped vs kept pairs of the policy's own −l_θ and of "
+        "Adaptive-DPO's u and its factors c (confidence) and s (stability), after the metric's warm-up; and the "
+        "flipped pairs' share of the summed gradient scale |dL/dy| (W·σ(−y) for the sigmoid head) against "
+        "their share of the pairs trained on (the oracle never trains on them).",
+        "",
+        "| Flip rate (%) | Method | AUROC −l_θ | AUROC u | AUROC c | AUROC s | Flipped share of gradient scale "
+        "| Flipped share of pairs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rate, by_method in diag.items():
+        for method, row in by_method.items():
+            lines.append(
+                _row(
+                    rate,
+                    SHORT_NAMES[method],
+                    _ci(row.get("auroc_minus_l_flipped"), 2),
+                    _ci(row.get("auroc_u_flipped"), 2) if "auroc_u_flipped" in row else "–",
+                    _ci(row.get("auroc_confidence_flipped"), 2) if "auroc_confidence_flipped" in row else "–",
+                    _ci(row.get("auroc_stability_flipped"), 2) if "auroc_stability_flipped" in row else "–",
+                    _ci(row.get("grad_share_flipped")),
+                    _ci(row.get("flipped_share_of_pairs")),
+                )
+            )
+    return lines
+
+
+def paper_table(results: dict) -> List[str]:
+    """The toy's figures beside the paper's, in the same units."""
+    comparison = results.get("paper_comparison")
+    if not comparison or not comparison["toy"]:
+        return []
+    paper = comparison["paper"]
+    lines = [
+        "",
+        "The toy beside the paper, in the same units (paper: SD 1.5, Pick-a-Pic v2 validation, Tab. 1-3, the "
+        "range over IR, PickScore, Aesthetic and HPS; toy: mean [95 % interval] over seeds, paired). "
+        "Flip-specific advantage = ((A_r − D_r) − (A_0 − D_0)) / clean DPO's gain.",
+        "",
+        "| Flip rate (%) | Figure | Paper | Toy |",
+        "|---|---|---|---|",
+    ]
+    names = {
+        "dpo_keeps_share_of_clean_gain": "DPO keeps, share of its clean gain",
+        "adaptive_minus_dpo_at_0_share": "Adaptive-DPO − DPO at 0 %, share of clean DPO's gain",
+        "adaptive_flip_specific_advantage": "Adaptive-DPO's flip-specific advantage",
+    }
+    for rate, toy in comparison["toy"].items():
+        for name, label in names.items():
+            low, high = paper[rate]["range"][name] if rate in paper else (None, None)
+            quoted = "n/a" if low is None else f"{100 * low:.0f}–{100 * high:.0f} %"
+            t = toy[name]
+            measured = f"{100 * t['mean']:+.0f} %"
+            if t.get("low") is not None:
+                measured += f" [{100 * t['low']:+.0f} %, {100 * t['high']:+.0f} %]"
+            lines.append(_row(rate, label, quoted, measured))
     return lines
 
 

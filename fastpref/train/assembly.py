@@ -159,17 +159,22 @@ def run_config(plan, num_pairs: int, accelerator) -> TrainConfig:
     return config.for_run(max_train_steps=steps, learning_rate=rate, mixed_precision=accelerator.mixed_precision)
 
 
-def build_trainer(plan, config: TrainConfig, accelerator) -> PreferenceTrainer:
+def build_trainer(plan, config: TrainConfig, accelerator, num_pairs=None) -> PreferenceTrainer:
     """The family's denoiser and noise schedule in a :class:`PreferenceTrainer` (``--is_turbo``:
     the turbo schedule; xformers attention on request); a LoRA run checkpoints its adapter only,
-    plus a copy in diffusers' LoRA format."""
+    plus a copy in diffusers' LoRA format. ``num_pairs`` (the data's) sets the epoch length that
+    ``--footprint_recipe authors`` restarts the metric warm-up at."""
     family = plan.family
     # LoRA keeps the frozen base in the mixed-precision dtype; a full fine-tune trains float32 weights
     denoiser = family.load_denoiser(plan.source, weight_dtype(accelerator) if config.lora_rank > 0 else torch.float32)
     if plan.run.enable_xformers_memory_efficient_attention:
         denoiser.enable_xformers_memory_efficient_attention()
     noise_scheduler = family.load_noise_scheduler(plan.source, is_turbo=config.is_turbo)
-    trainer = PreferenceTrainer(denoiser, noise_scheduler, config, accelerator, family=family)
+    global_batch = plan.run.train_batch_size * accelerator.num_processes
+    per_epoch = None if num_pairs is None else math.ceil(num_pairs / global_batch)
+    trainer = PreferenceTrainer(
+        denoiser, noise_scheduler, config, accelerator, family=family, micro_steps_per_epoch=per_epoch
+    )
     if config.lora_rank > 0:
         install_lora_hooks(accelerator, type(trainer.base_unet), family)
     return trainer

@@ -30,6 +30,9 @@ MetricPreset = Literal[fastpref.CHOICES["preset"]]
 LossBackend = Literal[fastpref.CHOICES["backend"]]
 WeightingScheme = Literal[WEIGHTING_SCHEMES]
 MAX_SEQUENCE_LENGTH = 512  # T5's longest input in the SD3 and FLUX pipelines
+# How the EMA footprints of the metric u are kept (docs/spec.md §9): "fastpref" (float32, the
+# metric warm-up once per run) or "authors" (as the authors' dpo_train_un.py).
+FootprintRecipe = Literal["fastpref", "authors"]
 
 MIXED_PRECISION = get_args(MixedPrecision)
 ADAPTIVE_TYPES = ("adaptive", "adaptive-ipo")
@@ -147,6 +150,15 @@ class TrainConfig:
             "micro-steps with u := 0 (W = 1, Gamma = c2); None: 2 x gradient_accumulation_steps, the authors'"
         ),
     )
+    footprint_recipe: FootprintRecipe = field(
+        default="fastpref",
+        metadata=_help(
+            "fastpref: EMA footprints kept in float32 and the metric warm-up once per run; authors: as the "
+            "authors' dpo_train_un.py, footprints stored and updated in the mixed-precision dtype (fp16/bf16) and "
+            "the metric warm-up restarted at every epoch. The default keeps the footprints' small EMA steps, which "
+            "fp16 rounds away (docs/spec.md §9)"
+        ),
+    )
     global_metric: bool = field(
         default=False,
         metadata=_help(
@@ -239,6 +251,10 @@ class TrainConfig:
         self.ema_decays = tuple(Decays(self.ema_decays))
         self._check_run_values()
         self._check_flow_values()
+        if self.footprint_recipe not in get_args(FootprintRecipe):
+            raise ValueError(
+                f"footprint_recipe must be one of {get_args(FootprintRecipe)}, got {self.footprint_recipe!r}"
+            )
         if self.metric_warmup_steps is not None and self.metric_warmup_steps < 0:
             raise ValueError(f"metric_warmup_steps must be >= 0, got {self.metric_warmup_steps}")
         if self.uses_footprints and not self.ema_decays:

@@ -59,15 +59,18 @@ class _Footprints:
     copying all weights in and out: here each footprint is evaluated in place on the device.
 
     The update follows ``EMAModel`` (what the Adaptive-DPO authors use, with decays 0.9999 and
-    0.5): after the n-th optimizer step (n = 0, 1, ...) the footprint moves by ``1 - d_n``
-    towards the policy, ``d_0 = 0`` (a copy) and ``d_n = min(decay, (1 + n) / (10 + n))`` when
-    ``warmup`` is on (``EMAModel``'s default schedule), else ``d_n = decay``. The footprints
-    start equal to the policy.
+    0.5). ``dtype`` is the footprints' storage dtype: float32 (fastpref's recipe), or the
+    mixed-precision dtype (the authors' recipe: their ``EMAModel`` is moved to it, so each update
+    is computed against the float32 policy and rounded to it). After the n-th optimizer step
+    (n = 0, 1, ...) the footprint moves by ``1 - d_n`` towards the policy, ``d_0 = 0`` (a copy)
+    and ``d_n = min(decay, (1 + n) / (10 + n))`` when ``warmup`` is on (``EMAModel``'s default
+    schedule), else ``d_n = decay``. The footprints start equal to the policy.
     """
 
-    def __init__(self, decays: Sequence[float], warmup: bool):
+    def __init__(self, decays: Sequence[float], warmup: bool, dtype: torch.dtype = torch.float32):
         self.decays = _check_decays(decays)
         self.warmup = bool(warmup)
+        self.dtype = dtype
         self.num_updates = 0
         self._policy: List[torch.Tensor] = []  # the policy's tracked tensors (subclasses fill both)
         self._ema: List[List[torch.Tensor]] = []  # per footprint, the same tensors' EMA copies
@@ -88,7 +91,11 @@ class _Footprints:
         policy = self._policy_tensors()
         for k, decay in enumerate(self.decays):
             weight = 1.0 - ema_decay(decay, self.num_updates, self.warmup)
-            torch._foreach_lerp_(self._tensors(k), policy, weight)
+            if all(t.dtype == p.dtype for t, p in zip(self._tensors(k), policy)):
+                torch._foreach_lerp_(self._tensors(k), policy, weight)
+            else:  # footprints in a lower dtype: EMAModel.step's update, rounded to it
+                for t, p in zip(self._tensors(k), policy):
+                    t.sub_(weight * (t - p))
         self.num_updates += 1
 
     def state_dict(self) -> Dict:
@@ -120,14 +127,15 @@ class AdapterFootprints(_Footprints):
             not wrapped by DDP (pass ``accelerator.unwrap_model(unet)``).
         decays: one decay per footprint, each in [0, 1).
         warmup: diffusers ``EMAModel``'s decay warm-up (see :class:`_Footprints`).
+        dtype: the footprints' storage dtype (see :class:`_Footprints`).
 
-    The footprint adapters hold float32 tensors (the policy's LoRA tensors are float32 too),
-    never require grad, and are not seen by the optimizer or DDP as long as the footprints are
+    The footprint adapters hold ``dtype`` tensors (float32 by default, as the policy's LoRA
+    tensors), never require grad, and are not seen by the optimizer or DDP as long as the footprints are
     built before ``accelerator.prepare``.
     """
 
-    def __init__(self, unet, decays: Sequence[float], *, warmup: bool = True):
-        super().__init__(decays, warmup)
+    def __init__(self, unet, decays: Sequence[float], *, warmup: bool = True, dtype: torch.dtype = torch.float32):
+        super().__init__(decays, warmup, dtype)
         if POLICY_ADAPTER not in getattr(unet, "peft_config", {}):
             raise ValueError(f"unet has no LoRA adapter named {POLICY_ADAPTER!r} (add one with unet.add_adapter first)")
         self.unet = unet
@@ -146,7 +154,7 @@ class AdapterFootprints(_Footprints):
             for name in self.names:
                 tensors = [params[n.replace(marker, f".{name}.")] for n in policy_names]
                 for t, p in zip(tensors, self._policy):
-                    t.data = p.detach().to(torch.float32).clone()
+                    t.data = p.detach().to(dtype).clone()
                     t.requires_grad_(False)
                 self._ema.append(tensors)
 
@@ -170,18 +178,18 @@ class ModelFootprints(_Footprints):
     Args:
         unet: the policy (not wrapped by DDP); its trainable parameters are the ones tracked,
             the others (none, in a full fine-tune) are copied once.
-        decays, warmup: as :class:`AdapterFootprints`.
+        decays, warmup, dtype: as :class:`AdapterFootprints`.
     """
 
-    def __init__(self, unet, decays: Sequence[float], *, warmup: bool = True):
-        super().__init__(decays, warmup)
+    def __init__(self, unet, decays: Sequence[float], *, warmup: bool = True, dtype: torch.dtype = torch.float32):
+        super().__init__(decays, warmup, dtype)
         self.unet = unet
         names = [n for n, p in unet.named_parameters() if p.requires_grad]
         params = dict(unet.named_parameters())
         self._policy = [params[n] for n in names]
         self.models = []
         for _ in self.decays:
-            model = copy.deepcopy(unet).requires_grad_(False).eval()
+            model = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype)
             copies = dict(model.named_parameters())
             self.models.append(model)
             self._ema.append([copies[n] for n in names])

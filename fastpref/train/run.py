@@ -151,7 +151,7 @@ def _train(plan: RunPlan) -> dict:
     inputs = load_data(plan, accelerator)
     checks.check_batch_fits(run.train_batch_size, accelerator.num_processes, inputs.summary, plan.data.dataset_name)
     config = run_config(plan, len(inputs.dataset), accelerator)
-    trainer = build_trainer(plan, config, accelerator)
+    trainer = build_trainer(plan, config, accelerator, num_pairs=len(inputs.dataset))
     resumed = resume(accelerator, trainer, run.resume_from_checkpoint, output_dir, output_dir / LOG_FILE)
     if resumed is not None:  # the checkpoint loaded may be an older one than the one checked first
         changes = check_resume(plan, resumed, recorded)

@@ -23,6 +23,16 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss."""
 
 
+def metric_is_on(micro_step: int, warmup_micro_steps: int, micro_steps_per_epoch=None) -> bool:
+    """Whether the metric u is on at ``micro_step`` (0-based): past the warm-up of
+    ``warmup_micro_steps`` micro-steps, counted from the run's start, or with
+    ``micro_steps_per_epoch`` from each epoch's start (the authors' recipe: their warm-up tests
+    the dataloader's index within the epoch)."""
+    if micro_steps_per_epoch:
+        micro_step %= micro_steps_per_epoch
+    return micro_step >= warmup_micro_steps
+
+
 def step_seed(seed: int, micro_step: int) -> int:
     """The noise seed of one micro-step: a fixed mix of the run seed and the step (63 bits)."""
     return (int(seed) * 0x9E3779B97F4A7C15 + int(micro_step) * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
@@ -60,7 +70,9 @@ class PreferenceTrainer:
 
     The metric warm-up follows the authors' code: for the first ``metric_warmup_steps``
     micro-steps (default ``2 * gradient_accumulation_steps``) u is taken as 0 -- W = 1 and
-    Gamma = c2 (the batch mean of l), computed without the footprint forwards.
+    Gamma = c2 (the batch mean of l), computed without the footprint forwards. With
+    ``footprint_recipe="authors"`` the footprints are kept in the mixed-precision dtype and the
+    warm-up restarts at every epoch of ``micro_steps_per_epoch`` micro-steps.
 
     Args:
         unet: the denoiser holding the initial policy (= the reference), e.g. a diffusers
@@ -72,13 +84,17 @@ class PreferenceTrainer:
             config's mixed precision, no trackers).
         family: the :class:`~fastpref.train.families.base.ModelFamily` of ``unet``; ``None``
             recognises it from ``unet.config`` (:func:`~fastpref.train.families.of_denoiser`).
+        micro_steps_per_epoch: this process's micro-batches per pass over the data; read by the
+            authors' footprint recipe only (its per-epoch warm-up; ``None``: one warm-up per run).
 
     Attributes: ``unet`` (the policy as prepared by accelerate), ``optimizer``,
     ``lr_scheduler``, ``footprints`` (``None`` when the loss needs no u), ``micro_step``,
     ``global_step`` (optimizer steps, skipped ones included), ``skipped_steps``.
     """
 
-    def __init__(self, unet, noise_scheduler, config: TrainConfig, accelerator=None, family=None):
+    def __init__(
+        self, unet, noise_scheduler, config: TrainConfig, accelerator=None, family=None, micro_steps_per_epoch=None
+    ):
         from accelerate import Accelerator
         from diffusers.optimization import get_scheduler
 
@@ -94,9 +110,12 @@ class PreferenceTrainer:
 
         self.reference = self._prepare_policy(unet, accelerator.device)
         self.footprints = None
+        authors = config.footprint_recipe == "authors"
+        self.micro_steps_per_epoch = micro_steps_per_epoch if authors else None
         if config.uses_footprints:
             kind = AdapterFootprints if config.lora_rank > 0 else ModelFootprints
-            self.footprints = kind(unet, config.ema_decays, warmup=config.ema_warmup)
+            dtype = self.weight_dtype if authors else torch.float32
+            self.footprints = kind(unet, config.ema_decays, warmup=config.ema_warmup, dtype=dtype)
         self._lora_layers = lora_layers(unet) if config.lora_rank > 0 else []
         self.params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = self._make_optimizer()
@@ -230,7 +249,8 @@ class PreferenceTrainer:
         ``loss``, ``implicit_acc``, ``u_mean``, ``weight_mean``, ``margin_mean`` (and ``u_flipped``
         / ``u_kept`` when the batch says which pairs were flipped), ``lr``, ``stepped`` (bool: an
         optimizer step ended here), ``skipped`` (bool: this window was skipped), ``metric_on``;
-        and detached ``[B]`` tensors ``u``, ``weight``, ``margin``, ``l_theta``, ``flipped``."""
+        and detached ``[B]`` tensors ``u``, ``confidence`` (c), ``stability`` (s), ``weight``,
+        ``margin``, ``l_theta``, ``flipped``."""
         config, accelerator = self.config, self.accelerator
         inputs = self.family.denoiser_inputs(batch, accelerator.device, self.weight_dtype)
         latents = batch["latents"].to(accelerator.device, torch.float32)
@@ -239,7 +259,9 @@ class PreferenceTrainer:
         noisy = self.family.add_noise(self.noise_scheduler, latents, noise, timesteps).to(self.weight_dtype)
         target = self.family.target(self.noise_scheduler, latents, noise, timesteps)
 
-        metric_on = self.footprints is not None and self.micro_step >= config.warmup_micro_steps
+        metric_on = self.footprints is not None and metric_is_on(
+            self.micro_step, config.warmup_micro_steps, self.micro_steps_per_epoch
+        )
         last_of_window = (self.micro_step + 1) % config.gradient_accumulation_steps == 0
         ref_pred = None if config.loss_type == "sft" else self._reference_pred(noisy, timesteps, inputs)
         ema_preds = self._footprint_preds(noisy, timesteps, inputs) if metric_on else []
@@ -336,7 +358,8 @@ class PreferenceTrainer:
             local = slice(None)
             if stats["u"].shape[0] != pairs:  # global metric: this process's pairs
                 local = slice(rank * pairs, (rank + 1) * pairs)
-            per_pair = {name: stats[name][local].detach() for name in ("u", "weight", "margin", "l_theta")}
+            names = ("u", "confidence", "stability", "weight", "margin", "l_theta")
+            per_pair = {name: stats[name][local].detach() for name in names}
             logs.update(per_pair)
             logs["implicit_acc"] = float(stats["implicit_acc"])
             logs["u_mean"] = float(per_pair["u"].float().mean()) if metric_on else 0.0

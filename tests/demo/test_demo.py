@@ -182,12 +182,30 @@ def test_curve_points_do_not_change_the_run(tmp_path):
     plain = runs.train_run(world, runs.RunSpec("flip", "adaptive", 50, 0, 2, table_step=2), study)
     curve = runs.train_run(world, runs.RunSpec("flip", "adaptive", 50, 0, 4, table_step=2, curve=True), study)
     assert curve["reward"] == plain["reward"]
-    for key in ("u", "weight", "flipped"):
+    for key in runs.PER_PAIR:
         assert np.array_equal(curve[key], plain[key]), key
     assert [p["step"] for p in curve["curve"]] == [0, 2, 4]
     point = curve["curve"][-1]
     assert 0.0 <= point["implicit_acc_kept"] <= 1.0 and 0.0 <= point["auroc_u_flipped"] <= 1.0
     assert point["l_rms"] > 0.0 and 0.0 < point["weight_kept"] <= 1.0
+    assert 0.0 <= point["auroc_confidence_flipped"] <= 1.0 and 0.0 <= point["grad_share_flipped"] <= 1.0
+
+
+def test_oracle_trains_on_dpo_order_without_the_flipped_pairs(tmp_path):
+    """The oracle's pairs are DPO's, in DPO's order, with the flipped ones skipped; its record
+    never holds a flipped pair; its gradient scale is DPO's sigmoid(-beta l)."""
+    world = tw.load_or_build(TINY, tmp_path)
+    study = config.StudyConfig(world=TINY, seeds=1, steps=2, batch_pairs=4)
+    dpo = runs.run_data(world, runs.RunSpec("flip", "dpo", 50, 3, 2), study)
+    oracle = runs.run_data(world, runs.RunSpec("flip", "oracle", 50, 3, 2), study)
+    assert torch.equal(dpo["swap"], oracle["swap"]) and torch.equal(oracle["keep"], ~dpo["swap"])
+    dpo_order, oracle_order = runs.pair_order(dpo, 3), runs.pair_order(oracle, 3)
+    expected = [i for i in itertools.islice(dpo_order, 40) if not dpo["swap"][i]]
+    assert list(itertools.islice(oracle_order, len(expected))) == expected
+    record = runs.train_run(world, runs.RunSpec("flip", "oracle", 50, 3, 2, table_step=2), study)
+    assert len(record["seen_flipped"]) == 8 and not record["seen_flipped"].any() and record["u"] is None
+    beta = study.beta
+    assert np.allclose(record["grad_scale"], 1.0 / (1.0 + np.exp(beta * record["l_theta"].astype(np.float64))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +278,34 @@ def test_budget_is_the_peak_of_dpo_at_zero_flips():
     assert summary.choose_budget(records)["steps"] == 30
     # step 0 (the base model) is never the budget
     assert summary.choose_budget([run("dpo", 0, [0.9, 0.5, 0.4])])["steps"] == 10
+
+
+def test_ratio_interval_fieller():
+    """With a constant denominator Fieller's interval is the paired t-interval of the numerator
+    divided by it; a denominator that is not distinguishable from zero gives an unbounded set."""
+    a = np.array([0.01, 0.03, -0.02, 0.04, 0.02])
+    r = stats.ratio_interval(a, np.full(5, 0.05))
+    t = stats.mean_interval(a)
+    assert r["bounded"] and r["mean"] == pytest.approx(t["mean"] / 0.05)
+    assert r["low"] == pytest.approx(t["low"] / 0.05) and r["high"] == pytest.approx(t["high"] / 0.05)
+    loose = stats.ratio_interval(a, np.array([0.05, -0.04, 0.06, -0.05, 0.01]))
+    assert not loose["bounded"] and loose["low"] is None and loose["mean"] == pytest.approx(a.mean() / 0.006)
+    with pytest.raises(ValueError, match="same seeds"):
+        stats.ratio_interval(a, a[:3])
+
+
+def test_paper_figures_match_its_tables():
+    """The paper's own flip figures (Tab. 1-3, SD 1.5, Pick-a-Pic Valid): at 20 % flips DPO keeps
+    48-54 % of its clean gain (IR: 0.00 vs 0.16 over -0.15, "52 %" lost, as its Sec. 1 says) and
+    Adaptive-DPO's flip-specific advantage is 22-47 % of clean DPO's gain."""
+    from fastpref.demo import paper
+
+    at20 = paper.flip_figures()["20"]
+    low, high = at20["range"]["dpo_keeps_share_of_clean_gain"]
+    assert round(100 * low) == 48 and round(100 * high) == 54
+    assert round(100 * (1 - at20["by_metric"]["IR"]["dpo_keeps_share_of_clean_gain"])) == 52
+    low, high = at20["range"]["adaptive_flip_specific_advantage"]
+    assert round(100 * low) == 22 and round(100 * high) == 47
 
 
 def test_flipped_ratio_per_bin():
@@ -336,7 +382,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     _check_results(results, quick, config.FLIP_RATES)
     assert results["steps"] == quick.steps and "budget" not in results and "curves" not in results
     text = (out / "results.md").read_text()
-    assert text.count("| DPO | 0 |") == 1 and text.count("the 95 % interval") == 2 * len(config.FLIP_RATES)
+    sentences = 2 * len(config.FLIP_RATES) + sum(r > 0 for r in config.FLIP_RATES)  # the oracle at rates > 0
+    assert text.count("| DPO | 0 |") == 1 and text.count("the 95 % interval") == sentences
+    for caption in ("Share of the oracle's gain", "What explains it", "The toy beside the paper"):
+        assert caption in text, caption
+    assert set(results["diagnostics"]["20"]) == set(config.METHODS)
+    assert set(results["oracle_share"]) == set(config.REAL_METHODS)
     assert sorted(results["plots"]) == ["flipped_ratio_vs_u.png", "paired.png", "reward_vs_flip.png"]
     for name in results["plots"]:
         assert (out / name).stat().st_size > 1000, name
@@ -360,9 +411,8 @@ def test_demo_full_study_end_to_end(tmp_path):
     assert set(first["ablation"]["arms"]) == {config.ABLATION_DEFAULT, *config.ABLATIONS}
     assert set(first["dedpo"]["by_propensity"]) == {f"{p:g}" for p in SMALL.propensities}
     text = (tmp_path / "results.md").read_text()
-    assert "Ablation (not used for the headline" in text and text.count("the 95 % interval") == 2 * len(
-        config.FLIP_RATES
-    )
+    sentences = 2 * len(config.FLIP_RATES) + sum(r > 0 for r in config.FLIP_RATES)
+    assert "Ablation (not used for the headline" in text and text.count("the 95 % interval") == sentences
     assert sorted(first["plots"]) == sorted(
         [
             "reward_vs_flip.png",
@@ -374,7 +424,7 @@ def test_demo_full_study_end_to_end(tmp_path):
         ]
     )
     again = study.run_study(world, SMALL, tmp_path, 1, True, True, 0.0)
-    for key in ("reward", "paired_vs_dpo", "curves", "ablation", "dedpo", "budget"):
+    for key in ("reward", "paired_vs_dpo", "oracle_share", "diagnostics", "curves", "ablation", "dedpo", "budget"):
         assert again[key] == first[key], key
     assert again["run_seconds_total"] == first["run_seconds_total"]  # every record read back, none rerun
 
