@@ -84,3 +84,20 @@ def test_a_bad_scorer_flag_stops_at_start_up_naming_it(train_main, tmp_path, mon
     code, err = train_main(tmp_path / "out", *run_validation, *extra)
     assert code == 2 and f"fastpref train: error: {message}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_may_add_or_change_the_validation_scorer(tiny_run, tmp_path, pickscore):
+    from offline import tiny_args
+
+    from fastpref.train import checks
+    from fastpref.train.arguments import build_parser, parse_args
+    from fastpref.train.run import resolve
+
+    def recorded(*extra):
+        plan = resolve(*parse_args(tiny_args(tiny_run, tmp_path / "out", *extra), build_parser()))
+        return checks.recorded_settings(plan.data, plan.config, plan.run, 1)
+
+    before = recorded()
+    after = recorded("--run_validation", "--validation_scorer", "pickscore", "--scorer_weights", *pickscore)
+    refused, changed = checks.resume_differences(before, after)
+    assert refused == [] and {line.split()[0] for line in changed} >= {"--validation_scorer", "--scorer_weights"}
