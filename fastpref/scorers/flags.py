@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List
 
 from . import SCORERS
@@ -19,7 +20,8 @@ WEIGHTS_HELP = (
 
 def parse_weights(values: List[str]) -> Dict[str, Dict[str, str]]:
     """``--scorer_weights`` values as ``{scorer: {role: path}}``; ``ValueError`` (starting with
-    the flag) for a malformed value or an unknown scorer or role."""
+    the flag) for a malformed value, an unknown scorer or role, or a local path (``/``, ``.``,
+    ``~``: not a Hub id) that does not exist."""
     out: Dict[str, Dict[str, str]] = {}
     for value in values:
         key, sep, path = value.partition("=")
@@ -31,5 +33,7 @@ def parse_weights(values: List[str]) -> Dict[str, Dict[str, str]]:
         if role not in SCORERS[name].weights:
             roles = ", ".join(f"{name}.{known}" for known in SCORERS[name].weights)
             raise ValueError(f"{WEIGHTS_FLAG}: {name} has no weights {role}; its weights: {roles}")
+        if path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+            raise ValueError(f"{WEIGHTS_FLAG}: {key}: no such file or folder {path}")
         out.setdefault(name, {})[role] = path
     return out

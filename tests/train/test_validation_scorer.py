@@ -73,6 +73,7 @@ def test_the_validation_score_is_logged_and_is_the_scorers_score_of_the_saved_im
         (["--validation_scorer", "clip"], "--validation_scorer: scores the validation images; add --run_validation"),
         (["--scorer_weights", "pickscore=/x"], "--scorer_weights: expected NAME.ROLE=PATH, got 'pickscore=/x'"),
         (["--scorer_weights", "clip.mlp=/x"], "--scorer_weights: clip has no weights mlp; its weights: clip.model"),
+        (["--scorer_weights", "clip.model=/no/such"], "--scorer_weights: clip.model: no such file or folder /no/such"),
     ],
 )
 def test_a_bad_scorer_flag_stops_at_start_up_naming_it(train_main, tmp_path, monkeypatch, extra, message):
