@@ -49,7 +49,7 @@ def offending(files, predicate):
 
 def test_loss_room_imports_only_itself_and_its_dependencies():
     files = room_files("loss") + [PACKAGE / "__init__.py", PACKAGE / "reference.py"]
-    others = ("fastpref.train", "fastpref.demo", "fastpref.testing")
+    others = ("fastpref.train", "fastpref.demo", "fastpref.testing", "fastpref.scorers")
     assert offending(files, lambda name: name.startswith(others) or name.split(".")[0] in HEAVY) == []
 
 
@@ -61,7 +61,23 @@ def test_trainer_uses_the_loss_only_through_the_public_api():
     def private_loss(name):
         return name.startswith("fastpref.loss") or (name.startswith("fastpref.reference.") and name not in public)
 
-    assert offending(room_files("train") + room_files("demo") + room_files("evaluate"), private_loss) == []
+    files = room_files("train") + room_files("demo") + room_files("evaluate") + room_files("scorers")
+    assert offending(files, private_loss) == []
+
+
+def test_the_scorers_import_no_room_above_them():
+    """fastpref.scorers sits low, shared by the trainer's validation and the evaluation: it imports
+    neither of them nor the demo, and its heavy packages only inside the functions that load."""
+    above = ("fastpref.train", "fastpref.evaluate", "fastpref.demo", "fastpref.testing")
+    assert offending(room_files("scorers"), lambda name: name.startswith(above)) == []
+    lazy = (*HEAVY, "open_clip", "ImageReward")
+    top_level = []
+    for path in room_files("scorers"):
+        for node in ast.parse(path.read_text()).body:  # module level only: function bodies load lazily
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            top_level += [f"{path.relative_to(ROOT)}: {name}" for name in names if name.split(".")[0] in lazy]
+    assert top_level == []
 
 
 def test_no_room_below_the_evaluation_imports_it():
@@ -74,6 +90,7 @@ def test_no_room_below_the_evaluation_imports_it():
 
 def test_production_code_never_imports_the_test_fixtures():
     production = room_files("loss") + room_files("train") + room_files("demo") + room_files("evaluate")
+    production += room_files("scorers")
     production += [path for path in PACKAGE.glob("*.py")]
     assert offending(production, lambda name: name.startswith("fastpref.testing")) == []
 

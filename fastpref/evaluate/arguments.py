@@ -7,8 +7,10 @@ import dataclasses
 from dataclasses import field
 from typing import Dict, List, Literal, Optional
 
+from fastpref.scorers import SCORERS
+from fastpref.scorers.flags import CHOICES, WEIGHTS_HELP, parse_weights
+
 from .prompts import NAMED_SETS
-from .scorers import SCORERS
 
 #: the scorers that need no extra beyond ``fastpref[train]``
 DEFAULT_METRICS = ["pickscore", "aesthetic", "clip"]
@@ -45,17 +47,8 @@ class EvalArguments:
             "pytorch_lora_weights.safetensors, or a full fine-tune's unet/), or one of its checkpoint-N folders"
         },
     )
-    metrics: List[str] = field(
-        default_factory=lambda: list(DEFAULT_METRICS), metadata={"help": f"scorers: {', '.join(SCORERS)}"}
-    )
-    scorer_weights: List[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "NAME.ROLE=PATH: a scorer's weights from a local folder (or another Hub id), e.g. "
-            "pickscore.model=/models/PickScore_v1; roles: "
-            + "; ".join(f"{name}: {', '.join(scorer.weights)}" for name, scorer in SCORERS.items())
-        },
-    )
+    metrics: List[str] = field(default_factory=lambda: list(DEFAULT_METRICS), metadata={"help": f"scorers: {CHOICES}"})
+    scorer_weights: List[str] = field(default_factory=list, metadata={"help": WEIGHTS_HELP})
     seeds: List[int] = field(
         default_factory=lambda: [0],
         metadata={"help": "the seeds of every prompt, the same for every model (paired comparison)"},
@@ -88,23 +81,17 @@ class EvalArguments:
 
 def scorer_weights(values: List[str]) -> Dict[str, Dict[str, str]]:
     """``--scorer_weights`` as ``{metric: {role: path}}``; ``ArgumentError`` for a malformed one."""
-    out: Dict[str, Dict[str, str]] = {}
-    for value in values:
-        key, sep, path = value.partition("=")
-        name, dot, role = key.partition(".")
-        if not (sep and dot and name and role and path):
-            raise ArgumentError(f"--scorer_weights: expected NAME.ROLE=PATH, got {value!r}")
-        if name not in SCORERS:
-            raise ArgumentError(f"--scorer_weights: unknown scorer {name!r}; choices: {', '.join(SCORERS)}")
-        out.setdefault(name, {})[role] = path
-    return out
+    try:
+        return parse_weights(values)
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
 
 
 def check(args: EvalArguments) -> None:
     """Every argument check, run once before any work; ``ArgumentError`` names the flag."""
     unknown = [name for name in args.metrics if name not in SCORERS]
     if unknown:
-        raise ArgumentError(f"--metrics: unknown metric {unknown[0]!r}; choices: {', '.join(SCORERS)}")
+        raise ArgumentError(f"--metrics: unknown metric {unknown[0]!r}; choices: {CHOICES}")
     if len(set(args.metrics)) != len(args.metrics):
         raise ArgumentError("--metrics: a metric is named twice")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):

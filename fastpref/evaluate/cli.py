@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import sys
 
+from fastpref.scorers import MissingExtraError
+
 from .arguments import ArgumentError, build_parser, check
 from .run import evaluate, resolve
-from .scorers import MissingExtraError
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ from typing import List
 import torch
 
 from fastpref.files import write_json_atomic, write_text_atomic
+from fastpref.scorers import make_scorer, scorer_class
 
 from . import candidates as cands
 from .arguments import EvalArguments, scorer_weights
@@ -19,7 +20,6 @@ from .generation import generate, items, shard
 from .grids import write_grids
 from .prompts import load_prompts
 from .report import markdown
-from .scorers import make_scorer, scorer_class
 from .scoring import read_scores, score_images
 from .statistics import LEVEL, compare
 from .store import check_settings, claim

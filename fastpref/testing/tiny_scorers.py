@@ -1,5 +1,5 @@
 """Tiny random-weight reward models in the folder layouts and classes of the real ones, so that
-``fastpref eval``'s scorers load them with the code a user runs (nothing is downloaded):
+the scorers (:mod:`fastpref.scorers`) load them with the code a user runs (nothing is downloaded):
 :func:`make_tiny_scorers` writes them and returns the ``--scorer_weights`` that point at them.
 
 - ``pickscore/model`` (``CLIPModel``, as ``yuvalkirstain/PickScore_v1``) and
@@ -68,7 +68,7 @@ def make_tiny_scorers(root, seed: int = 0) -> Dict[str, str]:
     ``--scorer_weights`` of ``fastpref eval`` (``NAME.ROLE=FOLDER``)."""
     import torch
 
-    from fastpref.evaluate.scorers.aesthetic import MLP_FILE, AestheticMLP
+    from fastpref.scorers.aesthetic import MLP_FILE, AestheticMLP
 
     root = Path(root)
     write_clip(root / "pickscore" / "model", root / "pickscore" / "processor", seed)

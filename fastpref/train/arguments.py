@@ -13,6 +13,9 @@ from dataclasses import field
 from pathlib import Path
 from typing import List, Literal, Optional, Set, Tuple
 
+from fastpref.scorers.flags import CHOICES as SCORER_CHOICES
+from fastpref.scorers.flags import WEIGHTS_HELP
+
 from . import data
 from .config import DIFFUSERS_LOSS_TYPES, TrainConfig
 from .families import FAMILIES, ModelFamily
@@ -188,6 +191,14 @@ class RunArguments:
     validation_inference_steps: Optional[int] = field(
         default=None, metadata={"help": "denoising steps of each validation image"}
     )
+    validation_scorer: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": f"score the validation images with a reward model ({SCORER_CHOICES}, as fastpref eval's "
+            "--metrics) and log their mean as validation/NAME (trackers and log); loaded once, on the main process"
+        },
+    )
+    scorer_weights: List[str] = field(default_factory=list, metadata={"help": WEIGHTS_HELP})
     push_to_hub: bool = field(
         default=False,
         metadata={"help": "upload --output_dir to the Hub at the end (the Hub and a token are checked at start-up)"},

@@ -142,6 +142,24 @@ def check_installed(run: RunArguments) -> None:
         )
 
 
+def check_validation_scorer(run: RunArguments) -> None:
+    """``--validation_scorer``: a known scorer with its package installed, asked with
+    ``--run_validation``; ``--scorer_weights`` well formed (nothing is loaded here)."""
+    from fastpref.scorers import MissingExtraError, scorer_class
+    from fastpref.scorers.flags import parse_weights
+
+    try:
+        parse_weights(run.scorer_weights)
+        if run.validation_scorer is not None:
+            scorer_class(run.validation_scorer, "--validation_scorer").check_installed()
+    except MissingExtraError as error:
+        raise ArgumentError(f"--validation_scorer: {error}") from None
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
+    if run.validation_scorer is not None and not run.run_validation:
+        raise ArgumentError("--validation_scorer: scores the validation images; add --run_validation")
+
+
 def wandb_logged_in() -> bool:
     """Whether wandb can log here without asking: ``WANDB_API_KEY``, an offline or disabled
     ``WANDB_MODE``, or the ``api.wandb.ai`` entry that ``wandb login`` writes to ``~/.netrc``."""
@@ -293,6 +311,8 @@ RESUME_CHANGEABLE = frozenset(
         "validation_steps",
         "validation_prompts",
         "validation_inference_steps",
+        "validation_scorer",
+        "scorer_weights",
         "push_to_hub",
         "hub_model_id",
         "allow_tf32",

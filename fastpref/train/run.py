@@ -25,7 +25,7 @@ from .models import ModelSource
 from .output_dir import LOG_FILE, check_output_dir, claim, newest_manifest
 from .summary import run_summary, write_outputs, write_summary
 from .trainer import NonFiniteLossError
-from .validation import run_validation
+from .validation import load_scorer, run_validation
 
 logger = logging.getLogger("fastpref.train")
 
@@ -82,6 +82,7 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     checks.check_family_options(config, family, source)
     family = family.configured(config)  # the family's run settings (the flow flags)
     checks.check_installed(run)
+    checks.check_validation_scorer(run)
     checks.check_optimizer_installed(config)
     checks.check_writable(data_args)
     checks.check_hub(run)
@@ -162,6 +163,7 @@ def _train(plan: RunPlan) -> dict:
         name = run.tracker_name or plan.family.defaults.tracker_name
         accelerator.init_trackers(name, config=hparams(plan.data, plan.settings, run))
 
+    scorer = load_scorer(run, accelerator.device, trainer.weight_dtype) if accelerator.is_main_process else None
     validated = {}  # step -> the validation images of that step
     started = time.perf_counter()
 
@@ -173,7 +175,7 @@ def _train(plan: RunPlan) -> dict:
         return result
 
     def validate():
-        validated[trainer.global_step] = run_validation(trainer, plan.source, run, plan.resolution, output_dir)
+        validated[trainer.global_step] = run_validation(trainer, plan.source, run, plan.resolution, output_dir, scorer)
 
     def checkpoint() -> Path:
         folder = save_checkpoint(

@@ -1,6 +1,8 @@
 """Validation images (``--run_validation``): the run's own denoiser, LoRA applied, in its family's
 diffusers pipeline, samples a few prompts with a fixed seed; the images go to the trackers
-(TensorBoard, wandb) and to ``OUTPUT_DIR/validation/step-N/``."""
+(TensorBoard, wandb) and to ``OUTPUT_DIR/validation/step-N/``. With ``--validation_scorer`` a
+reward model of :mod:`fastpref.scorers` scores them and their mean is logged as
+``validation/NAME``."""
 
 from __future__ import annotations
 
@@ -72,10 +74,39 @@ def log_images(trackers, images: list, prompts: Sequence[str], step: int) -> Non
             tracker.log({TRACKER_KEY: captioned}, step=step)
 
 
-def run_validation(trainer, source, run, resolution: int, output_dir: Path) -> List[Path]:
+def load_scorer(run, device, dtype: torch.dtype):
+    """The reward model of ``--validation_scorer`` (weights: its ``--scorer_weights``, else the
+    Hub's) on ``device`` in ``dtype``, or ``None`` without the flag or ``--run_validation``.
+    Call it once per run, on the main process."""
+    if run.validation_scorer is None or not run.run_validation:
+        return None
+    from fastpref.scorers import make_scorer
+    from fastpref.scorers.flags import parse_weights
+
+    weights = parse_weights(run.scorer_weights).get(run.validation_scorer)
+    try:
+        scorer = make_scorer(run.validation_scorer, weights, device, dtype)
+    except OSError as error:  # transformers' "not a local folder and not a valid model identifier"
+        raise FileNotFoundError(f"--validation_scorer {run.validation_scorer}: cannot load its weights: {error}")
+    logger.info("validation images scored by %s (%s): %s", scorer.title, scorer.scale, scorer.sources)
+    return scorer
+
+
+def log_score(trackers, scorer, images: list, prompts: Sequence[str], step: int) -> float:
+    """The mean score of ``images`` by ``scorer``, logged as ``validation/NAME`` to the trackers
+    and the log; returns it."""
+    value = float(scorer.score(images, prompts).mean())
+    for tracker in trackers:
+        tracker.log({f"{TRACKER_KEY}/{scorer.name}": value}, step=step)
+    logger.info("validation at step %d: %s %.6g (mean of %d images)", step, scorer.name, value, len(images))
+    return value
+
+
+def run_validation(trainer, source, run, resolution: int, output_dir: Path, scorer=None) -> List[Path]:
     """Sample ``run.validation_prompts`` with the trainer's current policy at its step, log the
-    images and save them to ``output_dir/validation/step-N/``; main process only. The UNet is
-    put back in training mode afterwards."""
+    images (and their mean ``scorer`` score, when given) and save them to
+    ``output_dir/validation/step-N/``; main process only. The UNet is put back in training mode
+    afterwards."""
     accelerator, config = trainer.accelerator, trainer.config
     step = trainer.global_step
     logger.info("validation at step %d: %d prompts", step, len(run.validation_prompts))
@@ -89,5 +120,7 @@ def run_validation(trainer, source, run, resolution: int, output_dir: Path) -> L
         unet.train()
     files = save_images(images, output_dir / FOLDER / f"step-{step}")
     log_images(accelerator.trackers, images, run.validation_prompts, step)
+    if scorer is not None:
+        log_score(accelerator.trackers, scorer, images, run.validation_prompts, step)
     del pipeline
     return files

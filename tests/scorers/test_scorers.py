@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastpref.evaluate.scorers import SCORERS, MissingExtraError, make_scorer, scorer_class
+from fastpref.scorers import SCORERS, MissingExtraError, make_scorer, scorer_class
 from fastpref.testing.tiny_scorers import make_tiny_scorers
 
 PROMPTS = ["a red circle", "a blue square on a white background", "photo"]

@@ -1,5 +1,9 @@
-"""The reward models ``fastpref eval`` scores images with, one :class:`~.base.Scorer` subclass
-each: :data:`SCORERS` by ``--metrics`` name, :func:`make_scorer`."""
+"""The reward models fastpref scores images with, one :class:`~.base.Scorer` subclass each:
+:data:`SCORERS` by name, :func:`make_scorer`, and the flags that name them (:mod:`.flags`),
+shared by ``fastpref eval`` (``--metrics``) and ``fastpref train`` (``--validation_scorer``).
+
+A low room: it imports torch at import time and transformers / open_clip / ImageReward only when a
+scorer loads; never the trainer, the evaluation or the demo, which both import it."""
 
 from __future__ import annotations
 
@@ -15,14 +19,14 @@ from .hpsv2 import HPSv2
 from .image_reward import ImageReward
 from .pickscore import PickScore
 
-#: every scorer, by its ``--metrics`` name
+#: every scorer, by its name (``--metrics``, ``--validation_scorer``)
 SCORERS = MappingProxyType({scorer.name: scorer for scorer in (PickScore, HPSv2, ImageReward, Aesthetic, CLIPScore)})
 
 
-def scorer_class(name: str):
-    """The :class:`Scorer` subclass called ``name``; ``ValueError`` naming the choices."""
+def scorer_class(name: str, flag: str = "--metrics"):
+    """The :class:`Scorer` subclass called ``name``; ``ValueError`` naming ``flag`` and the choices."""
     if name not in SCORERS:
-        raise ValueError(f"--metrics: unknown metric {name!r}; choices: {', '.join(SCORERS)}")
+        raise ValueError(f"{flag}: unknown metric {name!r}; choices: {', '.join(SCORERS)}")
     return SCORERS[name]
 
 
