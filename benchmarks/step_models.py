@@ -127,22 +127,6 @@ FLOW_VAE = dict(  # SD3's and FLUX's VAE: 16 latent channels, no quant convs; th
     use_post_quant_conv=False,
     force_upcast=True,
 )
-FLOW_VAE_NORMALISATION = {
-    "sd3": dict(scaling_factor=1.5305, shift_factor=0.0609),
-    "flux": dict(scaling_factor=0.3611, shift_factor=0.1159),
-}
-FLOW_SCHEDULER = {
-    "sd3": dict(num_train_timesteps=1000, shift=3.0),
-    "flux": dict(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    ),
-}
 CLIP_L_TEXT = dict(SD15_TEXT, hidden_act="quick_gelu")  # SD3's text_encoder, FLUX's text_encoder
 CLIP_G_TEXT = dict(  # SD3's text_encoder_2
     vocab_size=49408,
@@ -168,6 +152,35 @@ T5_XXL = dict(  # SD3's text_encoder_3, FLUX's text_encoder_2
     is_encoder_decoder=False,
     use_cache=False,
 )
+
+#: what differs between the two random-weight flow models: the name, the transformer's config, the
+#: CLIP text towers (SD3's with projections), the VAE's latent normalisation and the scheduler
+RANDOM_FLOW = {
+    "sd3": dict(
+        title="SD3.5 Medium",
+        transformer=SD35M_TRANSFORMER,
+        clip_class="CLIPTextModelWithProjection",
+        clips=(CLIP_L_TEXT, CLIP_G_TEXT),
+        vae=dict(scaling_factor=1.5305, shift_factor=0.0609),
+        scheduler=dict(num_train_timesteps=1000, shift=3.0),
+    ),
+    "flux": dict(
+        title="FLUX.1 dev",
+        transformer=FLUX_TRANSFORMER,
+        clip_class="CLIPTextModel",
+        clips=(CLIP_L_TEXT,),
+        vae=dict(scaling_factor=0.3611, shift_factor=0.1159),
+        scheduler=dict(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    ),
+}
 CAPTIONS = (
     "a red circle on a blue background",
     "a photo of a small green triangle with a yellow stripe",
@@ -319,13 +332,11 @@ def built_on(device, dtype: torch.dtype, seed: int):
 def random_flow_transformer(arch: str, device, dtype: torch.dtype, seed: int):
     """SD3.5 Medium's (``arch`` "sd3", 2.5B parameters) or FLUX.1 dev's (``"flux"``, 11.9B)
     transformer with random weights, made on ``device`` in ``dtype``, frozen."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    import diffusers
 
+    transformer_class = getattr(diffusers, FAMILIES[arch].transformer_class)
     with built_on(device, dtype, seed):
-        if arch == "sd3":
-            model = SD3Transformer2DModel(**SD35M_TRANSFORMER)
-        else:
-            model = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+        model = transformer_class(**RANDOM_FLOW[arch]["transformer"])
     return model.requires_grad_(False)
 
 
@@ -334,11 +345,13 @@ def random_flow_encoders(arch: str, device, dtype: torch.dtype, seed: int, workd
     projections, T5-XXL) or FLUX.1 dev (``"flux"``: CLIP-L, T5-XXL) at their published sizes,
     random weights, on ``device`` in ``dtype``, eval mode; offline tokenizers whose ids fit the
     encoders' vocabularies (``fastpref.testing.tiny_model``'s)."""
+    import transformers
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, T5Config, T5EncoderModel
 
     from fastpref.testing.tiny_model import build_t5_tokenizer, load_tokenizer, write_tokenizer
 
+    model = RANDOM_FLOW[arch]
     write_tokenizer(workdir / "tokenizer")
     clip_tokenizer, t5_tokenizer = load_tokenizer(workdir / "tokenizer"), build_t5_tokenizer()
     ids = dict(
@@ -346,13 +359,11 @@ def random_flow_encoders(arch: str, device, dtype: torch.dtype, seed: int, workd
         eos_token_id=clip_tokenizer.eos_token_id,
         pad_token_id=clip_tokenizer.pad_token_id,
     )
+    clip_class = getattr(transformers, model["clip_class"])
     with built_on(device, dtype, seed + 1):
-        vae = AutoencoderKL(**FLOW_VAE, **FLOW_VAE_NORMALISATION[arch])
+        vae = AutoencoderKL(**FLOW_VAE, **model["vae"])
+        clips = [clip_class(CLIPTextConfig(**text, **ids)) for text in model["clips"]]
         t5 = T5EncoderModel(T5Config(**T5_XXL))
-        if arch == "sd3":
-            clips = [CLIPTextModelWithProjection(CLIPTextConfig(**text, **ids)) for text in (CLIP_L_TEXT, CLIP_G_TEXT)]
-        else:
-            clips = [CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, **ids))]
     encoders = [m.eval().requires_grad_(False) for m in (*clips, t5)]
     return vae.eval().requires_grad_(False), [clip_tokenizer] * len(clips) + [t5_tokenizer], encoders
 
@@ -364,17 +375,15 @@ def random_flow_components(arch: str, device: torch.device, weight_dtype: torch.
     transformer again on the device (no host copy of 24 GB). Meant for a GPU."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    family = FAMILIES[arch]
     vae, tokenizers, text_encoders = random_flow_encoders(arch, device, weight_dtype, seed, workdir)
-    title = "SD3.5 Medium" if arch == "sd3" else "FLUX.1 dev"
     return Components(
         lambda: random_flow_transformer(arch, device, weight_dtype, seed),
-        FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER[arch]),
+        FlowMatchEulerDiscreteScheduler(**RANDOM_FLOW[arch]["scheduler"]),
         vae,
         tokenizers,
         text_encoders,
-        f"{title}-sized transformer, VAE and text encoders (T5-XXL), random weights",
-        family,
+        f"{RANDOM_FLOW[arch]['title']}-sized transformer, VAE and text encoders (T5-XXL), random weights",
+        FAMILIES[arch],
     )
 
 
