@@ -1,4 +1,4 @@
-"""Step benchmark of the preference trainer: ``python benchmarks/bench_step.py [--quick] [--model tiny|sd15-random]``.
+"""Step benchmark of the preference trainer: ``python benchmarks/bench_step.py [--quick] [--model MODEL]``.
 
 Times one optimizer step of :class:`fastpref.train.PreferenceTrainer` for DPO and Adaptive-DPO
 (K = 2) with fastpref's on-device footprints and with the authors' footprint handling
@@ -26,7 +26,7 @@ if not torch.cuda.is_available():  # as benchmarks/bench_loss.py: must precede a
 
 from report import result_path, slug, write_json  # noqa: E402
 from step_mode import DECAYS, MIXED_PRECISION, VARIANTS, run_mode  # noqa: E402
-from step_models import MODELS, Components, build_components, make_batches  # noqa: E402
+from step_models import FAMILIES, MODELS, Components, build_components, make_batches  # noqa: E402
 from step_report import print_header, print_report  # noqa: E402
 from step_timing import synchronizer  # noqa: E402
 
@@ -51,7 +51,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--model",
         choices=tuple(MODELS),
         default="tiny",
-        help="tiny (SD1.5, CPU, default), tiny-sd3 / tiny-flux (the flow families, CPU) or sd15-random (GPU)",
+        help="tiny (SD1.5, CPU, default), tiny-sd3 / tiny-flux (the flow families, CPU), or with random weights "
+        "at the published sizes (GPU, bf16): sd15-random, sd35m-random (SD3.5 Medium), flux-random (FLUX.1 dev)",
     )
     parser.add_argument(
         "--steps",
@@ -78,7 +79,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=tuple(MIXED_PRECISION),
         default=None,
-        help="mixed precision of the step (default: the model's: tiny fp32, sd15-random bf16)",
+        help="mixed precision of the step (default: the model's: tiny ones fp32, *-random bf16)",
     )
     parser.add_argument(
         "--lora_rank", default="8", help="LoRA rank; 0 = full fine-tune; a comma list runs each mode (e.g. 8,0)"
@@ -87,10 +88,14 @@ def make_parser() -> argparse.ArgumentParser:
         "--resolution",
         type=int,
         default=None,
-        help="image side in pixels (default: the model's: tiny 64, sd15-random 512)",
+        help="image side in pixels (default: the model's: tiny 64, sd15-random 512, sd35m-random 1024, "
+        "flux-random 512)",
     )
     parser.add_argument(
-        "--batch", type=int, default=None, help="pairs per step (default: the model's: tiny 4, sd15-random 8; quick 2)"
+        "--batch",
+        type=int,
+        default=None,
+        help="pairs per step (default: the model's: tiny 4, sd15-random 8, sd35m-random 2, flux-random 1; quick 2)",
     )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument(
@@ -148,8 +153,9 @@ def check_args(args, parser: argparse.ArgumentParser) -> None:
         parser.error("--steps >= 1, --warmup >= 0, --breakdown_rounds >= 0, --batch >= 1, --lora_rank >= 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    if args.resolution % 8:
-        parser.error("--resolution must be a multiple of 8 (the VAE's factor)")
+    family = FAMILIES[MODELS[args.model]["family"]]
+    if args.resolution % family.resolution_multiple:
+        parser.error(f"--resolution must be a multiple of {family.resolution_multiple} for {family.title}")
 
 
 def main(argv=None) -> int:
@@ -167,6 +173,11 @@ def main(argv=None) -> int:
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
         components = build_components(args.model, device, weight_dtype, Path(tmp), args.seed)
         batches = make_batches(components, args.batch, args.resolution, args.seed)
+        if not any(key.endswith("/uncached") for key in args.variant_keys):
+            components.release_encoders()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         modes = [run_mode_on_fresh_accelerator(args, rank, components, batches, device) for rank in args.lora_ranks]
     load = {"start": list(load_start), "end": list(os.getloadavg()), "cpu_count": os.cpu_count()}
     load["under_load"] = device.type == "cpu" and max(load["start"][0], load["end"][0]) > 1.5

@@ -9,12 +9,16 @@
 # 2. tests: the CUDA tests (tests/loss/test_cuda.py and the NaN and determinism tests of
 #    tests/loss/test_numerics.py on the GPU);
 # 3. bench_loss: benchmarks/bench_loss.py on the GPU;
-# 4. bench_step: benchmarks/bench_step.py --model sd15-random (bf16, 8 pairs).
+# 4. bench_step: benchmarks/bench_step.py --model sd15-random (bf16, 8 pairs);
+# 5. bench_step_sd3, bench_step_flux: bench_step.py --model sd35m-random / flux-random (SD3.5
+#    Medium at 1024 px, 2 pairs; FLUX.1 dev at 512 px, 1 pair; bf16, LoRA r8), shrunk to fit: 5
+#    timed rounds, no breakdown, cached DPO vs Adaptive K=2 (and the authors' recipe on SD3.5 Medium).
 #
-# Each stage runs under its time budget (seconds, below; override with the variables named there),
-# about 8 minutes in all on one H100; a failed or timed-out stage is recorded and the next one runs.
-# Writes suite.log, suite.json (stages, times, status), pytest.xml, bench_loss.json and
-# bench_step.json to one folder named after the device: $OUT/gpu-<device> when OUT is set, else
+# Each stage runs under its time budget (seconds, below; override with the variables named there):
+# stages 1-4 about 8 minutes in all on one H100, stage 5 under 2 more; a failed or timed-out stage
+# is recorded and the next one runs. Writes suite.log, suite.json (stages, times, status),
+# pytest.xml, bench_loss.json, bench_step.json, bench_step_sd3.json and bench_step_flux.json to one
+# folder named after the device: $OUT/gpu-<device> when OUT is set, else
 # benchmarks/results/gpu-<device>. Exit status 0 when every stage passed.
 #
 # --dry-run prints the folder, each stage's budget and exact command, and runs nothing
@@ -27,13 +31,15 @@ INSTALL_S=${INSTALL_S:-120}
 TESTS_S=${TESTS_S:-140}
 BENCH_LOSS_S=${BENCH_LOSS_S:-130}
 BENCH_STEP_S=${BENCH_STEP_S:-80}
+BENCH_STEP_SD3_S=${BENCH_STEP_SD3_S:-55}
+BENCH_STEP_FLUX_S=${BENCH_STEP_FLUX_S:-55}
 
 DRY_RUN=0
 WHEELS=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
         -*) echo "gpu_suite.sh: unknown option $arg" >&2; exit 2 ;;
         *) WHEELS=$arg ;;
     esac
@@ -82,17 +88,27 @@ BENCH_LOSS=("$PYTHON" benchmarks/bench_loss.py --device cuda --rounds 5 --time-b
     --output "$DIR/bench_loss.json")
 BENCH_STEP=("$PYTHON" benchmarks/bench_step.py --model sd15-random --variants dpo/cached,fastpref/cached,authors/uncached
     --steps 10 --warmup 2 --breakdown_rounds 1 --time_budget $((BENCH_STEP_S - 25)) --out "$DIR/bench_step.json")
+# The flow-matching transformers at their published sizes: LoRA only (a full fine-tune of FLUX's 12B
+# parameters does not fit one GPU); the authors' EMA copies of every FLUX parameter would not fit either.
+BENCH_STEP_SD3=("$PYTHON" benchmarks/bench_step.py --model sd35m-random --lora_rank 8
+    --variants dpo/cached,fastpref/cached,authors/uncached --steps 5 --warmup 1 --breakdown_rounds 0
+    --time_budget $((BENCH_STEP_SD3_S - 25)) --out "$DIR/bench_step_sd3.json")
+BENCH_STEP_FLUX=("$PYTHON" benchmarks/bench_step.py --model flux-random --lora_rank 8
+    --variants dpo/cached,fastpref/cached --steps 5 --warmup 1 --breakdown_rounds 0
+    --time_budget $((BENCH_STEP_FLUX_S - 25)) --out "$DIR/bench_step_flux.json")
 
 quoted() { printf '%q ' "$@"; }
 
 if [ "$DRY_RUN" = 1 ]; then
     echo "folder: $DIR"
-    echo "total budget: $((INSTALL_S + TESTS_S + BENCH_LOSS_S + BENCH_STEP_S)) s"
+    echo "total budget: $((INSTALL_S + TESTS_S + BENCH_LOSS_S + BENCH_STEP_S + BENCH_STEP_SD3_S + BENCH_STEP_FLUX_S)) s"
     [ "${#WHEEL_FILES[@]}" -gt 0 ] && echo "install-wheels $INSTALL_S: $(quoted "${INSTALL_WHEELS[@]}")"
     echo "install $INSTALL_S: $(quoted "${INSTALL_FASTPREF[@]}")"
     echo "tests $TESTS_S: $(quoted "${TESTS[@]}")"
     echo "bench_loss $BENCH_LOSS_S: $(quoted "${BENCH_LOSS[@]}")"
     echo "bench_step $BENCH_STEP_S: $(quoted "${BENCH_STEP[@]}")"
+    echo "bench_step_sd3 $BENCH_STEP_SD3_S: $(quoted "${BENCH_STEP_SD3[@]}")"
+    echo "bench_step_flux $BENCH_STEP_FLUX_S: $(quoted "${BENCH_STEP_FLUX[@]}")"
     exit 0
 fi
 
@@ -130,6 +146,8 @@ run_stage install $((LEFT > 30 ? LEFT : 30)) "${INSTALL_FASTPREF[@]}"
 run_stage tests "$TESTS_S" "${TESTS[@]}"
 run_stage bench_loss "$BENCH_LOSS_S" "${BENCH_LOSS[@]}"
 run_stage bench_step "$BENCH_STEP_S" "${BENCH_STEP[@]}"
+run_stage bench_step_sd3 "$BENCH_STEP_SD3_S" "${BENCH_STEP_SD3[@]}"
+run_stage bench_step_flux "$BENCH_STEP_FLUX_S" "${BENCH_STEP_FLUX[@]}"
 
 "$PYTHON" - "$DIR/suite.json" "$SLUG" "$((SECONDS - SUITE_START))" "${STAGES[@]}" <<'PY'
 import json, sys

@@ -126,6 +126,14 @@ class DataArguments:
     vae_encode_batch_size: int = field(
         default=8, metadata={"help": "images per VAE call, when caching latents and in uncached steps"}
     )
+    offload: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the VAE and the text encoders on the CPU between steps, moved to the accelerator only "
+            "to encode each batch (as diffusers' SD3/FLUX scripts' --offload); uncached runs: with "
+            "--cache_latents they encode once, into the cache"
+        },
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     human_fraction: Optional[float] = field(
         default=None,

@@ -113,7 +113,7 @@ def load_data(plan, accelerator) -> TrainData:
         logger.info("latent cache %s: %s", "hit" if cache.hit else "built", cache.path)
     else:
         vae, tokenizers, text_encoders = family.load_encoders(
-            plan.source, dtype=weight_dtype(accelerator), device=accelerator.device
+            plan.source, dtype=weight_dtype(accelerator), device="cpu" if args.offload else accelerator.device
         )
         train_set = dataset
     summary = getattr(train_set, "dataset", dataset).summary()  # the cache view knows the undecodable rows
@@ -137,6 +137,7 @@ def load_data(plan, accelerator) -> TrainData:
         plan.resolution,
         accelerator.device,
         vae_batch_size=args.vae_encode_batch_size,
+        offload=args.offload and not args.cache_latents,
         skips=skips,
         summary=summary,
         gather=gather_object if accelerator.num_processes > 1 else None,

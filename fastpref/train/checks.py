@@ -320,6 +320,7 @@ RESUME_CHANGEABLE = frozenset(
         "prior_generation_precision",
         "dataloader_num_workers",
         "vae_encode_batch_size",
+        "offload",
         "latent_cache_dir",
         "cache_dir",
         "max_nonfinite_steps",

@@ -100,3 +100,27 @@ def test_quick_run_writes_finite_positive_step_times(tmp_path, capsys):
     assert positive(mode["breakdown"]["authors/cached"]["EMA store"])
     assert positive(mode["breakdown"]["dpo/uncached"]["encode (VAE+text)"])
     assert positive(mode["batched_probe"]["three_fwd_2B_ms"]) and positive(mode["batched_probe"]["one_fwd_6B_ms"])
+
+
+@pytest.mark.parametrize(
+    "arch, transformer_b, encoders_m",
+    # published sizes: SD3.5 Medium 2.47B (with its 384x384 position table), FLUX.1 dev 11.90B;
+    # VAE 84M, CLIP-L 123M, CLIP-G 695M, T5-XXL's encoder 4762M
+    [("sd3", 2.47, [84, 124, 695, 4762]), ("flux", 11.90, [84, 123, 4762])],
+)
+def test_random_flow_models_have_the_published_sizes(tmp_path, arch, transformer_b, encoders_m):
+    """``--model sd35m-random`` / ``flux-random``, built on the meta device (no memory): the
+    configs give the published parameter counts, in bf16, recognised as their family."""
+    from step_models import random_flow_encoders, random_flow_transformer
+
+    from fastpref.train.families import FAMILIES, of_denoiser
+
+    transformer = random_flow_transformer(arch, "meta", torch.bfloat16, 0)
+    count = sum(t.numel() for t in (*transformer.parameters(), *transformer.buffers()))
+    assert round(count / 1e9, 2) == transformer_b and of_denoiser(transformer) is FAMILIES[arch]
+    assert {p.dtype for p in transformer.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored
+    vae, tokenizers, encoders = random_flow_encoders(arch, "meta", torch.bfloat16, 0, tmp_path)
+    assert [round(sum(p.numel() for p in m.parameters()) / 1e6) for m in (vae, *encoders)] == encoders_m
+    assert len(tokenizers) == len(encoders)
+    assert max(tokenizers[-1].get_vocab().values()) < encoders[-1].config.vocab_size  # T5's ids fit

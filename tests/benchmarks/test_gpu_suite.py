@@ -1,6 +1,7 @@
 """The CPU side of ``benchmarks/gpu_suite.sh``, without a GPU: its dry run prints the
 install commands, the test selection and the benchmarks' arguments; the selection collects, the
-arguments parse, and the stage budgets add up to at most 8 minutes."""
+arguments parse, the first four stages' budgets add up to at most 8 minutes and the flow-matching
+stages to at most 2 more."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SUITE_BUDGET_S = 8 * 60
+SUITE_BUDGET_S = 8 * 60  # install, tests, bench_loss, bench_step
+FLOW_BUDGET_S = 2 * 60  # bench_step on SD3.5 Medium and FLUX.1 at their published sizes
+FLOW_STAGES = {"bench_step_sd3": "sd35m-random", "bench_step_flux": "flux-random"}
 
 
 def dry_run(tmp_path, *args) -> dict:
@@ -54,13 +57,15 @@ def plan(tmp_path_factory):
 def test_writes_to_one_folder_named_after_the_device(plan):
     folder = Path(plan["folder"])
     assert folder.parent == plan["tmp"] / "out" and folder.name.startswith("gpu-")
-    for stage in ("tests", "bench_loss", "bench_step"):
+    for stage in ("tests", "bench_loss", "bench_step", *FLOW_STAGES):
         assert any(arg.startswith(str(folder)) for arg in plan[stage][1]), stage
 
 
-def test_stage_budgets_fit_eight_minutes(plan):
+def test_stage_budgets_fit_eight_minutes_and_two_for_the_flow_models(plan):
     budgets = {stage: plan[stage][0] for stage in ("install", "tests", "bench_loss", "bench_step")}
-    assert sum(budgets.values()) == plan["total_s"] <= SUITE_BUDGET_S, budgets
+    flow = {stage: plan[stage][0] for stage in FLOW_STAGES}
+    assert sum(budgets.values()) <= SUITE_BUDGET_S and sum(flow.values()) <= FLOW_BUDGET_S, (budgets, flow)
+    assert sum(budgets.values()) + sum(flow.values()) == plan["total_s"]
 
 
 def test_installs_into_the_machines_torch(plan):
@@ -107,18 +112,38 @@ def test_bench_loss_arguments_parse(plan):
     assert 0 < args.time_budget < budget
 
 
-def test_bench_step_arguments_parse(plan):
+def bench_step_module():
     for module in ("diffusers", "transformers", "peft", "accelerate"):
         pytest.importorskip(module)
     spec = importlib.util.spec_from_file_location("fastpref_bench_step_args", ROOT / "benchmarks" / "bench_step.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_step_arguments_parse(plan):
+    bench = bench_step_module()
     budget, command = plan["bench_step"]
     args = bench.parse_args(command[2:])
     assert args.model == "sd15-random" and args.dtype == "bf16" and args.batch == 8
     assert set(args.variant_keys) == {"dpo/cached", "fastpref/cached", "authors/uncached"}
     assert 0 < args.time_budget < budget
+
+
+@pytest.mark.parametrize("stage", FLOW_STAGES)
+def test_flow_bench_step_arguments_parse(plan, stage):
+    """The flow stages come after SD 1.5's, shrunk (few rounds, no breakdown), bf16 LoRA at the
+    models' own sizes."""
+    bench = bench_step_module()
+    budget, command = plan[stage]
+    args = bench.parse_args(command[2:])
+    assert args.model == FLOW_STAGES[stage] and args.dtype == "bf16" and args.lora_ranks == [8]
+    assert {"dpo/cached", "fastpref/cached"} <= set(args.variant_keys)
+    assert args.steps <= 5 and args.breakdown_rounds == 0 and 0 < args.time_budget < budget
+    assert args.out == str(Path(plan["folder"]) / f"{stage}.json")
+    stages = list(plan)
+    assert stages.index(stage) > stages.index("bench_step")
 
 
 def test_wheel_list_pins_what_the_gpu_image_lacks():

@@ -171,3 +171,31 @@ def test_an_in_memory_transformer_is_recognised_from_its_config():
     from fastpref.testing.tiny_model import TRANSFORMER_KWARGS
 
     assert of_denoiser(FluxTransformer2DModel(**TRANSFORMER_KWARGS["flux"])) is FAMILIES["flux"]
+
+
+def test_offload_keeps_the_encoders_on_the_cpu_between_steps(flow_models):
+    """``--offload``: the uncached run's VAE and text encoders are loaded on the CPU, moved to the
+    accelerator only to encode a batch and back (also when encoding fails), and encode the same
+    numbers bitwise; the text encoders run in the weight dtype, the VAE in the family's."""
+    from fastpref.train.data import BatchEncoder
+
+    family = FAMILIES["sd3"]
+    vae, tokenizers, encoders = family.load_encoders(ModelSource(str(flow_models["sd3"])), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for e in encoders for p in e.parameters())
+    assert next(vae.parameters()).dtype == family.vae_dtype(vae.config.force_upcast, torch.bfloat16)
+    moves, device = [], torch.device("cpu", 0)  # the accelerator, named apart from the CPU the encoders wait on
+    for module in (vae, *encoders):  # record each move
+        module.to = lambda *args, _to=module.to, **kwargs: moves.append(str(args[0])) or _to(*args, **kwargs)
+    batch = {"pixel_values": torch.rand(4, 3, 32, 32) * 2 - 1, "captions": CAPTIONS}
+    encoded = {}
+    for offload in (False, True):
+        encode = BatchEncoder(family, vae, tokenizers, encoders, 32, device, offload=offload)
+        encoded[offload] = encode(batch)
+    assert moves == ["cpu:0"] * 4 + ["cpu"] * 4  # to the device and back, the VAE and 3 text encoders
+    assert encoded[True].keys() == encoded[False].keys()
+    assert all(torch.equal(encoded[True][k], encoded[False][k]) for k in encoded[False])
+    assert all(p.device.type == "cpu" for m in (vae, *encoders) for p in m.parameters())
+    moves.clear()
+    with pytest.raises(KeyError):  # no captions: the text encoding fails
+        encode({"pixel_values": batch["pixel_values"]})
+    assert moves == ["cpu:0"] * 4 + ["cpu"] * 4

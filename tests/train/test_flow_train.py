@@ -107,14 +107,15 @@ def test_flow_lora_adaptive_run_from_the_cache(flow_models, pairs, tmp_path, arc
 
 
 def test_flow_full_fine_tune_loads_with_from_pretrained(flow_models, pairs, tmp_path):
-    """Uncached (the encoders run every step), weighted sigmas; the transformer folder loads."""
+    """Uncached (the encoders run every step, offloaded to the CPU between steps), weighted sigmas;
+    the transformer folder loads."""
     from diffusers import SD3Transformer2DModel
 
     model, out = flow_models["sd3"], tmp_path / "out"
     logs = train(
         model, pairs, out, "--loss_type", "dpo", "--lora_rank", "0", "--max_train_steps", "1",
         "--learning_rate", "1e-3", "--checkpointing_steps", "0", "--report_to", "none",
-        "--weighting_scheme", "sigma_sqrt",
+        "--weighting_scheme", "sigma_sqrt", "--offload",
     )  # fmt: skip
     assert len(logs) == 1 and math.isfinite(logs[0]["loss"])
     tuned = SD3Transformer2DModel.from_pretrained(out / "transformer")

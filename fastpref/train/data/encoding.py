@@ -3,6 +3,7 @@ at fetch, kept across checkpoints (:class:`FetchSkips`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -57,7 +58,10 @@ class BatchEncoder:
     trainer's batch (:mod:`fastpref.train.trainer`) with the model ``family``'s encoding and
     conditioning (the same functions the latent cache encodes with, so both paths give the same
     numbers); the encoders are needed for pixels only, and the VAE encodes ``vae_batch_size``
-    images at a time.
+    images at a time. With ``offload`` (``--offload``, as diffusers' SD3/FLUX scripts) the VAE
+    and the text encoders live on the CPU and are moved to ``device`` only to encode a batch,
+    then back: the accelerator's memory holds them only while they encode (the numbers are the
+    same: only where the weights wait changes).
 
     The rows a batch passed over at fetch (``skipped_rows``) are recorded in ``skips`` (a
     :class:`FetchSkips`; with ``gather``, e.g. ``accelerator.gather_object``, those of every
@@ -73,6 +77,7 @@ class BatchEncoder:
         device,
         *,
         vae_batch_size: Optional[int] = None,
+        offload: bool = False,
         skips: Optional[FetchSkips] = None,
         summary: Optional[dict] = None,
         gather=None,
@@ -80,6 +85,7 @@ class BatchEncoder:
         self.family = family
         self.vae, self.tokenizers, self.text_encoders = vae, tokenizers, text_encoders
         self.resolution, self.device, self.vae_batch_size = resolution, device, vae_batch_size
+        self.offload = offload
         self.skips = skips if skips is not None else FetchSkips()
         self.summary = summary if summary is not None else {}
         self.gather = gather
@@ -93,6 +99,22 @@ class BatchEncoder:
             logger.warning("rows passed over at fetch (undecodable): %s", format_rows(new))
         self.summary["undecodable_at_fetch"] = len(self.skips.rows)
 
+    @contextlib.contextmanager
+    def encoders_on_device(self):
+        """The VAE and text encoders on ``device`` inside the block; with ``offload``, moved there
+        on entry and back to the CPU on exit (also when encoding raises)."""
+        if not self.offload:
+            yield
+            return
+        modules = [self.vae, *self.text_encoders]
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+
     def __call__(self, batch: dict) -> dict:
         self.count_skips(batch)
         labels = ("flipped", "synthetic_label", "human_label", "human_mask", "propensity")
@@ -101,7 +123,9 @@ class BatchEncoder:
             out["latents"] = batch["latents"]
         else:
             pixels = batch["pixel_values"].to(self.device)
-            out["latents"] = self.family.encode_images(self.vae, pixels, self.vae_batch_size).float()
-            batch = {**batch, **self.family.encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)}
+            with self.encoders_on_device():
+                out["latents"] = self.family.encode_images(self.vae, pixels, self.vae_batch_size).float()
+                text = self.family.encode_prompts(batch["captions"], self.tokenizers, self.text_encoders)
+            batch = {**batch, **text}
         out.update(self.family.batch_conditioning(batch, self.resolution))
         return out
