@@ -15,6 +15,7 @@ import errno
 import signal
 import sys
 
+from ..files import is_disk_full
 from .arguments import ArgumentError, build_parser, given_flags, parse_args
 from .loop import Interrupted
 from .run import resolve, train
@@ -36,12 +37,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"fastpref train: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
-            raise
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"fastpref train: error: {error.strerror or error}{where}", file=sys.stderr)
-        return 2
     except Interrupted as stop:
         print(
             f"fastpref train: {signal.Signals(stop.signum).name} at step {stop.step}: saved {stop.checkpoint}; "
@@ -55,7 +50,22 @@ def main(argv=None) -> int:
     except NonFiniteLossError as error:  # the message says what to do
         print(f"fastpref train: {error}", file=sys.stderr)
         return 3
+    except Exception as error:  # a full disk, however the writer reports it: one line
+        if not is_disk_full(error):
+            raise
+        print(f"fastpref train: error: {disk_full_line(error)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def disk_full_line(error: Exception) -> str:
+    """The line that names a full disk: the path the writer was writing where it is known."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        if str(error.strerror).startswith("no space left on the device"):  # disk_full_named's: it names the path
+            return error.strerror
+        if error.filename:
+            return f"no space left on the device while writing {error.filename}"
+    return f"no space left on the device ({error})"
 
 
 if __name__ == "__main__":

@@ -401,3 +401,70 @@ def test_a_data_set_whose_images_all_fail_to_decode_is_named(train_main, tiny_ru
     else:
         needle = f"{data}: no pair decodes ({rows} rows skipped as undecodable"
     assert needle in lines[0], lines[0]
+
+
+def torch_disk_full():
+    """What ``torch.save`` raises on a full disk (its stream's error chained as the context)."""
+    try:
+        raise RuntimeError("basic_ios::clear: iostream error")
+    except RuntimeError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        except RuntimeError as error:
+            return error
+
+
+def safetensors_disk_full():
+    """What safetensors' ``save_file`` raises on a full disk (not an OSError)."""
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_while_writing_the_final_weights_names_them(train_main, tmp_path, monkeypatch):
+    """The weights file is torn: it is removed (the last checkpoint holds the weights) and named."""
+    from fastpref.train import checkpoints
+
+    out = tmp_path / "out"
+    real = checkpoints.save_lora_weights
+
+    def save_lora_weights(unet, family, folder):
+        if Path(folder) != out:  # a checkpoint's copy
+            return real(unet, family, folder)
+        (out / checkpoints.WEIGHTS_FILE).write_bytes(b"torn")
+        raise safetensors_disk_full()
+
+    monkeypatch.setattr(checkpoints, "save_lora_weights", save_lora_weights)
+    code, err = train_main(out, "--max_train_steps", 1, "--checkpointing_steps", 0)
+    lines = [line for line in err.splitlines() if line.startswith("fastpref train: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    weights = out / checkpoints.WEIGHTS_FILE
+    assert lines[0] == f"fastpref train: error: no space left on the device while writing {weights}"
+    assert not weights.exists() and (out / "checkpoint-1").is_dir()
+
+
+def test_a_full_disk_while_writing_the_latent_cache_names_the_file(train_main, tmp_path, monkeypatch):
+    """torch's and Python's forms of a full disk, in the cache's writer: one line naming the file
+    being written; no temporary file is left."""
+    import safetensors.torch
+
+    from fastpref.files import disk_full_named
+
+    errors = [torch_disk_full(), OSError(errno.ENOSPC, "No space left on device")]
+
+    def save_file(tensors, file):
+        Path(file).write_bytes(b"torn")
+        raise errors[0]
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    cache = tmp_path / "cache"
+    code, err = train_main(tmp_path / "out", "--cache_latents", "--latent_cache_dir", cache, "--max_train_steps", 1)
+    lines = [line for line in err.splitlines() if line.startswith("fastpref train: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith(f"fastpref train: error: no space left on the device while writing {cache}")
+    assert lines[0].endswith(".safetensors") and not [p for p in cache.rglob("*") if ".tmp" in p.name]
+    for error in errors[1:]:
+        with pytest.raises(OSError, match="no space left on the device while writing x") as raised:
+            with disk_full_named("x"):
+                raise error
+        assert raised.value.errno == errno.ENOSPC
