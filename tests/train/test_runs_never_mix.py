@@ -1,10 +1,11 @@
 """Runs never mix: the fault-injection matrix of ``fastpref train`` (start / resume x the states an
 ``--output_dir`` can be in), plus the checks that a resume, a flag or the disk can fail.
 
-Every case but one stops at start-up (in this process, before any model is loaded): what the
-folder held must be there byte for byte afterwards. The one run that trains is ``--output_dir .``
-with ``--overwrite_output_dir``. The interrupts inside a step, resumed bitwise, are in
-``test_checkpoints.py`` (beside its uninterrupted reference run).
+Every case of the matrix stops at start-up (in this process, before any model is loaded): what
+the folder held must be there byte for byte afterwards. The runs that train are ``--output_dir .``
+with ``--overwrite_output_dir``, the full disk at the final weights and SDXL's fp16 validation.
+The interrupts inside a step, resumed bitwise, are in ``test_checkpoints.py`` (beside its
+uninterrupted reference run).
 """
 
 from __future__ import annotations
@@ -448,13 +449,9 @@ def test_a_full_disk_while_writing_the_latent_cache_names_the_file(train_main, t
     being written; no temporary file is left."""
     import safetensors.torch
 
-    from fastpref.files import disk_full_named
-
-    errors = [torch_disk_full(), OSError(errno.ENOSPC, "No space left on device")]
-
     def save_file(tensors, file):
         Path(file).write_bytes(b"torn")
-        raise errors[0]
+        raise torch_disk_full()
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     cache = tmp_path / "cache"
@@ -463,11 +460,29 @@ def test_a_full_disk_while_writing_the_latent_cache_names_the_file(train_main, t
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith(f"fastpref train: error: no space left on the device while writing {cache}")
     assert lines[0].endswith(".safetensors") and not [p for p in cache.rglob("*") if ".tmp" in p.name]
-    for error in errors[1:]:
-        with pytest.raises(OSError, match="no space left on the device while writing x") as raised:
-            with disk_full_named("x"):
-                raise error
-        assert raised.value.errno == errno.ENOSPC
+
+
+def test_an_atomic_write_on_a_full_disk_names_its_file(tmp_path):
+    """Every form of a full disk (a full quota too) becomes ``OSError(ENOSPC)`` naming the file,
+    no temporary file left; any other error passes unchanged."""
+    from fastpref.files import write_atomic
+
+    file = tmp_path / "train_summary.json"
+    errors = [OSError(errno.EDQUOT, "Disk quota exceeded"), OSError(errno.ENOSPC, "No space left on device")]
+    for error in [*errors, torch_disk_full(), safetensors_disk_full(), RuntimeError("not a disk")]:
+
+        def write(tmp):
+            tmp.write_bytes(b"torn")
+            raise error
+
+        with pytest.raises((OSError, RuntimeError)) as raised:
+            write_atomic(file, write)
+        if str(error) == "not a disk":
+            assert raised.value is error
+        else:
+            assert raised.value.errno == errno.ENOSPC
+            assert str(raised.value) == f"[Errno 28] no space left on the device while writing {file}"
+        assert not list(tmp_path.iterdir())
 
 
 def test_sdxl_validation_runs_under_fp16_mixed_precision(train_main, tiny_sdxl, tmp_path):
