@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     try:
         train(plan)
     except (ValueError, FileNotFoundError) as error:
-        print(f"fastpref train: error: {error}", file=sys.stderr)
+        print(f"fastpref train: error: {error_line(error)}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         print(
@@ -56,6 +56,16 @@ def main(argv=None) -> int:
         print(f"fastpref train: error: {disk_full_line(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def error_line(error: Exception) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker is re-raised by
+    torch with the worker's traceback in its message; its last line ("module.Class: message")
+    holds the message."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def disk_full_line(error: Exception) -> str:

@@ -381,10 +381,10 @@ def test_an_empty_parquet_file_is_named(train_main, tmp_path):
     assert f"fastpref train: error: --dataset_name: the 'train' parquet files hold no rows ({data})" in err
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["decoded-at-fetch", "latent-cache"])
-def test_a_data_set_whose_images_all_fail_to_decode_is_named(train_main, tiny_run, tmp_path, cached):
-    """Every image undecodable: found at the first fetch, or while building the latent cache; one
-    line naming the data set and the rows skipped, exit 2."""
+@pytest.mark.parametrize("how", ["decoded-at-fetch", "in-a-loader-worker", "latent-cache"])
+def test_a_data_set_whose_images_all_fail_to_decode_is_named(train_main, tiny_run, tmp_path, how):
+    """Every image undecodable: found at the first fetch (in this process or a DataLoader worker),
+    or while building the latent cache; one line naming the data set and the rows skipped, exit 2."""
     import pyarrow.parquet as pq
 
     from fastpref.testing.toy_data import corrupt_rows, write_parquet
@@ -392,8 +392,10 @@ def test_a_data_set_whose_images_all_fail_to_decode_is_named(train_main, tiny_ru
     columns = pq.read_table(next(Path(tiny_run["data"]).glob("*.parquet"))).to_pydict()
     rows = len(columns["jpg_0"])
     data = write_parquet(corrupt_rows(columns, range(rows)), tmp_path / "bad" / "train.parquet").parent
-    cache = ["--cache_latents", "--latent_cache_dir", tmp_path / "cache"] if cached else []
-    code, err = train_main(tmp_path / "out", "--dataset_name", data, "--max_train_steps", 1, *cache)
+    cached = how == "latent-cache"
+    extra = ["--cache_latents", "--latent_cache_dir", tmp_path / "cache"] if cached else []
+    extra += ["--dataloader_num_workers", 1] if how == "in-a-loader-worker" else []
+    code, err = train_main(tmp_path / "out", "--dataset_name", data, "--max_train_steps", 1, *extra)
     lines = [line for line in err.splitlines() if line.startswith("fastpref train: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     if cached:
