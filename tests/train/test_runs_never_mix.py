@@ -491,12 +491,18 @@ def test_sdxl_validation_runs_under_fp16_mixed_precision(train_main, tiny_sdxl, 
     """SDXL's VAE stays float32 under fp16 (it overflows in float16); the validation pipeline
     hands it the float16 latents of the denoiser, which it now decodes in its own dtype."""
     import numpy as np
+    from accelerate.state import AcceleratorState
     from PIL import Image
 
     out = tmp_path / "out"
     extra = ["--pretrained_model_name_or_path", tiny_sdxl["model"], "--mixed_precision", "fp16", "--run_validation"]
     extra += ["--validation_prompts", "a red fox", "--validation_inference_steps", 1, "--max_train_steps", 1]
-    code, err = train_main(out, *extra, "--checkpointing_steps", 0)
+    # accelerate keeps one precision per process: this test's fp16 neither meets nor leaves another
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        code, err = train_main(out, *extra, "--checkpointing_steps", 0)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert code == 0 and "Traceback" not in err, err[-3000:]
     image = np.asarray(Image.open(out / "validation" / "step-1" / "00.png"), dtype=np.float64)
     assert image.shape == (32, 32, 3) and image.std() > 0
