@@ -26,8 +26,6 @@ given). It is read in :func:`save_checkpoint` only; the fault-injection tests us
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -39,12 +37,14 @@ import uuid
 from pathlib import Path
 from typing import List, Optional
 
+from .. import files
 from ..files import fsync_dir, replace_durably, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("fastpref.train")
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 POLICY_LORA_FILE = "policy_lora.safetensors"
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file
 MANIFEST = "checkpoint.json"
 FAULT_ENV = "FASTPREF_FAULT"
 # The save sequence, in order; FASTPREF_FAULT can kill the process right after each of them.
@@ -196,19 +196,10 @@ def save_checkpoint(
     return final
 
 
-@contextlib.contextmanager
 def disk_full_named(path: Path):
-    """Turn a full disk inside the block (an ``OSError`` ENOSPC, or torch's "file write failed")
-    into ``OSError(ENOSPC)`` whose message names ``path``; a ``.partial`` ``path`` is removed."""
-    try:
-        yield
-    except (OSError, RuntimeError) as error:
-        full = getattr(error, "errno", None) == errno.ENOSPC or "file write failed" in str(error)
-        if not full:
-            raise
-        if path.name.endswith(".partial"):
-            shutil.rmtree(path, ignore_errors=True)
-        raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}") from error
+    """:func:`fastpref.files.disk_full_named` for a checkpoint save: a ``.partial`` ``path`` is
+    removed, anything else is kept (a save never removes a complete checkpoint)."""
+    return files.disk_full_named(path, remove=path.name.endswith(".partial"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,15 +350,18 @@ def install_lora_hooks(accelerator, unet_type, family) -> None:
 def save_weights(accelerator, trainer, output_dir: Path) -> None:
     """LoRA: ``pytorch_lora_weights.safetensors`` (diffusers' saver; ``pipe.load_lora_weights``
     reads it); full fine-tune: the family's denoiser folder, ``unet/`` for SD (``save_pretrained``,
-    safetensors)."""
+    safetensors). A full disk raises ``OSError(ENOSPC)`` naming that file or folder, removed."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     unet = trainer.base_unet
-    if trainer.config.lora_rank > 0:
-        save_lora_weights(unet, trainer.family, output_dir)
-    else:
-        unet.save_pretrained(str(output_dir / trainer.family.denoiser_folder), safe_serialization=True)
+    lora = trainer.config.lora_rank > 0
+    weights = output_dir / (WEIGHTS_FILE if lora else trainer.family.denoiser_folder)
+    with files.disk_full_named(weights, remove=True):  # torn weights are removed: the checkpoint has them
+        if lora:
+            save_lora_weights(unet, trainer.family, output_dir)
+        else:
+            unet.save_pretrained(str(weights), safe_serialization=True)
 
 
 def save_lora_weights(unet, family, folder) -> None:

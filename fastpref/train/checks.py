@@ -282,7 +282,13 @@ def check_backend(backend: str, device) -> None:
 
 
 def check_batch_fits(batch_size: int, processes: int, summary: dict, dataset_name: str) -> None:
-    """A global batch holds distinct pairs: fewer usable pairs than it would repeat some in every batch."""
+    """A global batch holds distinct pairs: fewer usable pairs than it would repeat some in every batch.
+    No usable pair at all is named as such, with the rows skipped and why."""
+    if summary["pairs"] == 0:
+        raise ArgumentError(
+            f"--dataset_name {dataset_name}: no usable pair: of its {summary['rows']} rows, {summary['malformed']} "
+            f"skipped as malformed, {summary['undecodable']} as undecodable, {summary['ties_dropped']} ties dropped"
+        )
     if batch_size * processes > summary["pairs"]:
         raise ArgumentError(
             f"--train_batch_size {batch_size} x {processes} process(es) is more than the {summary['pairs']} usable "

@@ -15,6 +15,7 @@ import errno
 import signal
 import sys
 
+from ..files import is_disk_full
 from .arguments import ArgumentError, build_parser, given_flags, parse_args
 from .loop import Interrupted
 from .run import resolve, train
@@ -34,13 +35,7 @@ def main(argv=None) -> int:
     try:
         train(plan)
     except (ValueError, FileNotFoundError) as error:
-        print(f"fastpref train: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
-            raise
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"fastpref train: error: {error.strerror or error}{where}", file=sys.stderr)
+        print(f"fastpref train: error: {error_line(error)}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         print(
@@ -55,7 +50,32 @@ def main(argv=None) -> int:
     except NonFiniteLossError as error:  # the message says what to do
         print(f"fastpref train: {error}", file=sys.stderr)
         return 3
+    except Exception as error:  # a full disk, however the writer reports it: one line
+        if not is_disk_full(error):
+            raise
+        print(f"fastpref train: error: {disk_full_line(error)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def error_line(error: Exception) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker is re-raised by
+    torch with the worker's traceback in its message; its last line ("module.Class: message")
+    holds the message."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def disk_full_line(error: Exception) -> str:
+    """The line that names a full disk: the path the writer was writing where it is known."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        if str(error.strerror).startswith("no space left on the device"):  # disk_full_named's: it names the path
+            return error.strerror
+        if error.filename:
+            return f"no space left on the device while writing {error.filename}"
+    return f"no space left on the device ({error})"
 
 
 if __name__ == "__main__":

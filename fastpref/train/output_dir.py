@@ -18,14 +18,13 @@ from typing import List, Optional
 
 from ..files import replace_durably
 from .arguments import ArgumentError, RunArguments
-from .checkpoints import CHECKPOINT, CheckpointError, checkpoints, read_manifest, resolve_resume
+from .checkpoints import CHECKPOINT, WEIGHTS_FILE, CheckpointError, checkpoints, read_manifest, resolve_resume
 from .families import FAMILIES
 
 logger = logging.getLogger("fastpref.train")
 
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
-WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 LOCK_FILE = ".fastpref.lock"
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline's folder: never a fresh run's output
 # What a run leaves in its --output_dir (a full fine-tune: its family's denoiser folder): a fresh

@@ -16,7 +16,7 @@ import torch
 from . import checks, hub
 from .arguments import DataArguments, RunArguments, defaults_that_differ
 from .assembly import build_trainer, load_data, make_accelerator, make_loader, run_config
-from .checkpoints import disk_full_named, new_run_id, resume, save_checkpoint, save_weights
+from .checkpoints import new_run_id, resume, save_checkpoint, save_weights
 from .config import TrainConfig
 from .data.sources import default_split
 from .families import ModelFamily
@@ -206,8 +206,7 @@ def _train(plan: RunPlan) -> dict:
             summary("aborted")
             raise
         checkpoint()
-        with disk_full_named(output_dir):
-            save_weights(accelerator, trainer, output_dir)
+        save_weights(accelerator, trainer, output_dir)
         if run.run_validation and accelerator.is_main_process and trainer.global_step not in validated:
             validate()  # the final weights
         result = summary("finished")

@@ -293,3 +293,35 @@ def test_an_interrupt_inside_a_step_saves_that_whole_step(reference, tiny_run, t
     assert same_weights(out, reference) and log_of(out) == log_of(reference)
     assert "resume: changed --checkpointing_steps 0 (this command: 1)" in caplog.text
     assert json.loads((out / "train_summary.json").read_text())["state"] == "finished"
+
+
+def test_an_interrupt_inside_an_accumulation_window_saves_whole_steps(tiny_run, tmp_path, monkeypatch):
+    """``--gradient_accumulation_steps 2``: Ctrl-C in the backward pass of the first micro-batch
+    stops the run once step 1's window is complete, with the uninterrupted run's ``checkpoint-1``
+    (never a half-accumulated gradient); resumed, its weights and log."""
+    from accelerate import Accelerator
+    from offline import tiny_args
+
+    from fastpref.train.cli import main
+
+    steps = ["--max_train_steps", 2, "--gradient_accumulation_steps", 2]
+    reference = tmp_path / "reference"
+    assert main(tiny_args(tiny_run, reference, *steps, "--checkpointing_steps", 1)) == 0
+
+    out = tmp_path / "out"
+    original, calls = Accelerator.backward, []
+
+    def backward(self, loss, **kwargs):
+        calls.append(loss)
+        if len(calls) == 1:  # micro-batch 1 of 4: the window of step 1 has begun
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, loss, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "backward", backward)
+    code = main(tiny_args(tiny_run, out, *steps, "--checkpointing_steps", 0))
+    monkeypatch.setattr(Accelerator, "backward", original)
+    assert code == 128 + signal.SIGINT and len(calls) == 2
+    assert [p.name for p in ckpt.checkpoints(out)] == ["checkpoint-1"]
+    assert same_checkpoint(out / "checkpoint-1", reference / "checkpoint-1")
+    assert main(tiny_args(tiny_run, out, *steps, "--checkpointing_steps", 1, "--resume_from_checkpoint", "latest")) == 0
+    assert same_weights(out, reference) and log_of(out) == log_of(reference)

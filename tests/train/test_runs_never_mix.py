@@ -1,10 +1,11 @@
 """Runs never mix: the fault-injection matrix of ``fastpref train`` (start / resume x the states an
 ``--output_dir`` can be in), plus the checks that a resume, a flag or the disk can fail.
 
-Every case but one stops at start-up (in this process, before any model is loaded): what the
-folder held must be there byte for byte afterwards. The one run that trains is ``--output_dir .``
-with ``--overwrite_output_dir``. The interrupts inside a step, resumed bitwise, are in
-``test_checkpoints.py`` (beside its uninterrupted reference run).
+Every case of the matrix stops at start-up (in this process, before any model is loaded): what
+the folder held must be there byte for byte afterwards. The runs that train are ``--output_dir .``
+with ``--overwrite_output_dir``, the full disk at the final weights and SDXL's fp16 validation.
+The interrupts inside a step, resumed bitwise, are in ``test_checkpoints.py`` (beside its
+uninterrupted reference run).
 """
 
 from __future__ import annotations
@@ -378,3 +379,130 @@ def test_an_empty_parquet_file_is_named(train_main, tmp_path):
     code, err = train_main(tmp_path / "out", "--dataset_name", data)
     assert code == 2 and "Traceback" not in err
     assert f"fastpref train: error: --dataset_name: the 'train' parquet files hold no rows ({data})" in err
+
+
+@pytest.mark.parametrize("how", ["decoded-at-fetch", "in-a-loader-worker", "latent-cache"])
+def test_a_data_set_whose_images_all_fail_to_decode_is_named(train_main, tiny_run, tmp_path, how):
+    """Every image undecodable: found at the first fetch (in this process or a DataLoader worker),
+    or while building the latent cache; one line naming the data set and the rows skipped, exit 2."""
+    import pyarrow.parquet as pq
+
+    from fastpref.testing.toy_data import corrupt_rows, write_parquet
+
+    columns = pq.read_table(next(Path(tiny_run["data"]).glob("*.parquet"))).to_pydict()
+    rows = len(columns["jpg_0"])
+    data = write_parquet(corrupt_rows(columns, range(rows)), tmp_path / "bad" / "train.parquet").parent
+    cached = how == "latent-cache"
+    extra = ["--cache_latents", "--latent_cache_dir", tmp_path / "cache"] if cached else []
+    extra += ["--dataloader_num_workers", 1] if how == "in-a-loader-worker" else []
+    code, err = train_main(tmp_path / "out", "--dataset_name", data, "--max_train_steps", 1, *extra)
+    lines = [line for line in err.splitlines() if line.startswith("fastpref train: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    if cached:
+        needle = f"--dataset_name {data}: no usable pair: of its {rows} rows, 0 skipped as malformed, {rows} as "
+        needle += "undecodable"
+    else:
+        needle = f"{data}: no pair decodes ({rows} rows skipped as undecodable"
+    assert needle in lines[0], lines[0]
+
+
+def torch_disk_full():
+    """What ``torch.save`` raises on a full disk (its stream's error chained as the context)."""
+    try:
+        raise RuntimeError("basic_ios::clear: iostream error")
+    except RuntimeError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        except RuntimeError as error:
+            return error
+
+
+def safetensors_disk_full():
+    """What safetensors' ``save_file`` raises on a full disk (not an OSError)."""
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_while_writing_the_final_weights_names_them(train_main, tmp_path, monkeypatch):
+    """The weights file is torn: it is removed (the last checkpoint holds the weights) and named."""
+    from fastpref.train import checkpoints
+
+    out = tmp_path / "out"
+    real = checkpoints.save_lora_weights
+
+    def save_lora_weights(unet, family, folder):
+        if Path(folder) != out:  # a checkpoint's copy
+            return real(unet, family, folder)
+        (out / checkpoints.WEIGHTS_FILE).write_bytes(b"torn")
+        raise safetensors_disk_full()
+
+    monkeypatch.setattr(checkpoints, "save_lora_weights", save_lora_weights)
+    code, err = train_main(out, "--max_train_steps", 1, "--checkpointing_steps", 0)
+    lines = [line for line in err.splitlines() if line.startswith("fastpref train: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    weights = out / checkpoints.WEIGHTS_FILE
+    assert lines[0] == f"fastpref train: error: no space left on the device while writing {weights}"
+    assert not weights.exists() and (out / "checkpoint-1").is_dir()
+
+
+def test_a_full_disk_while_writing_the_latent_cache_names_the_file(train_main, tmp_path, monkeypatch):
+    """torch's and Python's forms of a full disk, in the cache's writer: one line naming the file
+    being written; no temporary file is left."""
+    import safetensors.torch
+
+    def save_file(tensors, file):
+        Path(file).write_bytes(b"torn")
+        raise torch_disk_full()
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    cache = tmp_path / "cache"
+    code, err = train_main(tmp_path / "out", "--cache_latents", "--latent_cache_dir", cache, "--max_train_steps", 1)
+    lines = [line for line in err.splitlines() if line.startswith("fastpref train: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith(f"fastpref train: error: no space left on the device while writing {cache}")
+    assert lines[0].endswith(".safetensors") and not [p for p in cache.rglob("*") if ".tmp" in p.name]
+
+
+def test_an_atomic_write_on_a_full_disk_names_its_file(tmp_path):
+    """Every form of a full disk (a full quota too) becomes ``OSError(ENOSPC)`` naming the file,
+    no temporary file left; any other error passes unchanged."""
+    from fastpref.files import write_atomic
+
+    file = tmp_path / "train_summary.json"
+    errors = [OSError(errno.EDQUOT, "Disk quota exceeded"), OSError(errno.ENOSPC, "No space left on device")]
+    for error in [*errors, torch_disk_full(), safetensors_disk_full(), RuntimeError("not a disk")]:
+
+        def write(tmp):
+            tmp.write_bytes(b"torn")
+            raise error
+
+        with pytest.raises((OSError, RuntimeError)) as raised:
+            write_atomic(file, write)
+        if str(error) == "not a disk":
+            assert raised.value is error
+        else:
+            assert raised.value.errno == errno.ENOSPC
+            assert str(raised.value) == f"[Errno 28] no space left on the device while writing {file}"
+        assert not list(tmp_path.iterdir())
+
+
+def test_sdxl_validation_runs_under_fp16_mixed_precision(train_main, tiny_sdxl, tmp_path):
+    """SDXL's VAE stays float32 under fp16 (it overflows in float16); the validation pipeline
+    hands it the float16 latents of the denoiser, which it now decodes in its own dtype."""
+    import numpy as np
+    from accelerate.state import AcceleratorState
+    from PIL import Image
+
+    out = tmp_path / "out"
+    extra = ["--pretrained_model_name_or_path", tiny_sdxl["model"], "--mixed_precision", "fp16", "--run_validation"]
+    extra += ["--validation_prompts", "a red fox", "--validation_inference_steps", 1, "--max_train_steps", 1]
+    # accelerate keeps one precision per process: this test's fp16 neither meets nor leaves another
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        code, err = train_main(out, *extra, "--checkpointing_steps", 0)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    image = np.asarray(Image.open(out / "validation" / "step-1" / "00.png"), dtype=np.float64)
+    assert image.shape == (32, 32, 3) and image.std() > 0

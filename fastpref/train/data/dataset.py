@@ -21,6 +21,10 @@ VALID_LABELS = (0.0, 0.5, 1.0)
 _AUGMENT_STREAM = 0xA06
 
 
+class UndecodableDataError(ValueError):
+    """No pair of a :class:`PreferenceDataset` decodes: every fetch would fail."""
+
+
 class PreferenceDataset(torch.utils.data.Dataset):
     """Pick-a-Pic v2 preference pairs (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) over the
     rows of a Hugging Face dataset, served winner first; docs/data.md has the rules.
@@ -358,7 +362,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
             self._add_pixels(item, images, index if position is None else position)
             item["skipped_rows"] = skipped
             return item
-        raise RuntimeError(f"no pair of the {len(self)} in {self.source} decodes")
+        raise UndecodableDataError(
+            f"{self.source}: no pair decodes ({len(skipped)} rows skipped as undecodable, all {len(self)} pairs tried)"
+        )
 
     def _add_pixels(self, item: dict, images: list, position: int) -> None:
         """``pixel_values``, ``original_sizes`` and ``crop_top_lefts`` of the pair (served order),

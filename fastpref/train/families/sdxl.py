@@ -90,8 +90,11 @@ class SDXL(SD15):
         return StableDiffusionXLPipeline
 
     def validation_pipeline(self, source, denoiser, weight_dtype: torch.dtype, device):
-        """``StableDiffusionXLPipeline`` with its own scheduler, as diffusers' SDXL DPO script."""
-        return self.load_pipeline(source, denoiser, weight_dtype)
+        """``StableDiffusionXLPipeline`` with its own scheduler, as diffusers' SDXL DPO script; its
+        VAE decodes in its own dtype (:func:`decode_in_vae_dtype`)."""
+        pipeline = self.load_pipeline(source, denoiser, weight_dtype)
+        decode_in_vae_dtype(pipeline.vae)
+        return pipeline
 
     def sampling(self, is_turbo: bool, steps: Optional[int]) -> dict:
         """SDXL Turbo samples with its 4 steps and no guidance."""
@@ -104,3 +107,17 @@ class SDXL(SD15):
             f"--beta_dpo {beta:g}: fastpref's scale for every model family; diffusers' train_diffusion_dpo_sdxl.py "
             f"halves its --beta_dpo (its --beta_dpo {2 * beta:g} is this run's)"
         )
+
+
+def decode_in_vae_dtype(vae) -> None:
+    """Make ``vae.decode`` take latents of any dtype and decode them in the VAE's own, autocast
+    off. SDXL's VAE is float32 under fp16 mixed precision (:meth:`SDXL.vae_dtype`), and the pipeline
+    hands it the denoiser's float16 latents: without autocast (CPU) the convolution refuses them,
+    with it (CUDA) the VAE would run in float16, which it overflows in."""
+    decode = vae.decode
+
+    def decode_cast(latents, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return decode(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode_cast
