@@ -21,6 +21,7 @@ from .families import ModelFamily
 from .loop import run_steps
 from .models import ModelSource
 from .output_dir import LOG_FILE, check_output_dir, move_aside
+from .sharding import check_fsdp
 from .summary import run_summary, write_outputs
 from .validation import run_validation
 
@@ -62,6 +63,7 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     checks.check_run_values(run)
     config = checks.check_train_settings(settings, family)
     checks.check_family_options(config, family, source)
+    check_fsdp(config, run)
     checks.check_installed(run)
     checks.check_hub(run)
     resolution = data_args.resolution if data_args.resolution is not None else family.defaults.resolution
