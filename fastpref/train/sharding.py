@@ -33,6 +33,12 @@ logger = logging.getLogger("fastpref.train")
 SHARDED_STATE = "sharded_state"  # the folder of a checkpoint that holds the DCP files
 
 
+FP16_MESSAGE = (
+    "--fsdp: cannot be combined with --mixed_precision fp16 (its loss scaling does not reach the sharded "
+    "gradients); use bf16"
+)
+
+
 def check_fsdp(config, run) -> None:
     """``--fsdp``'s combinations, before any work (:class:`~fastpref.train.arguments.ArgumentError`)."""
     from .arguments import ArgumentError
@@ -41,6 +47,8 @@ def check_fsdp(config, run) -> None:
         return
     if config.use_8bit_adam:
         raise ArgumentError("--fsdp: cannot be combined with --use_8bit_adam (AdamW8bit takes no DTensor)")
+    if config.mixed_precision == "fp16":
+        raise ArgumentError(FP16_MESSAGE)
     if run.run_validation:
         raise ArgumentError("--fsdp: cannot be combined with --run_validation yet (sampling runs on one process)")
 
@@ -83,6 +91,7 @@ class ShardedModelFootprints(ModelFootprints):
         for model in self.models:
             shard(model, blocks_of(model), mesh, param_dtype)
         self.names = [n for n, p in self.unet.named_parameters() if p.requires_grad]
+        self._policy, self._ema = [], []  # the unsharded tensors: let them go
 
     def _policy_tensors(self) -> List[torch.Tensor]:
         params = dict(self.unet.named_parameters())
@@ -196,3 +205,48 @@ def save_pretrained(module, folder, is_main: bool) -> None:
         whole = cls.from_config(module.config)
     whole.load_state_dict(state, assign=True)
     whole.save_pretrained(str(folder), safe_serialization=True)
+
+
+def export_checkpoint(checkpoint, denoiser_config: dict, output_dir) -> Path:
+    """The policy of a ``--fsdp`` checkpoint as a diffusers folder, in one process, on request:
+    the denoiser (class and config: ``denoiser_config``, its ``config.json``) built on the CPU,
+    the checkpoint's policy read into it with ``torch.distributed.checkpoint`` (the policy only:
+    not the optimizer or footprints), then ``save_pretrained`` into ``output_dir``; returns it."""
+    import diffusers
+    import torch.distributed.checkpoint as dcp
+
+    state_dir = Path(checkpoint) / SHARDED_STATE
+    if not (state_dir / ".metadata").is_file():
+        raise FileNotFoundError(f"{checkpoint}: no {SHARDED_STATE}/.metadata (not a checkpoint of a --fsdp run)")
+    model = getattr(diffusers, denoiser_config["_class_name"]).from_config(denoiser_config)
+    state = {"policy": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(state_dir), no_dist=True)
+    model.load_state_dict(state["policy"])
+    model.save_pretrained(str(output_dir), safe_serialization=True)
+    return Path(output_dir)
+
+
+def main(argv=None) -> int:
+    """``python -m fastpref.train.sharding CHECKPOINT --pretrained_model_name_or_path P --output_dir OUT``."""
+    import argparse
+
+    from .models import ModelSource
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastpref.train.sharding",
+        description="Write the policy of a --fsdp checkpoint as a diffusers folder (save_pretrained).",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint-N folder of a --fsdp run")
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="the pipeline the run trained")
+    parser.add_argument("--output_dir", required=True, help="where the denoiser folder goes")
+    args = parser.parse_args(argv)
+    source = ModelSource(args.pretrained_model_name_or_path)
+    config = source.configs[source.family.denoiser_folder]
+    print(export_checkpoint(args.checkpoint, config, args.output_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

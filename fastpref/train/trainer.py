@@ -164,8 +164,10 @@ class PreferenceTrainer:
 
     def _shard(self, unet) -> None:
         """``--fsdp``: shard the policy, the reference and the footprints on one mesh, per block."""
-        from .sharding import mesh_of, shard
+        from .sharding import FP16_MESSAGE, mesh_of, shard
 
+        if self.accelerator.mixed_precision == "fp16":  # accelerate's configuration may set it
+            raise ValueError(FP16_MESSAGE)
         mesh = mesh_of(self.accelerator)
         gathered = None if self.weight_dtype == torch.float32 else self.weight_dtype
         shard(unet, self.family.shard_blocks(unet), mesh, gathered)

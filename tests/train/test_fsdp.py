@@ -81,6 +81,7 @@ def child(folder: Path) -> None:
         curve = losses(trainer, batches()[:SAVE_AT])
         if objective == "adaptive":
             trainer.accelerator.save_state(str(folder / "checkpoint"))
+            at_save = full_state_dict(trainer.unet)
         curve += losses(trainer, batches()[SAVE_AT:])
         result[objective] = curve
     accelerator = trainer.accelerator
@@ -98,6 +99,7 @@ def child(folder: Path) -> None:
     result["whole"] = [p.numel() for p in resumed.unet.parameters()][:3]
     if accelerator.is_main_process:
         torch.save(ended[0], folder / "ended.pt")
+        torch.save(at_save, folder / "at_save.pt")
         (folder / "result.json").write_text(json.dumps(result))
 
 
@@ -116,15 +118,40 @@ def test_fsdp_two_processes_match_one_and_resume_bitwise(tmp_path):
 
     from diffusers import UNet2DConditionModel
 
+    from fastpref.testing.tiny_model import unet_kwargs
+    from fastpref.train.sharding import export_checkpoint
+
     for objective in OBJECTIVES:
         single = losses(make_trainer(objective, fsdp=False), batches())
-        # float rounding only: the sharded gathers and reductions sum in another order
-        assert result[objective] == pytest.approx(single, rel=1e-3, abs=1e-5), objective
+        # float rounding only (the sharded reductions sum in another order), grown by the steps: AdamW
+        # moves a weight by about the learning rate whatever its gradient's size (as DDP vs 1 process)
+        assert result[objective] == pytest.approx(single, rel=1e-2, abs=1e-5), objective
     assert result["resumed_step"] == SAVE_AT and result["bitwise"]
     assert all(2 * s >= w and s < w for s, w in zip(result["shards"], result["whole"]))  # each holds half
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     ended = torch.load(tmp_path / "ended.pt")
     assert all(torch.equal(saved.state_dict()[k], ended[k]) for k in ended)
+    # any checkpoint, consolidated on request in one process
+    config = dict(UNet2DConditionModel(**unet_kwargs("sd15")).config, _class_name="UNet2DConditionModel")
+    export_checkpoint(tmp_path / "checkpoint", config, tmp_path / "exported")
+    exported, at_save = UNet2DConditionModel.from_pretrained(tmp_path / "exported"), torch.load(tmp_path / "at_save.pt")
+    assert all(torch.equal(exported.state_dict()[k], at_save[k]) for k in at_save)
+
+
+def test_fsdp_argument_checks():
+    from fastpref.train.arguments import ArgumentError, RunArguments
+    from fastpref.train.sharding import check_fsdp
+    from fastpref.train.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="fsdp"):
+        TrainConfig(fsdp=True, lora_rank=8)
+    run = RunArguments(output_dir="out")
+    for bad, flag in (({"use_8bit_adam": True}, "use_8bit_adam"), ({"mixed_precision": "fp16"}, "fp16")):
+        with pytest.raises(ArgumentError, match=flag):
+            check_fsdp(TrainConfig(fsdp=True, lora_rank=0, **bad), run)
+    with pytest.raises(ArgumentError, match="run_validation"):
+        check_fsdp(TrainConfig(fsdp=True, lora_rank=0), RunArguments(output_dir="out", run_validation=True))
+    check_fsdp(TrainConfig(lora_rank=8), run)  # no --fsdp: nothing to check
 
 
 if __name__ == "__main__":
