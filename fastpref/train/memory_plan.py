@@ -64,6 +64,7 @@ PARTS = (
     ("optimizer", "optimizer state"),
     ("reference", "frozen reference"),
     ("footprints", "EMA footprints"),
+    ("buffers", "buffers (every copy)"),
     ("encoders", "VAE + text encoders"),
     ("step_temp", "optimizer step temporaries"),
     ("gathered", "FSDP all-gathered blocks"),
@@ -75,13 +76,16 @@ class ParameterCounts:
     """Parameter counts of a run's model: the ``denoiser`` (all of it), its ``trainable`` tensors
     (the LoRA adapter, or the whole denoiser), the largest trainable tensor, the ``blocks`` FSDP
     shards separately (each one's count; the rest, ``denoiser - sum(blocks)``, is sharded with the
-    root module), and the frozen ``encoders`` (VAE and text encoders, 0 when latents are cached)."""
+    root module), the frozen ``encoders`` (VAE and text encoders, 0 when latents are cached) and
+    the denoiser's floating-point ``buffers`` (elements; e.g. SD3's positional embedding table),
+    which every copy of the denoiser holds and FSDP does not shard."""
 
     denoiser: int
     trainable: int
     largest_tensor: int
     blocks: Tuple[int, ...]
     encoders: int = 0
+    buffers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +143,7 @@ def plan(counts: ParameterCounts, flags: Flags, processes: int, fsdp: bool, acti
     weight = WEIGHT_BYTES[flags.mixed_precision]
     n, t = counts.denoiser, counts.trainable
     lora = flags.lora_rank > 0
+    copies = 1 + flags.num_footprints  # float32 copies of a full fine-tune: the policy and its footprints
     state = ADAMW_8BIT_STATE_BYTES if flags.use_8bit_adam else ADAMW_STATE_BYTES
     parts = {
         "policy": (n * weight + t * TRAINABLE_BYTES) if lora else n * TRAINABLE_BYTES,
@@ -146,6 +151,9 @@ def plan(counts: ParameterCounts, flags: Flags, processes: int, fsdp: bool, acti
         "optimizer": t * state,
         "reference": 0 if lora else n * weight,  # LoRA: the base with adapters disabled
         "footprints": flags.num_footprints * t * FOOTPRINT_BYTES,
+        # buffers follow their module's dtype: the policy's and footprints' float32, the reference's
+        # (a LoRA run's base) in the weight dtype
+        "buffers": counts.buffers * (weight if lora else copies * TRAINABLE_BYTES + weight),
         "encoders": counts.encoders * weight,
         "step_temp": 0,
         "gathered": 0,
@@ -208,7 +216,8 @@ def count_parameters(
     else:
         trainable, largest = n, max(p.numel() for p in denoiser.parameters())
     block_counts = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
-    return ParameterCounts(n, trainable, largest, block_counts, encoders)
+    buffers = sum(b.numel() for b in denoiser.buffers() if b.is_floating_point())
+    return ParameterCounts(n, trainable, largest, block_counts, encoders, buffers)
 
 
 def pipeline_configs(source, family) -> Dict[str, dict]:

@@ -10,7 +10,7 @@ from fastpref.testing.tiny_model import make_tiny_model  # noqa: E402
 from fastpref.train import memory_plan  # noqa: E402
 from fastpref.train.memory_plan import Flags, ParameterCounts, plan  # noqa: E402
 
-COUNTS = ParameterCounts(denoiser=1000, trainable=1000, largest_tensor=100, blocks=(300, 300), encoders=50)
+COUNTS = ParameterCounts(denoiser=1000, trainable=1000, largest_tensor=100, blocks=(300, 300), encoders=50, buffers=10)
 
 
 def test_full_finetune_bytes_per_parameter_under_ddp_and_fsdp():
@@ -25,11 +25,12 @@ def test_full_finetune_bytes_per_parameter_under_ddp_and_fsdp():
         8000,
     )
     assert one["encoders"] == 100 and one["step_temp"] == 4000 and one["gathered"] == 0
+    assert one["buffers"] == 10 * (4 + 2 + 2 * 4)  # policy, reference, 2 footprints
     assert plan(COUNTS, flags, 2, fsdp=False).parts["gradients"] == 8000  # DDP's buckets beside .grad
     four = plan(COUNTS, flags, 4, fsdp=True).parts
     for name in ("policy", "gradients", "optimizer", "reference", "footprints", "step_temp"):
         assert four[name] == one[name] / 4
-    assert four["encoders"] == one["encoders"]
+    assert four["encoders"] == one["encoders"] and four["buffers"] == one["buffers"]  # not sharded
     # the root's 400 parameters and two 300-parameter blocks gathered in bf16, one block's gradient
     assert four["gathered"] == (400 + 2 * 300) * 2 + 300 * 4
 
