@@ -54,9 +54,15 @@ def check_fsdp(config, run) -> None:
 
 
 def mesh_of(accelerator):
-    """The 1-D device mesh of every process of ``accelerator`` (its process group: gloo or NCCL)."""
+    """The 1-D device mesh of every process of ``accelerator`` (its process group: gloo or NCCL).
+    The process groups are destroyed at exit, before the interpreter tears down their threads (a
+    gloo process left to that aborts now and then: "terminate called without an active exception")."""
+    import atexit
+
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
 
 
