@@ -203,8 +203,10 @@ def blocks_of(model, attributes):
     return [block for name in attributes for block in getattr(model, name)]
 
 
-def big_table(pairs: int = 1, on_row=None) -> list:
-    """One row per model and K: the plan's numbers, bytes per GPU; ``on_row(rows)`` after each model."""
+def big_table(pairs: int = 1, on_row=None, trace: bool = True) -> list:
+    """One row per model and K: the plan's numbers, bytes per GPU; ``on_row(rows)`` after each
+    model. ``trace=False``: the static parts only (seconds; the activation trace takes minutes per
+    model on a CPU)."""
     from fastpref.train import memory_plan as mp
 
     rows = []
@@ -220,10 +222,10 @@ def big_table(pairs: int = 1, on_row=None) -> list:
         def call(model, kwargs):
             return model(**kwargs, return_dict=False)[0]
 
-        print(f"{name}: {full.denoiser / 1e9:.3f}B parameters; tracing activations", flush=True)
+        print(f"{name}: {full.denoiser / 1e9:.3f}B parameters", flush=True)
         # traced once, for the full fine-tune (its bf16 weight casts included); a LoRA run, whose frozen
         # weights are already bf16, holds less
-        traced = mp.trace_activations(build, lambda: inputs(pairs), call, "bf16", True)
+        traced = mp.trace_activations(build, lambda: inputs(pairs), call, "bf16", True) if trace else None
         for k in (0, 2):
             ddp = mp.plan(full, mp.Flags(0, "bf16", k), 8, False, traced)
             fsdp = mp.plan(full, mp.Flags(0, "bf16", k), 8, True, traced)
@@ -235,7 +237,7 @@ def big_table(pairs: int = 1, on_row=None) -> list:
                     "lora_params": lora.trainable,
                     "resolution": resolution,
                     "K": k,
-                    "activations": [traced.low, traced.high],
+                    "activations": [traced.low, traced.high] if traced else None,
                     "ddp": [ddp.static, ddp.total_low, ddp.total_high],
                     "fsdp8": [fsdp.static, fsdp.total_low, fsdp.total_high],
                     "lora_ddp": [lora_ddp.static, lora_ddp.total_low, lora_ddp.total_high],
@@ -250,18 +252,34 @@ def big_markdown(rows) -> str:
     def g(x):
         return f"{x / 2**30:.1f}"
 
+    if not any(r["activations"] for r in rows):  # --no_trace: the static parts only
+        lines = [
+            "| model | parameters | K | full FT, DDP | full FT, FSDP x8 | LoRA r8, DDP |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['K']} | {g(r['ddp'][0])} | {g(r['fsdp8'][0])} "
+                f"| {g(r['lora_ddp'][0])} |"
+            )
+        return "\n".join(lines)
     lines = [
         "| model | parameters | K | activations, 1 pair | full FT, DDP: static / peak "
         "| full FT, FSDP x8: static / peak | LoRA r8, DDP: peak |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        acts = r["activations"]
+
+        def peak(low, high):
+            return f"{g(low)}-{g(high)}" if acts else f">= {g(low)}"
+
         lines.append(
             f"| {r['model']} ({r['resolution']} px) | {r['params'] / 1e9:.2f}B | {r['K']} "
-            f"| {g(r['activations'][0])}-{g(r['activations'][1])} "
-            f"| {g(r['ddp'][0])} / {g(r['ddp'][1])}-{g(r['ddp'][2])} "
-            f"| {g(r['fsdp8'][0])} / {g(r['fsdp8'][1])}-{g(r['fsdp8'][2])} "
-            f"| {g(r['lora_ddp'][1])}-{g(r['lora_ddp'][2])} |"
+            f"| {f'{g(acts[0])}-{g(acts[1])}' if acts else 'not traced'} "
+            f"| {g(r['ddp'][0])} / {peak(*r['ddp'][1:])} "
+            f"| {g(r['fsdp8'][0])} / {peak(*r['fsdp8'][1:])} "
+            f"| {peak(*r['lora_ddp'][1:])} |"
         )
     return "\n".join(lines)
 
@@ -399,6 +417,7 @@ def main(argv=None) -> int:
     parser.add_argument("--table", action="store_true", help="the plan of the published models (README table)")
     parser.add_argument("--measure", action="store_true", help="the tiny model's measured peaks vs the plan")
     parser.add_argument("--fsdp", action="store_true", help="--measure: also 2 processes with --fsdp")
+    parser.add_argument("--no_trace", action="store_true", help="--table: the static parts only, no activations")
     parser.add_argument("--markdown", metavar="JSON", help="print the markdown table of a result file, only")
     parser.add_argument("--child", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -407,7 +426,8 @@ def main(argv=None) -> int:
         return 0
     if args.markdown:
         results = json.loads(Path(args.markdown).read_text())
-        for key, render in (("table", big_markdown), ("measured", lambda m: measured_markdown(m["rows"]))):
+        renderers = (("table", big_markdown), ("static_table", big_markdown))
+        for key, render in (*renderers, ("measured", lambda m: measured_markdown(m["rows"]))):
             if key in results:
                 print(render(results[key]) + "\n")
         return 0
@@ -428,7 +448,8 @@ def main(argv=None) -> int:
         file.write_text(json.dumps({**old, **report, **extra}, indent=1) + "\n")
 
     if args.table or not args.measure:
-        rows = big_table(on_row=lambda rows: write({"table": rows}))
+        key = "static_table" if args.no_trace else "table"
+        rows = big_table(on_row=lambda rows: write({key: rows}), trace=not args.no_trace)
         print(big_markdown(rows))
     if args.measure:
         from fastpref.testing.tiny_model import make_tiny_model
