@@ -20,15 +20,13 @@ NCCL on GPUs, gloo on CPUs.
 
 from __future__ import annotations
 
-import logging
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from .footprints import ModelFootprints
-
-logger = logging.getLogger("fastpref.train")
 
 SHARDED_STATE = "sharded_state"  # the folder of a checkpoint that holds the DCP files
 
@@ -226,7 +224,9 @@ def export_checkpoint(checkpoint, denoiser_config: dict, output_dir) -> Path:
         raise FileNotFoundError(f"{checkpoint}: no {SHARDED_STATE}/.metadata (not a checkpoint of a --fsdp run)")
     model = getattr(diffusers, denoiser_config["_class_name"]).from_config(denoiser_config)
     state = {"policy": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(state_dir), no_dist=True)
+    with warnings.catch_warnings():  # one process on purpose (no_dist): DCP's warning says so again
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=str(state_dir), no_dist=True)
     model.load_state_dict(state["policy"])
     model.save_pretrained(str(output_dir), safe_serialization=True)
     return Path(output_dir)
