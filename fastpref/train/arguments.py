@@ -225,6 +225,13 @@ class RunArguments:
         default=None,
         metadata={"help": "accepted for diffusers' command lines and unused, as in diffusers' DPO scripts"},
     )
+    print_memory_plan: bool = field(
+        default=False,
+        metadata={
+            "help": "print the bytes per GPU of each part of this run (policy, gradients, optimizer, reference, "
+            "footprints, activations) under DDP and --fsdp, from the model's configs, and exit without training"
+        },
+    )
     local_rank: int = field(
         default=-1,
         metadata={"help": "accepted for torch.distributed launchers; accelerate reads the rank from the environment"},

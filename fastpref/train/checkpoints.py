@@ -352,6 +352,11 @@ def save_weights(accelerator, trainer, output_dir: Path) -> None:
     reads it); full fine-tune: the family's denoiser folder, ``unet/`` for SD (``save_pretrained``,
     safetensors). A full disk raises ``OSError(ENOSPC)`` naming that file or folder, removed."""
     accelerator.wait_for_everyone()
+    if getattr(trainer, "sharded", False):  # --fsdp: the shards gathered, a whole diffusers folder written
+        from .sharding import save_pretrained
+
+        save_pretrained(trainer.unet, output_dir / trainer.family.denoiser_folder, accelerator.is_main_process)
+        return
     if not accelerator.is_main_process:
         return
     unet = trainer.base_unet

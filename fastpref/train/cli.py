@@ -32,6 +32,11 @@ def main(argv=None) -> int:
         plan = resolve(data_args, settings, run, given_flags(argv, parser))
     except ArgumentError as error:
         parser.error(str(error))  # exits 2
+    if plan.run.print_memory_plan:
+        from .memory_plan import report
+
+        print(report(plan))
+        return 0
     try:
         train(plan)
     except (ValueError, FileNotFoundError) as error:

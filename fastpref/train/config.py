@@ -192,6 +192,13 @@ class TrainConfig:
         default="no", metadata=_help("autocast dtype; the frozen weights are stored in it")
     )
     gradient_checkpointing: bool = field(default=False, metadata=_help("trade compute for UNet activation memory"))
+    fsdp: bool = field(
+        default=False,
+        metadata=_help(
+            "full fine-tunes on several processes: shard the policy, its optimizer state, the reference and the EMA "
+            "footprints with FSDP2 per block instead of replicating them (DDP); LoRA runs keep DDP"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("seed of the model init, data order and noise"))
     max_nonfinite_steps: int = field(
         default=10,
@@ -255,6 +262,8 @@ class TrainConfig:
             raise ValueError(
                 f"footprint_recipe must be one of {get_args(FootprintRecipe)}, got {self.footprint_recipe!r}"
             )
+        if self.fsdp and self.lora_rank > 0:
+            raise ValueError("fsdp is for full fine-tunes (lora_rank 0); LoRA runs keep DDP")
         if self.metric_warmup_steps is not None and self.metric_warmup_steps < 0:
             raise ValueError(f"metric_warmup_steps must be >= 0, got {self.metric_warmup_steps}")
         if self.uses_footprints and not self.ema_decays:

@@ -23,6 +23,7 @@ from .families import ModelFamily
 from .loop import Interrupts, run_steps
 from .models import ModelSource
 from .output_dir import LOG_FILE, check_output_dir, claim, newest_manifest
+from .sharding import check_fsdp
 from .summary import run_summary, write_outputs, write_summary
 from .trainer import NonFiniteLossError
 from .validation import load_scorer, run_validation
@@ -81,6 +82,7 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     checks.check_optimizer_values(config)
     checks.check_family_options(config, family, source)
     family = family.configured(config)  # the family's run settings (the flow flags)
+    check_fsdp(config, run)
     checks.check_installed(run)
     checks.check_validation_scorer(run)
     checks.check_optimizer_installed(config)

@@ -109,13 +109,19 @@ class PreferenceTrainer:
         )
 
         self.reference = self._prepare_policy(unet, accelerator.device)
+        # --fsdp: the policy, reference and footprints sharded per block (fastpref.train.sharding)
+        self.sharded = config.fsdp and accelerator.num_processes > 1
         self.footprints = None
         authors = config.footprint_recipe == "authors"
         self.micro_steps_per_epoch = micro_steps_per_epoch if authors else None
         if config.uses_footprints:
             kind = AdapterFootprints if config.lora_rank > 0 else ModelFootprints
+            if self.sharded:
+                from .sharding import ShardedModelFootprints as kind
             dtype = self.weight_dtype if authors else torch.float32
             self.footprints = kind(unet, config.ema_decays, warmup=config.ema_warmup, dtype=dtype)
+        if self.sharded:
+            self._shard(unet)
         self._lora_layers = lora_layers(unet) if config.lora_rank > 0 else []
         self.params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = self._make_optimizer()
@@ -127,7 +133,13 @@ class PreferenceTrainer:
             num_cycles=config.lr_num_cycles,
             power=config.lr_power,
         )
-        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
+        if self.sharded:  # neither wrapped nor saved by accelerate: sharding.install_sharded_hooks saves them
+            from .sharding import install_sharded_hooks
+
+            self.unet, self.optimizer = unet, optimizer
+            install_sharded_hooks(accelerator, self)
+        else:
+            self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
         accelerator.register_for_checkpointing(self.lr_scheduler)
         accelerator.register_for_checkpointing(self)  # state_dict(): counters and footprints
 
@@ -168,6 +180,19 @@ class PreferenceTrainer:
             unet.enable_gradient_checkpointing()
         unet.train()
         return reference
+
+    def _shard(self, unet) -> None:
+        """``--fsdp``: shard the policy, the reference and the footprints on one mesh, per block."""
+        from .sharding import FP16_MESSAGE, mesh_of, shard
+
+        if self.accelerator.mixed_precision == "fp16":  # accelerate's configuration may set it
+            raise ValueError(FP16_MESSAGE)
+        mesh = mesh_of(self.accelerator)
+        gathered = None if self.weight_dtype == torch.float32 else self.weight_dtype
+        shard(unet, self.family.shard_blocks(unet), mesh, gathered)
+        shard(self.reference, self.family.shard_blocks(self.reference), mesh, None)
+        if self.footprints is not None:
+            self.footprints.shard_all(self.family.shard_blocks, mesh, gathered)
 
     def _make_optimizer(self):
         """AdamW (bitsandbytes' AdamW8bit with ``use_8bit_adam``) over the trainable tensors."""
@@ -323,8 +348,13 @@ class PreferenceTrainer:
         every loss and the gradient norm were finite on every process, else skip; step the LR
         schedule either way. Returns whether the window was skipped."""
         config, accelerator = self.config, self.accelerator
-        grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm) if config.max_grad_norm > 0 else None
-        if grad_norm is None:
+        if self.sharded:
+            from .sharding import clip_grad_norm
+
+            grad_norm = clip_grad_norm(self.params, config.max_grad_norm)
+        elif config.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+        else:
             grads = [p.grad for p in self.params if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
         ok = (self._window_finite & torch.isfinite(grad_norm).to(self._window_finite.device)).to(torch.float32)

@@ -201,6 +201,19 @@ class ModelFamily(abc.ABC):
     def denoise(self, module, noisy: torch.Tensor, timesteps: torch.Tensor, inputs: dict) -> torch.Tensor:
         """The denoiser's prediction ``[2B, ...]``."""
 
+    # -- memory: FSDP blocks and the memory plan's example batch ---------------------------------
+
+    def shard_blocks(self, denoiser) -> list:
+        """The submodules FSDP shards one by one (each gathered whole for its forward): the
+        denoiser's repeated blocks, in call order. None by default (the whole denoiser is one unit)."""
+        return []
+
+    def example_batch(self, configs: Dict[str, dict], pairs: int, resolution: int) -> dict:
+        """A trainer batch of ``pairs`` pairs at ``resolution`` px with the shapes and dtypes the
+        pipeline's ``configs`` (as :meth:`recognises` gets them) imply, its tensors made in the
+        current device mode (the memory plan calls it under a fake mode: no data, no memory)."""
+        raise NotImplementedError(f"the {self.name} family has no example batch (no memory plan)")
+
     # -- outputs -------------------------------------------------------------------------------
 
     @abc.abstractmethod

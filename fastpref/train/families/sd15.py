@@ -120,6 +120,27 @@ class SD15(ModelFamily):
             noisy, timesteps, inputs["encoder_hidden_states"], added_cond_kwargs=inputs["added_cond_kwargs"]
         ).sample
 
+    # -- memory --------------------------------------------------------------------------------
+
+    def shard_blocks(self, denoiser) -> list:
+        """The UNet's down blocks, mid block and up blocks."""
+        mid = [denoiser.mid_block] if denoiser.mid_block is not None else []
+        return [*denoiser.down_blocks, *mid, *denoiser.up_blocks]
+
+    def example_batch(self, configs: Dict[str, dict], pairs: int, resolution: int) -> dict:
+        """``latents [2B, C, R/f, R/f]`` (f: the VAE's downsampling, 2 per block after the first)
+        and ``encoder_hidden_states [B, L, D]`` (L: the text encoder's positions, D: the UNet's
+        cross-attention width)."""
+        unet = configs["unet"]
+        vae = configs.get("vae", {})
+        factor = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+        length = configs.get("text_encoder", {}).get("max_position_embeddings", 77)
+        side = resolution // factor
+        return {
+            "latents": torch.randn(2 * pairs, unet["in_channels"], side, side),
+            "encoder_hidden_states": torch.randn(pairs, length, unet["cross_attention_dim"]),
+        }
+
     # -- outputs -------------------------------------------------------------------------------
 
     def pipeline_class(self):

@@ -84,6 +84,15 @@ class SDXL(SD15):
         }
         return inputs
 
+    def example_batch(self, configs: Dict[str, dict], pairs: int, resolution: int) -> dict:
+        """As SD 1.5's, plus ``pooled_prompt_embeds [B, P]`` and ``add_time_ids [2B, 6]``."""
+        batch = super().example_batch(configs, pairs, resolution)
+        unet = configs["unet"]
+        pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+        batch["pooled_prompt_embeds"] = torch.randn(pairs, pooled)
+        batch["add_time_ids"] = torch.full((2 * pairs, 6), float(resolution))
+        return batch
+
     def pipeline_class(self):
         from diffusers import StableDiffusionXLPipeline
 
