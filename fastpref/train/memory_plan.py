@@ -354,7 +354,7 @@ def run_activations(source, family, lora_rank: int, pairs: int, resolution: int,
         noisy = batch["latents"].to(dtype)
         return {
             "noisy": noisy,
-            "timesteps": torch.zeros(noisy.shape[0], dtype=torch.int64),
+            "timesteps": batch.get("timesteps", torch.zeros(noisy.shape[0], dtype=torch.int64)),
             "inputs": family.denoiser_inputs(batch, "cpu", dtype),
         }
 

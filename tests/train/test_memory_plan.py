@@ -66,3 +66,24 @@ def test_print_memory_plan_counts_the_model_and_trains_nothing(tmp_path, capsys)
 
     unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     assert counts.trainable == sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_flow_families_plan_their_transformer_blocks(flow_models, tiny_run, tmp_path, capsys, arch):
+    import torch
+    from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from fastpref.train.cli import main
+    from fastpref.train.families import FAMILIES
+
+    argv = ["--pretrained_model_name_or_path", str(flow_models[arch]), "--dataset_name", str(tiny_run["data"])]
+    argv += ["--output_dir", str(tmp_path / "out"), "--resolution", "32", "--lora_rank", "0", "--print_memory_plan"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert not (tmp_path / "out").exists() and "| FSDP all-gathered blocks |" in text
+    cls = SD3Transformer2DModel if arch == "sd3" else FluxTransformer2DModel
+    with torch.device("meta"):
+        transformer = cls.from_config(cls.load_config(flow_models[arch], subfolder="transformer"))
+    shards = FAMILIES[arch].shard_blocks(transformer)
+    expected = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+    assert len(expected) > 0 and shards == expected and f"{len(shards)} FSDP blocks" in text

@@ -181,6 +181,28 @@ class FlowFamily(ModelFamily):
         """The transformer's raw prediction for ``noisy [2B, C, h, w]`` at ``sigmas [2B]``."""
         raise NotImplementedError
 
+    def text_length(self) -> int:
+        """The positions of the joint text the transformer reads (``encoder_hidden_states``'s L)."""
+        return self.settings.max_sequence_length
+
+    def shard_blocks(self, denoiser) -> list:
+        """The transformer's blocks (FLUX's double-stream, then its single-stream ones)."""
+        return [*denoiser.transformer_blocks, *getattr(denoiser, "single_transformer_blocks", [])]
+
+    def example_batch(self, configs: Dict[str, dict], pairs: int, resolution: int) -> dict:
+        """``latents [2B, C, R/f, R/f]`` (C, f: the VAE's latent channels and downsampling),
+        ``encoder_hidden_states [B, L, D]`` (:meth:`text_length`, the transformer's
+        ``joint_attention_dim``), ``pooled_prompt_embeds [B, P]`` and mid-schedule ``timesteps [2B]``
+        (sigma 0.5)."""
+        transformer, vae = configs[self.denoiser_folder], configs.get("vae", {})
+        side = resolution // 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+        return {
+            "latents": torch.randn(2 * pairs, vae.get("latent_channels", 16), side, side),
+            "encoder_hidden_states": torch.randn(pairs, self.text_length(), transformer["joint_attention_dim"]),
+            "pooled_prompt_embeds": torch.randn(pairs, transformer["pooled_projection_dim"]),
+            "timesteps": torch.full((2 * pairs,), 0.5),
+        }
+
     # -- outputs -------------------------------------------------------------------------------
 
     def pipeline_class(self):
@@ -273,6 +295,10 @@ class SD3(FlowFamily):
             "clip_prompt_embeds": torch.cat(hidden, dim=-1),
             "pooled_prompt_embeds": torch.cat(pooled, dim=-1),
         }
+
+    def text_length(self) -> int:
+        """CLIP's 77 positions, then T5's ``max_sequence_length`` (:meth:`batch_conditioning`)."""
+        return CLIP_LENGTH + self.settings.max_sequence_length
 
     def batch_conditioning(self, batch: dict, resolution: int) -> Dict[str, torch.Tensor]:
         """``encoder_hidden_states [B, 77 + L, D_T5]``: the CLIP embeddings zero-padded to T5's
