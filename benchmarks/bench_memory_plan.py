@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
+from step_models import FLUX_TRANSFORMER as FLUX_DEV  # noqa: E402
+from step_models import SD35M_TRANSFORMER as SD35_MEDIUM  # noqa: E402
+
 # -- the published denoiser configs (diffusers' config.json of each Hub repository) -------------
+# SD3.5 Medium's and FLUX.1-dev's are the GPU benchmark's (step_models.py), written once there.
 
 SD15_UNET = dict(  # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json
     sample_size=64,
@@ -63,21 +67,6 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-SD35_MEDIUM = dict(  # stabilityai/stable-diffusion-3.5-medium, transformer/config.json
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13)),
-    qk_norm="rms_norm",
-)
 SD35_LARGE = dict(  # stabilityai/stable-diffusion-3.5-large, transformer/config.json
     sample_size=128,
     patch_size=2,
@@ -91,18 +80,6 @@ SD35_LARGE = dict(  # stabilityai/stable-diffusion-3.5-large, transformer/config
     pooled_projection_dim=2048,
     pos_embed_max_size=192,
     qk_norm="rms_norm",
-)
-FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev, transformer/config.json
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
 )
 # The text lengths of the training scripts: CLIP's 77 (SD3: + T5's 256 tokens), FLUX's T5 512.
 SD3_TEXT, FLUX_TEXT = 77 + 256, 512
