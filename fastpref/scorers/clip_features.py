@@ -38,6 +38,11 @@ def text_embeds(model, processor, prompts: Sequence[str]) -> torch.Tensor:
     return embeds / embeds.norm(dim=-1, keepdim=True)
 
 
+def cosine(model, processor, images: Sequence, prompts: Sequence[str]) -> torch.Tensor:
+    """``[N]`` float32 cosine similarity of each image with its prompt (``images[i]``, ``prompts[i]``)."""
+    return (image_embeds(model, processor, images) * text_embeds(model, processor, prompts)).sum(-1)
+
+
 def load_clip(model_source: str, processor_source: str, device, dtype):
     """``(CLIPModel in eval mode on device, CLIPProcessor)``."""
     from transformers import CLIPModel, CLIPProcessor

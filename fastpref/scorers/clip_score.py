@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Scorer
-from .clip_features import image_embeds, load_clip, text_embeds
+from .clip_features import cosine, load_clip
 
 
 class CLIPScore(Scorer):
@@ -24,7 +24,4 @@ class CLIPScore(Scorer):
 
     @torch.no_grad()
     def score(self, images, prompts):
-        cosine = (
-            image_embeds(self.model, self.processor, images) * text_embeds(self.model, self.processor, prompts)
-        ).sum(-1)
-        return (100.0 * cosine.clamp(min=0)).cpu()
+        return (100.0 * cosine(self.model, self.processor, images, prompts).clamp(min=0)).cpu()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Scorer
-from .clip_features import image_embeds, load_clip, text_embeds
+from .clip_features import cosine, load_clip
 
 
 class PickScore(Scorer):
@@ -26,7 +26,4 @@ class PickScore(Scorer):
 
     @torch.no_grad()
     def score(self, images, prompts):
-        cosine = (
-            image_embeds(self.model, self.processor, images) * text_embeds(self.model, self.processor, prompts)
-        ).sum(-1)
-        return (self.model.logit_scale.exp().float() * cosine).cpu()
+        return (self.model.logit_scale.exp().float() * cosine(self.model, self.processor, images, prompts)).cpu()
