@@ -332,6 +332,7 @@ RESUME_CHANGEABLE = frozenset(
         "max_nonfinite_steps",
         "loss_backend",
         "gradient_checkpointing",
+        "print_memory_plan",
     }
 )
 # Not recorded: a secret, and where the run is and how this command reached it.

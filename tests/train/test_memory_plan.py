@@ -87,3 +87,10 @@ def test_flow_families_plan_their_transformer_blocks(flow_models, tiny_run, tmp_
     shards = FAMILIES[arch].shard_blocks(transformer)
     expected = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
     assert len(expected) > 0 and shards == expected and f"{len(shards)} FSDP blocks" in text
+
+
+def test_a_resume_may_print_its_memory_plan():
+    from fastpref.train import checks
+
+    refused, changed = checks.resume_differences({"print_memory_plan": False}, {"print_memory_plan": True})
+    assert refused == [] and changed == ["--print_memory_plan False (this command: True)"]
