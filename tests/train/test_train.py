@@ -431,9 +431,9 @@ def test_resume_after_sigkill_is_bitwise(world, tmp_path):
         "--train_batch_size",
         2,
         "--max_train_steps",
-        12,
+        6,
         "--checkpointing_steps",
-        4,
+        2,
         "--flip_rate",
         0.2,
         "--lr_scheduler",
@@ -458,7 +458,7 @@ def test_resume_after_sigkill_is_bitwise(world, tmp_path):
     ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "checkpoint-4").is_dir() and time.time() < deadline and process.poll() is None:
+    while not (killed / "checkpoint-2").is_dir() and time.time() < deadline and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -470,7 +470,7 @@ def test_resume_after_sigkill_is_bitwise(world, tmp_path):
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = [
-        torch.load(d / "checkpoint-12" / "custom_checkpoint_1.pkl", weights_only=False)
+        torch.load(d / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False)
         for d in (tmp_path / "a", killed)
     ]
     for x, y in zip(state[0]["footprints"]["tensors"], state[1]["footprints"]["tensors"]):
