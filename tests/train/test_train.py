@@ -171,9 +171,10 @@ def test_adapter_footprints_track_policy_and_restore_it():
     for k, decay in enumerate((0.9, 0.5)):
         for old, new, p in zip(before[k], fp._tensors(k), policy):
             torch.testing.assert_close(new, old.lerp(p.detach(), 1 - decay))
-    # evaluation switches adapters and back: the policy is trainable again, footprints are not
+    # evaluation switches adapters and back: the policy stays trainable, the footprints frozen
     with fp.use(1):
         assert unet.active_adapters() == ["ema_1"]
+        assert all(p.requires_grad for p in policy)
     assert unet.active_adapters() == ["default"]
     assert all(p.requires_grad for p in policy)
     assert not any(t.requires_grad for k in range(2) for t in fp._tensors(k))
