@@ -29,14 +29,34 @@ def lora_layers(module) -> list:
     fraction of diffusers' ``set_adapter``/``disable_adapters``, which walk every submodule."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if layers:
+        _check_switch_state(layers[0])
+    return layers
 
 
 # peft's public switches (``set_adapter``, ``enable_adapters``) also set the requires_grad flag of
-# every adapter tensor, walking each layer's parameters: per forward that costs as much as a tiny
-# model's compute. Flags never change what a forward computes, and the footprints are frozen and the
-# policy trainable throughout, so the no-grad forwards flip only the state peft's forward reads
-# (``BaseTunerLayer.active_adapter`` / ``disable_adapters``); the output is bitwise the same.
+# every adapter tensor, walking each layer's parameters: a measurable share of a small model's
+# forward (benchmarks/bench_adapter_switch.py). Flags never change what a forward computes, the
+# footprints stay frozen and the policy trainable, so the no-grad forwards flip only the state
+# peft's forward reads (``BaseTunerLayer.active_adapter`` / ``disable_adapters``); the output is
+# bitwise the same.
+
+
+def _check_switch_state(layer) -> None:
+    """``RuntimeError`` unless peft's forward reads the state the switches below flip (so that a
+    peft release that renames it fails here, not silently in the metric)."""
+    disabled, active = layer._disable_adapters, layer._active_adapter
+    try:
+        layer._disable_adapters, layer._active_adapter = not disabled, ["fastpref-probe"]
+        works = layer.disable_adapters is (not disabled) and layer.active_adapters == ["fastpref-probe"]
+    finally:
+        layer._disable_adapters, layer._active_adapter = disabled, active
+    if not works:
+        raise RuntimeError(
+            "this peft version's tuner layers do not read _disable_adapters / _active_adapter: "
+            "fastpref.train.footprints' adapter switches need updating for it"
+        )
 
 
 @contextlib.contextmanager
