@@ -1,8 +1,9 @@
 """Two-process (DDP) runs of the flow-matching families, too slow for CI on 2 CPU cores:
-``python benchmarks/ddp_flow_check.py [--families sd3,flux] [--modes 4,0]``.
+``python benchmarks/ddp_flow_check.py [--families sd3,flux] [--modes 4,0] [--objectives dpo,adaptive]``.
 
-For each family (the tiny ``make-tiny-model`` pipelines) and mode (LoRA rank, 0 = full
-fine-tune), ``accelerate launch --num_processes 2 --cpu -m fastpref.train`` runs Adaptive-DPO
+For each family (the tiny ``make-tiny-model`` pipelines), objective (``--loss_type``: dpo is
+Diffusion-DPO, diffusers' sigmoid; adaptive is Adaptive-DPO) and mode (LoRA rank, 0 = full
+fine-tune), ``accelerate launch --num_processes 2 --cpu -m fastpref.train`` trains
 from the latent cache for 3 steps with a checkpoint every step and validation images to
 TensorBoard at the end; the same command is SIGKILLed by fastpref's test hook
 (``FASTPREF_FAULT=save:written:2``, in the middle of saving step 2) and resumed with
@@ -74,21 +75,23 @@ def tensorboard_images(logs: Path) -> list:
     return sorted(steps)
 
 
-def check(family: str, rank: int, root: Path, data: Path) -> dict:
+def check(family: str, objective: str, rank: int, root: Path, data: Path) -> dict:
     model = root / family
     flags = ["--pretrained_model_name_or_path", model, "--dataset_name", data, "--resolution", 32]
-    flags += ["--train_batch_size", 1, "--no_progress", "--max_sequence_length", 8, "--loss_type", "adaptive"]
+    flags += ["--train_batch_size", 1, "--no_progress", "--max_sequence_length", 8, "--loss_type", objective]
     flags += ["--metric_warmup_steps", 1, "--lora_rank", rank, "--checkpointing_steps", 1, "--max_train_steps", 3]
     flags += ["--cache_latents", "--latent_cache_dir", root / "cache", "--learning_rate", 1e-3]
-    straight, killed = root / f"{family}-{rank}-straight", root / f"{family}-{rank}-killed"
+    run = f"{family}-{objective}-{rank}"
+    straight, killed = root / f"{run}-straight", root / f"{run}-killed"
     begin = time.perf_counter()
     first = launch([*flags, "--output_dir", straight, "--run_validation", "--validation_steps", 3,
                     "--validation_prompts", "a red circle", "--validation_inference_steps", 1])  # fmt: skip
     wall = time.perf_counter() - begin
     kill = launch([*flags, "--output_dir", killed, "--report_to", "none"], env={"FASTPREF_FAULT": "save:written:2"})
     resumed = launch([*flags, "--output_dir", killed, "--report_to", "none", "--resume_from_checkpoint", "latest"])
-    row = {"family": family, "mode": f"lora-r{rank}" if rank else "full", "straight_rc": first.returncode}
-    row.update(killed_rc=kill.returncode, resumed_rc=resumed.returncode, straight_wall_s=round(wall, 1))
+    row = {"family": family, "objective": objective, "mode": f"lora-r{rank}" if rank else "full"}
+    row.update(straight_rc=first.returncode, killed_rc=kill.returncode, resumed_rc=resumed.returncode)
+    row["straight_wall_s"] = round(wall, 1)
     if first.returncode or not kill.returncode or resumed.returncode:
         row["error"] = (first.stderr or resumed.stderr)[-2000:]
         return row
@@ -112,7 +115,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default="sd3,flux")
     parser.add_argument("--modes", default="4,0", help="LoRA ranks; 0 = full fine-tune")
+    parser.add_argument("--objectives", default="dpo,adaptive", help="--loss_type values (dpo = diffusers' sigmoid)")
     args = parser.parse_args(argv)
+    from fastpref.train.config import DIFFUSERS_LOSS_TYPES, OBJECTIVES
+
+    for objective in args.objectives.split(","):
+        if DIFFUSERS_LOSS_TYPES.get(objective, objective) not in OBJECTIVES:
+            parser.error(f"--objectives: {objective!r} is not a --loss_type ({', '.join(OBJECTIVES)})")
     from fastpref.testing.tiny_model import make_tiny_model
     from fastpref.testing.toy_data import make_toy_data
 
@@ -122,13 +131,16 @@ def main(argv=None) -> int:
         data = make_toy_data(root / "data", pairs=8, resolution=32).parent
         for family in args.families.split(","):
             make_tiny_model(root / family, arch=family)
-            for rank in (int(r) for r in args.modes.split(",")):
-                rows.append(check(family, rank, root, data))
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}), flush=True)
+            for objective in args.objectives.split(","):
+                for rank in (int(r) for r in args.modes.split(",")):
+                    rows.append(check(family, objective, rank, root, data))
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}), flush=True)
     machine = device_name(torch.device("cpu"))
     load = os.getloadavg()
     out = result_path(f"ddp-flow-{slug(machine)}", False)
     write_json(out, {"check": "ddp-flow", "device": machine, "load_average": list(load), "rows": rows})
+    for row in rows:
+        print(f"{row['family']:5} {row['objective']:9} {row['mode']:8} {'ok' if row.get('ok') else 'FAILED'}")
     print(f"wrote {out}; load average {load[0]:.2f}")
     return 0 if all(row.get("ok") for row in rows) else 1
 

@@ -9,7 +9,7 @@ from typing import Dict, List
 
 from fastpref.files import write_text_atomic
 
-RESULTS = Path(__file__).resolve().parent / "results"  # wherever the script is started from
+RESULTS = Path(__file__).resolve().parent / "results"  # wherever the script is run from
 
 
 def markdown(rows: List[dict], columns: List[str], formats: Dict[str, str]) -> str:

@@ -45,8 +45,11 @@ def print_step_table(args, modes: List[dict]) -> None:
     rows = [row for m in modes for row in m.get("rows", [])]
     print(f"\n## Step time, median of {args.steps} interleaved rounds ({2 * args.batch} samples per step)\n")
     columns = ["mode", "label", "ms", "samples_per_s", "vs_dpo_cached", "fastpref_over_authors"]
+    columns += ["cpu_ms", "cpu_vs_dpo_cached"]
     formats = {
         "ms": "{:.1f}",
+        "cpu_ms": "{:.1f}",
+        "cpu_vs_dpo_cached": "{:.2f}x",
         "samples_per_s": "{:.1f}",
         "vs_dpo_cached": "{:.2f}x",
         "fastpref_over_authors": "{:.2f}x",
@@ -54,7 +57,8 @@ def print_step_table(args, modes: List[dict]) -> None:
     print(markdown(rows, columns, formats))
     print(
         "\n(vs_dpo_cached: step time over the latent-cached DPO step of the same mode; fastpref_over_authors: "
-        "the fastpref row's step time over the authors' row with the same caching)"
+        "the fastpref row's step time over the authors' row with the same caching; cpu_ms: the process's CPU time "
+        "per step, which other jobs on a shared CPU inflate less than the wall time, and its ratio)"
     )
 
 
@@ -80,7 +84,7 @@ def print_goals(modes: List[dict], context: str) -> None:
             )
             print(
                 f"- {m['mode']}: Adaptive K=2 / DPO cached = {a['value']:.2f}x, goal <= {GOAL_ADAPTIVE}x: "
-                f"{_met(a)} ({context}){authors}"
+                f"{_met(a)} ({context}){authors}; in CPU time {a['cpu_value']:.2f}x"
             )
         if "dpo_samples_per_s_vs_diffusers_script" in g:
             d = g["dpo_samples_per_s_vs_diffusers_script"]

@@ -72,6 +72,7 @@ class Variant:
     trainer: object
     run: Callable[[], dict]
     times_ms: List[float] = dataclasses.field(default_factory=list)
+    cpu_ms: List[float] = dataclasses.field(default_factory=list)  # the process's CPU time per step
     positions: List[int] = dataclasses.field(default_factory=list)
     metric_on: int = 0
     skipped: int = 0
@@ -107,7 +108,9 @@ def run_rounds(
     deadline: Optional[float] = None,
 ) -> None:
     """``rounds`` rounds; in each, every variant runs one step, the order rotated by one per round.
-    Past ``deadline`` (a ``perf_counter`` time) no new round starts, after the first."""
+    Past ``deadline`` (a ``perf_counter`` time) no new round starts, after the first. Each step's
+    wall time and the process's CPU time (``time.process_time``: on a CPU shared with other jobs,
+    what their load inflates least) are recorded."""
     n = len(variants)
     for r in range(rounds):
         if deadline is not None and r > 0 and time.perf_counter() > deadline:
@@ -116,10 +119,11 @@ def run_rounds(
         for position in range(n):
             variant = variants[(r + position) % n]
             sync()
-            begin = time.perf_counter()
+            cpu, begin = time.process_time(), time.perf_counter()
             out = variant.run()
             sync()
             elapsed = (time.perf_counter() - begin) * 1e3
+            cpu_elapsed = (time.process_time() - cpu) * 1e3
             if phases is not None:
                 parts = phases.take()
                 top = sum(parts.get(p, 0.0) for p in TOP_PHASES)
@@ -128,6 +132,7 @@ def run_rounds(
                 variant.breakdown.append(parts)
             if record:
                 variant.times_ms.append(elapsed)
+                variant.cpu_ms.append(cpu_elapsed)
                 variant.positions.append(position)
                 variant.metric_on += bool(out.get("metric_on"))
                 variant.skipped += bool(out.get("skipped"))

@@ -29,20 +29,62 @@ def lora_layers(module) -> list:
     fraction of diffusers' ``set_adapter``/``disable_adapters``, which walk every submodule."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if layers:
+        _check_switch_state(layers[0])
+    return layers
+
+
+# peft's public switches (``set_adapter``, ``enable_adapters``) also set the requires_grad flag of
+# every adapter tensor, walking each layer's parameters: a measurable share of a small model's
+# forward (benchmarks/bench_adapter_switch.py). Flags never change what a forward computes, the
+# footprints stay frozen and the policy trainable, so the no-grad forwards flip only the state
+# peft's forward reads (``BaseTunerLayer.active_adapter`` / ``disable_adapters``); the output is
+# bitwise the same.
+
+
+def _check_switch_state(layer) -> None:
+    """``RuntimeError`` unless peft's forward reads the state the switches below flip (so that a
+    peft release that renames it fails here, not silently in the metric)."""
+    disabled, active = layer._disable_adapters, layer._active_adapter
+    try:
+        layer._disable_adapters, layer._active_adapter = not disabled, ["fastpref-probe"]
+        works = layer.disable_adapters is (not disabled) and layer.active_adapters == ["fastpref-probe"]
+    finally:
+        layer._disable_adapters, layer._active_adapter = disabled, active
+    if not works:
+        raise RuntimeError(
+            "this peft version's tuner layers do not read _disable_adapters / _active_adapter: "
+            "fastpref.train.footprints' adapter switches need updating for it"
+        )
 
 
 @contextlib.contextmanager
 def adapters_disabled(layers: Sequence) -> Iterator:
     """Within the block the base model computes alone (the LoRA reference); afterwards the
-    adapters are enabled again, the active one trainable as before."""
+    adapters are enabled again. The adapters' requires_grad flags are left as they are."""
     for layer in layers:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True
     try:
         yield
     finally:
         for layer in layers:
-            layer.enable_adapters(True)
+            layer._disable_adapters = False
+
+
+@contextlib.contextmanager
+def adapter_active(layers: Sequence, name: str) -> Iterator:
+    """Within the block the adapter ``name`` is the active one of ``layers`` (each layer's
+    previous active adapters are restored afterwards). The adapters' requires_grad flags are left
+    as they are: meant for no-grad forwards through frozen adapters."""
+    previous = [layer._active_adapter for layer in layers]
+    for layer in layers:
+        layer._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, previous):
+            layer._active_adapter = active
 
 
 def _check_decays(decays: Sequence[float]) -> List[float]:
@@ -161,14 +203,10 @@ class AdapterFootprints(_Footprints):
     @contextlib.contextmanager
     def use(self, k: int) -> Iterator:
         """Within the block, ``self.unet`` computes with footprint ``k`` (its adapter is active);
-        the policy adapter is active again afterwards (and trainable, as before)."""
-        for layer in self.layers:
-            layer.set_adapter(self.names[k], inference_mode=True)
-        try:
+        the policy adapter is active again afterwards. The policy adapter stays trainable and the
+        footprints frozen throughout (:func:`adapter_active`)."""
+        with adapter_active(self.layers, self.names[k]):
             yield self.unet
-        finally:
-            for layer in self.layers:  # the policy adapter active and trainable, the footprints frozen
-                layer.set_adapter(POLICY_ADAPTER)
 
 
 class ModelFootprints(_Footprints):

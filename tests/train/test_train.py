@@ -171,13 +171,62 @@ def test_adapter_footprints_track_policy_and_restore_it():
     for k, decay in enumerate((0.9, 0.5)):
         for old, new, p in zip(before[k], fp._tensors(k), policy):
             torch.testing.assert_close(new, old.lerp(p.detach(), 1 - decay))
-    # evaluation switches adapters and back: the policy is trainable again, footprints are not
+    # evaluation switches adapters and back: the policy stays trainable, the footprints frozen
     with fp.use(1):
         assert unet.active_adapters() == ["ema_1"]
+        assert all(p.requires_grad for p in policy)
     assert unet.active_adapters() == ["default"]
     assert all(p.requires_grad for p in policy)
     assert not any(t.requires_grad for k in range(2) for t in fp._tensors(k))
     assert {id(p) for p in trainer.params} == {id(p) for p in policy}
+
+
+def _two_adapter_layer():
+    """A peft LoRA linear layer with adapters ``default`` (trainable) and ``ema_0`` (frozen)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    for name in ("default", "ema_0"):
+        config = LoraConfig(r=2, lora_alpha=2, target_modules=["0"], init_lora_weights=False)
+        model = inject_adapter_in_model(config, model, adapter_name=name)
+    layer = model[0]
+    layer.set_adapter("default")  # ema_0 frozen
+    return layer
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_adapter_switches_match_peft_and_leave_the_flags():
+    """fastpref's switches give bitwise peft's outputs and leave every requires_grad flag alone;
+    a peft whose layers stop reading the switched state fails at ``lora_layers``."""
+    from fastpref.train.footprints import adapter_active, adapters_disabled, lora_layers
+
+    layer = _two_adapter_layer()
+    layers = lora_layers(torch.nn.Sequential(layer))
+    flags = [p.requires_grad for p in layer.parameters()]
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        with adapter_active(layers, "ema_0"):
+            ema = layer(x)
+            assert [p.requires_grad for p in layer.parameters()] == flags
+        with adapters_disabled(layers):
+            base = layer(x)
+        policy = layer(x)
+        layer.set_adapter("ema_0")
+        expected_ema = layer(x)
+        layer.enable_adapters(False)
+        expected_base = layer(x)
+        layer.enable_adapters(True)
+        layer.set_adapter("default")
+    assert torch.equal(ema, expected_ema) and torch.equal(base, expected_base)
+    assert torch.equal(policy, layer(x)) and not torch.equal(policy, ema) and not torch.equal(policy, base)
+
+    class Renamed(type(layer)):
+        disable_adapters = property(lambda self: False)  # no longer reads _disable_adapters
+
+    layer.__class__ = Renamed
+    with pytest.raises(RuntimeError, match="_disable_adapters"):
+        lora_layers(torch.nn.Sequential(layer))
 
 
 def test_footprint_forward_equals_a_model_with_those_weights():
