@@ -1,0 +1,205 @@
+"""``fastpref train --streaming`` (issue 23, item 4): the stream's seeded order, its split across
+processes, its skipped rows, its exact resume, and a streamed run killed and resumed bitwise,
+over a local webdataset folder and a folder in the Hub's parquet layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastpref.testing import toy_data
+from fastpref.train import checkpoints as ckpt
+from fastpref.train.data import PairStream
+from fastpref.train.data.dataset import UndecodableDataError
+
+PAIRS, TIES, CORRUPT, RES = 12, 1, 1, 32
+USABLE = PAIRS - TIES - CORRUPT
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The same 12 toy rows (1 tie, 1 undecodable) as 2 webdataset shards and as 2 parquet
+    files in the Hub's layout: the same files order, so the same stream."""
+    root = tmp_path_factory.mktemp("streams")
+    columns = toy_data.make_rows(PAIRS, resolution=RES, seed=3, ties=TIES, corrupt=CORRUPT)
+    return {
+        "webdataset": toy_data.write_webdataset(columns, root / "wds", shards=2),
+        "hub": toy_data.write_hub_layout({"train": columns}, root / "hub", files_per_split=2),
+    }
+
+
+def stream(source, **kwargs):
+    return PairStream(source, RES, **{"buffer_size": 5, "batch_size": 2, "seed": 0, **kwargs})
+
+
+def rows_of(batches):
+    return [row for batch in batches for row in batch["captions"]]
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "hub"])
+def test_a_stream_resumes_exactly_from_its_state(sources, kind):
+    """Stopped mid-block (and later across an epoch), a new stream loaded with the state serves
+    bitwise the pairs the uninterrupted one serves; one epoch serves every usable pair once,
+    with the tie dropped and the undecodable row skipped and counted."""
+    whole = stream(sources[kind])
+    batches = [whole.next_batch() for _ in range(8)]  # 16 pairs: into the second epoch
+    assert sorted(rows_of(batches[: USABLE // 2])) == sorted(set(rows_of(batches[: USABLE // 2])))
+    assert whole.summary()["undecodable"] >= 1 and whole.summary()["ties_dropped"] >= 1
+    for cut in (3, 6):
+        first = stream(sources[kind])
+        for _ in range(cut):
+            first.next_batch()
+        resumed = stream(sources[kind])
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        for expected in batches[cut:]:
+            got = resumed.next_batch()
+            assert got["captions"] == expected["captions"]
+            assert torch.equal(got["pixel_values"], expected["pixel_values"])
+        assert resumed.summary() == whole.summary()
+
+
+def test_the_order_is_seeded(sources):
+    def order(seed):
+        return rows_of(stream(sources["webdataset"], seed=seed).next_batch() for _ in range(USABLE // 2))
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "hub"])
+@pytest.mark.parametrize("world, pairs", [(2, 3), (3, 2)])
+def test_processes_read_disjoint_rows(sources, kind, world, pairs):
+    """2 processes read one file each, 3 processes every third row: disjoint rows."""
+    served = []
+    for rank in range(world):
+        part = stream(sources[kind], rank=rank, world_size=world, batch_size=1)
+        served += rows_of(part.next_batch() for _ in range(pairs))
+    assert len(set(served)) == len(served) == world * pairs
+
+
+def test_both_layouts_stream_the_same_pairs(sources):
+    def first(kind):
+        return stream(sources[kind]).next_batch()
+
+    webdataset, hub = first("webdataset"), first("hub")
+    assert webdataset["captions"] == hub["captions"]
+    assert torch.equal(webdataset["pixel_values"], hub["pixel_values"])
+
+
+def test_a_stream_with_no_usable_pair_says_so(tmp_path):
+    columns = toy_data.make_rows(2, resolution=RES, corrupt=2)
+    folder = toy_data.write_webdataset(columns, tmp_path / "bad")
+    with pytest.raises(UndecodableDataError, match="no usable pair in a whole pass over the stream.*2 undecodable"):
+        stream(folder).next_batch()
+
+
+def test_a_missing_column_names_its_flag(sources):
+    with pytest.raises(ValueError, match="--caption_column: the dataset has no column 'prompt'"):
+        stream(sources["webdataset"], caption_column="prompt")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--cache_latents"], "--cache_latents: not with --streaming"),
+        (["--flip_rate", "0.1"], "--flip_rate: not with --streaming"),
+        (["--max_train_samples", "4"], "--max_train_samples: not with --streaming"),
+        (["--loss_type", "dedpo", "--human_fraction", "0.5"], "--loss_type dedpo: not with --streaming"),
+        (["--max_train_steps", None], "--max_train_steps: --streaming needs it"),
+        (["--shuffle_buffer_size", "0"], "--shuffle_buffer_size must be >= 1"),
+    ],
+)
+def test_flags_streaming_cannot_serve_are_refused(train_main, sources, tmp_path, extra, message):
+    args = ["--streaming", "--dataset_name", str(sources["webdataset"]), "--max_train_steps", "2", *extra]
+    if None in args:  # drop the flag and its value
+        at = args.index(None)
+        args = args[: at - 1] + args[at + 1 :]
+        args = args[: args.index("--max_train_steps")] + args[args.index("--max_train_steps") + 2 :]
+    code, err = train_main(tmp_path / "out", *args)
+    assert code == 2 and message in err
+
+
+def test_the_buffer_size_needs_streaming(train_main, tmp_path):
+    code, err = train_main(tmp_path / "out", "--shuffle_buffer_size", "10")
+    assert code == 2 and "--shuffle_buffer_size: only with --streaming" in err
+
+
+STEPS = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--shuffle_buffer_size", "3"]
+
+
+class Killed(Exception):
+    """Stands for the SIGKILL of the fault hook, in this process."""
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "pytorch_lora_weights.safetensors")
+
+
+def kill_after_checkpoint_2(tiny_run, out, flags, in_process, monkeypatch):
+    """A streamed run killed by the fault hook once ``checkpoint-2`` is saved: SIGKILL of a
+    subprocess, or (``in_process``) :class:`Killed` raised at the same point of this process."""
+    from offline import ROOT, tiny_args
+
+    from fastpref.train.cli import main
+
+    if in_process:
+
+        def fault(point, step):
+            if (point, step) == ("saved", 2):
+                raise Killed
+
+        monkeypatch.setattr(ckpt, "fault", fault)
+        with pytest.raises(Killed):
+            main(tiny_args(tiny_run, out, *flags))
+        monkeypatch.undo()
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", ckpt.FAULT_ENV: "save:saved:2"}
+    command = [sys.executable, "-m", "fastpref.cli", "train", *tiny_args(tiny_run, out, *flags)]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run, sources, tmp_path_factory):
+    """The uninterrupted streamed run (the same for both layouts: the same stream)."""
+    from offline import tiny_args
+
+    from fastpref.train.cli import main
+
+    out = tmp_path_factory.mktemp("streamed") / "reference"
+    assert main(tiny_args(tiny_run, out, "--streaming", "--dataset_name", str(sources["hub"]), *STEPS)) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "hub"])
+def test_a_streamed_run_killed_and_resumed_is_bitwise(tiny_run, sources, reference, tmp_path, monkeypatch, kind):
+    """3 steps of 2 pairs in blocks of 3 rows, killed once ``checkpoint-2`` is saved (mid-block;
+    the webdataset run by the fault hook's SIGKILL, the Hub-layout one in this process, to save
+    a start-up); resumed with ``latest``: bitwise the weights and log of the uninterrupted run,
+    the undecodable row counted once."""
+    from offline import tiny_args
+
+    from fastpref.train.cli import main
+
+    flags = ["--streaming", "--dataset_name", str(sources[kind]), *STEPS]
+    out = tmp_path / "out"
+    kill_after_checkpoint_2(tiny_run, out, flags, kind == "hub", monkeypatch)
+    state = json.loads((out / "checkpoint-2" / "stream_state_0.json").read_text())
+    assert state["served"] == 4 and 0 < state["offset"] < 3
+    assert main(tiny_args(tiny_run, out, *flags, "--resume_from_checkpoint", "latest")) == 0
+    expected, got = weights(reference), weights(out)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert (out / "train_log.jsonl").read_text() == (reference / "train_log.jsonl").read_text()
+    summaries = [json.loads((folder / "train_summary.json").read_text())["data"] for folder in (out, reference)]
+    assert summaries[0]["streaming"] and summaries[0]["pairs"] == 6
+    assert {k: v for k, v in summaries[0].items() if k != "dataset"} == {
+        k: v for k, v in summaries[1].items() if k != "dataset"
+    }
