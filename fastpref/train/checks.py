@@ -402,6 +402,13 @@ def check_streaming(data_args: DataArguments, settings: dict, run: RunArguments,
     for refused, flag, why in refusals:
         if refused:
             raise ArgumentError(f"{flag}: not with --streaming ({why}; a stream has no length): drop one of them")
+    if Path(data_args.dataset_name).expanduser().exists():  # a local source: its files now (a Hub id's at start)
+        from .data.streaming import stream_source
+
+        try:
+            stream_source(data_args.dataset_name, data_args.dataset_split_name)
+        except (ValueError, FileNotFoundError) as error:
+            raise ArgumentError(str(error)) from None
     if settings["max_train_steps"] is None:
         raise ArgumentError(
             "--max_train_steps: --streaming needs it (a stream has no length, so --num_train_epochs cannot size the "

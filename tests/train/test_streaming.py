@@ -121,6 +121,21 @@ def test_flags_streaming_cannot_serve_are_refused(train_main, sources, tmp_path,
     assert code == 2 and message in err
 
 
+def test_a_source_streaming_cannot_read_is_refused_up_front(train_main, tiny_run, tmp_path):
+    """A ``save_to_disk`` folder (memory-mapped already) and a folder with no tar or parquet file."""
+    saved = toy_data.write_saved_dataset(toy_data.make_rows(2, resolution=RES), tmp_path / "saved")
+    (tmp_path / "empty").mkdir()
+    for folder, message in ((saved, "is a save_to_disk folder"), (tmp_path / "empty", "no *.tar or *.parquet")):
+        code, err = train_main(tmp_path / "out", "--streaming", "--dataset_name", str(folder), "--max_train_steps", "1")
+        assert code == 2 and message in err
+
+
+def test_streaming_and_its_buffer_cannot_change_on_resume():
+    from fastpref.train.checks import RESUME_CHANGEABLE
+
+    assert not {"streaming", "shuffle_buffer_size"} & RESUME_CHANGEABLE
+
+
 def test_the_buffer_size_needs_streaming(train_main, tmp_path):
     code, err = train_main(tmp_path / "out", "--shuffle_buffer_size", "10")
     assert code == 2 and "--shuffle_buffer_size: only with --streaming" in err
