@@ -307,7 +307,10 @@ class PairStream:
         return (batch * self.world_size + self.rank) * self.batch_size + within
 
     def next_batch(self) -> dict:
-        """The next ``batch_size`` pairs, collated (``skipped_rows``: the undecodable rows passed)."""
+        """The next ``B = batch_size`` pairs, collated: ``pixel_values [2B, 3, R, R]`` float32 (the
+        B winners, then the B losers), ``original_sizes``, ``crop_top_lefts [2B, 2]`` int64,
+        ``captions`` (list of B str), ``flipped``, ``tie`` bool ``[B]``, ``human_label`` float32
+        ``[B]``, ``index``, ``row`` int64 ``[B]`` and ``skipped_rows`` (the undecodable rows passed)."""
         skipped: List[int] = []
         items = [self._next_pair(skipped) for _ in range(self.batch_size)]
         batch = collate_pairs(items)
