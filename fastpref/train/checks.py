@@ -383,7 +383,7 @@ def check_resume_settings(recorded: Optional[dict], current: dict, checkpoint: s
     return changed
 
 
-def check_streaming(data_args: DataArguments, settings: dict, run: RunArguments, given: Optional[set]) -> List[str]:
+def check_streaming(data_args: DataArguments, settings: dict, given: Optional[set]) -> List[str]:
     """``--streaming`` against the flags it cannot serve (:class:`ArgumentError` naming the flag);
     returns the notes to log (the flags it leaves unused)."""
     if data_args.shuffle_buffer_size < 1:

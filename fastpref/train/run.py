@@ -77,7 +77,7 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     inputs = {"--pretrained_model_name_or_path": source.path, "--dataset_name": data_args.dataset_name}
     check_output_dir(run, inputs)
     checks.check_data_values(data_args, settings["loss_type"])
-    notes += checks.check_streaming(data_args, settings, run, given)
+    notes += checks.check_streaming(data_args, settings, given)
     checks.check_run_values(run)
     config = checks.check_train_settings(settings, family)
     checks.check_optimizer_values(config)
