@@ -198,3 +198,16 @@ def test_a_streamed_run_killed_and_resumed_is_bitwise(tiny_run, sources, referen
     assert {k: v for k, v in summaries[0].items() if k != "dataset"} == {
         k: v for k, v in summaries[1].items() if k != "dataset"
     }
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "hub"])
+def test_a_hub_id_streams_the_files_its_builder_lists(sources, monkeypatch, kind):
+    """A Hub id is opened with ``datasets.load_dataset_builder`` (its data files listed, then
+    streamed): here an id that the builder resolves to the local folder, for want of the Hub."""
+    import datasets
+
+    load = datasets.load_dataset_builder
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda name, **kw: load(str(sources[kind]), **kw))
+    assert stream("org/pickapic-mirror").next_batch()["captions"] == stream(sources[kind]).next_batch()["captions"]
+    with pytest.raises(ValueError, match="--dataset_split_name: org/pickapic-mirror has no split 'test'"):
+        stream("org/pickapic-mirror", split="test")
