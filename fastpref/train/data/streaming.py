@@ -111,7 +111,10 @@ def local_splits(folder) -> Dict[str, Tuple[str, List[str]]]:
 
 
 def label_value(value) -> float:
-    """A label cell as a float (a webdataset's ``label_0.txt`` is text); NaN when not a number."""
+    """A label cell as a float (a webdataset's ``label_0.txt`` is text); NaN when not a number
+    (booleans included, as in the map-style path)."""
+    if isinstance(value, bool):
+        return float("nan")
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("utf-8", "replace")
     try:
