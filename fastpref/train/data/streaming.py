@@ -19,9 +19,11 @@ so it would not resume exactly). Hand-written only for that block; reading is ``
 
 from __future__ import annotations
 
+import atexit
 import copy
 import itertools
 import json
+import weakref
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -182,6 +184,7 @@ class PairStream:
         self.state = self.initial_state()
         self._stream = self._rows = self._block = None
         self.check_columns()
+        atexit.register(_close, weakref.ref(self))  # before pyarrow is torn down: a quiet exit
 
     # -- the stream ----------------------------------------------------------------------------
 
@@ -324,6 +327,12 @@ class PairStream:
         while True:
             yield self.next_batch()
 
+    def close(self) -> None:
+        """Close the open reader (a later batch re-opens it where the state says)."""
+        if self._rows is not None and hasattr(self._rows, "close"):
+            self._rows.close()
+        self._stream = self._rows = self._block = None
+
     # -- counts and state ----------------------------------------------------------------------
 
     def summary(self) -> dict:
@@ -369,3 +378,9 @@ class PairStream:
 
         accelerator.register_save_state_pre_hook(save)
         accelerator.register_load_state_pre_hook(load)
+
+
+def _close(ref) -> None:
+    stream = ref()
+    if stream is not None:
+        stream.close()
