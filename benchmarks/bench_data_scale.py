@@ -10,6 +10,11 @@ datasets cache (it includes the one-time conversion of the parquet files to Arro
 (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a fresh runner: the largest single process,
 the trainer or one of its workers) and writes them to ``benchmarks/results/data-scale-<label>-<machine>.json``.
 
+``--streaming`` measures ``fastpref train --streaming`` instead (label ``streaming``): the same
+2-step run, in the main process (no workers), once over the Hub-layout folder (``datasets``'
+parquet builder) and once over the same pairs as webdataset tar shards (one per parquet file,
+written once beside it); nothing is cached, so there is no cold / warm.
+
 ``--code DIR`` runs another checkout (``PYTHONPATH=DIR``, ``FASTPREF_BACKEND=torch``): how the
 "before" figures were taken, with ``git worktree add /tmp/before c0f490c``.
 """
@@ -97,6 +102,38 @@ def hub_folder(data_root: Path, pairs: int) -> Path:
     return folder
 
 
+def webdataset_folder(data_root: Path, pairs: int) -> Path:
+    """The pairs of :func:`hub_folder` as webdataset tar shards (``<key>.jpg_0.jpg``,
+    ``<key>.jpg_1.jpg``, ``<key>.caption.txt``, ``<key>.label_0.txt``), written once."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    folder = data_root / f"wds-{pairs}"
+    done = folder / "DONE"
+    if done.exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    total = 0
+    for file in sorted((hub_folder(data_root, pairs) / "data").glob("train-*.parquet")):
+        shard = folder / (file.stem.replace("train-", "") + ".tar")
+        rows = pq.read_table(file).to_pylist()
+        with tarfile.open(shard, "w") as tar:
+            for row in rows:
+                key = row["caption"].split()[1].zfill(8)  # "pair <i> of ...": the row's index
+                members = {"jpg_0.jpg": row["jpg_0"], "jpg_1.jpg": row["jpg_1"]}
+                members.update({"caption.txt": row["caption"].encode(), "label_0.txt": str(row["label_0"]).encode()})
+                for suffix, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        total += shard.stat().st_size
+        print(f"  {shard.name}: {len(rows)} pairs, {shard.stat().st_size / 1e6:.0f} MB", flush=True)
+    done.write_text(json.dumps({"pairs": pairs, "train_bytes": total}))
+    return folder
+
+
 def tiny_model(data_root: Path, code: Path) -> Path:
     path = data_root / "tiny-sd15"
     if not (path / "model_index.json").exists():
@@ -122,11 +159,14 @@ print(json.dumps({"rc": code, "wall_s": wall, "peak_rss_kb": rss, "module": modu
 """
 
 
-def run_train(model: Path, data: Path, code: Path, hf_cache: Path, out: Path, workers: int, new_flags: bool) -> dict:
-    """One 2-step ``fastpref train`` in a fresh runner process (so RUSAGE_CHILDREN is this run's)."""
+def run_train(
+    model: Path, data: Path, code: Path, hf_cache: Path, out: Path, workers: int, new_flags: bool, extra=()
+) -> dict:
+    """One 2-step ``fastpref train`` in a fresh runner process (so RUSAGE_CHILDREN is this run's);
+    ``extra``: more flags."""
     args = ["--pretrained_model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out)]
     args += ["--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2", "--lora_rank", "4"]
-    args += ["--report_to", "none", "--no_progress", "--dataloader_num_workers", str(workers)]
+    args += ["--report_to", "none", "--no_progress", "--dataloader_num_workers", str(workers), *extra]
     if new_flags:
         args += ["--cache_dir", str(hf_cache)]
     env = {**os.environ, "PYTHONPATH": str(code), "FASTPREF_BACKEND": "torch", "HF_HUB_OFFLINE": "1"}
@@ -147,6 +187,26 @@ def run_train(model: Path, data: Path, code: Path, hf_cache: Path, out: Path, wo
         "peak_rss_mb": round(measured["peak_rss_kb"] / 1024, 1),
         "data": summary.get("data"),
     }
+
+
+def measure_streaming(model: Path, data_root: Path, pairs: int, code: Path, hf_cache: Path, label: str) -> list:
+    """The ``--streaming`` rows of one size: the Hub-layout parquet folder, then its webdataset
+    copy (phases ``stream-parquet``, ``stream-webdataset``)."""
+    rows = []
+    for phase, folder in (("stream-parquet", hub_folder(data_root, pairs)), ("stream-webdataset", None)):
+        folder = folder or webdataset_folder(data_root, pairs)
+        info = json.loads((folder / "DONE").read_text())
+        out = data_root / f"out-{label}-{pairs}-{phase}"
+        shutil.rmtree(out, ignore_errors=True)
+        load = os.getloadavg()[0]
+        result = run_train(model, folder, code, hf_cache, out, 0, True, extra=["--streaming"])
+        row = {"pairs": pairs, "train_gb": round(info["train_bytes"] / 1e9, 3), "phase": phase, **result}
+        row["load_1min"] = round(load, 2)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "data"}), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(hf_cache, ignore_errors=True)
+    return rows
 
 
 def table(files) -> str:
@@ -174,7 +234,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="--dataloader_num_workers")
     parser.add_argument("--old_flags", action="store_true", help="the code before --cache_dir meant the HF cache")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="print the markdown table of result files, only")
+    parser.add_argument("--streaming", action="store_true", help="measure --streaming (parquet and webdataset)")
     args = parser.parse_args(argv)
+    if args.streaming and args.label == "after":
+        args.label = "streaming"
     if args.table:
         print(table(args.table))
         return 0
@@ -189,6 +252,9 @@ def main(argv=None) -> int:
         folder = hub_folder(data_root, pairs)
         info = json.loads((folder / "DONE").read_text())
         hf_cache = data_root / f"hf-cache-{args.label}-{pairs}"
+        if args.streaming:
+            rows += measure_streaming(model, data_root, pairs, code, hf_cache, args.label)
+            continue
         shutil.rmtree(hf_cache, ignore_errors=True)
         for phase in ("cold", "warm"):
             out = data_root / f"out-{args.label}-{pairs}-{phase}"
@@ -208,8 +274,10 @@ def main(argv=None) -> int:
         "command": "python benchmarks/bench_data_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine,
         "python": platform.python_version(),
-        "run": "2-step fastpref train, tiny sd15 model, 64 px, batch 2, uncached, --dataloader_num_workers "
-        f"{args.workers}; peak RSS = the largest process of the tree (RUSAGE_CHILDREN)",
+        "run": "2-step fastpref train, tiny sd15 model, 64 px, batch 2, uncached, "
+        + ("--streaming (main process, --shuffle_buffer_size 1000)" if args.streaming else "--dataloader_num_workers ")
+        + ("" if args.streaming else f"{args.workers}")
+        + "; peak RSS = the largest process of the tree (RUSAGE_CHILDREN)",
         "rows": rows,
     }
     slug = "".join(c if c.isalnum() else "-" for c in machine.lower()).strip("-")

@@ -233,6 +233,33 @@ def write_hub_layout(splits: Dict[str, Dict[str, list]], folder, files_per_split
     return folder
 
 
+def write_webdataset(columns: Dict[str, list], folder, shards: int = 1, caption_key: str = "caption") -> Path:
+    """Write Pick-a-Pic-style ``columns`` as webdataset tar shards ``folder/0000k.tar`` (the rows
+    cut in order): per row ``<key>.jpg_0.jpg``, ``<key>.jpg_1.jpg``, ``<key>.<caption_key>.txt``
+    and ``<key>.label_0.txt`` (the label as text, ``1.0``), keys ``000000``, ``000001``, ...;
+    diffusers' Pick-a-Pic shards name the caption ``original_prompt``. Returns ``folder``."""
+    import tarfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(columns["caption"])
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    for k in range(shards):
+        with tarfile.open(folder / f"{k:05d}.tar", "w") as tar:
+            for row in range(bounds[k], bounds[k + 1]):
+                files = {
+                    "jpg_0.jpg": columns["jpg_0"][row],
+                    "jpg_1.jpg": columns["jpg_1"][row],
+                    f"{caption_key}.txt": columns["caption"][row].encode(),
+                    "label_0.txt": str(columns["label_0"][row]).encode(),
+                }
+                for suffix, data in files.items():
+                    info = tarfile.TarInfo(f"{row:06d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
 def write_saved_dataset(columns: Dict[str, list], folder, split: Optional[str] = None) -> Path:
     """Write ``columns`` with ``datasets``' ``save_to_disk`` to ``folder``: a ``Dataset``, or with
     ``split`` a ``DatasetDict`` holding that one split. Returns ``folder``."""

@@ -142,6 +142,22 @@ class DataArguments:
         },
     )
     human_seed: int = field(default=0, metadata={"help": "dedpo: seed of which pairs keep their human label"})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "read the pairs as they are needed instead of opening the whole split (datasets' streaming): "
+            "a Hub id, or a local folder or file of parquet or webdataset .tar shards; shuffled by blocks of "
+            "--shuffle_buffer_size rows, resumed exactly; needs --max_train_steps; not with --cache_latents, "
+            "--loss_type dedpo, --flip_rate or --max_train_samples (docs/data.md)"
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=data.DEFAULT_BUFFER_SIZE,
+        metadata={
+            "help": "--streaming: rows per shuffle block (read, permuted with a seed of --seed, served); the "
+            "shard order is shuffled every pass too; memory holds one block"
+        },
+    )
 
 
 @dataclasses.dataclass

@@ -94,6 +94,8 @@ def load_data(plan, accelerator) -> TrainData:
     from accelerate.utils import gather_object
 
     args, family = plan.data, plan.family
+    if args.streaming:
+        return load_stream(plan, accelerator)
     dataset = open_pairs(plan, accelerator)
     if args.cache_latents and not args.no_hflip:
         logger.info("--cache_latents: images are encoded once, without random flips (as with --no_hflip)")
@@ -145,7 +147,86 @@ def load_data(plan, accelerator) -> TrainData:
     return TrainData(train_set, encode, summary, judge)
 
 
-def run_config(plan, num_pairs: int, accelerator) -> TrainConfig:
+def open_stream(plan, accelerator) -> data.PairStream:
+    """``--streaming``: this process's :class:`~fastpref.train.data.PairStream` of
+    ``--dataset_name`` (its share of the rows), ordered with ``--seed`` by blocks of
+    ``--shuffle_buffer_size`` rows, ``--seed`` also drawing the random crops and flips."""
+    args = plan.data
+    return data.PairStream(
+        args.dataset_name,
+        plan.resolution,
+        split=args.dataset_split_name,
+        cache_dir=args.cache_dir,
+        seed=plan.config.seed,
+        buffer_size=args.shuffle_buffer_size,
+        batch_size=plan.run.train_batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        keep_ties=args.keep_ties,
+        hflip=not args.no_hflip,
+        random_crop=args.random_crop,
+        caption_column=args.caption_column,
+        image_columns=(args.image_column_0, args.image_column_1),
+        label_column=args.label_column,
+    )
+
+
+def load_stream(plan, accelerator) -> TrainData:
+    """``--streaming``: the stream (:func:`open_stream`; its position saved in every checkpoint
+    and restored on resume) and the family's encoders for every batch. Rows skipped at fetch are
+    counted as :func:`load_data` counts them."""
+    from accelerate.utils import gather_object
+
+    args, family = plan.data, plan.family
+    stream = open_stream(plan, accelerator)
+    stream.install(accelerator)
+    vae, tokenizers, text_encoders = family.load_encoders(
+        plan.source, dtype=weight_dtype(accelerator), device="cpu" if args.offload else accelerator.device
+    )
+    summary = {**stream.summary(), "undecodable_at_fetch": 0}
+    logger.info(
+        "--streaming %s: %d %s file(s), shuffled by blocks of %d rows; process %d of %d",
+        args.dataset_name,
+        len(stream.files),
+        stream.builder,
+        stream.buffer_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    skips = data.FetchSkips()
+    skips.install(accelerator)
+    encode = data.BatchEncoder(
+        family,
+        vae,
+        tokenizers,
+        text_encoders,
+        plan.resolution,
+        accelerator.device,
+        vae_batch_size=args.vae_encode_batch_size,
+        offload=args.offload,
+        skips=skips,
+        summary=summary,
+        gather=gather_object if accelerator.num_processes > 1 else None,
+    )
+    return TrainData(stream, encode, summary, None)
+
+
+def stream_batches(stream: data.PairStream, summary: dict, trainer: PreferenceTrainer):
+    """``--streaming``: the stream's batches from where the trainer's step left it (the
+    checkpoint restored the position), ``summary`` kept up to date with its counts (this
+    process's). ``ValueError`` when the position does not match the step."""
+    served, expected = stream.state["served"], trainer.micro_step * stream.batch_size
+    if served != expected:
+        raise ValueError(
+            f"--streaming: the checkpoint's stream position ({served} pairs served) does not match its step "
+            f"({trainer.micro_step} micro-steps of {stream.batch_size} pairs)"
+        )
+    for batch in stream:
+        summary.update(stream.summary())
+        yield batch
+
+
+def run_config(plan, num_pairs: Optional[int], accelerator) -> TrainConfig:
     """The plan's :class:`TrainConfig` with what only the run knows: the step count from
     ``--num_train_epochs`` over ``num_pairs`` (unless ``--max_train_steps`` was given), the
     learning rate scaled by ``--scale_lr``, accelerate's mixed precision."""

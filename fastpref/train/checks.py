@@ -381,3 +381,42 @@ def check_resume_settings(recorded: Optional[dict], current: dict, checkpoint: s
             "continues the run as it was: drop or change these flags, or start a new run in another --output_dir"
         )
     return changed
+
+
+def check_streaming(data_args: DataArguments, settings: dict, given: Optional[set]) -> List[str]:
+    """``--streaming`` against the flags it cannot serve (:class:`ArgumentError` naming the flag);
+    returns the notes to log (the flags it leaves unused)."""
+    if data_args.shuffle_buffer_size < 1:
+        raise ArgumentError(f"--shuffle_buffer_size must be >= 1, got {data_args.shuffle_buffer_size}")
+    if not data_args.streaming:
+        if given is not None and "shuffle_buffer_size" in given:
+            raise ArgumentError("--shuffle_buffer_size: only with --streaming (the map-style order is a full shuffle)")
+        return []
+    refusals = [
+        (data_args.cache_latents, "--cache_latents", "the latent cache is built over the whole split, map-style"),
+        (settings["loss_type"] == "dedpo", "--loss_type dedpo", "DeDPO's propensity m/n counts all pairs"),
+        (data_args.flip_rate > 0, "--flip_rate", "the flipped subset is drawn over all pairs"),
+        (data_args.max_train_samples is not None, "--max_train_samples", "the seeded subset is drawn over all pairs"),
+        (settings.get("footprint_recipe") == "authors", "--footprint_recipe authors", "it restarts at every epoch"),
+    ]
+    for refused, flag, why in refusals:
+        if refused:
+            raise ArgumentError(f"{flag}: not with --streaming ({why}; a stream has no length): drop one of them")
+    if Path(data_args.dataset_name).expanduser().exists():  # a local source: its files now (a Hub id's at start)
+        from .data.streaming import stream_source
+
+        try:
+            stream_source(data_args.dataset_name, data_args.dataset_split_name)
+        except (ValueError, FileNotFoundError) as error:
+            raise ArgumentError(str(error)) from None
+    if settings["max_train_steps"] is None:
+        raise ArgumentError(
+            "--max_train_steps: --streaming needs it (a stream has no length, so --num_train_epochs cannot size the "
+            "run; an epoch is one pass over the stream)"
+        )
+    if data_args.dataloader_num_workers:
+        return [
+            f"--dataloader_num_workers {data_args.dataloader_num_workers}: unused with --streaming (the pairs are "
+            "read and decoded in the main process, which keeps their position for the checkpoints)"
+        ]
+    return []

@@ -15,7 +15,7 @@ import torch
 
 from . import checks, hub
 from .arguments import DataArguments, RunArguments, defaults_that_differ
-from .assembly import build_trainer, load_data, make_accelerator, make_loader, run_config
+from .assembly import build_trainer, load_data, make_accelerator, make_loader, run_config, stream_batches
 from .checkpoints import new_run_id, resume, save_checkpoint, save_weights
 from .config import TrainConfig
 from .data.sources import default_split
@@ -77,6 +77,7 @@ def resolve(data_args: DataArguments, settings: dict, run: RunArguments, given: 
     inputs = {"--pretrained_model_name_or_path": source.path, "--dataset_name": data_args.dataset_name}
     check_output_dir(run, inputs)
     checks.check_data_values(data_args, settings["loss_type"])
+    notes += checks.check_streaming(data_args, settings, given)
     checks.check_run_values(run)
     config = checks.check_train_settings(settings, family)
     checks.check_optimizer_values(config)
@@ -152,9 +153,11 @@ def _train(plan: RunPlan) -> dict:
     accelerator.wait_for_everyone()
 
     inputs = load_data(plan, accelerator)
-    checks.check_batch_fits(run.train_batch_size, accelerator.num_processes, inputs.summary, plan.data.dataset_name)
-    config = run_config(plan, len(inputs.dataset), accelerator)
-    trainer = build_trainer(plan, config, accelerator, num_pairs=len(inputs.dataset))
+    num_pairs = None if plan.data.streaming else len(inputs.dataset)  # a stream has no length
+    if num_pairs is not None:
+        checks.check_batch_fits(run.train_batch_size, accelerator.num_processes, inputs.summary, plan.data.dataset_name)
+    config = run_config(plan, num_pairs, accelerator)
+    trainer = build_trainer(plan, config, accelerator, num_pairs=num_pairs)
     resumed = resume(accelerator, trainer, run.resume_from_checkpoint, output_dir, output_dir / LOG_FILE)
     if resumed is not None:  # the checkpoint loaded may be an older one than the one checked first
         changes = check_resume(plan, resumed, recorded)
@@ -187,7 +190,11 @@ def _train(plan: RunPlan) -> dict:
         return folder
 
     summary("running")
-    loader = make_loader(inputs.dataset, run.train_batch_size, plan.data.dataloader_num_workers, trainer, accelerator)
+    if plan.data.streaming:
+        loader = stream_batches(inputs.dataset, inputs.summary, trainer)
+    else:
+        workers = plan.data.dataloader_num_workers
+        loader = make_loader(inputs.dataset, run.train_batch_size, workers, trainer, accelerator)
     with Interrupts() as interrupts:
         try:
             run_steps(

@@ -7,7 +7,8 @@ DeDPO labels, a seeded subset), decoding the images of a pair only when it is
 fetched (:mod:`.images`); :class:`PairSampler` gives their seeded, resumable order and
 :func:`collate_pairs` the batch layout; :class:`BatchEncoder` makes the latents and text
 embeddings the trainer takes, with the model family's encoders (the latent cache encodes with
-them too, so both paths agree).
+them too, so both paths agree). With ``--streaming``, :class:`PairStream` reads the pairs as they
+are needed instead, in a seeded block-shuffled order that a checkpoint resumes exactly (:mod:`.streaming`).
 """
 
 from .batches import PER_IMAGE, collate_pairs
@@ -18,10 +19,12 @@ from .labels import JUDGE, HumanOrder, JudgedLabels, JudgeOrder, LabelPolicy, Pa
 from .log import format_rows, logger
 from .sampler import PairSampler
 from .sources import open_split, parquet_splits
+from .streaming import DEFAULT_BUFFER_SIZE, PairStream
 
 __all__ = [
     "BatchEncoder",
     "CAPTION",
+    "DEFAULT_BUFFER_SIZE",
     "FetchSkips",
     "HumanOrder",
     "IMAGE_0",
@@ -34,6 +37,7 @@ __all__ = [
     "PER_IMAGE",
     "PairLabels",
     "PairSampler",
+    "PairStream",
     "PreferenceDataset",
     "VALID_LABELS",
     "collate_pairs",

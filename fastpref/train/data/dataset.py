@@ -367,17 +367,25 @@ class PreferenceDataset(torch.utils.data.Dataset):
         )
 
     def _add_pixels(self, item: dict, images: list, position: int) -> None:
-        """``pixel_values``, ``original_sizes`` and ``crop_top_lefts`` of the pair (served order),
-        with one crop position and one flip coin for both images."""
-        crop, flip = None, False
-        if self.random_crop or self.hflip:
-            draw = np.random.default_rng([self.augment_seed, _AUGMENT_STREAM, int(position)]).random(3)
-            crop = (float(draw[0]), float(draw[1])) if self.random_crop else None
-            flip = self.hflip and bool(draw[2] < 0.5)
-        pixels, sizes, crops = zip(*(preprocess(image, self.resolution, crop=crop, flip=flip) for image in images))
-        item["pixel_values"] = torch.stack(pixels)
-        item["original_sizes"] = torch.tensor(sizes, dtype=torch.int64)
-        item["crop_top_lefts"] = torch.tensor(crops, dtype=torch.int64)
+        add_pair_pixels(item, images, self.resolution, position, self.augment_seed, self.random_crop, self.hflip)
+
+
+def add_pair_pixels(
+    item: dict, images: list, resolution: int, position: int, augment_seed: int, random_crop: bool, hflip: bool
+) -> None:
+    """Add ``pixel_values [2, 3, R, R]`` float32, ``original_sizes`` and ``crop_top_lefts``
+    ``[2, 2]`` int64 of a pair's two PIL ``images`` (served order) to ``item``: one crop position
+    and one flip coin for both images, drawn from ``(augment_seed, position)`` -- the pair's
+    global sample position, so a resumed run draws the same."""
+    crop, flip = None, False
+    if random_crop or hflip:
+        draw = np.random.default_rng([augment_seed, _AUGMENT_STREAM, int(position)]).random(3)
+        crop = (float(draw[0]), float(draw[1])) if random_crop else None
+        flip = hflip and bool(draw[2] < 0.5)
+    pixels, sizes, crops = zip(*(preprocess(image, resolution, crop=crop, flip=flip) for image in images))
+    item["pixel_values"] = torch.stack(pixels)
+    item["original_sizes"] = torch.tensor(sizes, dtype=torch.int64)
+    item["crop_top_lefts"] = torch.tensor(crops, dtype=torch.int64)
 
 
 def _check_arguments(resolution, flip_rate, max_pairs):
