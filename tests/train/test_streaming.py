@@ -5,6 +5,7 @@ over a local webdataset folder and a folder in the Hub's parquet layout."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -168,11 +169,15 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("kind", ["webdataset", "hub"])
-def test_a_streamed_run_killed_and_resumed_is_bitwise(tiny_run, sources, reference, tmp_path, monkeypatch, kind):
+def test_a_streamed_run_killed_and_resumed_is_bitwise(
+    tiny_run, sources, reference, train_subprocess, tmp_path, monkeypatch, kind
+):
     """2 steps of 2 pairs in blocks of 2 rows, killed at the fault hook once ``checkpoint-1`` is
     saved (mid-way through the second block, the undecodable row passed), resumed with
     ``latest``: bitwise the weights and log of the uninterrupted run (over the Hub-layout folder:
-    both layouts are the same stream), the undecodable row counted once."""
+    both layouts are the same stream), the undecodable row counted once. Over tar shards the
+    kill is a real SIGKILL of a ``fastpref train`` process; over parquet, the hook raises in this
+    process (a second start-up saved)."""
     from offline import tiny_args
 
     from fastpref.train.cli import main
@@ -183,10 +188,14 @@ def test_a_streamed_run_killed_and_resumed_is_bitwise(tiny_run, sources, referen
 
     flags = ["--streaming", "--dataset_name", str(sources[kind]), *STEPS]
     out = tmp_path / "out"
-    with monkeypatch.context() as patch:
-        patch.setattr(ckpt, "fault", fault)
-        with pytest.raises(Killed):
-            main(tiny_args(tiny_run, out, *flags))
+    if kind == "webdataset":
+        result = train_subprocess(out, *flags, fault="saved:1", check=False)
+        assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    else:
+        with monkeypatch.context() as patch:
+            patch.setattr(ckpt, "fault", fault)
+            with pytest.raises(Killed):
+                main(tiny_args(tiny_run, out, *flags))
     state = json.loads((out / "checkpoint-1" / "stream_state_0.json").read_text())
     assert (state["served"], state["block"], state["offset"], state["counts"]["undecodable"]) == (2, 1, 1, 1)
     assert state["block_start"] is not None  # resumed from the datasets stream's own state
