@@ -211,7 +211,8 @@ def _train(plan: RunPlan) -> dict:
             raise
         checkpoint()
         save_weights(accelerator, trainer, output_dir)
-        if run.run_validation and accelerator.is_main_process and trainer.global_step not in validated:
+        samplers = accelerator.is_main_process or trainer.sharded  # --fsdp: every process samples
+        if run.run_validation and samplers and trainer.global_step not in validated:
             validate()  # the final weights
         result = summary("finished")
         if accelerator.is_main_process:

@@ -47,8 +47,6 @@ def check_fsdp(config, run) -> None:
         raise ArgumentError("--fsdp: cannot be combined with --use_8bit_adam (AdamW8bit takes no DTensor)")
     if config.mixed_precision == "fp16":
         raise ArgumentError(FP16_MESSAGE)
-    if run.run_validation:
-        raise ArgumentError("--fsdp: cannot be combined with --run_validation yet (sampling runs on one process)")
 
 
 def mesh_of(accelerator):
