@@ -96,7 +96,7 @@ def killed_and_resumed(command: list, out: Path) -> None:
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    if (out / "train_summary.json").exists():
+    if json.loads((out / "train_summary.json").read_text())["state"] != "running":  # written from the start
         raise RuntimeError("the run finished before it could be killed")
     train(command + ["--resume_from_checkpoint", "latest"])
 
