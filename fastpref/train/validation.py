@@ -136,9 +136,9 @@ def sample_sharded(pipeline, prompts: Sequence[str], resolution: int, seed: int,
     """:func:`sample` with a ``--fsdp`` denoiser: each of its forwards gathers its blocks from every
     process, so every process samples in step -- process r the prompts r, r + W, ... (W
     processes; a process out of prompts samples the first one again and drops it) -- and the
-    images are gathered in prompt order (the same images as :func:`sample` on one process: each
-    prompt's generator is seeded with ``seed``). No process ever holds more than one block's
-    full weights: the gathered ones are freed (``reshard``) when sampling ends."""
+    images are gathered in prompt order; each prompt's generator is seeded with ``seed``, as in
+    :func:`sample`. No process gathers the whole denoiser, only FSDP's units (blocks) in turn;
+    those left gathered after the last forward are freed (``reshard``) when sampling ends."""
     from accelerate.utils import gather_object
     from torch.distributed.fsdp import FSDPModule
 
