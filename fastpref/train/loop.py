@@ -101,9 +101,9 @@ def run_steps(
     """Train until ``max_train_steps``: log each optimizer step (``train_log.jsonl``, trackers,
     progress bar), save a checkpoint every ``--checkpointing_steps`` (``checkpoint()``; default:
     :func:`~fastpref.train.checkpoints.save_checkpoint` of run ``run_id``) and call
-    ``validate()`` (main process) every ``--validation_steps``. A non-finite abort saves a
-    checkpoint and re-raises; a signal recorded by ``interrupts`` saves one at the end of its
-    step and raises :class:`Interrupted`."""
+    ``validate()`` (main process; every process under ``--fsdp``) every ``--validation_steps``. A
+    non-finite abort saves a checkpoint and re-raises; a signal recorded by ``interrupts`` saves
+    one at the end of its step and raises :class:`Interrupted`."""
     from tqdm.auto import tqdm
 
     config, output_dir = trainer.config, Path(run.output_dir)
@@ -148,7 +148,8 @@ def run_steps(
             step = trainer.global_step
             if run.checkpointing_steps and step % run.checkpointing_steps == 0 and step < max_steps:
                 save()
-            if validate is not None and step % run.validation_steps == 0 and accelerator.is_main_process:
+            samples = accelerator.is_main_process or getattr(trainer, "sharded", False)  # --fsdp: every process
+            if validate is not None and step % run.validation_steps == 0 and samples:
                 validate()
             signum = interrupts.requested(accelerator) if interrupts is not None else None
             if signum is not None and step < max_steps:

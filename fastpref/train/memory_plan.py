@@ -206,6 +206,19 @@ def lora_count(module: torch.nn.Module, rank: int, targets: Sequence[str]) -> Tu
     return total, largest
 
 
+def unit_counts(blocks: Sequence[torch.nn.Module]) -> Tuple[int, ...]:
+    """The parameters each of ``blocks`` shards on its own: its parameters but those of the
+    blocks nested inside it (a UNet block after its transformer layers)."""
+    owner = {}
+    for index, block in enumerate(blocks):  # an inner block comes first: the first owner is the innermost
+        for param in block.parameters():
+            owner.setdefault(id(param), (index, param.numel()))
+    counts = [0] * len(blocks)
+    for index, numel in owner.values():
+        counts[index] += numel
+    return tuple(counts)
+
+
 def count_parameters(
     denoiser: torch.nn.Module, blocks: Sequence[torch.nn.Module], lora_rank: int, lora_targets, encoders: int = 0
 ) -> ParameterCounts:
@@ -215,7 +228,7 @@ def count_parameters(
         trainable, largest = lora_count(denoiser, lora_rank, lora_targets)
     else:
         trainable, largest = n, max(p.numel() for p in denoiser.parameters())
-    block_counts = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
+    block_counts = unit_counts(blocks)
     buffers = sum(b.numel() for b in denoiser.buffers() if b.is_floating_point())
     return ParameterCounts(n, trainable, largest, block_counts, encoders, buffers)
 
@@ -418,8 +431,8 @@ def report(run_plan) -> str:
     lines = [
         f"memory plan of {source.path} ({family.title}): denoiser {counts.denoiser / 1e6:.1f}M parameters, "
         f"{counts.trainable / 1e6:.2f}M trainable ({trained}), "
-        f"{len(counts.blocks)} FSDP blocks, encoders {counts.encoders / 1e6:.1f}M"
-        + (" (latents cached: not loaded)" if data.cache_latents else ""),
+        f"{len(counts.blocks)} FSDP blocks (largest {max(counts.blocks, default=0) / 1e6:.1f}M), "
+        f"encoders {counts.encoders / 1e6:.1f}M" + (" (latents cached: not loaded)" if data.cache_latents else ""),
         f"flags: mixed precision {mixed}, {flags.num_footprints} EMA footprints, "
         f"{'AdamW8bit' if flags.use_8bit_adam else 'AdamW'}, micro-batch {run.train_batch_size} pairs at "
         f"{run_plan.resolution} px, gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}",

@@ -63,8 +63,15 @@ def check_output_dir(run: RunArguments, inputs: Optional[dict] = None) -> None:
                 f"--output_dir: {output_dir} holds {flag} {value}; a run writes (and --overwrite_output_dir "
                 "moves) its output folder: choose another --output_dir"
             )
-    OutputDirLock(output_dir).check_free()  # a held folder: name the holder, not what it wrote so far
+    if is_global_main():  # the holder-to-be: the other processes would find it holding the lock
+        OutputDirLock(output_dir).check_free()  # a held folder: name the holder, not what it wrote so far
     check_use(run)
+
+
+def is_global_main() -> bool:
+    """Whether this process is the run's global rank 0 (``$RANK``, as ``torchrun`` / ``accelerate
+    launch`` set it on every machine; unset: one process): the one that holds the lock."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def check_use(run: RunArguments) -> None:
@@ -244,3 +251,68 @@ def move_aside(output_dir: Path) -> Optional[Path]:
     replace_durably(output_dir, aside)
     logger.warning("--overwrite_output_dir: moved the previous contents of %s to %s", output_dir, aside)
     return aside
+
+
+# -- runs that span machines ----------------------------------------------------------------------
+
+SHARED_TOKEN = ".fastpref.shared"
+
+
+def spans_machines() -> bool:
+    """Whether the run's processes are on more than one machine (``accelerate launch
+    --num_machines N``: ``$LOCAL_WORLD_SIZE`` < ``$WORLD_SIZE``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world
+
+
+def unseen(folders, token: str) -> List[Path]:
+    """The folders of ``folders`` whose :data:`SHARED_TOKEN` file does not hold ``token``."""
+    missing = []
+    for folder in folders:
+        try:
+            if (Path(folder) / SHARED_TOKEN).read_text() == token:
+                continue
+        except OSError:
+            pass
+        missing.append(Path(folder))
+    return missing
+
+
+def check_shared_folders(accelerator, folders) -> None:
+    """A run on several machines assumes one file system that all of them see at ``folders``
+    (``--output_dir``, and the latent cache): global rank 0 alone writes the lock, the
+    checkpoints' common files, the summaries and the trackers' logs, and the processes write
+    their own shards (checkpoints, latent cache) side by side. Global rank 0 writes a token
+    file in each folder, every process reads it back (retried for 10 s: NFS caches directory
+    entries for a few seconds) and all agree; ``ValueError`` naming the folders a machine does
+    not see. Nothing is checked on one machine."""
+    import uuid
+
+    import torch.distributed as dist
+
+    if not spans_machines():
+        return
+    folders = [Path(f) for f in folders]
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    dist.broadcast_object_list(token)
+    if accelerator.is_main_process:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / SHARED_TOKEN).write_text(token[0])
+    accelerator.wait_for_everyone()
+    deadline = time.monotonic() + 10
+    while (missing := unseen(folders, token[0])) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    failures = [None] * accelerator.num_processes
+    dist.all_gather_object(failures, [str(f) for f in missing])
+    if accelerator.is_main_process:
+        for folder in folders:
+            (folder / SHARED_TOKEN).unlink(missing_ok=True)
+    named = sorted({f for rank in failures for f in rank})
+    if named:
+        ranks = [rank for rank, f in enumerate(failures) if f]
+        raise ValueError(
+            f"{', '.join(named)}: not seen by the process(es) of global rank {ranks}: a run on several machines "
+            "needs --output_dir (and --latent_cache_dir with --cache_latents) on a file system every machine "
+            "shares (NFS, Lustre, a cloud file store)"
+        )

@@ -22,7 +22,7 @@ from .data.sources import default_split
 from .families import ModelFamily
 from .loop import Interrupts, run_steps
 from .models import ModelSource
-from .output_dir import LOG_FILE, check_output_dir, claim, newest_manifest
+from .output_dir import LOG_FILE, check_output_dir, check_shared_folders, claim, is_global_main, newest_manifest
 from .sharding import check_fsdp
 from .summary import run_summary, write_outputs, write_summary
 from .trainer import NonFiniteLossError
@@ -126,7 +126,7 @@ def train(plan: RunPlan) -> dict:
     """
     # One process (global rank 0) owns the folder for the whole run; the kernel drops the lock
     # when the process ends, however it ends.
-    lock = claim(plan.run) if os.environ.get("RANK", "0") == "0" else None
+    lock = claim(plan.run) if is_global_main() else None
     try:
         return _train(plan)
     finally:
@@ -151,6 +151,8 @@ def _train(plan: RunPlan) -> dict:
         if run.push_to_hub:
             repo_id = hub.create_repository(run.hub_model_id, output_dir, run.hub_token)
     accelerator.wait_for_everyone()
+    # several machines: one file system for the run's folders (README, "Several machines")
+    check_shared_folders(accelerator, [output_dir] + ([plan.data.latent_cache_dir] if plan.data.cache_latents else []))
 
     inputs = load_data(plan, accelerator)
     num_pairs = None if plan.data.streaming else len(inputs.dataset)  # a stream has no length
@@ -216,7 +218,8 @@ def _train(plan: RunPlan) -> dict:
             raise
         checkpoint()
         save_weights(accelerator, trainer, output_dir)
-        if run.run_validation and accelerator.is_main_process and trainer.global_step not in validated:
+        samplers = accelerator.is_main_process or trainer.sharded  # --fsdp: every process samples
+        if run.run_validation and samplers and trainer.global_step not in validated:
             validate()  # the final weights
         result = summary("finished")
         if accelerator.is_main_process:

@@ -3,7 +3,8 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) on one mesh of every process, and
 checkpoints (``torch.distributed.checkpoint``).
 
 Each model is sharded per block (the family's :meth:`~fastpref.train.families.base.ModelFamily.shard_blocks`:
-a UNet's down, mid and up blocks, a transformer's blocks), then as a whole (the root keeps the
+a UNet's transformer layers, then its down, mid and up blocks around them; a transformer's
+blocks), then as a whole (the root keeps the
 rest: embeddings, the first and last layers). Every process holds ``1 / world`` of each
 parameter (dim-0 shards, as DTensors); a block's full parameters are gathered for its forward
 and backward and freed after; gradients are reduce-scattered (averaged over the processes, as
@@ -47,8 +48,6 @@ def check_fsdp(config, run) -> None:
         raise ArgumentError("--fsdp: cannot be combined with --use_8bit_adam (AdamW8bit takes no DTensor)")
     if config.mixed_precision == "fp16":
         raise ArgumentError(FP16_MESSAGE)
-    if run.run_validation:
-        raise ArgumentError("--fsdp: cannot be combined with --run_validation yet (sampling runs on one process)")
 
 
 def mesh_of(accelerator):

@@ -105,8 +105,9 @@ def log_score(trackers, scorer, images: list, prompts: Sequence[str], step: int)
 def run_validation(trainer, source, run, resolution: int, output_dir: Path, scorer=None) -> List[Path]:
     """Sample ``run.validation_prompts`` with the trainer's current policy at its step, log the
     images (and their mean ``scorer`` score, when given) and save them to
-    ``output_dir/validation/step-N/``; main process only. The UNet is put back in training mode
-    afterwards."""
+    ``output_dir/validation/step-N/``; the main process only, or under ``--fsdp`` every process
+    (:func:`sample_sharded`; the main process logs and saves, the others return ``[]``). The UNet is
+    put back in training mode afterwards."""
     accelerator, config = trainer.accelerator, trainer.config
     step = trainer.global_step
     logger.info("validation at step %d: %d prompts", step, len(run.validation_prompts))
@@ -115,12 +116,39 @@ def run_validation(trainer, source, run, resolution: int, output_dir: Path, scor
     try:
         pipeline = build_pipeline(source, trainer.family, unet, trainer.weight_dtype, accelerator.device)
         call = trainer.family.sampling(config.is_turbo, run.validation_inference_steps)
-        images = sample(pipeline, run.validation_prompts, resolution, config.seed, accelerator.autocast, **call)
+        if getattr(trainer, "sharded", False):
+            images = sample_sharded(pipeline, run.validation_prompts, resolution, config.seed, accelerator, **call)
+        else:
+            images = sample(pipeline, run.validation_prompts, resolution, config.seed, accelerator.autocast, **call)
     finally:
         unet.train()
+    del pipeline
+    if not accelerator.is_main_process:
+        return []
     files = save_images(images, output_dir / FOLDER / f"step-{step}")
     log_images(accelerator.trackers, images, run.validation_prompts, step)
     if scorer is not None:
         log_score(accelerator.trackers, scorer, images, run.validation_prompts, step)
-    del pipeline
     return files
+
+
+def sample_sharded(pipeline, prompts: Sequence[str], resolution: int, seed: int, accelerator, **call) -> list:
+    """:func:`sample` with a ``--fsdp`` denoiser: each of its forwards gathers its blocks from every
+    process, so every process samples in step -- process r the prompts r, r + W, ... (W
+    processes; a process out of prompts samples the first one again and drops it) -- and the
+    images are gathered in prompt order; each prompt's generator is seeded with ``seed``, as in
+    :func:`sample`. No process gathers the whole denoiser, only FSDP's units (blocks) in turn;
+    those left gathered after the last forward are freed (``reshard``) when sampling ends."""
+    from accelerate.utils import gather_object
+    from torch.distributed.fsdp import FSDPModule
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    rounds = -(-len(prompts) // world)
+    mine = [prompts[i] if i < len(prompts) else prompts[0] for i in range(rank, rounds * world, world)]
+    images = sample(pipeline, mine, resolution, seed, accelerator.autocast, **call)
+    for module in pipeline.components.values():  # the blocks kept gathered after the last forward
+        for part in module.modules() if isinstance(module, torch.nn.Module) else ():
+            if isinstance(part, FSDPModule):
+                part.reshard()
+    every = gather_object([(i, image) for i, image in zip(range(rank, rounds * world, world), images)])
+    return [image for i, image in sorted(every, key=lambda pair: pair[0]) if i < len(prompts)]

@@ -138,6 +138,29 @@ def test_fsdp_two_processes_match_one_and_resume_bitwise(tmp_path):
     assert all(torch.equal(exported.state_dict()[k], at_save[k]) for k in at_save)
 
 
+def test_unet_blocks_shard_their_transformer_layers_apart():
+    """An SD UNet is sharded per transformer layer inside its blocks (SDXL's first up block is
+    1.2B parameters whole); each block follows its layers and keeps the rest."""
+    pytest.importorskip("diffusers")
+    from diffusers import UNet2DConditionModel
+
+    from fastpref.testing.tiny_model import unet_kwargs
+    from fastpref.train.families import FAMILIES
+    from fastpref.train.memory_plan import unit_counts
+
+    unet = UNet2DConditionModel(**unet_kwargs("sdxl"))
+    units = FAMILIES["sdxl"].shard_blocks(unet)
+    layers = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    assert set(map(id, units)) == set(map(id, layers + blocks)) and len(units) == len(layers) + len(blocks)
+    for layer in layers:  # each layer before the block that holds it
+        holder = next(b for b in blocks if any(m is layer for m in b.modules()))
+        assert units.index(layer) < units.index(holder)
+    counts = unit_counts(units)
+    whole = sum(p.numel() for b in blocks for p in b.parameters())
+    assert sum(counts) == whole and max(counts) < max(sum(p.numel() for p in b.parameters()) for b in blocks)
+
+
 def test_fsdp_argument_checks():
     from fastpref.train.arguments import ArgumentError, RunArguments
     from fastpref.train.sharding import check_fsdp
@@ -149,8 +172,7 @@ def test_fsdp_argument_checks():
     for bad, flag in (({"use_8bit_adam": True}, "use_8bit_adam"), ({"mixed_precision": "fp16"}, "fp16")):
         with pytest.raises(ArgumentError, match=flag):
             check_fsdp(TrainConfig(fsdp=True, lora_rank=0, **bad), run)
-    with pytest.raises(ArgumentError, match="run_validation"):
-        check_fsdp(TrainConfig(fsdp=True, lora_rank=0), RunArguments(output_dir="out", run_validation=True))
+    check_fsdp(TrainConfig(fsdp=True, lora_rank=0), RunArguments(output_dir="out", run_validation=True))
     check_fsdp(TrainConfig(lora_rank=8), run)  # no --fsdp: nothing to check
 
 

@@ -205,7 +205,9 @@ class ModelFamily(abc.ABC):
 
     def shard_blocks(self, denoiser) -> list:
         """The submodules FSDP shards one by one (each gathered whole for its forward): the
-        denoiser's repeated blocks, in call order. None by default (the whole denoiser is one unit)."""
+        denoiser's repeated blocks, in call order; a block may follow submodules of its own in the
+        list (they are sharded first, and the block keeps the parameters left). None by default
+        (the whole denoiser is one unit)."""
         return []
 
     def example_batch(self, configs: Dict[str, dict], pairs: int, resolution: int) -> dict:

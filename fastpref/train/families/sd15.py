@@ -123,9 +123,17 @@ class SD15(ModelFamily):
     # -- memory --------------------------------------------------------------------------------
 
     def shard_blocks(self, denoiser) -> list:
-        """The UNet's down blocks, mid block and up blocks."""
+        """The UNet's down blocks, mid block and up blocks, each after the transformer layers inside
+        it (its attentions' ``transformer_blocks``), which are sharded on their own: SDXL's first up
+        block holds 1.2B parameters, 30 layers of 34M; the block keeps the rest (its resnets,
+        the attentions' projections, the sampler)."""
         mid = [denoiser.mid_block] if denoiser.mid_block is not None else []
-        return [*denoiser.down_blocks, *mid, *denoiser.up_blocks]
+        units = []
+        for block in [*denoiser.down_blocks, *mid, *denoiser.up_blocks]:
+            for attention in getattr(block, "attentions", None) or ():
+                units.extend(getattr(attention, "transformer_blocks", ()))
+            units.append(block)
+        return units
 
     def example_batch(self, configs: Dict[str, dict], pairs: int, resolution: int) -> dict:
         """``latents [2B, C, R/f, R/f]`` (f: the VAE's downsampling, 2 per block after the first)
