@@ -91,7 +91,6 @@ def load_data(plan, accelerator) -> TrainData:
     """Open the pairs (:func:`open_pairs`) and either encode them once into the latent cache
     (``--cache_latents``; the work split across processes) or load the family's encoders for
     every batch. Registers the count of rows skipped at fetch in the checkpoints."""
-    from accelerate.utils import gather_object
 
     args, family = plan.data, plan.family
     if args.streaming:
@@ -129,13 +128,22 @@ def load_data(plan, accelerator) -> TrainData:
             judge["accuracy"],
             judge["mean_abs_error"],
         )
+    encode = batch_encoder(plan, accelerator, (vae, tokenizers, text_encoders), summary)
+    return TrainData(train_set, encode, summary, judge)
+
+
+def batch_encoder(plan, accelerator, encoders: tuple, summary: dict) -> data.BatchEncoder:
+    """The :class:`~fastpref.train.data.BatchEncoder` of every batch, given ``(vae, tokenizers,
+    text_encoders)`` (all ``None`` with ``--cache_latents``); rows skipped at fetch, in any
+    process, are counted in ``summary["undecodable_at_fetch"]``."""
+    from accelerate.utils import gather_object
+
+    args = plan.data
     skips = data.FetchSkips()
     skips.install(accelerator)
-    encode = data.BatchEncoder(
-        family,
-        vae,
-        tokenizers,
-        text_encoders,
+    return data.BatchEncoder(
+        plan.family,
+        *encoders,
         plan.resolution,
         accelerator.device,
         vae_batch_size=args.vae_encode_batch_size,
@@ -144,7 +152,6 @@ def load_data(plan, accelerator) -> TrainData:
         summary=summary,
         gather=gather_object if accelerator.num_processes > 1 else None,
     )
-    return TrainData(train_set, encode, summary, judge)
 
 
 def open_stream(plan, accelerator) -> data.PairStream:
@@ -175,7 +182,6 @@ def load_stream(plan, accelerator) -> TrainData:
     """``--streaming``: the stream (:func:`open_stream`; its position saved in every checkpoint
     and restored on resume) and the family's encoders for every batch. Rows skipped at fetch are
     counted as :func:`load_data` counts them."""
-    from accelerate.utils import gather_object
 
     args, family = plan.data, plan.family
     stream = open_stream(plan, accelerator)
@@ -193,21 +199,7 @@ def load_stream(plan, accelerator) -> TrainData:
         accelerator.process_index,
         accelerator.num_processes,
     )
-    skips = data.FetchSkips()
-    skips.install(accelerator)
-    encode = data.BatchEncoder(
-        family,
-        vae,
-        tokenizers,
-        text_encoders,
-        plan.resolution,
-        accelerator.device,
-        vae_batch_size=args.vae_encode_batch_size,
-        offload=args.offload,
-        skips=skips,
-        summary=summary,
-        gather=gather_object if accelerator.num_processes > 1 else None,
-    )
+    encode = batch_encoder(plan, accelerator, (vae, tokenizers, text_encoders), summary)
     return TrainData(stream, encode, summary, None)
 
 
