@@ -519,8 +519,7 @@ def test_resume_after_sigkill_is_bitwise(world, tmp_path):
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = [
-        torch.load(d / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False)
-        for d in (tmp_path / "a", killed)
+        torch.load(d / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False) for d in (tmp_path / "a", killed)
     ]
     for x, y in zip(state[0]["footprints"]["tensors"], state[1]["footprints"]["tensors"]):
         assert all(torch.equal(s, t) for s, t in zip(x, y))
