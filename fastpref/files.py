@@ -1,10 +1,11 @@
 """Atomic file writes: a reader (or a resumed run) sees the old file or the complete new one,
-never a torn one."""
+never a torn one; and the checksum by which a reader proves a file whole."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -94,3 +95,12 @@ def disk_full_named(path, remove: bool = False):
         if remove:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}") from error
+
+
+def sha256_of(file) -> str:
+    """The sha256 of ``file``'s bytes, hex (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -26,7 +26,6 @@ given). It is read in :func:`save_checkpoint` only; the fault-injection tests us
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .. import files
-from ..files import fsync_dir, replace_durably, write_json_atomic, write_text_atomic
+from ..files import fsync_dir, replace_durably, sha256_of, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("fastpref.train")
 
@@ -107,15 +106,6 @@ def discard(path: Path, point: Optional[str] = None, step: int = 0) -> None:
     if point is not None:
         fault(point, step)
     shutil.rmtree(doomed)
-
-
-def sha256_of(file: Path) -> str:
-    """The sha256 of ``file``'s bytes, hex."""
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, step: int, run_id: str, settings: Optional[dict] = None) -> None:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ...files import sha256_of
 from ..data import PreferenceDataset
 from ..families import FAMILIES
 from ..models import ModelSource
@@ -20,14 +21,6 @@ from ..models import ModelSource
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def rows_to_encode(dataset: PreferenceDataset) -> np.ndarray:
@@ -90,7 +83,7 @@ def _folder_fingerprint(folder: Path) -> dict:
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         stat = file.stat()
         if file.suffix in (".json", ".txt") and stat.st_size < (16 << 20):
-            entries[str(file.relative_to(folder))] = _sha256_file(file)
+            entries[str(file.relative_to(folder))] = sha256_of(file)
         else:
             entries[str(file.relative_to(folder))] = [stat.st_size, stat.st_mtime_ns]
     return entries
