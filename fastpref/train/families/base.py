@@ -223,6 +223,24 @@ class ModelFamily(abc.ABC):
         """Write ``layers`` (the denoiser's LoRA in diffusers' key format) as
         ``folder/pytorch_lora_weights.safetensors``, as the family's pipeline saves it."""
 
+    def pipeline_class(self):
+        """The family's diffusers pipeline class (``StableDiffusionPipeline``, ...), for
+        :meth:`load_pipeline`; a family with no pipeline need not define it."""
+        raise NotImplementedError(f"{type(self).__name__} has no diffusers pipeline")
+
+    def load_pipeline(self, source, denoiser, weight_dtype: torch.dtype, **parts):
+        """The family's pipeline of ``source`` around ``denoiser`` (as its :attr:`denoiser_folder`
+        part), its VAE from :meth:`load_vae`; ``parts`` replace others."""
+        return self.pipeline_class().from_pretrained(
+            source.path,
+            revision=source.revision,
+            variant=source.variant,
+            torch_dtype=weight_dtype,
+            vae=self.load_vae(source, weight_dtype),
+            **{self.denoiser_folder: denoiser},
+            **parts,
+        )
+
     @abc.abstractmethod
     def validation_pipeline(self, source, denoiser, weight_dtype: torch.dtype, device):
         """A text-to-image pipeline of ``source`` around ``denoiser`` (adapters as they are)."""

@@ -159,19 +159,6 @@ class SD15(ModelFamily):
     def save_lora_weights(self, layers: Dict[str, torch.Tensor], folder) -> None:
         self.pipeline_class().save_lora_weights(str(folder), unet_lora_layers=layers)
 
-    def load_pipeline(self, source, denoiser, weight_dtype: torch.dtype, **parts):
-        """The family's pipeline of ``source`` around ``denoiser``, its VAE in :meth:`vae_dtype`;
-        ``parts`` replace others."""
-        return self.pipeline_class().from_pretrained(
-            source.path,
-            revision=source.revision,
-            variant=source.variant,
-            torch_dtype=weight_dtype,
-            unet=denoiser,
-            vae=self.load_vae(source, weight_dtype),
-            **parts,
-        )
-
     def validation_pipeline(self, source, denoiser, weight_dtype: torch.dtype, device):
         """``StableDiffusionPipeline`` (no safety checker) with ``DPMSolverMultistepScheduler``,
         as diffusers' SD DPO script."""

@@ -205,9 +205,6 @@ class FlowFamily(ModelFamily):
 
     # -- outputs -------------------------------------------------------------------------------
 
-    def pipeline_class(self):
-        raise NotImplementedError
-
     def save_lora_weights(self, layers: Dict[str, torch.Tensor], folder) -> None:
         from diffusers.utils import convert_unet_state_dict_to_peft
 
@@ -218,14 +215,7 @@ class FlowFamily(ModelFamily):
 
     def validation_pipeline(self, source, denoiser, weight_dtype: torch.dtype, device):
         """The family's pipeline around ``denoiser`` with its own flow-matching scheduler."""
-        return self.pipeline_class().from_pretrained(
-            source.path,
-            revision=source.revision,
-            variant=source.variant,
-            torch_dtype=weight_dtype,
-            transformer=denoiser,
-            vae=self.load_vae(source, weight_dtype),
-        )
+        return self.load_pipeline(source, denoiser, weight_dtype)
 
 
 class SD3(FlowFamily):
