@@ -18,6 +18,7 @@ from . import hub
 from .arguments import ArgumentError, DataArguments, RunArguments
 from .config import TrainConfig
 from .families import FAMILIES, ModelFamily
+from .footprints import check_decays
 from .models import MODEL_INDEX, ModelSource
 
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -201,8 +202,13 @@ def check_optimizer_values(config: TrainConfig) -> None:
     for name in ("adam_epsilon", "adam_weight_decay", "max_grad_norm"):
         if not getattr(config, name) >= 0.0:
             raise ArgumentError(f"--{name} must be >= 0, got {getattr(config, name)}")
-    if config.uses_footprints and not all(0.0 <= decay <= 1.0 for decay in config.ema_decays):
-        raise ArgumentError(f"--ema_decays must each be in [0, 1], got {','.join(map(str, config.ema_decays))}")
+    if config.uses_footprints:
+        try:
+            check_decays(config.ema_decays)  # the footprints' own rule, here before the model loads
+        except ValueError:
+            raise ArgumentError(
+                f"--ema_decays must each be in [0, 1), got {','.join(map(str, config.ema_decays))}"
+            ) from None
 
 
 def check_writable(data_args: DataArguments) -> None:

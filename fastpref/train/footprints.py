@@ -87,7 +87,9 @@ def adapter_active(layers: Sequence, name: str) -> Iterator:
             layer._active_adapter = active
 
 
-def _check_decays(decays: Sequence[float]) -> List[float]:
+def check_decays(decays: Sequence[float]) -> List[float]:
+    """``decays`` as floats; ``ValueError`` unless each is in [0, 1) (the footprints' rule, also
+    checked up front by ``fastpref train``)."""
     decays = [float(d) for d in decays]
     for d in decays:
         if not 0.0 <= d < 1.0:
@@ -110,7 +112,7 @@ class _Footprints:
     """
 
     def __init__(self, decays: Sequence[float], warmup: bool, dtype: torch.dtype = torch.float32):
-        self.decays = _check_decays(decays)
+        self.decays = check_decays(decays)
         self.warmup = bool(warmup)
         self.dtype = dtype
         self.num_updates = 0

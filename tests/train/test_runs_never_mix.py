@@ -281,7 +281,8 @@ def test_output_dir_dot_with_overwrite_writes_the_new_folder(train_main, tiny_ru
     [
         (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler must be one of linear, cosine"),
         (["--adam_beta2", "1.5"], "--adam_beta2 must be in [0, 1), got 1.5"),
-        (["--ema_decays", "0.9999,1.5"], "--ema_decays must each be in [0, 1], got 0.9999,1.5"),
+        (["--ema_decays", "0.9999,1.5"], "--ema_decays must each be in [0, 1), got 0.9999,1.5"),
+        (["--ema_decays", "0.9999,1.0"], "--ema_decays must each be in [0, 1), got 0.9999,1.0"),
         (["--use_8bit_adam"], "--use_8bit_adam: bitsandbytes is not installed"),
         (["--cache_dir", "/proc/no-such-cache"], "--cache_dir: cannot write in /proc/no-such-cache"),
     ],
