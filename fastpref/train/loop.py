@@ -22,6 +22,7 @@ import torch
 from .checkpoints import save_checkpoint
 from .output_dir import LOG_FILE
 from .trainer import NonFiniteLossError, PreferenceTrainer
+from .validation import samples_here
 
 logger = logging.getLogger("fastpref.train")
 
@@ -148,8 +149,7 @@ def run_steps(
             step = trainer.global_step
             if run.checkpointing_steps and step % run.checkpointing_steps == 0 and step < max_steps:
                 save()
-            samples = accelerator.is_main_process or getattr(trainer, "sharded", False)  # --fsdp: every process
-            if validate is not None and step % run.validation_steps == 0 and samples:
+            if validate is not None and step % run.validation_steps == 0 and samples_here(accelerator, trainer):
                 validate()
             signum = interrupts.requested(accelerator) if interrupts is not None else None
             if signum is not None and step < max_steps:

@@ -26,7 +26,7 @@ from .output_dir import LOG_FILE, check_output_dir, check_shared_folders, claim,
 from .sharding import check_fsdp
 from .summary import run_summary, write_outputs, write_summary
 from .trainer import NonFiniteLossError
-from .validation import load_scorer, run_validation
+from .validation import load_scorer, run_validation, samples_here
 
 logger = logging.getLogger("fastpref.train")
 
@@ -218,8 +218,7 @@ def _train(plan: RunPlan) -> dict:
             raise
         checkpoint()
         save_weights(accelerator, trainer, output_dir)
-        samplers = accelerator.is_main_process or trainer.sharded  # --fsdp: every process samples
-        if run.run_validation and samplers and trainer.global_step not in validated:
+        if run.run_validation and samples_here(accelerator, trainer) and trainer.global_step not in validated:
             validate()  # the final weights
         result = summary("finished")
         if accelerator.is_main_process:

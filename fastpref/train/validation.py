@@ -102,6 +102,12 @@ def log_score(trackers, scorer, images: list, prompts: Sequence[str], step: int)
     return value
 
 
+def samples_here(accelerator, trainer) -> bool:
+    """Whether this process takes part in validation: the main process, or under ``--fsdp`` every
+    process (a sharded denoiser's forward needs them all; :func:`sample_sharded`)."""
+    return accelerator.is_main_process or getattr(trainer, "sharded", False)
+
+
 def run_validation(trainer, source, run, resolution: int, output_dir: Path, scorer=None) -> List[Path]:
     """Sample ``run.validation_prompts`` with the trainer's current policy at its step, log the
     images (and their mean ``scorer`` score, when given) and save them to
