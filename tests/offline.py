@@ -27,31 +27,28 @@ def offline_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
 
 
+def make_tiny_models(tmp_path_factory, folder: str, archs) -> dict:
+    """``{arch: path}``: each tiny pipeline of ``archs`` written by ``fastpref make-tiny-model``."""
+    from fastpref import cli
+
+    root = tmp_path_factory.mktemp(folder)
+    paths = {arch: root / arch for arch in archs}
+    for arch, path in paths.items():
+        assert cli.main(["make-tiny-model", str(path), "--arch", arch, "--seed", "0"]) == 0
+    return paths
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Both tiny pipelines (``fastpref make-tiny-model``): ``{"sd15": path, "sdxl": path}``."""
-    from fastpref import cli
-
-    root = tmp_path_factory.mktemp("models")
-    paths = {}
-    for arch in ("sd15", "sdxl"):
-        paths[arch] = root / arch
-        assert cli.main(["make-tiny-model", str(paths[arch]), "--arch", arch, "--seed", "0"]) == 0
-    return paths
+    return make_tiny_models(tmp_path_factory, "models", ("sd15", "sdxl"))
 
 
 @pytest.fixture(scope="session")
 def flow_models(tmp_path_factory):
     """The tiny flow-matching pipelines (``fastpref make-tiny-model --arch sd3|flux``): ``{"sd3":
     path, "flux": path}`` (FLUX.1 dev's layout, with its guidance embedding)."""
-    from fastpref import cli
-
-    root = tmp_path_factory.mktemp("flow_models")
-    paths = {}
-    for arch in ("sd3", "flux"):
-        paths[arch] = root / arch
-        assert cli.main(["make-tiny-model", str(paths[arch]), "--arch", arch, "--seed", "0"]) == 0
-    return paths
+    return make_tiny_models(tmp_path_factory, "flow_models", ("sd3", "flux"))
 
 
 def write_toy(root, *extra):
